@@ -1,0 +1,1 @@
+"""FedSoup: weight-space model merging by Amortized Model Ensembling (AME)."""

@@ -1,0 +1,50 @@
+"""Atomic file output: write to a temporary file in the target folder, then rename.
+
+A crash, a full disk or an exception in the writer never leaves a partial file at
+the destination: either the old file (or nothing) is there, or the complete new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``destination``; on success rename it into place.
+
+    The temporary file lives in the same folder so that the final ``os.replace`` is
+    atomic on POSIX. On any exception the temporary file is removed and the
+    destination is left untouched.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, destination)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(destination: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``destination`` atomically."""
+    with atomic_path(destination) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(destination: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``destination`` atomically."""
+    atomic_write_bytes(destination, text.encode("utf-8"))
