@@ -1,0 +1,107 @@
+"""Flower ServerApp: runs the configured strategy with a centralised test evaluation every round.
+
+``flwr run .`` component ``serverapp``. The strategy is chosen by the run-config
+key ``strategy`` (see ``simulations.strategy_factory``); the global model is
+evaluated on the held-out test set before round 1 and after every round.
+With ``output-dir`` set, per-round metrics (``rounds.json``) and the final model
+(``final_model.safetensors``) are written there atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedsoup.atomic import atomic_path, atomic_write_text
+from simulations.config import SimConfig
+from simulations.data import load_testset
+from simulations.models import make_model
+from simulations.strategy_factory import build_strategy
+from simulations.task import evaluate
+
+RoundsSink = Callable[[list[dict[str, Any]]], None]
+
+
+def make_evaluate_fn(cfg: SimConfig) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Centralised evaluation of the global model on the test set (Flower's ``evaluate_fn``)."""
+    testset = load_testset(cfg)
+    model = make_model(cfg.dataset)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(model, testset)
+        return MetricRecord({"test-loss": loss, "test-accuracy": acc})
+
+    return evaluate_fn
+
+
+def rounds_table(result: Any, seconds: Mapping[int, float]) -> list[dict[str, Any]]:
+    """One row per round (0 = initial model) from a ``flwr.serverapp.strategy.Result``."""
+    rows = []
+    for rnd in sorted(result.evaluate_metrics_serverapp):
+        row: dict[str, Any] = {"round": rnd}
+        row.update(dict(result.evaluate_metrics_serverapp[rnd]))
+        train_metrics = result.train_metrics_clientapp.get(rnd)
+        if train_metrics is not None:
+            row.update({f"clients-{k}": v for k, v in dict(train_metrics).items()})
+        if rnd in seconds:
+            row["elapsed-s"] = round(seconds[rnd], 3)
+        rows.append(row)
+    return rows
+
+
+def run_server(grid: Grid, cfg: SimConfig, sink: RoundsSink | None = None) -> list[dict[str, Any]]:
+    """Run ``cfg.strategy`` for ``cfg.num_server_rounds`` rounds; return the per-round rows."""
+    torch.set_num_threads(1)
+    strategy = build_strategy(cfg, cfg.num_partitions)
+    initial = ArrayRecord(make_model(cfg.dataset, seed=cfg.seed).state_dict())
+    evaluate_fn = make_evaluate_fn(cfg)
+    start = time.perf_counter()
+    seconds: dict[int, float] = {}
+
+    def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        seconds[server_round] = time.perf_counter() - start
+        return evaluate_fn(server_round, arrays)
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds,
+        train_config=ConfigRecord({"local-epochs": cfg.local_epochs}),
+        evaluate_fn=timed_evaluate,
+    )
+    rows = rounds_table(result, seconds)
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        atomic_write_text(out / "rounds.json", json.dumps(
+            {"config": cfg.to_run_config(), "rounds": rows}, indent=2))
+        from safetensors.torch import save_file
+
+        with atomic_path(out / "final_model.safetensors") as tmp:
+            final = result.arrays if len(result.arrays) else initial  # no round aggregated
+            state = {k: v.contiguous() for k, v in final.to_torch_state_dict().items()}
+            save_file(state, str(tmp), metadata={"strategy": cfg.strategy})
+    if sink is not None:
+        sink(rows)
+    return rows
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None, sink: RoundsSink | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``DEFAULTS | context.run_config | overrides``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, SimConfig.from_run_config(context.run_config, overrides), sink)
+
+    return app
+
+
+app = make_server_app()
