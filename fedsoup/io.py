@@ -41,6 +41,7 @@ __all__ = [
     "open_checkpoint",
     "expand_inputs",
     "check_compatible",
+    "differences",
     "check_finite",
     "plan_shards",
     "parse_size",
@@ -456,10 +457,37 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------- checks
 
 
+def differences(reference: Checkpoint, other: Checkpoint, limit: int | None = None) -> list[str]:
+    """Why ``other`` cannot be merged with ``reference``: one line per tensor, from headers only."""
+    found: list[str] = []
+    for key in reference.infos:
+        if key not in other.infos:
+            found.append(f"{other.name}: tensor {key!r} missing (present in {reference.name})")
+    for key in other.infos:
+        if key not in reference.infos:
+            found.append(f"{other.name}: tensor {key!r} not in {reference.name}")
+    for key, expected in reference.infos.items():
+        got = other.infos.get(key)
+        if got is None:
+            continue
+        if got.shape != expected.shape:
+            found.append(
+                f"{other.name}: tensor {key!r} has shape {_shape_str(got.shape)}, "
+                f"but {reference.name} has {_shape_str(expected.shape)}"
+            )
+        elif got.is_floating != expected.is_floating:
+            found.append(
+                f"{other.name}: tensor {key!r} is {_dtype_str(got.dtype)}, "
+                f"but {reference.name} has {_dtype_str(expected.dtype)}"
+            )
+    return found[:limit] if limit is not None else found
+
+
 def check_compatible(checkpoints: Sequence[Checkpoint], reference: Checkpoint | None = None) -> None:
     """Same tensor names, shapes and kinds (floating or not) everywhere, from headers only.
 
-    Raises :class:`InputError` naming the file and tensor of the first difference.
+    Raises :class:`InputError` naming the file and tensor of the first difference, so a
+    mismatch is found before any tensor data is read.
     """
     if not checkpoints:
         raise InputError("no input checkpoints")
@@ -467,26 +495,10 @@ def check_compatible(checkpoints: Sequence[Checkpoint], reference: Checkpoint | 
     for checkpoint in checkpoints:
         if checkpoint is reference:
             continue
-        missing = [key for key in reference.infos if key not in checkpoint.infos]
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise InputError(f"{checkpoint.name}: tensor {missing[0]!r}{more} missing (present in {reference.name})")
-        extra = [key for key in checkpoint.infos if key not in reference.infos]
-        if extra:
-            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-            raise InputError(f"{checkpoint.name}: tensor {extra[0]!r}{more} not in {reference.name}")
-        for key, expected in reference.infos.items():
-            got = checkpoint.infos[key]
-            if got.shape != expected.shape:
-                raise InputError(
-                    f"{checkpoint.name}: tensor {key!r} has shape {_shape_str(got.shape)}, "
-                    f"but {reference.name} has {_shape_str(expected.shape)}"
-                )
-            if got.is_floating != expected.is_floating:
-                raise InputError(
-                    f"{checkpoint.name}: tensor {key!r} is {_dtype_str(got.dtype)}, "
-                    f"but {reference.name} has {_dtype_str(expected.dtype)}"
-                )
+        found = differences(reference, checkpoint)
+        if found:
+            more = f" (and {len(found) - 1} more differences)" if len(found) > 1 else ""
+            raise InputError(found[0] + more)
 
 
 def check_finite(tensor: torch.Tensor, name: str, key: str) -> torch.Tensor:
