@@ -437,6 +437,8 @@ def merge(
 
     reference = state_dicts[order[0]]
     float_keys = [k for k, t in reference.items() if t.is_floating_point()]
+    if not float_keys:  # nothing to optimise: only integer buffers
+        return {key: tensor.clone() for key, tensor in reference.items()}
     groups = _make_groups(state_dicts, float_keys)
     ingredients = [_Ingredients(state_dicts, group) for group in groups]
 
