@@ -1,0 +1,292 @@
+"""fedsoup.io: readers for every format, the streaming sharded writer, input checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedsoup import io as fio
+from fedsoup.io import InputError, TensorInfo
+
+
+def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "fc.weight": torch.randn(4, 3, generator=g),
+        "fc.bias": torch.randn(4, generator=g),
+        "emb": torch.randn(8, 2, generator=g).to(torch.bfloat16),
+        "bn.num_batches_tracked": torch.tensor(7 + seed),
+        "scale": torch.tensor(0.5 + seed),
+    }
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(sorted(a)) == list(sorted(b))
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def files_in(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
+def test_torch_files_round_trip(tmp_path, suffix):
+    state = make_state()
+    torch.save(state, tmp_path / f"m{suffix}")
+    assert_same(fio.load_state_dict(tmp_path / f"m{suffix}"), state)
+
+
+def test_legacy_torch_format_loads(tmp_path):
+    state = make_state()
+    torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert_same(fio.load_state_dict(tmp_path / "old.pt"), state)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_top_level_wrapper_is_unwrapped(tmp_path, wrapper):
+    state = make_state()
+    torch.save({wrapper: state, "epoch": 3, "lr": 0.1}, tmp_path / "ckpt.pt")
+    assert_same(fio.load_state_dict(tmp_path / "ckpt.pt"), state)
+
+
+def test_non_tensor_entry_is_refused_by_name(tmp_path):
+    torch.save({"w": torch.zeros(2), "epoch": 3}, tmp_path / "x.pt")
+    with pytest.raises(InputError, match=r"x\.pt.*'epoch'.*not a tensor"):
+        fio.load_state_dict(tmp_path / "x.pt")
+
+
+def test_safetensors_headers_give_infos_without_data(tmp_path):
+    state = make_state()
+    save_file(state, tmp_path / "m.safetensors", metadata={"k": "v"})
+    with fio.open_checkpoint(tmp_path / "m.safetensors") as checkpoint:
+        assert checkpoint.infos["emb"] == TensorInfo((8, 2), torch.bfloat16)
+        assert checkpoint.infos["bn.num_batches_tracked"] == TensorInfo((), torch.int64)
+        assert checkpoint.metadata == {"k": "v"}
+        assert checkpoint.numel == 12 + 4 + 16 + 1 + 1
+        assert torch.equal(checkpoint.get("fc.bias"), state["fc.bias"])
+        with pytest.raises(InputError, match="no tensor 'nope'"):
+            checkpoint.get("nope")
+
+
+def test_npz_round_trip_and_headers(tmp_path):
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(3, dtype=np.int64)}
+    np.savez(tmp_path / "m.npz", **arrays)
+    with fio.open_checkpoint(tmp_path / "m.npz") as checkpoint:
+        assert checkpoint.infos == {"a": TensorInfo((2, 3), torch.float32), "b": TensorInfo((3,), torch.int64)}
+        assert torch.equal(checkpoint.get("a"), torch.from_numpy(arrays["a"]))
+
+
+def test_npz_object_array_is_refused(tmp_path):
+    np.savez(tmp_path / "o.npz", a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(InputError, match=r"o\.npz.*'a'.*pickle"):
+        fio.open_checkpoint(tmp_path / "o.npz")
+
+
+def test_directory_with_single_safetensors(tmp_path):
+    state = make_state()
+    (tmp_path / "ckpt").mkdir()
+    save_file(state, tmp_path / "ckpt" / "model.safetensors")
+    assert_same(fio.load_state_dict(tmp_path / "ckpt"), state)
+
+
+def test_sharded_directory_and_index_paths(tmp_path):
+    state = make_state()
+    infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
+    fio.save_checkpoint(tmp_path / "out", infos, state.__getitem__, max_shard_bytes=40)
+    assert any("-of-" in name for name in files_in(tmp_path / "out"))
+    for path in (tmp_path / "out", tmp_path / "out" / "model.safetensors", tmp_path / "out" / "model.safetensors.index.json"):
+        with fio.open_checkpoint(path) as checkpoint:
+            assert type(checkpoint).__name__ == "ShardedCheckpoint"
+            assert_same(checkpoint.load_all(), state)
+
+
+def test_sharded_index_with_missing_shard_is_refused(tmp_path):
+    index = {"metadata": {}, "weight_map": {"w": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="shard file 'model-00001-of-00002.safetensors' is missing"):
+        fio.open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("garbage.safetensors", b"not a safetensors file at all", "not a readable safetensors"),
+        ("garbage.pt", b"\x80\x02garbage", "garbage.pt"),
+        ("garbage.npz", b"PK\x03\x04 truncated zip", "not a readable .npz"),
+        ("weird.onnx", b"whatever", "unknown checkpoint format"),
+    ],
+)
+def test_corrupt_files_raise_input_error_naming_the_file(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError, match=message) as info:
+        fio.open_checkpoint(tmp_path / name)
+    assert name in str(info.value)
+
+
+def test_truncated_safetensors_is_refused(tmp_path):
+    save_file(make_state(), tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-5])
+    with pytest.raises(InputError, match=r"t\.safetensors: not a readable safetensors"):
+        fio.open_checkpoint(tmp_path / "t.safetensors")
+
+
+def test_missing_file_and_empty_directory(tmp_path):
+    with pytest.raises(InputError, match="nope.safetensors: no such file"):
+        fio.open_checkpoint(tmp_path / "nope.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no checkpoint"):
+        fio.open_checkpoint(tmp_path / "empty")
+
+
+class _RunsCode:
+    """Unpickling this object would create the marker file: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"w": torch.zeros(2), "payload": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil.bin", "wb") as handle:
+        pickle.dump({"payload": _RunsCode(marker)}, handle)
+    for name in ("evil.pt", "evil.bin"):
+        with pytest.raises(InputError, match=rf"{name}: refused by torch.load\(weights_only=True\)"):
+            fio.open_checkpoint(tmp_path / name)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _checkpoint(name, state):
+    return fio.InMemoryCheckpoint(name, state)
+
+
+def test_check_compatible_names_file_and_tensor():
+    a = _checkpoint("a.pt", {"w": torch.zeros(2, 3), "n": torch.tensor(1)})
+    cases = [
+        ({"w": torch.zeros(2, 3)}, r"b\.pt: tensor 'n' missing \(present in a\.pt\)"),
+        ({"w": torch.zeros(2, 3), "n": torch.tensor(1), "x": torch.zeros(1)}, r"b\.pt: tensor 'x' not in a\.pt"),
+        ({"w": torch.zeros(3, 2), "n": torch.tensor(1)}, r"b\.pt: tensor 'w' has shape \(3, 2\), but a\.pt has \(2, 3\)"),
+        ({"w": torch.zeros(2, 3), "n": torch.tensor(1.0)}, r"b\.pt: tensor 'n' is float32, but a\.pt has int64"),
+    ]
+    for state, message in cases:
+        with pytest.raises(InputError, match=message):
+            fio.check_compatible([a, _checkpoint("b.pt", state)])
+    fio.check_compatible([a, _checkpoint("c.pt", {"n": torch.tensor(2), "w": torch.ones(2, 3)})])
+
+
+def test_check_finite_names_file_and_tensor():
+    with pytest.raises(InputError, match=r"a\.pt: tensor 'w' contains NaN"):
+        fio.check_finite(torch.tensor([1.0, float("nan")]), "a.pt", "w")
+    with pytest.raises(InputError, match=r"contains Inf"):
+        fio.check_finite(torch.tensor([float("inf")]), "a.pt", "w")
+    fio.check_finite(torch.tensor([1, 2]), "a.pt", "n")
+
+
+def test_expand_inputs_sorts_globs_and_refuses_empty_ones(tmp_path):
+    for name in ("b.pt", "a.pt", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert fio.expand_inputs([str(tmp_path / "*.pt"), "literal.pt"]) == [
+        str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "literal.pt"
+    ]
+    with pytest.raises(InputError, match="no file matches"):
+        fio.expand_inputs([str(tmp_path / "*.safetensors")])
+
+
+def test_parse_size():
+    assert fio.parse_size("5GB") == 5 * 10**9
+    assert fio.parse_size("1KiB") == 1024
+    assert fio.parse_size("2.5 MB") == 2_500_000
+    assert fio.parse_size(123) == 123
+    for bad in ("lots", "-1", "0", "5 parsecs"):
+        with pytest.raises(InputError):
+            fio.parse_size(bad)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _infos(state):
+    return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def test_plan_shards_respects_limit_and_order():
+    infos = {f"t{i}": TensorInfo((n,), torch.float32) for i, n in enumerate([10, 10, 30, 5, 5])}
+    shards = fio.plan_shards(infos, max_shard_bytes=80)
+    assert shards == [["t0", "t1"], ["t2"], ["t3", "t4"]]
+    assert [key for shard in shards for key in shard] == list(infos)
+    assert fio.plan_shards(infos, max_shard_bytes=10**9) == [list(infos)]
+
+
+def test_streaming_writer_matches_safetensors_and_keeps_metadata(tmp_path):
+    state = {**make_state(), "empty": torch.zeros(0, 3), "flag": torch.tensor([True, False])}
+    written = fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, metadata={"who": "me"})
+    assert written == [tmp_path / "m.safetensors"]
+    assert_same(load_file(tmp_path / "m.safetensors"), state)
+    with fio.open_checkpoint(tmp_path / "m.safetensors") as checkpoint:
+        assert checkpoint.metadata == {"format": "pt", "who": "me"}
+
+
+def test_sharded_output_has_index_and_round_trips(tmp_path):
+    state = make_state()
+    written = fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, max_shard_bytes=48, metadata={"a": "b"})
+    index = json.loads((tmp_path / "m.safetensors.index.json").read_text())
+    shard_names = sorted(set(index["weight_map"].values()))
+    assert len(shard_names) > 1 and all(f"-of-{len(shard_names):05d}" in name for name in shard_names)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert index["metadata"]["a"] == "b"
+    assert [p.name for p in written][-1] == "m.safetensors.index.json"
+    assert files_in(tmp_path) == sorted([*shard_names, "m.safetensors.index.json"])
+    for name in shard_names:
+        assert os.path.getsize(tmp_path / name) < 48 + 400  # data + header
+    assert_same(fio.load_state_dict(tmp_path / "m.safetensors"), state)
+
+
+def test_torch_output(tmp_path):
+    state = make_state()
+    fio.save_checkpoint(tmp_path / "m.pt", _infos(state), state.__getitem__)
+    assert_same(torch.load(tmp_path / "m.pt", weights_only=True), state)
+
+
+@pytest.mark.parametrize("max_shard_bytes", [10**9, 40])
+def test_failed_write_leaves_nothing_behind(tmp_path, max_shard_bytes):
+    state = make_state()
+
+    def produce(key):
+        if key == "scale":
+            raise RuntimeError("boom")
+        return state[key]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), produce, max_shard_bytes=max_shard_bytes)
+    assert files_in(tmp_path) == []
+
+
+def test_existing_output_is_kept_unless_forced_and_stale_shards_go(tmp_path):
+    state = make_state()
+    fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, max_shard_bytes=40)
+    sharded = files_in(tmp_path)
+    with pytest.raises(InputError, match="output exists"):
+        fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__)
+    assert files_in(tmp_path) == sharded
+    other = make_state(seed=1)
+    fio.save_checkpoint(tmp_path / "m.safetensors", _infos(other), other.__getitem__, force=True)
+    assert files_in(tmp_path) == ["m.safetensors"]
+    assert_same(load_file(tmp_path / "m.safetensors"), other)
