@@ -634,8 +634,8 @@ def _check_soup(soup: Mapping[str, Any] | None) -> dict[str, Any] | None:
         probe = [{"w": torch.zeros(2)}, {"w": torch.ones(2)}]
         try:
             fedsoup.merge(probe, **soup)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"invalid soup settings {soup!r}: {error}") from None
+        except Exception as error:  # noqa: BLE001 - whatever merge rejects, say so now
+            raise ValueError(f"invalid soup settings {soup!r}: {error!r}") from None
     return soup
 
 
@@ -645,8 +645,8 @@ def _check_stew(stew: Mapping[str, Any] | None) -> tuple[Any, float, dict[str, A
     lr = float(stew.pop("lr", 1.0))
     try:
         _make_optimizer(optimizer, [torch.zeros(2, requires_grad=True)], lr, stew)
-    except (TypeError, ValueError, KeyError) as error:
-        raise ValueError(f"invalid stew settings: {error}") from None
+    except Exception as error:  # noqa: BLE001 - whatever the optimizer rejects, say so now
+        raise ValueError(f"invalid stew settings: {error!r}") from None
     return optimizer, lr, stew
 
 
