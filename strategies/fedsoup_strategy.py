@@ -251,13 +251,12 @@ class FedSoup(FedAvg):
             num_errors,
         )
         valid = self._valid_replies(replies)
-        left_out = len(replies) - len(valid)
 
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None
-        merged = self._client_soup(valid, server_round) if valid else None
-        if merged is not None:
-            merged, distance = merged
+        soup = self._client_soup(valid, server_round) if valid else None
+        if soup is not None:
+            merged, distance, valid = soup
             new_global, grad_norm = self._server_stew(merged)
             arrays = self._tensors_to_arrays(new_global)
             self._global = new_global
@@ -276,7 +275,7 @@ class FedSoup(FedAvg):
                 "n/a" if grad_norm is None else f"{grad_norm:.6g}",
             )
         else:
-            metrics = MetricRecord({METRIC_CLIENTS_USED: 0, METRIC_CLIENTS_LEFT_OUT: left_out})
+            metrics = MetricRecord({METRIC_CLIENTS_USED: 0, METRIC_CLIENTS_LEFT_OUT: len(replies)})
             if replies:
                 log(WARNING, "aggregate_train: no usable reply in round %d; global model unchanged", server_round)
 
@@ -521,8 +520,13 @@ class FedSoup(FedAvg):
             valid.append(_Reply(msg.metadata.src_node_id, content, weight, score, arrays))
         return valid
 
-    def _client_soup(self, replies: list[_Reply], server_round: int) -> tuple[dict[str, torch.Tensor], float] | None:
-        """``w_t``: AME merge of the replies (left-out NaN/Inf replies retried without)."""
+    def _client_soup(
+        self, replies: list[_Reply], server_round: int
+    ) -> tuple[dict[str, torch.Tensor], float, list[_Reply]] | None:
+        """``(w_t, ‖w_t − soup‖, replies used)``: the AME merge of the replies.
+
+        Replies with NaN/Inf values are left out and the merge is redone without them.
+        """
         replies = list(replies)
         kwargs: dict[str, Any] = dict(self.soup or {})
         if self.soup is not None:
@@ -556,9 +560,9 @@ class FedSoup(FedAvg):
                 replies = [r for r in replies if all(r is not b for b in bad)]
                 continue
             if self.soup is None:
-                return merged, 0.0
+                return merged, 0.0, replies
             plain = fedsoup.soup(models, weights)
-            return merged, _distance(merged, plain)
+            return merged, _distance(merged, plain), replies
         return None
 
     def _build_stew(self, model: Mapping[str, torch.Tensor]) -> None:
