@@ -357,7 +357,7 @@ def _human_count(count: int) -> str:
 
 
 class _Progress:
-    """A tqdm bar on stderr counting bytes of tensors; silent with --quiet or without tqdm."""
+    """A tqdm bar on stderr counting tensor bytes; off with --quiet or when stderr is not a terminal."""
 
     def __init__(self, total: int, desc: str, quiet: bool):
         self._bar = None
@@ -368,6 +368,7 @@ class _Progress:
                 self._bar = tqdm(
                     total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
                     file=sys.stderr, dynamic_ncols=True, leave=False,
+                    disable=None,  # only on a terminal: logs and pipes get the summary line alone
                 )
 
     def update(self, _key: str, info: TensorInfo) -> None:

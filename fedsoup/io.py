@@ -262,7 +262,8 @@ class NpzCheckpoint(Checkpoint):
             array = self._npz[key]
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
             raise InputError(f"{self.name}: cannot read array {key!r} ({_one_line(error)})") from None
-        return torch.from_numpy(np.ascontiguousarray(array))
+        # (np.ascontiguousarray would turn a 0-d array into shape (1,))
+        return torch.from_numpy(array if array.flags.c_contiguous else array.copy(order="C"))
 
     def close(self) -> None:
         npz, self._npz = getattr(self, "_npz", None), None
