@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -231,19 +232,18 @@ def load_metrics(path: str | os.PathLike[str], inputs: Sequence[str]) -> list[di
             )
         ordered = rows
     else:
-        by_id: dict[str, dict] = {}
-        for row in rows:
-            ident = str(row.get(id_column, "")).strip()
-            for alias in {ident, Path(ident).name, _stem(ident)}:
-                by_id.setdefault(alias, row)
+        # A row may name its input by path, file name, stem or (for runs/<name>/model.pt)
+        # folder; a name shared by several rows identifies none of them.
+        by_alias: dict[str, list[int]] = {}
+        for number, row in enumerate(rows):
+            for alias in _aliases(str(row.get(id_column, "")).strip()):
+                by_alias.setdefault(alias, []).append(number)
         ordered = []
         for item in inputs:
-            row = next(
-                (by_id[alias] for alias in (item, Path(item).name, _stem(item)) if alias in by_id), None
-            )
-            if row is None:
-                raise InputError(f"{name}: no row for input {item} (column {id_column!r})")
-            ordered.append(row)
+            matches = [by_alias[a] for a in _aliases(item) if len(by_alias.get(a, ())) == 1]
+            if not matches:
+                raise InputError(f"{name}: no row (column {id_column!r}) identifies input {item}")
+            ordered.append(rows[matches[0][0]])
     result = []
     for item, row in zip(inputs, ordered):
         numbers = {}
@@ -262,6 +262,15 @@ def _stem(path: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def _aliases(path: str) -> list[str]:
+    """Names a metrics row may use for an input, most specific first."""
+    if not path:
+        return []
+    trimmed = path.rstrip("/")
+    candidates = [path, trimmed, os.path.normpath(trimmed), Path(trimmed).name, _stem(trimmed), Path(trimmed).parent.name]
+    return [alias for alias in dict.fromkeys(candidates) if alias not in ("", ".", "..")]
 
 
 def _per_input_values(
@@ -674,15 +683,22 @@ def build_parser() -> argparse.ArgumentParser:
             ".pt/.pth/.bin/.ckpt loaded with torch.load(weights_only=True), .npz) with "
             "fedsoup.merge. Settings: defaults < --config file < flags."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  fedsoup merge clients/*.safetensors -o merged.safetensors --optimizer adam --lr 1e-3 \\\n"
+            "      --epochs 15 --batch-size 2 --shuffle\n"
+            "  fedsoup merge runs/*/model.pt -o soup/ --metrics metrics.csv --weights num_examples \\\n"
+            "      --order-by val_acc --low-memory --shard-size 2GB"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     merge.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoint files, directories or globs")
-    merge.add_argument("-o", "--output", help="output .safetensors, .pt, or a directory (model.safetensors)")
-    merge.add_argument("--config", help="TOML/JSON/YAML file with the same settings (flags override it)")
-    merge.add_argument("--metrics", help="CSV/JSON with one row per input; --weights/--order-by may name a column")
+    merge.add_argument("-o", "--output", metavar="PATH", help="output .safetensors, .pt, or a directory (model.safetensors)")
+    merge.add_argument("--config", metavar="FILE", help="TOML/JSON/YAML file with the same settings (flags override it)")
+    merge.add_argument("--metrics", metavar="FILE", help="CSV/JSON with one row per input; --weights/--order-by may name a column")
     merge.add_argument("-f", "--force", action="store_true", default=False, help="overwrite an existing output")
-    merge.add_argument("--shard-size", dest="shard_size", help=f"largest safetensors shard (default {DEFAULT_SHARD_SIZE})")
+    merge.add_argument("--shard-size", dest="shard_size", metavar="SIZE", help=f"largest safetensors shard (default {DEFAULT_SHARD_SIZE})")
     mode = merge.add_mutually_exclusive_group()
     mode.add_argument("--low-memory", dest="low_memory", action="store_const", const=True,
                       help="merge tensor by tensor (element-wise optimizers; default: automatic when memory is short)")
@@ -691,13 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar or notes")
 
     ame = merge.add_argument_group("AME options (fedsoup.merge; SPEC §1)")
-    ame.add_argument("--weights", help="one weight per input (3,1,2) or a --metrics column (num_examples)")
-    ame.add_argument("--optimizer", help=f"{', '.join(fedsoup.OPTIMIZERS)} or module:Class (default sgd)")
+    ame.add_argument("--weights", metavar="W", help="one weight per input (3,1,2) or a --metrics column (num_examples)")
+    ame.add_argument("--optimizer", metavar="NAME", help=f"{', '.join(fedsoup.OPTIMIZERS)} or module:Class (default sgd)")
     ame.add_argument("--lr", type=float, help="learning rate eta_0 (default 1.0)")
     ame.add_argument("--schedule", choices=("constant", "harmonic", "poly"), help="lr schedule (default harmonic)")
-    ame.add_argument("--alpha", type=float, help="exponent of the poly schedule (default -1.1)")
-    ame.add_argument("--epochs", type=int, help="passes over the inputs (default 1)")
-    ame.add_argument("--batch-size", dest="batch_size", type=int, help="inputs per step (default 1)")
+    ame.add_argument("--alpha", type=float, metavar="A", help="exponent of the poly schedule (default -1.1)")
+    ame.add_argument("--epochs", type=int, metavar="E", help="passes over the inputs (default 1)")
+    ame.add_argument("--batch-size", dest="batch_size", type=int, metavar="B", help="inputs per step (default 1)")
     ame.add_argument("--shuffle", action=argparse.BooleanOptionalAction, help="fresh order every epoch")
     ame.add_argument("--seed", type=int, help="seed of the shuffling (default 0)")
     ame.add_argument("--pivot", help="w_0: soup, first, an input index, or a checkpoint path (default soup)")
@@ -706,15 +722,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="pseudogradients at the fixed w_0")
     pivot_mode.add_argument("--adaptive-pivot", dest="adaptive_pivot", action="store_const", const=True,
                             help="pseudogradients at the current w (default)")
-    ame.add_argument("--amplification", type=float, help="pseudogradient factor zeta (default 1.0)")
-    ame.add_argument("--order-by", dest="order_by", help="one score per input (0.91,0.88) or a --metrics column")
+    ame.add_argument("--amplification", type=float, metavar="ZETA", help="pseudogradient factor zeta (default 1.0)")
+    ame.add_argument("--order-by", dest="order_by", metavar="SCORES", help="one score per input (0.91,0.88) or a --metrics column")
     order = ame.add_mutually_exclusive_group()
     order.add_argument("--ascending", dest="descending", action="store_const", const=False,
                        help="visit low scores first")
     order.add_argument("--descending", dest="descending", action="store_const", const=True,
                        help="visit high scores first (default)")
     ame.add_argument("--greedy", action=argparse.BooleanOptionalAction, help="keep a step only if --evaluate improves")
-    ame.add_argument("--evaluate", help="MODULE:FUNCTION or file.py:FUNCTION, state_dict -> score (for --greedy)")
+    ame.add_argument("--evaluate", metavar="FN", help="MODULE:FUNCTION or file.py:FUNCTION, state_dict -> score (for --greedy)")
     ame.add_argument("--project", action=argparse.BooleanOptionalAction, help="project onto the ingredients' ball")
     ame.add_argument("--momentum", type=float, help="optimizer argument momentum")
     ame.add_argument("--betas", type=_literal, help="optimizer argument betas, e.g. 0.9,0.999")
@@ -737,10 +753,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is so that cleanup handlers run."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsoup`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit with status 2
+    previous_handler = None
+    with contextlib.suppress(ValueError):  # (only possible in the main thread)
+        # `kill` unwinds like Ctrl-C, so temporary files are removed and nothing partial is left.
+        previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
     except (InputError, ValueError, FileNotFoundError) as error:
@@ -749,6 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143
     except MemoryError:
         print(f"{PROG}: out of memory; try --low-memory (tensor by tensor)", file=sys.stderr)
         return 1
@@ -761,6 +792,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +382,60 @@ def test_console_entry_points_exit_codes(tmp_path):
                           "-o", str(tmp_path / "x.safetensors")], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("nope.pt: no such file or directory")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_metrics_json_rows_matched_by_run_folder(tmp_path, capsys):
+    models = make_models(3)
+    inputs = []
+    for name, model in zip(("a", "b", "c"), models):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        torch.save(model, tmp_path / "runs" / name / "model.pt")
+        inputs.append(str(tmp_path / "runs" / name / "model.pt"))
+    (tmp_path / "m.json").write_text(json.dumps({"c": {"n": 1, "acc": 0.5}, "a": {"n": 4, "acc": 0.1}, "b": {"n": 2, "acc": 0.9}}))
+    code, _, err = run("merge", str(tmp_path / "runs" / "*" / "model.pt"), "-o", tmp_path / "o.safetensors",
+                       "--metrics", tmp_path / "m.json", "--weights", "n", "--order-by", "acc", "--ascending",
+                       "--optimizer", "adam", "--lr", "0.1", capsys=capsys)
+    assert code == 0, err
+    expected = library_merge(inputs, weights=[4, 2, 1], order_by=[0.1, 0.9, 0.5], descending=False, optimizer="adam", lr=0.1)
+    assert_same(load_file(tmp_path / "o.safetensors"), expected)
+    # Rows that only say "model.pt" cannot tell the runs apart: refused, not guessed.
+    (tmp_path / "bad.csv").write_text("file,n\nmodel.pt,1\nmodel.pt,2\nmodel.pt,3\n")
+    code, _, err = run("merge", *inputs, "-o", tmp_path / "x.safetensors", "--metrics", tmp_path / "bad.csv",
+                       "--weights", "n", capsys=capsys)
+    assert code == 2 and "no row (column 'file') identifies input" in err
+
+
+def test_metrics_rows_by_position_without_a_name_column(tmp_path, capsys):
+    models = make_models(2)
+    inputs = write(models, tmp_path)
+    (tmp_path / "m.csv").write_text("val_acc\n0.3\n0.6\n")
+    code, _, err = run("merge", *inputs, "-o", tmp_path / "o.safetensors", "--metrics", tmp_path / "m.csv",
+                       "--order-by", "val_acc", "--pivot", "first", "--optimizer", "adam", "--lr", "0.2", capsys=capsys)
+    assert code == 0, err
+    expected = library_merge(inputs, order_by=[0.3, 0.6], pivot="first", optimizer="adam", lr=0.2)
+    assert_same(load_file(tmp_path / "o.safetensors"), expected)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_merge_leaves_nothing_behind(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for i in range(3):
+        path = tmp_path / f"c{i}.safetensors"
+        save_file({f"t{k}": torch.randn(256, 256, generator=g) for k in range(40)}, path)
+        inputs.append(str(path))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedsoup", "merge", *inputs, "-o", str(out), "--low-memory", "--shard-size", "1MB",
+         "--optimizer", "adam", "--epochs", "20", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out.is_dir() and any(out.iterdir())):
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    process.terminate()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "terminated" in err
+    assert list(out.iterdir()) == []
