@@ -11,11 +11,12 @@ to a ``torch.optim`` optimizer with learning rate ``η_k``: ``w_k = w_{k−1} �
 
 Layout (why it is fast): the floating tensors of the merge live in one flat buffer
 per compute dtype (``w``, ``g``) with per-key views. ``g`` is written in place as
-``Ω_B ζ (p − x̄_B)``, where ``x̄_B`` is the batch's weighted mean, so a step costs a
-handful of memory passes with no allocation. Element-wise optimizers step the flat
-buffer (fused kernels where torch has them); other optimizers see the per-key views
-with their original shapes. Small models keep all ingredients stacked in one
-``[N, D]`` matrix so a step is a few kernel launches whatever the batch size.
+``ζ Ω_B (p − x̄_B)``, where ``x̄_B`` is the batch's weighted mean, so a step costs a
+handful of memory passes and no allocation. Element-wise optimizers step the flat
+buffer in chunks (fused kernels where torch has them), each chunk right after its
+pseudogradient is written, while it is still in cache; other optimizers see per-key
+views with their original shapes. Small models keep all ingredients stacked in one
+``[N, D]`` matrix and precompute an epoch's batch means, so a step is the optimizer's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ StateDict = dict[str, torch.Tensor]
 # Models up to this many floating parameters are stacked into an [N, D] matrix:
 # a step is then a few kernel launches instead of a Python loop over keys and batch.
 STACK_MAX_NUMEL = 1 << 16
+# Element-wise optimizers step large models in chunks of this many elements, so a
+# chunk's pivot, pseudogradient, optimizer state and ingredient slice stay in cache.
+CHUNK_NUMEL = 1 << 20
 # Set to False (tests do) to run the step loop even where an identity gives the answer.
 USE_SOUP_SHORTCUT = True
 
@@ -255,14 +259,39 @@ def _make_groups(state_dicts: list[StateDict], float_keys: list[str]) -> list[_G
     return groups
 
 
+def _chunk_ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)] or [(0, 0)]
+
+
 class _Ingredients:
-    """Reads batch means ``x̄_B = Σ_{j∈B} c_j x_j`` into a buffer, per group."""
+    """One group's ingredients, read chunk by chunk into pseudogradients.
+
+    Large models are cut into chunks of :data:`CHUNK_NUMEL` elements; an element-wise
+    optimizer steps chunk after chunk, so the pseudogradient of a chunk is consumed
+    while it is still in cache (it never goes back to memory). Small models are
+    stacked and form a single chunk.
+    """
 
     def __init__(self, state_dicts: list[StateDict], group: _Group) -> None:
         self.group = group
-        self.per_key = [[sd[k].to(group.dtype) for k in group.keys] for sd in state_dicts]
         self._buffer: torch.Tensor | None = None
-        self._buffer_views: list[torch.Tensor] | None = None
+        if group.stacked is not None:
+            self.chunks = [(0, group.numel)]
+            self.flat_keys: list[list[torch.Tensor]] = []
+            return
+        self.chunks = _chunk_ranges(group.numel, CHUNK_NUMEL)
+        # Flat views of each key (a copy only for non-contiguous or other-dtype inputs).
+        self.flat_keys = [[sd[k].to(group.dtype).reshape(-1) for k in group.keys] for sd in state_dicts]
+        spans = list(zip(group.offsets[:-1], group.offsets[1:]))
+        # pieces[j][c]: (start, end, view of ingredient j) covering chunk c of the flat buffer.
+        self.pieces = [
+            [
+                [(max(a, lo), min(b, hi), flat[max(a, lo) - lo : min(b, hi) - lo])
+                 for (lo, hi), flat in zip(spans, flats) if max(a, lo) < min(b, hi)]
+                for a, b in self.chunks
+            ]
+            for flats in self.flat_keys
+        ]
 
     def epoch_means(self, batches: list[list[int]], coefficients: list[list[float]]) -> torch.Tensor | None:
         """All batch means of an epoch as rows of one matrix (stacked layout only).
@@ -280,28 +309,52 @@ class _Ingredients:
         rows = stacked.index_select(0, positions).mul_(scales.unsqueeze(1))
         return torch.zeros(len(batches), stacked.shape[1], dtype=self.group.dtype).index_add_(0, batch_ids, rows)
 
-    def batch_mean(self, indices: list[int], coefficients: list[float]) -> list[torch.Tensor]:
-        """``x̄_B`` as per-key tensors (no copy for a batch of one)."""
-        if len(indices) == 1:
-            return self.per_key[indices[0]]
-        if self._buffer is None:
-            self._buffer = torch.empty(self.group.numel, dtype=self.group.dtype)
-            self._buffer_views = self.group.views(self._buffer)
-        for out, first in zip(self._buffer_views, self.per_key[indices[0]]):
-            torch.mul(first, coefficients[0], out=out)
-        for index, coefficient in zip(indices[1:], coefficients[1:]):
-            torch._foreach_add_(self._buffer_views, self.per_key[index], alpha=coefficient)
-        return self._buffer_views
+    def write_pseudogradient(
+        self,
+        chunk: int,
+        pivot: torch.Tensor,
+        grad: torch.Tensor,
+        batch: list[int],
+        coefficients: list[float],
+        scale: float,
+        epoch_mean: torch.Tensor | None,
+    ) -> None:
+        """``g = ζ Ω_B (p − x̄_B) = ζ Σ_{j∈B} ω_j (p − x_j)`` on one chunk, in place.
+
+        Subtracting the batch mean once (rather than ``Ω_B p − Σ ω_j x_j``) keeps
+        ``p − x`` exact when ``p`` and ``x`` are close.
+        """
+        a, b = self.chunks[chunk]
+        if epoch_mean is not None:
+            torch.sub(pivot, epoch_mean, out=grad)
+        elif len(batch) == 1:
+            for start, end, x in self.pieces[batch[0]][chunk]:
+                torch.sub(pivot[start:end], x, out=grad[start:end])
+        else:
+            if self._buffer is None:
+                self._buffer = torch.empty(self.group.numel, dtype=self.group.dtype)
+            buffer = self._buffer
+            for start, end, x in self.pieces[batch[0]][chunk]:
+                torch.mul(x, coefficients[0], out=buffer[start:end])
+            for j, coefficient in zip(batch[1:], coefficients[1:]):
+                for start, end, x in self.pieces[j][chunk]:
+                    buffer[start:end].add_(x, alpha=coefficient)
+            torch.sub(pivot[a:b], buffer[a:b], out=grad[a:b])
+        grad[a:b].mul_(scale)
+
+    def _key_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[lo:hi] for lo, hi in zip(self.group.offsets[:-1], self.group.offsets[1:])]
 
     def soup_into(self, out: torch.Tensor, weights: list[float]) -> None:
         group = self.group
         if group.stacked is not None:
-            torch.mv(group.stacked.t(), torch.tensor(weights, dtype=group.dtype), out=out)
+            # Element-wise product and a reduction: no BLAS thread pool for tiny sizes.
+            torch.sum(group.stacked * torch.tensor(weights, dtype=group.dtype).unsqueeze(1), dim=0, out=out)
             return
-        out_views = group.views(out)
-        for view, tensor in zip(out_views, self.per_key[0]):
+        out_views = self._key_views(out)
+        for view, tensor in zip(out_views, self.flat_keys[0]):
             torch.mul(tensor, weights[0], out=view)
-        for tensors, weight in zip(self.per_key[1:], weights[1:]):
+        for tensors, weight in zip(self.flat_keys[1:], weights[1:]):
             torch._foreach_add_(out_views, tensors, alpha=weight)
 
     def squared_distances(self, center: torch.Tensor) -> list[float]:
@@ -309,10 +362,10 @@ class _Ingredients:
         group = self.group
         if group.stacked is not None:
             return ((group.stacked - center) ** 2).sum(dim=1).tolist()
-        center_views = group.views(center)
+        center_views = self._key_views(center)
         return [
             float(sum(torch.sum((t - c) ** 2) for t, c in zip(tensors, center_views)))
-            for tensors in self.per_key
+            for tensors in self.flat_keys
         ]
 
 
@@ -461,14 +514,20 @@ def merge(
     initial = [w.clone() for w in weights_flat] if (not adaptive_pivot or project) else None
     grads_flat = [torch.zeros_like(w) for w in weights_flat]
 
+    # Element-wise optimizers step chunk by chunk (each chunk its own parameter); the
+    # others see every key with its own shape and step once over all of them.
     elementwise = is_elementwise(cls)
+    units = [(i, c) for i, source in enumerate(ingredients) for c in range(len(source.chunks))]
     if elementwise:
-        params, grads = weights_flat, grads_flat
+        params = [weights_flat[i][slice(*ingredients[i].chunks[c])] for i, c in units]
+        grads = [grads_flat[i][slice(*ingredients[i].chunks[c])] for i, c in units]
     else:
         params = [v for g, w in zip(groups, weights_flat) for v in g.views(w)]
         grads = [v for g, gr in zip(groups, grads_flat) for v in g.views(gr)]
-    for param, grad in zip(params, grads):
-        param.grad = grad
+    chunk_major = elementwise and len(units) > 1
+    if not chunk_major:
+        for param, grad in zip(params, grads):
+            param.grad = grad
     opt = _build_optimizer(cls, params, step_size(1, 1.0), optimizer_kwargs)
     needs_closure = isinstance(opt, torch.optim.LBFGS)
 
@@ -489,23 +548,19 @@ def merge(
     visited = 0.0
     k = 0
     pivots = weights_flat if adaptive_pivot else initial
-    pivot_views = [g.views(p) for g, p in zip(groups, pivots)]
-    grad_views = [g.views(gr) for g, gr in zip(groups, grads_flat)]
-    step_means: list[torch.Tensor | None] = [None] * len(groups)
-    step_batch: list[int] = []
-    step_coefficients: list[float] = []
-    step_scale = 1.0
+    step: dict = {}
 
-    def write_pseudogradient() -> None:
-        """g = ζ Ω_B (p − x̄_B) = ζ Σ_{j∈B} ω_j (p − x_j), written in place."""
-        for i, (source, p, g) in enumerate(zip(ingredients, pivots, grads_flat)):
-            if step_means[i] is not None:
-                torch.sub(p, step_means[i], out=g)
-            else:
-                means = source.batch_mean(step_batch, step_coefficients)
-                for out, pv, mean in zip(grad_views[i], pivot_views[i], means):
-                    torch.sub(pv, mean, out=out)
-            g.mul_(step_scale)
+    def write_unit(unit: int) -> None:
+        i, c = units[unit]
+        mean = step["epoch_means"][i]
+        ingredients[i].write_pseudogradient(
+            c, pivots[i], grads_flat[i], step["batch"], step["coefficients"], step["scale"],
+            None if mean is None else mean[step["index"]],
+        )
+
+    def write_all() -> None:
+        for unit in range(len(units)):
+            write_unit(unit)
 
     with torch.no_grad():
         for _epoch in range(epochs):
@@ -520,24 +575,30 @@ def merge(
                 [omega[j] / weight if weight > 0 else 0.0 for j in batch]
                 for batch, weight in zip(batches, batch_weights)
             ]
-            epoch_means = [source.epoch_means(batches, coefficients) for source in ingredients]
-            for b, (batch, batch_weight) in enumerate(zip(batches, batch_weights)):
+            step["epoch_means"] = [source.epoch_means(batches, coefficients) for source in ingredients]
+            for index, (batch, batch_weight) in enumerate(zip(batches, batch_weights)):
                 k += 1
                 visited += batch_weight
                 zeta = float(amplification(k)) if callable(amplification) else float(amplification)
                 for group in opt.param_groups:
                     group["lr"] = step_size(k, visited)
-                step_batch, step_coefficients = batch, coefficients[b]
-                step_scale = zeta * batch_weight
-                step_means = [None if means is None else means[b] for means in epoch_means]
+                step.update(index=index, batch=batch, coefficients=coefficients[index], scale=zeta * batch_weight)
 
                 snapshot = None
                 if greedy:
                     snapshot = ([w.clone() for w in weights_flat], copy.deepcopy(opt.state_dict()))
-                write_pseudogradient()
-                if needs_closure:
-                    opt.step(lambda: _closure_loss(write_pseudogradient, grads_flat))
+                if chunk_major:
+                    # torch.optim skips parameters without .grad: one chunk per call.
+                    for unit, (param, grad) in enumerate(zip(params, grads)):
+                        write_unit(unit)
+                        param.grad = grad
+                        opt.step()
+                        param.grad = None
+                elif needs_closure:
+                    write_all()
+                    opt.step(lambda: _closure_loss(write_all, grads_flat))
                 else:
+                    write_all()
                     opt.step()
                 if ball is not None:
                     _project(weights_flat, *ball)

@@ -52,9 +52,13 @@ def shortcut(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=[ame.STACK_MAX_NUMEL, 0], ids=["stacked", "per-key"])
+@pytest.fixture(params=["stacked", "one-chunk", "chunk-major"])
 def layout(request, monkeypatch):
-    monkeypatch.setattr(ame, "STACK_MAX_NUMEL", request.param)
+    """The three ways merge lays out a model: stacked [N, D]; per key; in small chunks."""
+    if request.param != "stacked":
+        monkeypatch.setattr(ame, "STACK_MAX_NUMEL", 0)
+    if request.param == "chunk-major":
+        monkeypatch.setattr(ame, "CHUNK_NUMEL", 7)  # chunks cut across keys
     return request.param
 
 
@@ -204,13 +208,16 @@ def test_key_by_key_equals_whole_model_for_elementwise_optimizers():
         torch.testing.assert_close(single[key], whole[key], atol=1e-7, rtol=1e-6)
 
 
-def test_stacked_and_per_key_layouts_agree(monkeypatch):
+def test_stacked_and_chunked_layouts_agree(monkeypatch):
     models = make_models(9, seed=2)
     options = dict(optimizer="adamw", lr=0.02, epochs=2, batch_size=3, shuffle=True)
     stacked = fedsoup.merge(models, **options)
     monkeypatch.setattr(ame, "STACK_MAX_NUMEL", 0)
     per_key = fedsoup.merge(models, **options)
+    monkeypatch.setattr(ame, "CHUNK_NUMEL", 5)
+    chunked = fedsoup.merge(models, **options)
     assert_close_dicts(per_key, stacked, atol=1e-6, rtol=1e-5)
+    assert_close_dicts(chunked, stacked, atol=1e-6, rtol=1e-5)
 
 
 def test_numpy_inputs_and_adam_moves_away_from_soup():
@@ -226,7 +233,7 @@ def test_numpy_inputs_and_adam_moves_away_from_soup():
 # ---------------------------------------------------------------------------
 
 
-def test_greedy_keeps_only_improving_steps_and_reverts_optimizer_state():
+def test_greedy_keeps_only_improving_steps_and_reverts_optimizer_state(layout):
     models = make_models(4, dtype=torch.float64, with_int=False)
     scripted = iter([0.0, 1.0, 0.5, 2.0, 2.0])  # initial, then steps 1..4: keep, reject, keep, reject
     seen = []
@@ -268,7 +275,7 @@ def test_greedy_result_never_scores_below_the_pivot():
 # ---------------------------------------------------------------------------
 
 
-def test_projection_keeps_the_merge_in_the_ball():
+def test_projection_keeps_the_merge_in_the_ball(layout):
     models = make_models(5, with_int=False, dtype=torch.float64)
     center = weighted_soup(models)
 
@@ -294,7 +301,7 @@ def test_same_seed_same_bytes_other_seed_other_result():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_dtype_round_trip(dtype):
+def test_dtype_round_trip(dtype, layout):
     models = make_models(4, dtype=dtype)
     merged = fedsoup.merge(models, optimizer="adam", lr=0.05, epochs=2)
     for key, value in merged.items():
