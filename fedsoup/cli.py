@@ -62,6 +62,14 @@ MERGE_DEFAULTS: dict[str, object] = {
 # Settings of the command itself (also allowed in a config file).
 COMMAND_KEYS = ("inputs", "output", "metrics", "shard_size", "low_memory", "optimizer_kwargs")
 CONFIG_KEYS = frozenset(MERGE_DEFAULTS) | frozenset(COMMAND_KEYS)
+# Value types a config may give (others, e.g. weights or pivot, are checked when used).
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "lr": (int, float), "alpha": (int, float), "amplification": (int, float),
+    "epochs": (int,), "batch_size": (int,), "seed": (int,),
+    "shuffle": (bool,), "adaptive_pivot": (bool,), "descending": (bool,), "greedy": (bool,), "project": (bool,),
+    "low_memory": (bool,), "optimizer": (str,), "schedule": (str,), "evaluate": (str,),
+    "shard_size": (int, str),
+}
 # Metrics-file columns that name the checkpoint a row belongs to.
 ID_COLUMNS = ("file", "path", "input", "model", "name", "checkpoint", "client")
 
@@ -164,6 +172,11 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, object]:
                 f"optimizer arguments go under [optimizer_kwargs])"
             )
         config[key] = value
+    for key, value in config.items():
+        expected = _CONFIG_TYPES.get(key)
+        if expected and not (isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)):
+            kinds = " or ".join(t.__name__ for t in expected)
+            raise InputError(f"{name}: {key!r} must be {kinds}, got {value!r}")
     base = path.parent
     if "inputs" in config:
         inputs = config["inputs"]
@@ -605,6 +618,8 @@ def _in_memory_producer(checkpoints, merge_kwargs, names, quiet: bool) -> Callab
     if isinstance(kwargs["pivot"], Checkpoint):
         pivot = kwargs["pivot"]
         kwargs["pivot"] = {key: _read_checked(pivot, key) for key in pivot.infos}
+    if not quiet and sys.stderr.isatty():  # the one step without a progress bar
+        print(f"{PROG}: merging {len(models)} inputs in memory ...", file=sys.stderr, flush=True)
     with _named_ingredients(names):
         merged = fedsoup.merge(models, **kwargs)
     del models
@@ -623,7 +638,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             reports.append(
                 {
                     "file": checkpoint.name,
-                    "format": type(checkpoint).__name__.removesuffix("Checkpoint").lower() or "checkpoint",
+                    "format": checkpoint.format,
                     "tensors": len(checkpoint.infos),
                     "parameters": checkpoint.numel,
                     "bytes": checkpoint.nbytes,

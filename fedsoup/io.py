@@ -125,6 +125,8 @@ class Checkpoint:
     ``name`` is how the user spelled the path; every error message uses it.
     """
 
+    format = "checkpoint"  # shown by `fedsoup inspect`
+
     def __init__(self, name: str, infos: dict[str, TensorInfo], metadata: dict[str, str] | None = None):
         self.name = name
         self.infos = infos
@@ -184,6 +186,8 @@ def _safe_open(path: Path, name: str):
 class SafetensorsCheckpoint(Checkpoint):
     """One ``.safetensors`` file, read lazily one tensor at a time."""
 
+    format = "safetensors"
+
     def __init__(self, path: Path, name: str | None = None):
         self.path = Path(path)
         name = name or str(path)
@@ -216,6 +220,8 @@ class SafetensorsCheckpoint(Checkpoint):
 class InMemoryCheckpoint(Checkpoint):
     """Tensors already in memory (``.pt`` files, which cannot be read key by key)."""
 
+    format = "pytorch"
+
     def __init__(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
         self._tensors = tensors
         infos = {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in tensors.items()}
@@ -230,6 +236,8 @@ class InMemoryCheckpoint(Checkpoint):
 
 class NpzCheckpoint(Checkpoint):
     """A ``numpy.savez`` archive; array headers are read without loading the data."""
+
+    format = "npz"
 
     def __init__(self, path: Path, name: str | None = None):
         name = name or str(path)
@@ -322,6 +330,8 @@ class ShardedCheckpoint(Checkpoint):
             raise
         metadata = index.get("metadata") or {}
         super().__init__(name, infos, {k: str(v) for k, v in metadata.items()})
+        kinds = sorted({shard.format for shard in self._shards.values()})
+        self.format = f"{len(self._shards)} {'/'.join(kinds)} shards"
 
     @property
     def shard_files(self) -> list[str]:
@@ -624,8 +634,9 @@ class OutputLayout:
 
     @staticmethod
     def of(output: str | os.PathLike[str]) -> OutputLayout:
+        as_directory = str(output).endswith(("/", os.sep))
         output = Path(output)
-        suffix = output.suffix.lower()
+        suffix = "" if as_directory else output.suffix.lower()
         if suffix in TORCH_SUFFIXES:
             return OutputLayout(output, output, output, "torch")
         if suffix == SAFETENSORS_SUFFIX:

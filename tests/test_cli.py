@@ -439,3 +439,27 @@ def test_sigterm_mid_merge_leaves_nothing_behind(tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143 and "terminated" in err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("line, message", [
+    ('lr = "fast"', "'lr' must be int or float"),
+    ("shuffle = 1", "'shuffle' must be bool"),
+    ("epochs = true", "'epochs' must be int"),
+    ("low_memory = 'auto'", "'low_memory' must be bool"),
+    ("optimizer_kwargs = 3", "'optimizer_kwargs' must be a table"),
+    ("lr = ", "invalid config"),
+])
+def test_config_values_of_the_wrong_type_exit_2(tmp_path, capsys, line, message):
+    inputs = write(make_models(), tmp_path)
+    (tmp_path / "c.toml").write_text(line + "\n")
+    code, _, err = run("merge", *inputs, "-o", tmp_path / "o.safetensors", "--config", tmp_path / "c.toml", capsys=capsys)
+    assert code == 2 and message in err, err
+
+
+def test_yaml_config(tmp_path, capsys):
+    pytest.importorskip("yaml")
+    inputs = write(make_models(), tmp_path)
+    (tmp_path / "c.yaml").write_text("optimizer: adam\nlr: 0.05\nepochs: 2\nbatch-size: 2\nshuffle: true\nseed: 3\n")
+    code, _, err = run("merge", *inputs, "-o", tmp_path / "o.safetensors", "--config", tmp_path / "c.yaml", capsys=capsys)
+    assert code == 0, err
+    assert_same(load_file(tmp_path / "o.safetensors"), library_merge(inputs, **ADAM_KWARGS))
