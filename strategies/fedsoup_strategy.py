@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg, Result
@@ -67,6 +69,9 @@ _SOUP_RESERVED = {
     "seed": "use FedSoup(seed=...); each round derives its own seed from it",
 }
 _STATE_FORMAT = "fedsoup.strategies.FedSoup"
+# np.save headers are padded to a multiple of 64 bytes and numpy refuses any above
+# 10 000 bytes by default: this many bytes always hold the whole header.
+_NPY_HEADER_PEEK = 16384
 
 
 @dataclass
@@ -453,7 +458,7 @@ class FedSoup(FedAvg):
             and all(arrays[k] is cache[1][k] for k in arrays)
         ):
             return cache[2]  # our own last output: no need to deserialise it again
-        return {key: _to_tensor(array.numpy()) for key, array in arrays.items()}
+        return {key: _to_tensor(_array_view(array)) for key, array in arrays.items()}
 
     def _tensors_to_arrays(self, tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
         record = ArrayRecord({key: Array(t.detach().cpu().numpy()) for key, t in tensors.items()})
@@ -583,9 +588,7 @@ class FedSoup(FedAvg):
         if self._stew_is_identity:
             grad_norm = None
             if sent is not None:
-                grad_norm = math.sqrt(
-                    math.fsum(float(torch.dist(sent[k], merged[k])) ** 2 for k, t in sent.items() if t.is_floating_point())
-                )
+                grad_norm = _distance(sent, merged)
             return {k: merged[k].to(dtypes[k]) for k in dtypes}, grad_norm
         if sent is None:
             raise AggregationError(
@@ -698,8 +701,39 @@ def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    # np.load gives fresh, writable arrays: share their memory instead of copying.
-    return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        # Read-only views of a message's bytes: torch warns that it cannot mark the
+        # tensor read-only. Nothing here writes to its inputs (fedsoup.merge is pure).
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(array)
+
+
+def _array_view(array: Array) -> np.ndarray:
+    """A zero-copy, read-only NumPy view of a Flower ``Array`` (``Array.numpy()`` copies).
+
+    Flower serialises arrays with ``np.save`` (no pickle); the data follows the .npy
+    header, so ``np.frombuffer`` can point into it. Anything unusual (another
+    serialisation type, an object dtype, a header we do not know) goes through
+    Flower's own ``Array.numpy()``.
+    """
+    if array.stype != SType.NUMPY:
+        return array.numpy()
+    head = io.BytesIO(array.data[:_NPY_HEADER_PEEK])
+    try:
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(head)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(head)
+        else:
+            return array.numpy()
+    except ValueError:
+        return array.numpy()
+    if dtype.hasobject:
+        raise ValueError(f"object dtype {dtype} is not an array of numbers")
+    count = math.prod(shape)
+    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=head.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 def _number(metrics: MetricRecord, key: str, what: str) -> float:
@@ -743,7 +777,7 @@ def _read_arrays(record: ArrayRecord, reference: dict[str, _ArraySpec] | None) -
     tensors = {}
     for key, array in record.items():
         try:
-            value = array.numpy()
+            value = _array_view(array)
         except Exception as error:  # noqa: BLE001 - any decoding failure means a bad reply
             raise _LeftOut(f"array '{key}' cannot be read ({error})") from None
         if reference is not None and tuple(value.shape) != reference[key].shape:
@@ -763,11 +797,5 @@ def _first_non_finite(arrays: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def _distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """‖a − b‖ over the floating arrays, accumulated in float64."""
-    return math.sqrt(
-        math.fsum(
-            float(torch.linalg.vector_norm(a[k].double() - b[k].double())) ** 2
-            for k in a
-            if a[k].is_floating_point()
-        )
-    )
+    """‖a − b‖ over the floating arrays (per-array norms summed in float64)."""
+    return math.sqrt(math.fsum(float(torch.dist(a[k], b[k])) ** 2 for k in a if a[k].is_floating_point()))

@@ -278,3 +278,27 @@ def test_arrival_order_does_not_matter():
         results.append(out)
     for key in results[0]:
         np.testing.assert_array_equal(results[0][key].numpy(), results[1][key].numpy())
+
+
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+def test_replies_are_read_in_place_and_never_modified(strategy_name):
+    """FedSoup reads reply arrays as zero-copy views of the message bytes: they must stay intact."""
+    contents = {n: good_content(n) for n in GOOD_NODES}
+    before = {n: {k: bytes(a.data) for k, a in c["arrays"].items()} for n, c in contents.items()}
+    strategy = STRATEGIES[strategy_name]()
+    for _ in range(2):  # the second round also steps a stateful stew from these views
+        aggregate(strategy, contents)
+    for node, content in contents.items():
+        for key, array in content["arrays"].items():
+            assert array.data == before[node][key], (node, key)
+
+
+def test_fortran_ordered_reply_arrays_are_read_correctly():
+    contents = {n: good_content(n) for n in GOOD_NODES}
+    fortran = client_arrays(BAD_NODE)
+    fortran["fc.weight"] = np.asfortranarray(fortran["fc.weight"])
+    contents[BAD_NODE] = with_arrays(fortran)
+    c_order = {**contents, BAD_NODE: with_arrays(client_arrays(BAD_NODE))}
+    got, _ = aggregate(FedSoup(), contents)
+    expected, _ = aggregate(FedSoup(), c_order)
+    np.testing.assert_array_equal(got["fc.weight"].numpy(), expected["fc.weight"].numpy())

@@ -1,0 +1,121 @@
+"""Benchmark ``aggregate_train``: FedSoup against Flower's FedAvg on the same replies.
+
+Targets (issue 4): default ``FedSoup()`` at most 1.1x FedAvg's time; FedSoup with an
+Adam ClientSoup of 5 epochs, batch 2, at most 6x. Every strategy aggregates the same
+10 replies of a ~4M-parameter float32 model; runs are interleaved (A, B, C, A, B, C,
+...) so that machine load hits all of them alike, and the median is reported.
+
+    .venv/bin/python benchmarks/bench_strategy.py            # 10 replies, 4M params
+    .venv/bin/python benchmarks/bench_strategy.py --repeats 9 --params 1e6
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from strategies import FedSoup
+from strategies.testing import LocalGrid, serverapp_identity, train_content, train_reply
+
+
+def model_shapes(params: float) -> dict[str, tuple[int, ...]]:
+    """A small MLP-like layout with about ``params`` parameters (4M by default)."""
+    width = int((params / 4) ** 0.5)
+    return {
+        "fc1.weight": (2 * width, width),
+        "fc1.bias": (2 * width,),
+        "fc2.weight": (width, 2 * width),
+        "fc2.bias": (width,),
+        "bn.running_mean": (width,),
+        "bn.num_batches_tracked": (),
+    }
+
+
+def make_round(params: float, replies: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shapes = model_shapes(params)
+
+    def model(scale: float) -> dict[str, np.ndarray]:
+        return {
+            k: np.asarray(rng.integers(0, 100), dtype=np.int64) if k.endswith("num_batches_tracked")
+            else (scale * rng.standard_normal(s, dtype=np.float32))
+            for k, s in shapes.items()
+        }
+
+    global_model = model(1.0)
+    arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
+    contents = {
+        node: train_content({k: v + model(0.1)[k] for k, v in global_model.items()}, num_examples=100 + node)
+        for node in range(1, replies + 1)
+    }
+    num_params = sum(int(np.prod(s)) for s in shapes.values())
+    return arrays, contents, num_params
+
+
+def time_aggregate(strategy, arrays: ArrayRecord, contents: dict) -> float:
+    """Seconds for one ``aggregate_train`` (``configure_train`` is done first, untimed)."""
+    grid = LocalGrid(sorted(contents))
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = [train_reply(m, contents[m.metadata.dst_node_id]) for m in instructions]
+    start = time.perf_counter()
+    out, _ = strategy.aggregate_train(1, replies)
+    elapsed = time.perf_counter() - start
+    assert out is not None
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=4e6, help="model size (default 4e6)")
+    parser.add_argument("--replies", type=int, default=10, help="client replies per round (default 10)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per strategy (median; default 7)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: Flower's numpy FedAvg runs on one core too; 0 = torch's default)",
+    )
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # per-round INFO lines would be timed too
+
+    arrays, contents, num_params = make_round(args.params, args.replies)
+    candidates = {
+        "Flower FedAvg": lambda: FedAvg(),
+        "FedSoup() (defaults)": lambda: FedSoup(),
+        "FedSoup(soup=Adam, 5 epochs, batch 2)": lambda: FedSoup(
+            soup={"optimizer": "adam", "lr": 1e-2, "epochs": 5, "batch_size": 2}
+        ),
+        "Flower FedAdam": lambda: FedAdam(eta=0.1),
+        "FedSoup(stew=fedadam)": lambda: FedSoup(stew={"optimizer": "fedadam", "lr": 0.1}),
+    }
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with serverapp_identity():
+        for name, make in candidates.items():  # warm-up: imports, allocator, thread pools
+            time_aggregate(make(), arrays, contents)
+        for _ in range(args.repeats):
+            for name, make in candidates.items():
+                times[name].append(time_aggregate(make(), arrays, contents))
+
+    base = statistics.median(times["Flower FedAvg"])
+    targets = {"FedSoup() (defaults)": 1.1, "FedSoup(soup=Adam, 5 epochs, batch 2)": 6.0}
+    print(f"aggregate_train of {args.replies} replies, {num_params / 1e6:.2f}M params (float32), "
+          f"median of {args.repeats} interleaved runs, torch threads: {torch.get_num_threads()}")
+    print(f"{'strategy':<40} {'median s':>9} {'x FedAvg':>9}  target")
+    for name, values in times.items():
+        median = statistics.median(values)
+        target = targets.get(name)
+        verdict = "" if target is None else f"<= {target:g}x  {'OK' if median / base <= target else 'MISSED'}"
+        print(f"{name:<40} {median:>9.4f} {median / base:>9.2f}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
