@@ -190,8 +190,12 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, object]:
             if not isinstance(config[key], str):
                 raise InputError(f"{name}: {key!r} must be a path")
             config[key] = str(base / config[key])
-    if "pivot" in config and isinstance(config["pivot"], str) and config["pivot"] not in ("soup", "first"):
-        config["pivot"] = str(base / config["pivot"])
+    pivot = config.get("pivot")
+    if isinstance(pivot, str) and pivot not in ("soup", "first") and not re.fullmatch(r"-?\d+", pivot):
+        config["pivot"] = str(base / pivot)
+    evaluate = config.get("evaluate")
+    if isinstance(evaluate, str) and ".py:" in evaluate:
+        config["evaluate"] = str(base / evaluate)
     kwargs = config.get("optimizer_kwargs", {})
     if not isinstance(kwargs, dict):
         raise InputError(f"{name}: 'optimizer_kwargs' must be a table")
@@ -371,13 +375,6 @@ def _human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def _human_count(count: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if count >= size:
-            return f"{count / size:.1f}{unit}"
-    return str(count)
-
-
 class _Progress:
     """A tqdm bar on stderr counting tensor bytes; off with --quiet or when stderr is not a terminal."""
 
@@ -385,7 +382,7 @@ class _Progress:
         self._bar = None
         if not quiet:
             with contextlib.suppress(ImportError):
-                from tqdm.auto import tqdm
+                from tqdm import tqdm
 
                 self._bar = tqdm(
                     total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
@@ -450,7 +447,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, object]:
     return settings
 
 
-def _pivot_setting(value, input_names: Sequence[str]):
+def _pivot_setting(value):
     """``soup``/``first``, an ingredient index, or a path to a checkpoint (the explicit w_0)."""
     if isinstance(value, bool):
         raise InputError(f"pivot: expected soup, first, an index or a checkpoint path, got {value!r}")
@@ -491,7 +488,7 @@ def run_merge(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(item)) for item in input_names]
         check_compatible(checkpoints)
-        pivot = _pivot_setting(settings["pivot"], input_names)
+        pivot = _pivot_setting(settings["pivot"])
         if isinstance(pivot, Checkpoint):
             stack.enter_context(pivot)
             check_compatible([pivot], reference=checkpoints[0])

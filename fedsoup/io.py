@@ -745,13 +745,3 @@ def save_checkpoint(
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text or type(error).__name__
-
-
-def iter_shards(layout_output: str | os.PathLike[str]) -> Iterator[Path]:
-    """Files making up the checkpoint at ``layout_output`` (for tests and tools)."""
-    layout = OutputLayout.of(layout_output)
-    if layout.kind == "safetensors" and layout.index.is_file():
-        yield from _old_shards(layout)
-        yield layout.index
-    elif layout.main.is_file():
-        yield layout.main
