@@ -514,6 +514,7 @@ def run_merge(args: argparse.Namespace) -> int:
             ),
         }
         merge_kwargs = {**options, **settings["optimizer_kwargs"]}
+        _fail_fast(merge_kwargs, input_names)
         total_bytes = sum(info.nbytes for info in infos.values())
         if low_memory:
             produce = _low_memory_producer(checkpoints, merge_kwargs, input_names)
@@ -539,6 +540,17 @@ def run_merge(args: argparse.Namespace) -> int:
         f"{settings['epochs']} epoch{'s' if settings['epochs'] != 1 else ''})"
     )
     return 0
+
+
+def _fail_fast(merge_kwargs: dict, names: Sequence[str]) -> None:
+    """Run the merge on N one-number models, so bad options stop us before gigabytes are read."""
+    if merge_kwargs["greedy"]:
+        return  # the user's evaluate() expects the real model
+    kwargs = dict(merge_kwargs)
+    if isinstance(kwargs["pivot"], Checkpoint):
+        kwargs["pivot"] = {"probe": torch.zeros(1)}
+    with _named_ingredients(names):
+        fedsoup.merge([{"probe": torch.full((1,), float(i))} for i in range(len(names))], **kwargs)
 
 
 def _low_memory_refusal(optimizer, options) -> str | None:

@@ -463,3 +463,14 @@ def test_yaml_config(tmp_path, capsys):
     code, _, err = run("merge", *inputs, "-o", tmp_path / "o.safetensors", "--config", tmp_path / "c.yaml", capsys=capsys)
     assert code == 0, err
     assert_same(load_file(tmp_path / "o.safetensors"), library_merge(inputs, **ADAM_KWARGS))
+
+
+def test_bad_options_fail_before_any_tensor_is_read(tmp_path, capsys, monkeypatch):
+    inputs = write(make_models(), tmp_path)
+    reads = []
+    original = fio.Checkpoint.get
+    monkeypatch.setattr(fio.Checkpoint, "get", lambda self, key: reads.append(key) or original(self, key))
+    code, _, err = run("merge", *inputs, "-o", tmp_path / "o.safetensors", "--optimizer", "adam", "--momentum", "0.9",
+                       capsys=capsys)
+    assert code == 2 and "momentum" in err
+    assert reads == []
