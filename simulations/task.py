@@ -20,6 +20,8 @@ def train(
     momentum: float = 0.9,
     optimizer: str = "sgd",
     weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
     augment: bool | None = None,
     seed: int = 0,
 ) -> float:
@@ -37,7 +39,8 @@ def train(
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     elif optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps,
+                                weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown client optimizer '{optimizer}'")
     loss_fn = nn.CrossEntropyLoss()

@@ -1,0 +1,358 @@
+"""Compare strategies on the same client shards and seed in Flower's simulation engine.
+
+    python -m simulations.compare --preset demo
+    python -m simulations.compare --strategy fedavg --strategy fedmedian \\
+        --strategy "fedsoup soup-optimizer=adam soup-lr=0.01 label=AME-Adam" \\
+        --set attack=cauchy-noise --set attack-fraction=0.2 --out results/robust
+
+Every ``--strategy`` is a strategy name followed by run-config overrides that only
+the server sees (``soup-*``, ``stew-*``, ``server-*``, ...) and an optional
+``label=``. Everything the clients see (data, partitioning, local training,
+attacks, seed) is shared, so all strategies train on identical shards.
+
+One ``flwr.simulation.run_simulation`` (Ray backend) runs the whole comparison:
+the ServerApp runs the strategies one after the other over the same simulated
+SuperNodes, which pays Ray's start-up once. Outputs in ``--out``:
+``results.json`` and ``results.csv`` (per strategy and round), ``accuracy.png``
+(test accuracy against rounds) and ``table.md`` (final accuracies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsoup.atomic import atomic_path, atomic_write_text
+from simulations.config import SimConfig
+
+# Keys that change what a client does; they must be equal for every compared strategy.
+CLIENT_KEYS = frozenset({
+    "dataset", "data-dir", "partitioning", "num-partitions", "ood-fraction", "dirichlet-alpha",
+    "classes-per-partition", "val-fraction", "local-epochs", "batch-size", "lr", "momentum",
+    "seed", "attack", "attack-fraction", "attack-scale",
+})
+
+# AME ClientSoup used by the presets: Adam over the clients' pseudogradients, pivot
+# at the global model, 5 shuffled epochs in mini-batches of 2 clients, harmonic
+# decay. Picked by a small sweep on the demo setting (docs/simulations.md); it
+# does not beat FedAvg there - see the measured table.
+AME_CLIENT_SOUP = {
+    "soup-optimizer": "adam", "soup-lr": 0.01, "soup-schedule": "harmonic",
+    "soup-epochs": 5, "soup-batch-size": 2, "soup-shuffle": True,
+    "soup-beta1": 0.8, "soup-beta2": 0.9, "soup-eps": 1e-5,
+}
+# ServerStew with Flower's FedAdam update (eta 0.1, betas 0.9/0.99, tau 1e-3).
+ADAM_STEW = {"stew-optimizer": "fedadam", "stew-lr": 0.1, "stew-beta1": 0.9,
+             "stew-beta2": 0.99, "stew-eps": 1e-3}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # `make demo`: digits, class-exclusion shards, FedAvg vs FedAdam vs FedSoup (AME ClientSoup).
+    "demo": {
+        "base": {"dataset": "digits", "partitioning": "class-exclusion", "ood-fraction": 0.5,
+                 "num-partitions": 10, "num-server-rounds": 20, "local-epochs": 2, "seed": 0},
+        "strategies": [
+            {"strategy": "fedavg", "label": "FedAvg"},
+            {"strategy": "fedadam", "label": "FedAdam"},
+            {"strategy": "fedsoup", "label": "FedSoup (AME ClientSoup)", **AME_CLIENT_SOUP},
+            {"strategy": "fedsoup", "label": "FedSoup (AME ClientSoup + Adam ServerStew)",
+             **AME_CLIENT_SOUP, **ADAM_STEW},
+        ],
+    },
+    # Heavy-tailed Byzantine noise from 20% of the clients.
+    "robust": {
+        "base": {"dataset": "digits", "partitioning": "dirichlet", "dirichlet-alpha": 1.0,
+                 "num-partitions": 10, "num-server-rounds": 20, "local-epochs": 2, "seed": 0,
+                 "attack": "cauchy-noise", "attack-fraction": 0.2, "attack-scale": 1.0},
+        "strategies": [
+            {"strategy": "fedavg", "label": "FedAvg"},
+            {"strategy": "fedmedian", "label": "FedMedian"},
+            {"strategy": "fedtrimmedavg", "label": "FedTrimmedAvg"},
+            {"strategy": "krum", "label": "Krum"},
+            {"strategy": "fedsoup", "label": "FedSoup (AME ClientSoup)", **AME_CLIENT_SOUP},
+        ],
+    },
+}
+
+
+@dataclass
+class StrategyRun:
+    label: str
+    overrides: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = float("nan")
+
+
+def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"fedsoup soup-lr=0.01 label=X"`` -> ``("X", {"strategy": "fedsoup", "soup-lr": "0.01"})``."""
+    words = shlex.split(spec)
+    if not words:
+        raise ValueError("empty --strategy")
+    overrides: dict[str, Any] = {"strategy": words[0]}
+    overrides.update(_parse_assignments(words[1:], "--strategy"))
+    label = overrides.pop("label", words[0])
+    return str(label), overrides
+
+
+def _parse_assignments(words: Sequence[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise ValueError(f"{flag}: expected key=value, got '{word}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def check_server_only(label: str, overrides: Mapping[str, Any]) -> None:
+    shared = sorted(CLIENT_KEYS & set(overrides))
+    if shared:
+        raise ValueError(
+            f"strategy '{label}' overrides client-side key(s) {shared}; those must be the "
+            "same for every compared strategy - pass them with --set instead"
+        )
+
+
+def run_comparison(
+    base: Mapping[str, Any],
+    runs: list[StrategyRun],
+    *,
+    backend_config: Mapping[str, Any] | None = None,
+) -> list[StrategyRun]:
+    """Run every strategy in ``runs`` in one simulation; fills ``run.rows`` and ``run.seconds``."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from simulations.client_app import make_client_app
+    from simulations.server_app import run_server
+
+    base_cfg = SimConfig.from_run_config(base)  # validate before starting Ray
+    configs = []
+    for run in runs:
+        check_server_only(run.label, run.overrides)
+        configs.append(SimConfig.from_run_config(base, run.overrides))
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for run, cfg in zip(runs, configs):
+            logging.getLogger("flwr").info("=== %s ===", run.label)
+            start = time.perf_counter()
+            run.rows = run_server(grid, cfg)
+            run.seconds = time.perf_counter() - start
+
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+    }
+    for key, value in (backend_config or {}).items():
+        if isinstance(value, Mapping):
+            backend.setdefault(key, {}).update(value)
+        else:
+            backend[key] = value
+    run_simulation(
+        server_app=server_app,
+        client_app=make_client_app(base),
+        num_supernodes=base_cfg.num_partitions,
+        backend_config=backend,
+    )
+    missing = [r.label for r in runs if not r.rows]
+    if missing:
+        raise RuntimeError(f"the simulation ended without results for: {', '.join(missing)}")
+    return runs
+
+
+def run_comparison_inprocess(base: Mapping[str, Any], runs: list[StrategyRun]) -> list[StrategyRun]:
+    """The same comparison without Ray: clients are called in turn in this process.
+
+    Uses ``strategies.testing.LocalGrid`` and the very same ClientApp; results are
+    identical to the Ray backend (every client's update is a pure function of the
+    global model, its shard and the seed). Meant for quick sweeps and tests.
+    """
+    from flwr.app import Context, RecordDict
+
+    from simulations.client_app import make_client_app
+    from simulations.server_app import run_server
+    from strategies.testing import LocalGrid, serverapp_identity
+
+    base_cfg = SimConfig.from_run_config(base)
+    configs = []
+    for run in runs:
+        check_server_only(run.label, run.overrides)
+        configs.append(SimConfig.from_run_config(base, run.overrides))
+    client_app = make_client_app(base)
+    n = base_cfg.num_partitions
+    node_ids = [1000 + p for p in range(n)]
+    contexts = {
+        node: Context(run_id=1, node_id=node, node_config={"partition-id": p, "num-partitions": n},
+                      state=RecordDict(), run_config={})
+        for p, node in enumerate(node_ids)
+    }
+
+    def client(message):
+        return client_app(message, contexts[message.metadata.dst_node_id])
+
+    with serverapp_identity():
+        for run, cfg in zip(runs, configs):
+            start = time.perf_counter()
+            run.rows = run_server(LocalGrid(node_ids, client), cfg)
+            run.seconds = time.perf_counter() - start
+    return runs
+
+
+# ----------------------------------------------------------------- outputs
+
+
+def markdown_table(runs: Sequence[StrategyRun]) -> str:
+    lines = [
+        "| strategy | final test acc | best test acc (round) | final test loss | wall time (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        final = run.rows[-1]
+        best = max(run.rows, key=lambda r: r["test-accuracy"])
+        lines.append(
+            f"| {run.label} | {final['test-accuracy']:.4f} | {best['test-accuracy']:.4f} "
+            f"({best['round']}) | {final['test-loss']:.4f} | {run.seconds:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, runs: Sequence[StrategyRun]) -> None:
+    keys: list[str] = []
+    for run in runs:
+        for row in run.rows:
+            keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["strategy", *keys])
+    writer.writeheader()
+    for run in runs:
+        for row in run.rows:
+            writer.writerow({"strategy": run.label, **row})
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_accuracy(path: Path, runs: Sequence[StrategyRun], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for run in runs:
+        ax.plot([r["round"] for r in run.rows], [r["test-accuracy"] for r in run.rows],
+                marker="o", markersize=3, label=run.label)
+    ax.set_xlabel("server round")
+    ax.set_ylabel("test accuracy (centralised)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def describe(cfg: SimConfig) -> str:
+    part = cfg.partitioning
+    if part == "class-exclusion":
+        part += f" {cfg.ood_fraction:.0%} OOD"
+    elif part == "dirichlet":
+        part += f" α={cfg.dirichlet_alpha}"
+    text = (f"{cfg.dataset}, {cfg.num_partitions} clients, {part}, "
+            f"{cfg.local_epochs} local epochs, seed {cfg.seed}")
+    if cfg.attack != "none" and cfg.attack_fraction > 0:
+        text += f", {cfg.attack} x{cfg.attack_scale:g} from {cfg.attack_fraction:.0%} of clients"
+    return text
+
+
+def write_outputs(out: Path, base: Mapping[str, Any], runs: Sequence[StrategyRun]) -> str:
+    cfg = SimConfig.from_run_config(base)
+    table = markdown_table(runs)
+    atomic_write_text(out / "results.json", json.dumps({
+        "setting": describe(cfg),
+        "base-config": cfg.to_run_config(),
+        "strategies": [{"label": r.label, "overrides": r.overrides, "seconds": r.seconds,
+                        "rounds": r.rows} for r in runs],
+    }, indent=2))
+    write_csv(out / "results.csv", runs)
+    plot_accuracy(out / "accuracy.png", runs, describe(cfg))
+    atomic_write_text(out / "table.md", f"{describe(cfg)}\n\n{table}")
+    return table
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.compare",
+        description="Run several Flower strategies on identical client shards and compare test accuracy.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a ready-made comparison")
+    p.add_argument("--strategy", action="append", default=[], metavar="'NAME [key=value ...]'",
+                   help="a strategy and its server-side overrides (repeatable; replaces the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a shared run-config key, e.g. --set num-server-rounds=30 (repeatable)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: results/compare-<preset or custom>)")
+    p.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+                   help="ray: Flower's simulation engine (default); inprocess: no Ray, one client "
+                        "after the other (same numbers, for quick sweeps)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs Ray may use (default: all); each client takes one")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("FLWR_HOME", str(Path.cwd() / ".flwr"))
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    preset = PRESETS.get(args.preset or "", {"base": {}, "strategies": [{"strategy": "fedavg"}]})
+    try:
+        base = {**preset["base"], **_parse_assignments(args.set, "--set")}
+        if args.strategy:
+            runs = [StrategyRun(*parse_strategy(s)) for s in args.strategy]
+        else:
+            runs = [StrategyRun(str(s.get("label", s["strategy"])),
+                                {k: v for k, v in s.items() if k != "label"})
+                    for s in preset["strategies"]]
+        labels = [r.label for r in runs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"strategy labels must be unique, got {labels}; add label=...")
+        SimConfig.from_run_config(base)
+        for run in runs:
+            check_server_only(run.label, run.overrides)
+            SimConfig.from_run_config(base, run.overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or Path("results") / f"compare-{args.preset or 'custom'}"
+    backend = {"init_args": {"num_cpus": args.num_cpus}} if args.num_cpus else None
+    start = time.perf_counter()
+    if args.backend == "ray":
+        run_comparison(base, runs, backend_config=backend)
+    else:
+        run_comparison_inprocess(base, runs)
+    table = write_outputs(out, base, runs)
+    print(f"\n{describe(SimConfig.from_run_config(base))}\n")
+    print(table)
+    print(f"wrote {out}/table.md, results.json, results.csv, accuracy.png "
+          f"({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Reproduce the protocol of Table 1 / Table 2 (Section 4.1, Appendix A.2) with ``fedsoup``.
+
+For each out-of-domain level (10%, 50%, ..., 90%):
+
+1. ten class-exclusion loaders: loader ``n`` drops classes ``n..n+k-1 (mod 10)``
+   (:class:`simulations.partitioning.ClassExclusionPartitioner`, ``disjoint=False``:
+   a loader holds every training sample of its classes, as in the paper);
+2. 30 experts, 3 per loader, all from ONE initialisation; they differ by the
+   seed of their batch order (the paper's "dataloader generator seed");
+   trained with AdamW;
+3. merges, all data-free except for the validation split used to rank and select:
+   best ingredient (by validation accuracy), the uniform soup, greedy soups
+   (Appendix A.4: an ingredient is kept iff validation accuracy strictly improves)
+   in ascending and descending validation order, and AME-AdamW
+   (``fedsoup.merge(optimizer="adamw", pivot="soup", schedule="harmonic")``,
+   ingredients ordered by validation accuracy) with its hyperparameters chosen on
+   the validation split from a grid after the paper's Table 3;
+4. train accuracy (on the whole training split, all classes) and test accuracy.
+
+Digits (offline) by default; ``--dataset cifar10 --data-dir DIR`` when CIFAR-10 is
+present (slow on CPU: 180 CNNs). Writes ``table1.md``, ``table2.md``,
+``results.json`` and ``table1.png`` into ``--out``.
+
+    python -m simulations.paper_table1                  # digits, about 2-4 minutes on 2 cores
+    python -m simulations.paper_table1 --ood 0.5 0.8 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+import fedsoup
+from fedsoup.atomic import atomic_path, atomic_write_text
+from simulations.data import ArrayDataset, load_arrays
+from simulations.models import make_model
+from simulations.partitioning import ClassExclusionPartitioner
+from simulations.task import evaluate, seed_for, train
+
+OOD_LEVELS = (0.1, 0.5, 0.6, 0.7, 0.8, 0.9)
+METHODS = ("Best ingredient", "Soup", "Greedy soup (asc)", "Greedy soup (desc)", "AME-AdamW")
+
+# AME-AdamW grid (after the paper's Table 3 AdamW column, plus ensemble epochs).
+AME_GRID = {
+    "lr": (1e-4, 1e-3, 1e-2, 1e-1),
+    "weight_decay": (0.0, 0.01, 0.1),
+    "betas": ((0.8, 0.9), (0.9, 0.999)),
+    "epochs": (1, 5, 15),
+}
+AME_FIXED = {"optimizer": "adamw", "schedule": "harmonic", "batch_size": 2, "shuffle": True,
+             "eps": 1e-7, "pivot": "soup", "adaptive_pivot": True}
+QUICK_GRID = {"lr": (1e-3, 1e-2), "weight_decay": (0.0,), "betas": ((0.8, 0.9),), "epochs": (1, 5)}
+
+
+@dataclass
+class Splits:
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+
+
+def make_splits(dataset: str, data_dir: str, val_fraction: float, seed: int) -> Splits:
+    """Training data minus a stratified validation split; the dataset's own test split."""
+    from sklearn.model_selection import train_test_split
+
+    train, test = load_arrays(dataset, data_dir)
+    idx_tr, idx_val = train_test_split(np.arange(len(train)), test_size=val_fraction,
+                                       stratify=train.y, random_state=seed)
+    return Splits(train.subset(np.sort(idx_tr)), train.subset(np.sort(idx_val)), test)
+
+
+def train_experts(splits: Splits, dataset: str, ood: float, experts_per_loader: int,
+                  epochs: int, lr: float, seed: int) -> list[dict[str, torch.Tensor]]:
+    """30 experts (3 per loader) from one initialisation, each on its class-exclusion loader."""
+    num_loaders = 10
+    partitioner = ClassExclusionPartitioner(num_partitions=num_loaders, ood_fraction=ood, disjoint=False)
+    partitioner.dataset = Dataset.from_dict({"label": splits.train.y, "row": np.arange(len(splits.train))})
+    init = make_model(dataset, seed=seed).state_dict()
+    experts = []
+    for loader in range(num_loaders):
+        rows = np.asarray(partitioner.load_partition(loader)["row"])
+        for copy in range(experts_per_loader):
+            model = make_model(dataset)
+            model.load_state_dict(init)
+            # The paper's expert recipe: AdamW, beta1 0.8, beta2 0.9, eps 1e-5, no weight decay.
+            train(model, splits.train.subset(rows), epochs=epochs, lr=lr, batch_size=64,
+                  optimizer="adamw", betas=(0.8, 0.9), eps=1e-5, seed=seed_for(seed, loader, copy))
+            experts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return experts
+
+
+def greedy_soup(experts: list[dict], order: list[int], score) -> tuple[dict, list[int]]:
+    """Appendix A.4 greedy soup: add ingredients in ``order``; keep one iff the score strictly improves."""
+    kept = [order[0]]
+    best = score(experts[order[0]])
+    for i in order[1:]:
+        candidate = fedsoup.soup([experts[j] for j in kept + [i]])
+        s = score(candidate)
+        if s > best:
+            kept.append(i)
+            best = s
+    return fedsoup.soup([experts[j] for j in kept]), kept
+
+
+def run_level(splits: Splits, dataset: str, ood: float, *, experts_per_loader: int, epochs: int,
+              lr: float, seed: int, grid: dict[str, tuple]) -> dict[str, Any]:
+    """All merges for one OOD level; returns accuracies and the chosen AME hyperparameters."""
+    t0 = time.perf_counter()
+    experts = train_experts(splits, dataset, ood, experts_per_loader, epochs, lr, seed)
+    model = make_model(dataset)
+
+    def acc(state: dict, data: ArrayDataset) -> float:
+        model.load_state_dict(state)
+        return evaluate(model, data)[1]
+
+    val_acc = [acc(e, splits.val) for e in experts]
+    ascending = [int(i) for i in np.argsort(val_acc, kind="stable")]
+    merged: dict[str, dict] = {}
+    merged["Best ingredient"] = experts[ascending[-1]]
+    merged["Soup"] = fedsoup.soup(experts)
+    merged["Greedy soup (asc)"], kept_asc = greedy_soup(experts, ascending, lambda s: acc(s, splits.val))
+    merged["Greedy soup (desc)"], kept_desc = greedy_soup(experts, ascending[::-1], lambda s: acc(s, splits.val))
+
+    best_val, best_hp, best_state = -1.0, None, None
+    for lr_, wd, betas, ep in itertools.product(grid["lr"], grid["weight_decay"], grid["betas"], grid["epochs"]):
+        hp = {**AME_FIXED, "lr": lr_, "weight_decay": wd, "betas": betas, "epochs": ep}
+        state = fedsoup.merge(experts, order_by=val_acc, seed=seed, **hp)
+        v = acc(state, splits.val)
+        if v > best_val:  # first best wins: ties go to the earlier (smaller) setting
+            best_val, best_hp, best_state = v, hp, state
+    merged["AME-AdamW"] = best_state
+
+    row = {"ood": ood, "seconds": 0.0,
+           "ame_hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in best_hp.items()},
+           "greedy_kept": {"asc": len(kept_asc), "desc": len(kept_desc)},
+           "expert_val_acc": {"min": min(val_acc), "max": max(val_acc)}}
+    for name in METHODS:
+        row[name] = {"val": acc(merged[name], splits.val), "train": acc(merged[name], splits.train),
+                     "test": acc(merged[name], splits.test)}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def table1(rows: list[dict]) -> str:
+    lines = ["| OOD | " + " | ".join(METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
+    for r in rows:
+        accs = [r[m]["test"] for m in METHODS]
+        top = max(accs)
+        cells = [f"**{a:.2%}**" if a == top else f"{a:.2%}" for a in accs]
+        lines.append(f"| {r['ood']:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table2(rows: list[dict]) -> str:
+    head = "| | " + " | ".join(f"{r['ood']:.0%} OOD" for r in rows) + " |"
+    lines = [head, "|---|" + "---:|" * len(rows)]
+    for label, method, split in (("Best ingredient, train", "Best ingredient", "train"),
+                                 ("Best ingredient, test", "Best ingredient", "test"),
+                                 ("AME-AdamW, train", "AME-AdamW", "train"),
+                                 ("AME-AdamW, test", "AME-AdamW", "test"),
+                                 ("Soup, train", "Soup", "train"),
+                                 ("Soup, test", "Soup", "test")):
+        lines.append(f"| {label} | " + " | ".join(f"{r[method][split]:.2%}" for r in rows) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 3.6), dpi=100)
+    width = 0.8 / len(METHODS)
+    x = np.arange(len(rows))
+    for i, m in enumerate(METHODS):
+        ax.bar(x + (i - (len(METHODS) - 1) / 2) * width, [r[m]["test"] for r in rows], width, label=m)
+    ax.set_xticks(x, [f"{r['ood']:.0%} OOD" for r in rows])
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulations.paper_table1", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--data-dir", default="", help="CIFAR-10 binary batches or a saved HF dataset")
+    p.add_argument("--ood", type=float, nargs="+", default=list(OOD_LEVELS), help="OOD fractions")
+    p.add_argument("--experts-per-loader", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="expert training epochs (digits 10, cifar10 5)")
+    p.add_argument("--lr", type=float, default=None, help="expert AdamW lr (digits 3e-3, cifar10 1e-3)")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a small AME grid (for tests and smoke runs)")
+    p.add_argument("--out", type=Path, default=Path("results/paper_table1"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # tiny models: threads cost more than they give
+    epochs = args.epochs or (10 if args.dataset == "digits" else 5)
+    lr = args.lr or (3e-3 if args.dataset == "digits" else 1e-3)
+    try:
+        splits = make_splits(args.dataset, args.data_dir, args.val_fraction, args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    grid = QUICK_GRID if args.quick else AME_GRID
+    rows = []
+    for ood in args.ood:
+        row = run_level(splits, args.dataset, ood, experts_per_loader=args.experts_per_loader,
+                        epochs=epochs, lr=lr, seed=args.seed, grid=grid)
+        rows.append(row)
+        print(f"{ood:.0%} OOD: " + ", ".join(f"{m} {row[m]['test']:.2%}" for m in METHODS)
+              + f"  ({row['seconds']} s)", flush=True)
+    setting = (f"{args.dataset}: {10 * args.experts_per_loader} experts, {epochs} AdamW epochs (lr {lr:g}), "
+               f"one initialisation, seed {args.seed}")
+    t1, t2 = table1(rows), table2(rows)
+    atomic_write_text(args.out / "table1.md", f"Test accuracy. {setting}\n\n{t1}")
+    atomic_write_text(args.out / "table2.md", f"Train and test accuracy. {setting}\n\n{t2}")
+    atomic_write_text(args.out / "results.json", json.dumps({"setting": setting, "levels": rows}, indent=2))
+    plot(args.out / "table1.png", rows, f"Table 1 protocol - {setting}")
+    print(f"\n{setting}\n\n{t1}\n{t2}\nwrote {args.out}/table1.md, table2.md, results.json, table1.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
