@@ -13,7 +13,9 @@ It starts the processes of docker-compose.yml with the same flags: one
 with ``flwr run <app> local-deployment``, follows its log until the run ends,
 and stops every process it started (also on Ctrl-C or an error).
 
-Everything lives in ``--workdir`` (default ``.deploy-local``): ``flwr-home/``
+Everything lives in ``--workdir`` (default ``.flwr/deploy-local`` in the
+repository: ``.flwr/`` is git-ignored and left out of the App bundle that
+``flwr run .`` builds, so run artefacts never travel with the App): ``flwr-home/``
 (the ``flwr`` CLI's connection), ``state/state.db`` (SuperLink state),
 ``checkpoints/`` (FedSoup's ``checkpoint_dir``: run again with the same workdir
 and FedSoup resumes), ``outputs/`` (``rounds.json``, ``final_model.safetensors``)
@@ -312,6 +314,10 @@ class LocalFederation:
     def start(self) -> LocalFederation:
         for d in (self.state_db.parent, self.checkpoint_dir, self.output_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
+        # Run artefacts, never source: keep them out of git wherever the workdir is.
+        ignore = self.workdir / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("*\n", encoding="utf-8")
         self.write_cli_config()
         self.start_server_side()
         for i in range(self.num_supernodes):
@@ -474,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="fedsoup", help="run config 'strategy' (default fedsoup)")
     parser.add_argument("--run-config", default="",
                         help="more run config, as for `flwr run --run-config`, e.g. \"local-epochs=1\"")
-    parser.add_argument("--workdir", default=".deploy-local", help="state, logs, checkpoints, outputs")
+    parser.add_argument("--workdir", default=str(REPO_ROOT / ".flwr" / "deploy-local"),
+                        help="state, logs, checkpoints, outputs (default: .flwr/deploy-local)")
     parser.add_argument("--app", default=str(REPO_ROOT), help="the Flower App directory (default: this repository)")
     parser.add_argument("--port", type=int, default=None, help="SuperLink port (default: a free port)")
     parser.add_argument("--tls", action="store_true",

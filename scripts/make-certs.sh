@@ -77,4 +77,6 @@ chmod 600 "$work/ca.key" "$work/server.key"
 chmod 644 "$work/ca.crt" "$work/server.pem"
 # Move into place only when everything was made, so a failure leaves no half set.
 mv -f "$work/ca.key" "$work/ca.crt" "$work/server.key" "$work/server.pem" "$out_dir/"
+# Private keys must never be committed: the directory ignores itself.
+[[ -e "$out_dir/.gitignore" ]] || printf '*\n' > "$out_dir/.gitignore"
 echo "make-certs.sh: wrote $out_dir/{ca.crt,ca.key,server.pem,server.key} (SANs: $sans)"
