@@ -294,6 +294,25 @@ class FedSoup(FedAvg):
             )
         return arrays, metrics
 
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> MetricRecord | None:
+        """FedAvg's weighted metric average, leaving bad replies out instead of raising."""
+        replies = list(replies)
+        num_errors = sum(1 for msg in replies if msg.has_error())
+        log(
+            INFO,
+            "aggregate_evaluate: Received %s results and %s failures",
+            len(replies) - num_errors,
+            num_errors,
+        )
+        valid = self._valid_replies(replies, train=False)
+        if not valid:
+            return None
+        return self.evaluate_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
+
     # pylint: disable=too-many-arguments,too-many-positional-arguments
     def start(
         self,
@@ -479,12 +498,18 @@ class FedSoup(FedAvg):
         signature, _ = Counter(signatures).most_common(1)[0]
         return {k: _ArraySpec(shape, np.dtype(dtype)) for k, shape, dtype in signature}
 
-    def _valid_replies(self, replies: list[Message]) -> list[_Reply]:
-        """Validate replies in node-id order; log one WARNING per reply left out."""
+    def _valid_replies(self, replies: list[Message], train: bool = True) -> list[_Reply]:
+        """Validate replies in node-id order; log one WARNING per reply left out.
+
+        Train replies need one ArrayRecord matching the global model; all replies need
+        one MetricRecord with a positive weight and the keys most replies have (where
+        Flower's FedAvg raises on inconsistent replies, the offenders are left out).
+        """
+        stage = "aggregate_train" if train else "aggregate_evaluate"
         replies = sorted(replies, key=lambda msg: msg.metadata.src_node_id)
 
         def leave_out(msg: Message, reason: str) -> None:
-            log(WARNING, "aggregate_train: left out reply from node %d: %s", msg.metadata.src_node_id, reason)
+            log(WARNING, "%s: left out reply from node %d: %s", stage, msg.metadata.src_node_id, reason)
 
         candidates: list[tuple[Message, RecordDict]] = []
         for msg in replies:
@@ -492,33 +517,36 @@ class FedSoup(FedAvg):
                 leave_out(msg, f"error reply (code {msg.error.code}: {msg.error.reason})")
             elif not msg.has_content():
                 leave_out(msg, "reply without content")
-            elif len(msg.content.array_records) != 1:
+            elif train and len(msg.content.array_records) != 1:
                 leave_out(msg, f"expected exactly one ArrayRecord, found {len(msg.content.array_records)}")
             elif len(msg.content.metric_records) != 1:
                 leave_out(msg, f"expected exactly one MetricRecord, found {len(msg.content.metric_records)}")
             else:
                 candidates.append((msg, msg.content))
 
-        # Flower's FedAvg raises when MetricRecord keys differ between replies; the
-        # majority key set wins here and the others are left out.
         metric_keys = Counter(
             frozenset(next(iter(c.metric_records.values())).keys()) for _, c in candidates
         ).most_common(1)
         majority_keys = metric_keys[0][0] if metric_keys else frozenset()
-        reference = self._reference_spec([(m.metadata.src_node_id, c) for m, c in candidates])
+        reference = self._reference_spec([(m.metadata.src_node_id, c) for m, c in candidates]) if train else None
 
         valid: list[_Reply] = []
         for msg, content in candidates:
             try:
                 metrics = next(iter(content.metric_records.values()))
                 if frozenset(metrics.keys()) != majority_keys:
-                    raise _LeftOut("MetricRecord keys differ from the other replies: " + _key_diff(metrics.keys(), majority_keys, "metric"))
+                    raise _LeftOut(
+                        "MetricRecord keys differ from the other replies: "
+                        + _key_diff(metrics.keys(), majority_keys, "metric")
+                    )
                 weight = _number(metrics, self.weighted_by_key, "weight")
                 if weight <= 0:
                     raise _LeftOut(f"weight '{self.weighted_by_key}' = {weight:g} is not positive")
-                score = _number(metrics, self.order_by, "order_by metric") if self.order_by else None
-                record = next(iter(content.array_records.values()))
-                arrays = _read_arrays(record, reference)
+                score = None
+                arrays = None
+                if train:
+                    score = _number(metrics, self.order_by, "order_by metric") if self.order_by else None
+                    arrays = _read_arrays(next(iter(content.array_records.values())), reference)
             except _LeftOut as reason:
                 leave_out(msg, str(reason))
                 continue

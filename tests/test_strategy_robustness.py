@@ -302,3 +302,30 @@ def test_fortran_ordered_reply_arrays_are_read_correctly():
     got, _ = aggregate(FedSoup(), contents)
     expected, _ = aggregate(FedSoup(), c_order)
     np.testing.assert_array_equal(got["fc.weight"].numpy(), expected["fc.weight"].numpy())
+
+
+def test_bad_evaluate_replies_are_left_out(caplog):
+    """Flower's FedAvg raises on inconsistent evaluate replies; FedSoup averages the rest."""
+    arrays = ArrayRecord({k: Array(v) for k, v in global_model().items()})
+    grid = LocalGrid([1, 2, 3, 4, 5])
+    strategy = FedSoup()
+    instructions = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, arrays, ConfigRecord(), grid)}
+
+    def metrics(**values):
+        return RecordDict({"metrics": MetricRecord(values)})
+
+    replies = [
+        train_reply(instructions[1], metrics(**{"num-examples": 10, "acc": 0.5})),
+        train_reply(instructions[2], metrics(**{"num-examples": 30, "acc": 0.9})),
+        train_reply(instructions[3], metrics(**{"num-examples": 10, "loss": 0.1})),  # other keys
+        train_reply(instructions[4], metrics(**{"num-examples": -1, "acc": 1.0})),  # bad weight
+        error_reply(instructions[5], "evaluation crashed"),
+    ]
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_evaluate(1, replies)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.aggregate_evaluate(1, replies)
+    assert result["acc"] == pytest.approx(0.8)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3 and all("aggregate_evaluate: left out reply from node" in w for w in warnings)
+    assert any("node 3" in w and "unexpected metric 'loss'" in w for w in warnings)
