@@ -97,17 +97,20 @@ def run_config_arg(run_config: Mapping[str, Any]) -> str:
 
 
 def _children(pid: int) -> list[int]:
-    """Direct children of `pid` (Linux /proc; empty elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
+    """Direct children of `pid`, whichever of its threads started them (Linux /proc; empty elsewhere)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(p) for p in (task / "children").read_text(encoding="ascii").split()]
+        except OSError:
+            continue
+    return children
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid`. SuperExec starts the App processes in new sessions,
-    so signalling a process group does not reach them; they are found here instead."""
+    """Every process below `pid`. A process group does not always hold them all (with
+    `--isolation subprocess` Flower starts its SuperExec in a new session), so stopping
+    walks the tree as well."""
     found, todo = [], [pid]
     while todo:
         for child in _children(todo.pop()):

@@ -1,0 +1,94 @@
+"""scripts/local_federation.py without Flower running: process teardown and argument errors (fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+spec = importlib.util.spec_from_file_location("local_federation", SCRIPTS / "local_federation.py")
+lf = importlib.util.module_from_spec(spec)
+sys.modules["local_federation"] = lf
+spec.loader.exec_module(lf)
+
+
+def test_stop_reaches_descendants_in_their_own_sessions(tmp_path):
+    """A child in a session of its own (as Flower starts its SuperExec with
+    `--isolation subprocess`) escapes a process-group kill: Process.stop finds it anyway."""
+    fed = lf.LocalFederation(tmp_path, 1)
+    parent = textwrap.dedent("""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        print(child.pid, flush=True)
+        time.sleep(120)
+    """)
+    proc = fed.spawn("parent", [sys.executable, "-c", parent])
+    deadline = time.monotonic() + 30
+    while not lf.descendants(proc.pid):
+        assert time.monotonic() < deadline, proc.log()
+        time.sleep(0.05)
+    child = lf.descendants(proc.pid)[0]
+    assert lf._pid_alive(child)
+    proc.stop(grace=2.0)
+    assert not proc.alive()
+    deadline = time.monotonic() + 10
+    while lf._pid_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not lf._pid_alive(child), "the grandchild in its own session survived"
+
+
+def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
+    fed = lf.LocalFederation(tmp_path, 1)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"
+    proc = fed.spawn("stubborn", [sys.executable, "-c", stubborn])
+    deadline = time.monotonic() + 30
+    while "ready" not in proc.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    start = time.monotonic()
+    proc.stop(grace=1.0)
+    assert not proc.alive() and time.monotonic() - start < 10
+
+
+def test_federation_reports_which_process_died_with_its_log(tmp_path):
+    fed = lf.LocalFederation(tmp_path, 1)
+    fed.spawn("superlink", [sys.executable, "-c", "import sys; print('port already in use'); sys.exit(3)"])
+    fed.processes["superlink"].popen.wait()
+    with pytest.raises(lf.FederationError, match=r"superlink exited with code 3(.|\n)*port already in use"):
+        fed.check_alive()
+    fed.stop()
+
+
+def test_tls_dir_without_certificates_is_refused_naming_the_files(tmp_path):
+    (tmp_path / "ca.crt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"server\.pem, server\.key.*make-certs\.sh"):
+        lf.LocalFederation(tmp_path / "w", 3, tls_dir=tmp_path)
+    with pytest.raises(ValueError, match="num_supernodes"):
+        lf.LocalFederation(tmp_path / "w", 0)
+
+
+def test_cli_config_names_the_connection_and_its_security(tmp_path):
+    plain = lf.LocalFederation(tmp_path / "plain", 2, port=12345).write_cli_config().read_text()
+    assert '[superlink.local-deployment]\naddress = "127.0.0.1:12345"\ninsecure = true' in plain
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (certs / name).write_text("x")
+    tls = lf.LocalFederation(tmp_path / "tls", 2, tls_dir=certs).write_cli_config().read_text()
+    assert f'root-certificates = "{certs / "ca.crt"}"' in tls and "insecure" not in tls
+
+
+def test_deploy_local_sh_help_runs_without_starting_anything():
+    result = subprocess.run([str(SCRIPTS / "deploy-local.sh"), "--help"], capture_output=True, text=True,
+                            timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr
+    for option in ("--supernodes", "--tls", "--no-run", "--keep", "--workdir", "--run-config"):
+        assert option in result.stdout
