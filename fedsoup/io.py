@@ -169,7 +169,7 @@ class Checkpoint:
 
 
 def _safe_open(path: Path, name: str):
-    """Open a safetensors file; ``pread`` (safetensors >= 0.7) keeps no mapping resident.
+    """Open a safetensors file; ``pread`` (recent safetensors; 0.8 here) keeps no mapping resident.
 
     With the default mmap backend every page read stays mapped (and counts as resident
     memory) until the file is closed, which would defeat a tensor-by-tensor merge.
