@@ -334,6 +334,13 @@ class FedSoup(FedAvg):
         arrays = initial_arrays
         if self._round > 0 and self._global is not None:
             arrays = self._tensors_to_arrays(self._global)
+            if {k: tuple(a.shape) for k, a in initial_arrays.items()} != {k: tuple(a.shape) for k, a in arrays.items()}:
+                log(
+                    WARNING,
+                    "FedSoup: the checkpointed model has other arrays than initial_arrays; "
+                    "continuing from the checkpoint in '%s'",
+                    self.checkpoint_dir,
+                )
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
         log_strategy_start_info(num_rounds, arrays, train_config, evaluate_config)
         self.summary()
@@ -625,7 +632,7 @@ class FedSoup(FedAvg):
         if self._stew is None:
             self._build_stew(sent)
         float_keys = [k for k, t in sent.items() if t.is_floating_point()]
-        if float_keys != list(self._stew_params):
+        if set(float_keys) != set(self._stew_params):
             raise AggregationError(
                 "The global model's floating arrays changed since the ServerStew was created: "
                 + _key_diff(float_keys, self._stew_params.keys(), "array")
@@ -636,7 +643,7 @@ class FedSoup(FedAvg):
                 # x_{t-1} is what was sent, which may differ from our last output
                 # (e.g. a DP wrapper added noise to it): step from there, as FedOpt does.
                 param.copy_(sent[key])
-                grad = torch.sub(sent[key], merged[key]).to(param.dtype)
+                grad = torch.sub(sent[key].to(param.dtype), merged[key].to(param.dtype))
                 squared.append(float(torch.linalg.vector_norm(grad, dtype=torch.float64)) ** 2)
                 param.grad = grad
             self._stew.step()
