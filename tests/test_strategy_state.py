@@ -10,6 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
@@ -216,3 +217,12 @@ def test_start_without_checkpoint_evaluates_like_flower():
     got = FedSoup().start(LocalGrid(NODES, Clients()), initial_arrays(with_buffer=False), num_rounds=2)
     for key, value in numpy(expected.arrays).items():
         np.testing.assert_allclose(numpy(got.arrays)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_server_side_adaptive_clipping_wrapper_runs():
+    strategy = DifferentialPrivacyServerSideAdaptiveClipping(
+        FedSoup(soup=SOUP, stew=STEW), noise_multiplier=0.0, num_sampled_clients=len(NODES), initial_clipping_norm=0.5
+    )
+    result = start(strategy, num_rounds=2, arrays=initial_arrays(with_buffer=False))
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in numpy(result.arrays).values())
