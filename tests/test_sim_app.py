@@ -1,0 +1,116 @@
+"""The Flower App end to end: ClientApp replies, in-process comparison, Ray simulation, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from simulations.client_app import make_client_app
+from simulations.compare import StrategyRun, main as compare_main, parse_strategy, run_comparison_inprocess
+from simulations.models import make_model
+from strategies.testing import serverapp_identity
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"dataset": "digits", "num-partitions": 4, "num-server-rounds": 2, "local-epochs": 1,
+        "partitioning": "class-exclusion", "ood-fraction": 0.3}
+
+
+def train_message(state) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=7, message_type="train")
+
+
+def context(pid: int | None, n: int = 4) -> Context:
+    node_config = {} if pid is None else {"partition-id": pid, "num-partitions": n}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_client_trains_its_shard_and_reports_metrics():
+    init = make_model("digits", seed=0).state_dict()
+    with serverapp_identity():
+        msg = train_message(init)
+    reply = make_client_app(TINY)(msg, context(pid=1))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and 0.0 <= metrics["val-acc"] <= 1.0
+    new = reply.content["arrays"].to_torch_state_dict()
+    assert set(new) == set(init) and not torch.equal(new["net.0.weight"], init["net.0.weight"])
+    # a pure function of (global model, shard, seed)
+    again = make_client_app(TINY)(msg, context(pid=1)).content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(new[k], again[k]) for k in new)
+
+
+def test_attacking_client_sends_a_flipped_update():
+    init = make_model("digits", seed=0).state_dict()
+    with serverapp_identity():
+        msg = train_message(init)
+    honest = make_client_app(TINY)(msg, context(pid=0)).content["arrays"].to_torch_state_dict()
+    evil_cfg = {**TINY, "attack": "sign-flip", "attack-fraction": 1.0, "attack-scale": 1.0}
+    evil = make_client_app(evil_cfg)(msg, context(pid=0)).content["arrays"].to_torch_state_dict()
+    for k in honest:
+        torch.testing.assert_close(evil[k] - init[k], -(honest[k] - init[k]))
+
+
+def test_client_without_partition_id_says_how_to_fix_it():
+    with serverapp_identity():
+        msg = train_message(make_model("digits", seed=0).state_dict())
+    with pytest.raises(ValueError, match="--node-config 'partition-id=<i> num-partitions=<n>'"):
+        make_client_app(TINY)(msg, context(pid=None))
+
+
+def test_plain_fedsoup_equals_fedavg_in_process():
+    runs = [StrategyRun("avg", {"strategy": "fedavg"}), StrategyRun("soup", {"strategy": "fedsoup"})]
+    run_comparison_inprocess(TINY, runs)
+    avg, soup = runs[0].rows, runs[1].rows
+    assert [r["round"] for r in avg] == [0, 1, 2]
+    assert avg[-1]["test-accuracy"] > avg[0]["test-accuracy"]  # it learns
+    for a, s in zip(avg, soup):
+        assert s["test-accuracy"] == pytest.approx(a["test-accuracy"], abs=1e-6)
+        assert s["test-loss"] == pytest.approx(a["test-loss"], rel=1e-4)
+
+
+def test_compare_rejects_client_side_overrides_and_bad_specs(capsys):
+    assert parse_strategy("fedsoup soup-lr=0.1 label='AME x'") == ("AME x", {"strategy": "fedsoup", "soup-lr": "0.1"})
+    assert compare_main(["--strategy", "fedavg lr=0.5"]) == 2
+    assert "client-side key(s) ['lr']" in capsys.readouterr().err
+    assert compare_main(["--strategy", "fedavg", "--strategy", "fedavg"]) == 2
+    assert compare_main(["--set", "dataset=mnist"]) == 2
+
+
+def test_compare_writes_table_csv_json_and_plot(tmp_path, capsys):
+    args = ["--backend", "inprocess", "--out", str(tmp_path)]
+    args += [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    args += ["--strategy", "fedavg label=FedAvg", "--strategy", "fedmedian label=FedMedian"]
+    assert compare_main(args) == 0
+    printed = capsys.readouterr().out
+    table = (tmp_path / "table.md").read_text()
+    assert "| FedAvg |" in table and "| FedMedian |" in table and "| FedAvg |" in printed
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [s["label"] for s in data["strategies"]] == ["FedAvg", "FedMedian"]
+    assert len(data["strategies"][0]["rounds"]) == 3
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("strategy,round,") and len(csv_lines) == 1 + 2 * 3
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_ray_simulation_end_to_end(tmp_path):
+    """`python -m simulations.compare` on Flower's simulation engine (Ray), as `make demo` runs it."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "simulations.compare", "--out", str(tmp_path / "out"),
+           "--strategy", "fedavg", "--strategy", "fedsoup soup-optimizer=adam soup-lr=0.01 label=AME"]
+    cmd += [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| fedavg |" in proc.stdout and "| AME |" in proc.stdout
+    rounds = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"][0]["rounds"]
+    # the Ray run gives the same numbers as the in-process run of the same clients
+    ref = [StrategyRun("avg", {"strategy": "fedavg"})]
+    run_comparison_inprocess(TINY, ref)
+    assert [r["test-accuracy"] for r in rounds] == pytest.approx([r["test-accuracy"] for r in ref[0].rows])
