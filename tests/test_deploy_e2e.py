@@ -21,10 +21,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -181,88 +183,76 @@ def test_killed_server_resumes_at_round_2_with_the_uninterrupted_model(federatio
 
 
 # --------------------------------------------------------------------------- TLS, via the script
-def flwr_cli(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **lf.FLOWER_ENV, FLWR_HOME=str(workdir / "flwr-home"))
-    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=workdir)
-
-
 def start_supernode(workdir: Path, address: str, name: str, security: list[str]) -> subprocess.Popen:
     """A SuperNode that gives up after 15 s without a connection (instead of retrying forever)."""
     port = lf.free_ports(1)[0]
     argv = [str(Path(sys.executable).parent / "flower-supernode"), *security, "--superlink", address,
             "--isolation", "process", "--host", "127.0.0.1", "--port", str(port), "--max-wait-time", "15",
             "--node-config", "partition-id=0 num-partitions=3"]
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed by the caller via proc.log
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, **lf.FLOWER_ENV))
-    proc.log = log
-    return proc
+    with open(workdir / f"{name}.log", "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, **lf.FLOWER_ENV))
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"deploy-local.sh exited ({process.returncode}) before {what}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
 
 
 def test_tls_run_passes_and_a_supernode_without_the_ca_is_refused(tmp_path):
+    """`scripts/deploy-local.sh --tls --keep`: certificates from make-certs.sh, a 1-round
+    FedSoup run over HTTPS, then the federation stays up until SIGTERM tears it down."""
     workdir = tmp_path / "tls"
     script_log = tmp_path / "deploy-local.log"
+    extra = " ".join(f"{k}={lf.toml_value(v)}" for k, v in RUN_CONFIG.items()
+                     if k not in ("strategy", "num-server-rounds", "num-partitions"))
+    start = time.perf_counter()
     with open(script_log, "wb") as out:
         script = subprocess.Popen(
-            [str(SCRIPTS / "deploy-local.sh"), "--tls", "--no-run", "--workdir", str(workdir)],
+            [str(SCRIPTS / "deploy-local.sh"), "--tls", "--keep", "--rounds", "1", "--workdir", str(workdir),
+             "--run-config", extra],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env=dict(os.environ, PYTHON=sys.executable),
         )
     started: list[int] = []
-    refused: list[subprocess.Popen] = []
-    start = time.perf_counter()
+    refused: list[tuple[subprocess.Popen, Path]] = []
     try:
-        deadline = time.monotonic() + 120
-        while not (workdir / "READY").exists():
-            assert script.poll() is None, script_log.read_text()
-            assert time.monotonic() < deadline, "deploy-local.sh --tls did not come up"
-            time.sleep(0.2)
+        wait_for(lambda: (workdir / "READY").exists(), 120, "a running federation", script, script_log)
         address = (workdir / "READY").read_text().strip()
         started = [script.pid, *lf.descendants(script.pid)]
-        certs = workdir / "certificates"
-        assert {p.name for p in certs.iterdir()} >= {"ca.crt", "server.pem", "server.key"}
+        assert {p.name for p in (workdir / "certificates").iterdir()} >= {"ca.crt", "server.pem", "server.key"}
         config_toml = (workdir / "flwr-home" / "config.toml").read_text()
         assert "root-certificates" in config_toml and "insecure" not in config_toml
 
-        # Plain HTTP is not served at all: the SuperLink speaks TLS only.
-        import urllib.request
-
+        # While the run goes on: the SuperLink speaks TLS only, and SuperNodes that
+        # cannot verify it (no CA certificate) or do not speak TLS are refused.
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://{address}/health", timeout=5)
+        for name, security in (("supernode-without-ca", []), ("supernode-insecure", ["--insecure"])):
+            refused.append((start_supernode(tmp_path, address, name, security), tmp_path / f"{name}.log"))
 
-        refused = [
-            start_supernode(tmp_path, address, "supernode-without-ca", []),  # system CAs only
-            start_supernode(tmp_path, address, "supernode-insecure", ["--insecure"]),
-        ]
-        config = RUN_CONFIG | {"num-server-rounds": 1, "checkpoint-dir": str(workdir / "checkpoints"),
-                               "output-dir": str(workdir / "outputs")}
-        submitted = flwr_cli(workdir, "run", str(ROOT), lf.CONNECTION, "--format", "json",
-                             "--run-config", lf.run_config_arg(config))
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-        run_id = json.loads(submitted.stdout[submitted.stdout.index("{"):])["run-id"]
-        streamed = flwr_cli(workdir, "log", str(run_id), lf.CONNECTION, "--stream", timeout=400)
-        status = ""
-        for _ in range(20):
-            listed = flwr_cli(workdir, "ls", lf.CONNECTION, "--run-id", str(run_id), "--format", "json")
-            status = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"][0]["status"]
-            if status.startswith("finished"):
-                break
-            time.sleep(0.5)
-        assert status == lf.FINISHED_OK, streamed.stdout[-3000:]
+        wait_for(lambda: re.search(r"deploy-local: run \d+ finished", script_log.read_text()),
+                 400, "finished run", script, script_log)
+        text = script_log.read_text()
+        assert "finished:completed" in text, text[-3000:]
+        assert "[ROUND 1/1]" in text and "FedSoup merged 3 replies" in text, text[-3000:]
         rounds = {row["round"]: row for row in read_rounds(workdir / "outputs")}
         assert rounds[1]["test-accuracy"] > rounds[0]["test-accuracy"], rounds
         assert rounds[1]["clients-fedsoup-clients-used"] == NUM_SUPERNODES  # the refused ones never joined
+        assert checkpoint_round(workdir / "checkpoints") == 1
 
-        for proc in refused:
+        for proc, log in refused:
             code = proc.wait(timeout=60)
-            proc.log.close()
-            text = Path(proc.log.name).read_text(errors="replace")
-            assert code != 0 and "Failed to initialize the connection to the SuperLink" in text, text[-2000:]
-        assert "CERTIFICATE_VERIFY_FAILED" in Path(refused[0].log.name).read_text(errors="replace")
-        print(f"\n[deploy e2e] TLS: start + 1-round run + refused SuperNodes: {time.perf_counter() - start:.1f}s wall")
+            log_text = log.read_text(errors="replace")
+            assert code != 0 and "Failed to initialize the connection to the SuperLink" in log_text, log_text[-2000:]
+        assert "CERTIFICATE_VERIFY_FAILED" in refused[0][1].read_text(errors="replace")
+        print(f"\n[deploy e2e] TLS via deploy-local.sh: start + 1-round run + refused SuperNodes: "
+              f"{time.perf_counter() - start:.1f}s wall")
     finally:
-        for proc in refused:
+        for proc, _ in refused:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -276,4 +266,6 @@ def test_tls_run_passes_and_a_supernode_without_the_ca_is_refused(tmp_path):
                     lf._signal_group(pid, signal.SIGKILL)
                 script.wait()
         assert_all_gone(started)
+    assert script.returncode == 0, script_log.read_text()[-3000:]  # 0: the run completed
+    assert "deploy-local: stopping" in script_log.read_text()
     assert not (workdir / "READY").exists()
