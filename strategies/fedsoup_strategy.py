@@ -265,8 +265,7 @@ class FedSoup(FedAvg):
             new_global, grad_norm = self._server_stew(merged)
             arrays = self._tensors_to_arrays(new_global)
             self._global = new_global
-            metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
-            metrics = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+            metrics = _aggregate_metrics(self.train_metrics_aggr_fn, valid, self.weighted_by_key, "aggregate_train")
             metrics[METRIC_CLIENTS_USED] = len(valid)
             metrics[METRIC_CLIENTS_LEFT_OUT] = len(replies) - len(valid)
             if grad_norm is not None:
@@ -311,7 +310,7 @@ class FedSoup(FedAvg):
         valid = self._valid_replies(replies, train=False)
         if not valid:
             return None
-        return self.evaluate_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
+        return _aggregate_metrics(self.evaluate_metrics_aggr_fn, valid, self.weighted_by_key, "aggregate_evaluate")
 
     # pylint: disable=too-many-arguments,too-many-positional-arguments
     def start(
@@ -660,6 +659,16 @@ class FedSoup(FedAvg):
 # ----------------------------------------------------------------------
 # Helpers (pure functions)
 # ----------------------------------------------------------------------
+
+
+def _aggregate_metrics(aggregate: Callable, replies: list[_Reply], weighted_by_key: str, stage: str) -> MetricRecord:
+    """The metrics aggregation function on the valid replies; a failure costs the metrics, not the round."""
+    try:
+        metrics = aggregate([r.content for r in replies], weighted_by_key)
+    except Exception as error:  # noqa: BLE001 - e.g. list metrics of different lengths
+        log(WARNING, "%s: could not aggregate the client metrics (%r); reporting FedSoup's only", stage, error)
+        return MetricRecord()
+    return MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
 
 
 def _check_soup(soup: Mapping[str, Any] | None) -> dict[str, Any] | None:

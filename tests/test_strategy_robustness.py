@@ -329,3 +329,14 @@ def test_bad_evaluate_replies_are_left_out(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 3 and all("aggregate_evaluate: left out reply from node" in w for w in warnings)
     assert any("node 3" in w and "unexpected metric 'loss'" in w for w in warnings)
+
+
+def test_metrics_that_cannot_be_aggregated_cost_the_metrics_not_the_round(caplog):
+    contents = {n: good_content(n) for n in GOOD_NODES}
+    for n, length in zip(GOOD_NODES, (2, 3, 2)):  # list metrics of different lengths
+        contents[n]["metrics"]["curve"] = [0.5] * length
+    with pytest.raises(ValueError):
+        aggregate(FedAvg(), contents)
+    arrays, metrics = aggregate(FedSoup(), contents)
+    assert arrays is not None and metrics[METRIC_CLIENTS_USED] == 3
+    assert "could not aggregate the client metrics" in caplog.text
