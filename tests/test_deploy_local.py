@@ -92,3 +92,36 @@ def test_deploy_local_sh_help_runs_without_starting_anything():
     assert result.returncode == 0, result.stderr
     for option in ("--supernodes", "--tls", "--no-run", "--keep", "--workdir", "--run-config"):
         assert option in result.stdout
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    blocks, inside, current = [], False, []
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            if inside:
+                blocks.append("\n".join(current))
+            inside, current = (not inside and line.strip() == "```python"), []
+        elif inside:
+            current.append(line)
+    return blocks
+
+
+def test_the_documented_serverapp_matches_the_fedsoup_api():
+    """docs/deployment.md's "FedSoup in your own ServerApp" example: valid Python whose
+    FedSoup(...) call uses only keywords FedSoup accepts, with settings FedSoup validates."""
+    import ast
+    import inspect
+
+    from strategies import FedSoup
+
+    blocks = [b for b in _python_blocks((ROOT / "docs" / "deployment.md").read_text()) if "FedSoup(" in b]
+    assert blocks, "no FedSoup example in docs/deployment.md"
+    calls = [node for node in ast.walk(ast.parse(blocks[0]))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "FedSoup"]
+    assert len(calls) == 1
+    accepted = set(inspect.signature(FedSoup).parameters)
+    used = {kw.arg for kw in calls[0].keywords}
+    assert used <= accepted, f"the docs use {used - accepted}, which FedSoup does not take"
+    literal = {kw.arg: ast.literal_eval(kw.value) for kw in calls[0].keywords
+               if isinstance(kw.value, (ast.Constant, ast.Dict))}
+    FedSoup(**literal)  # the documented soup/stew settings pass FedSoup's own checks
