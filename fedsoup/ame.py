@@ -137,10 +137,22 @@ def _visiting_order(n: int, order_by, descending: bool) -> list[int]:
     return sorted(range(n), key=scores.__getitem__, reverse=descending)
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf.
+
+    Any NaN/Inf makes the sum non-finite, and a sum is one cheap reduction
+    (``isfinite(t).all()`` writes a bool tensor first); only a non-finite sum,
+    which may also be an overflow of large values, needs the element-wise test.
+    """
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def _first_non_finite(state_dicts: list[StateDict], names: list[str]) -> str | None:
     for name, state_dict in zip(names, state_dicts):
         for key, tensor in state_dict.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not _all_finite(tensor):
                 return f"{name}, tensor {key!r}: contains NaN or Inf values"
     return None
 
@@ -192,10 +204,7 @@ def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None
 
 def _raise_if_not_finite(result: StateDict, state_dicts: list[StateDict], pivot: StateDict | None) -> None:
     """NaN/Inf in any ingredient reaches the result; only then look for the culprit."""
-    bad_key = next(
-        (k for k, t in result.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
-        None,
-    )
+    bad_key = next((k for k, t in result.items() if t.is_floating_point() and not _all_finite(t)), None)
     if bad_key is None:
         return
     names = [f"ingredient {i}" for i in range(len(state_dicts))]
