@@ -187,9 +187,9 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         ax.bar(x + (i - (len(METHODS) - 1) / 2) * width, [r[m]["test"] for r in rows], width, label=m)
     ax.set_xticks(x, [f"{r['ood']:.0%} OOD" for r in rows])
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)  # headroom for the legend
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=3, loc="upper right")
+    ax.legend(fontsize=7, ncol=5, loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -114,3 +114,22 @@ def test_ray_simulation_end_to_end(tmp_path):
     ref = [StrategyRun("avg", {"strategy": "fedavg"})]
     run_comparison_inprocess(TINY, ref)
     assert [r["test-accuracy"] for r in rounds] == pytest.approx([r["test-accuracy"] for r in ref[0].rows])
+
+
+def test_cifar_client_trains_the_cnn_on_local_binary_data(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1.bin", 40), ("test_batch.bin", 10)):
+        records = rng.integers(0, 256, (n, 3073), dtype=np.uint8)
+        records[:, 0] = np.arange(n) % 10
+        records.tofile(tmp_path / name)
+    cfg = {"dataset": "cifar10", "data-dir": str(tmp_path), "partitioning": "iid", "num-partitions": 2,
+           "batch-size": 8, "local-epochs": 1}
+    init = make_model("cifar10", seed=0).state_dict()
+    with serverapp_identity():
+        msg = train_message(init)
+    reply = make_client_app(cfg)(msg, context(pid=0, n=2))
+    assert reply.content["metrics"]["num-examples"] == 18  # 20 of 40, 10% held out for val-acc
+    new = reply.content["arrays"].to_torch_state_dict()
+    assert not torch.equal(new["head.3.weight"], init["head.3.weight"])
