@@ -224,8 +224,6 @@ class LocalFederation:
         self.output_dir = self.workdir / "outputs"
         self.log_dir = self.workdir / "logs"
         self.processes: dict[str, Process] = {}
-        self._started_at = time.strftime("%Y%m%d-%H%M%S")
-        self._log_counter = 0
 
     # ----------------------------------------------------------------- plumbing
     @property
