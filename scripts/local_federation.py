@@ -454,6 +454,14 @@ class LocalFederation:
         return self.log_dir.joinpath(f"run-{run_id}.log").read_text(errors="replace")
 
 
+def checkpoint_round(checkpoint_dir: Path) -> int | None:
+    """The last round FedSoup checkpointed in `checkpoint_dir` (its state.json), if any."""
+    try:
+        return int(json.loads((checkpoint_dir / "state.json").read_text())["state"]["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -489,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve the SuperLink over TLS with certificates from scripts/make-certs.sh "
                              "(made in WORKDIR/certificates unless --certs is given)")
     parser.add_argument("--certs", default=None, help="directory with ca.crt, server.pem, server.key")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete WORKDIR/checkpoints and WORKDIR/outputs first (otherwise FedSoup "
+                             "resumes from the checkpoint a previous run left there)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--keep", action="store_true", help="after the run, keep the federation up until Ctrl-C")
     mode.add_argument("--no-run", action="store_true",
@@ -504,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([str(REPO_ROOT / "scripts" / "make-certs.sh"), str(tls_dir)], check=True)
 
     fed = LocalFederation(workdir, args.supernodes, tls_dir=tls_dir, port=args.port)
+    if args.fresh:
+        for stale in (fed.checkpoint_dir, fed.output_dir):
+            shutil.rmtree(stale, ignore_errors=True)
+    resumed_round = checkpoint_round(fed.checkpoint_dir)
+    if resumed_round is not None and not args.no_run:
+        print(f"deploy-local: {fed.checkpoint_dir} holds round {resumed_round}: FedSoup resumes after it "
+              f"(--fresh starts over)", flush=True)
     print(f"deploy-local: SuperLink on {'https' if tls_dir else 'http'}://{fed.address}, "
           f"{args.supernodes} SuperNodes; logs in {fed.log_dir}", flush=True)
     code = 0

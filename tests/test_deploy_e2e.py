@@ -132,6 +132,7 @@ def test_fedsoup_two_rounds_on_a_local_deployment(federation, uninterrupted):
 
     checkpoint_dir = uninterrupted["dir"] / "checkpoints"
     assert checkpoint_round(checkpoint_dir) == 2
+    assert lf.checkpoint_round(checkpoint_dir) == 2  # deploy-local.sh's resume notice reads the same
     from fedsoup.state import load_checkpoint
 
     state = load_checkpoint(checkpoint_dir)

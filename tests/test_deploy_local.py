@@ -125,3 +125,11 @@ def test_the_documented_serverapp_matches_the_fedsoup_api():
     literal = {kw.arg: ast.literal_eval(kw.value) for kw in calls[0].keywords
                if isinstance(kw.value, (ast.Constant, ast.Dict))}
     FedSoup(**literal)  # the documented soup/stew settings pass FedSoup's own checks
+
+
+def test_checkpoint_round_reads_fedsoups_state_json(tmp_path):
+    assert lf.checkpoint_round(tmp_path) is None
+    (tmp_path / "state.json").write_text('{"format": "fedsoup-state", "state": {"round": 7}}')
+    assert lf.checkpoint_round(tmp_path) == 7
+    (tmp_path / "state.json").write_text("{not json")
+    assert lf.checkpoint_round(tmp_path) is None
