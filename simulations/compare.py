@@ -27,6 +27,7 @@ import logging
 import os
 import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -258,7 +259,8 @@ def plot_accuracy(path: Path, runs: Sequence[StrategyRun], title: str) -> None:
                 marker="o", markersize=3, label=run.label)
     ax.set_xlabel("server round")
     ax.set_ylabel("test accuracy (centralised)")
-    ax.set_title(title, fontsize=9)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
