@@ -147,8 +147,16 @@ def run_level(splits: Splits, dataset: str, ood: float, *, experts_per_loader: i
     for name in METHODS:
         row[name] = {"val": acc(merged[name], splits.val), "train": acc(merged[name], splits.train),
                      "test": acc(merged[name], splits.test)}
+    row["ame_minus_soup_rel_norm"] = _relative_distance(merged["AME-AdamW"], merged["Soup"])
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def _relative_distance(a: dict, b: dict) -> float:
+    """‖a − b‖ / ‖b‖ over all floating tensors: how far AME moved away from the soup."""
+    keys = [k for k in b if b[k].is_floating_point()]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
+    return float(diff / torch.cat([b[k].flatten() for k in keys]).norm())
 
 
 def table1(rows: list[dict]) -> str:
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                         epochs=epochs, lr=lr, seed=args.seed, grid=grid)
         rows.append(row)
         print(f"{ood:.0%} OOD: " + ", ".join(f"{m} {row[m]['test']:.2%}" for m in METHODS)
-              + f"  ({row['seconds']} s)", flush=True)
+              + f"; |AME-soup|/|soup| = {row['ame_minus_soup_rel_norm']:.3f}  ({row['seconds']} s)", flush=True)
     setting = (f"{args.dataset}: {10 * args.experts_per_loader} experts, {epochs} AdamW epochs (lr {lr:g}), "
                f"one initialisation, seed {args.seed}")
     t1, t2 = table1(rows), table2(rows)
