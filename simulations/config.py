@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from simulations.attacks import ATTACKS
+from simulations.partitioning import PARTITIONINGS
+
 STRATEGIES = (
     "fedavg",
     "fedavgm",
@@ -26,7 +29,6 @@ STRATEGIES = (
     "fedsoup",
 )
 DATASETS = ("digits", "cifar10")
-from simulations.attacks import ATTACKS  # noqa: E402  (re-exported for validation)
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,6 @@ class SimConfig:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("attack", self.attack, ATTACKS)
-        from simulations.partitioning import PARTITIONINGS
-
         _check_choice("partitioning", self.partitioning, PARTITIONINGS)
         if self.num_server_rounds < 1:
             raise ValueError(f"run config 'num-server-rounds' must be >= 1, got {self.num_server_rounds}")
