@@ -296,15 +296,11 @@ class LocalFederation:
         return [self.command("flower-superexec"), *self._client_security(),
                 "--runtime-api-address", self.address]
 
-    def supernode_argv(self, partition_id: int, *, security: list[str] | None = None,
-                       port: int | None = None, extra: list[str] | None = None) -> list[str]:
-        port = port if port is not None else self.supernode_ports[partition_id]
-        return [self.command("flower-supernode"),
-                *(security if security is not None else self._client_security()),
+    def supernode_argv(self, partition_id: int) -> list[str]:
+        return [self.command("flower-supernode"), *self._client_security(),
                 "--superlink", self.address, "--isolation", "process",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--node-config", f"partition-id={partition_id} num-partitions={self.num_supernodes}",
-                *(extra or [])]
+                "--host", "127.0.0.1", "--port", str(self.supernode_ports[partition_id]),
+                "--node-config", f"partition-id={partition_id} num-partitions={self.num_supernodes}"]
 
     def clientapp_superexec_argv(self, partition_id: int) -> list[str]:
         # SuperNode <-> SuperExec stays on one host: plain HTTP on loopback, as in compose.
