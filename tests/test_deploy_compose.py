@@ -199,6 +199,8 @@ def check_addresses(label: str, project: dict) -> None:
             assert host in services, f"{label}/{name}: {flag} {value} names no service"
             target_port = flag_values(services[host]["command"]).get("--port")
             assert target_port == port, f"{label}/{name}: {flag} {value} but {host} listens on --port {target_port}"
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, f"{label}/{name}: depends_on '{dependency}' is not a service"
         for mapping in service.get("ports", []):
             container_port = str(mapping).rsplit(":", 1)[-1]
             assert flag_values(service["command"]).get("--port") == container_port, (
@@ -290,6 +292,13 @@ def test_the_checks_catch_broken_compose_files(mistake, fix, check, message):
     broken = load_compose(text.replace(mistake, fix, 1))
     with pytest.raises((AssertionError, pytest.fail.Exception), match=message):
         check("broken", broken)
+
+
+def test_the_documented_connection_reaches_the_published_superlink_port():
+    published = load_compose(read("docker-compose.yml"))["services"]["superlink"]["ports"][0].split(":")[0]
+    docs = read("docs/deployment.md")
+    assert f'address = "127.0.0.1:{published}"' in docs
+    assert f"--superlink superlink.example.org:{published}" in docs
 
 
 # --------------------------------------------------------------------------- Dockerfile
