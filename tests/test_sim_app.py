@@ -138,3 +138,51 @@ def test_cifar_client_trains_the_cnn_on_local_binary_data(tmp_path):
     assert reply.content["metrics"]["num-examples"] == 18  # 20 of 40, 10% held out for val-acc
     new = reply.content["arrays"].to_torch_state_dict()
     assert not torch.equal(new["head.3.weight"], init["head.3.weight"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_local_superlink(flwr_home: Path) -> None:
+    """Stop the SuperLink that `flwr run` detached for this test (found by its unique FLWR_HOME)."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"flower-superlink" in a for a in argv) and any(str(flwr_home).encode() in a for a in argv):
+            os.kill(int(proc.name), signal.SIGTERM)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to stop the detached SuperLink")
+def test_flwr_run_from_the_repository_root(tmp_path):
+    """`flwr run .` with the [tool.flwr.app] sections of pyproject.toml, on the simulation engine."""
+    home, out = tmp_path / "flwr", tmp_path / "out"
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           # private ports: never talk to another local SuperLink on this machine
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run_config = {"num-server-rounds": 2, "num-partitions": 4, "local-epochs": 1}
+    overrides = " ".join(f"{k}={v}" for k, v in run_config.items()) + f" output-dir='{out}'"
+    try:
+        proc = subprocess.run(["flwr", "run", ".", "--stream", "--federation-config", "num-supernodes=4",
+                               "-c", overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        _stop_local_superlink(home)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert (out / "final_model.safetensors").stat().st_size > 0
+    ref = [StrategyRun("fedavg", {"strategy": "fedavg"})]
+    run_comparison_inprocess(run_config, ref)
+    assert [r["test-accuracy"] for r in rows] == pytest.approx([r["test-accuracy"] for r in ref[0].rows])

@@ -92,6 +92,7 @@ def test_out_of_range_partition_and_labels():
 
 
 @pytest.mark.parametrize("name", ["iid", "dirichlet", "pathological", "class-exclusion"])
+@pytest.mark.filterwarnings("ignore:Classes.*will NOT be used")
 def test_make_partitioner_covers_the_data_without_overlap(name):
     ds = labels_dataset(per_class=30)
     part = make_partitioner(name, 5, seed=0, alpha=0.5, classes_per_partition=2, ood_fraction=0.4)
