@@ -134,13 +134,19 @@ def hf_to_arrays(ds: Dataset, origin: str = "dataset") -> ArrayDataset:
 
 @functools.lru_cache(maxsize=4)
 def load_arrays(dataset: str, data_dir: str = "", seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
-    """Centralised (train, test) arrays of a local dataset; cached per process."""
+    """Centralised (train, test) arrays; cached per process."""
     if dataset == "digits":
         return load_digits_split(seed)
     if dataset == "cifar10":
-        if not data_dir:
-            raise ValueError("local CIFAR-10 needs data-dir; without it use the hub loader")
-        return load_cifar10_dir(data_dir)
+        if data_dir:
+            return load_cifar10_dir(data_dir)
+        from flwr_datasets import FederatedDataset
+        from flwr_datasets.partitioner import IidPartitioner
+
+        # Whole splits from the hub (needs network access), e.g. for the paper scripts.
+        fds = FederatedDataset(dataset=CIFAR10_HUB_ID, partitioners={"train": IidPartitioner(1)})
+        return (hf_to_arrays(fds.load_split("train"), CIFAR10_HUB_ID),
+                hf_to_arrays(fds.load_split("test"), CIFAR10_HUB_ID))
     raise ValueError(f"unknown dataset '{dataset}'")
 
 

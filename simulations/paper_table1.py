@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     lr = args.lr or (3e-3 if args.dataset == "digits" else 1e-3)
     try:
         splits = make_splits(args.dataset, args.data_dir, args.val_fraction, args.seed)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # missing files, unreachable hub, bad data
         print(f"error: {err}", file=sys.stderr)
         return 2
     grid = QUICK_GRID if args.quick else AME_GRID

@@ -60,3 +60,24 @@ def test_table1_protocol_quick(tmp_path, capsys):
     assert level["Soup"]["test"] > level["Best ingredient"]["test"]
     assert "| 50% |" in (tmp_path / "table1.md").read_text()
     assert (tmp_path / "table1.png").exists()
+
+
+def test_table1_protocol_runs_on_cifar10_binary_files(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cifar"
+    data.mkdir()
+    for name, n in (("data_batch_1.bin", 100), ("test_batch.bin", 20)):
+        records = rng.integers(0, 256, (n, 3073), dtype=np.uint8)
+        records[:, 0] = np.arange(n) % 10
+        records.tofile(data / name)
+    rc = paper_table1.main(["--dataset", "cifar10", "--data-dir", str(data), "--ood", "0.9",
+                            "--experts-per-loader", "1", "--epochs", "1", "--quick", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    level = json.loads((tmp_path / "out" / "results.json").read_text())["levels"][0]
+    # an expert trained on a single class predicts that class: 10% of a balanced test set
+    assert level["Best ingredient"]["test"] == pytest.approx(0.1)
+
+
+def test_table1_reports_missing_data_dir(tmp_path, capsys):
+    assert paper_table1.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
