@@ -51,6 +51,9 @@ def rounds_table(result: Any, seconds: Mapping[int, float]) -> list[dict[str, An
         train_metrics = result.train_metrics_clientapp.get(rnd)
         if train_metrics is not None:
             row.update({f"clients-{k}": v for k, v in dict(train_metrics).items()})
+        eval_metrics = result.evaluate_metrics_clientapp.get(rnd)  # with fraction-evaluate > 0
+        if eval_metrics is not None:
+            row.update({f"clients-{k}": v for k, v in dict(eval_metrics).items()})
         if rnd in seconds:
             row["elapsed-s"] = round(seconds[rnd], 3)
         rows.append(row)

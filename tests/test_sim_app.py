@@ -186,3 +186,10 @@ def test_flwr_run_from_the_repository_root(tmp_path):
     ref = [StrategyRun("fedavg", {"strategy": "fedavg"})]
     run_comparison_inprocess(run_config, ref)
     assert [r["test-accuracy"] for r in rows] == pytest.approx([r["test-accuracy"] for r in ref[0].rows])
+
+
+def test_federated_evaluation_metrics_are_recorded():
+    runs = [StrategyRun("avg", {"strategy": "fedavg", "fraction-evaluate": 1.0})]
+    run_comparison_inprocess(TINY, runs)
+    last = runs[0].rows[-1]
+    assert 0.0 <= last["clients-eval-acc"] <= 1.0 and last["clients-eval-loss"] > 0
