@@ -521,7 +521,7 @@ def merge(
         else:
             w.copy_(source.group.flatten(pivot_state))
     initial = [w.clone() for w in weights_flat] if (not adaptive_pivot or project) else None
-    grads_flat = [torch.zeros_like(w) for w in weights_flat]
+    grads_flat = [torch.empty_like(w) for w in weights_flat]  # written before every step
 
     # Element-wise optimizers step chunk by chunk (each chunk its own parameter); the
     # others see every key with its own shape and step once over all of them.
