@@ -12,6 +12,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# mkstemp creates files readable by their owner only; a finished output should get the
+# mode any other new file would (0o666 minus the umask). Read once: os.umask sets too.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
@@ -32,6 +37,11 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        try:
+            mode = destination.stat().st_mode & 0o7777  # replacing a file keeps its mode
+        except FileNotFoundError:
+            mode = 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
         os.replace(tmp, destination)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
