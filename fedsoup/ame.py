@@ -334,8 +334,9 @@ class _Ingredients:
         ``p − x`` exact when ``p`` and ``x`` are close.
         """
         a, b = self.chunks[chunk]
-        if epoch_mean is not None:
-            torch.sub(pivot, epoch_mean, out=grad)
+        if epoch_mean is not None:  # stacked: one chunk, the whole buffer
+            torch.sub(pivot, epoch_mean, out=grad).mul_(scale)
+            return
         elif len(batch) == 1:
             for start, end, x in self.pieces[batch[0]][chunk]:
                 torch.sub(pivot[start:end], x, out=grad[start:end])
@@ -564,7 +565,7 @@ def merge(
         mean = step["epoch_means"][i]
         ingredients[i].write_pseudogradient(
             c, pivots[i], grads_flat[i], step["batch"], step["coefficients"], step["scale"],
-            None if mean is None else mean[step["index"]],
+            None if mean is None else mean[step["index"]],  # rows unbound once per epoch
         )
 
     def write_all() -> None:
@@ -584,7 +585,10 @@ def merge(
                 [omega[j] / weight if weight > 0 else 0.0 for j in batch]
                 for batch, weight in zip(batches, batch_weights)
             ]
-            step["epoch_means"] = [source.epoch_means(batches, coefficients) for source in ingredients]
+            step["epoch_means"] = [
+                None if means is None else means.unbind(0)
+                for means in (source.epoch_means(batches, coefficients) for source in ingredients)
+            ]
             for index, (batch, batch_weight) in enumerate(zip(batches, batch_weights)):
                 k += 1
                 visited += batch_weight
