@@ -21,7 +21,6 @@ import time
 import torch
 
 import fedsoup
-import fedsoup.ame
 
 
 def make_models(n: int, rows: int = 1000, cols: int = 1000, layers: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -50,16 +49,6 @@ def in_place_soup(models):
     return total
 
 
-def unchunked(fn):
-    """Run ``fn`` with chunk-major stepping off, to show what it buys on this machine."""
-    saved = fedsoup.ame.CHUNK_NUMEL
-    fedsoup.ame.CHUNK_NUMEL = 1 << 62
-    try:
-        return fn()
-    finally:
-        fedsoup.ame.CHUNK_NUMEL = saved
-
-
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -77,7 +66,6 @@ def main() -> None:
         "in-place soup": lambda: in_place_soup(models),
         "merge (defaults)": lambda: fedsoup.merge(models),
         "merge (Adam, 1 epoch, batch 1)": lambda: fedsoup.merge(models, optimizer="adam", lr=1e-3),
-        "  same, unchunked (one Adam call)": lambda: unchunked(lambda: fedsoup.merge(models, optimizer="adam", lr=1e-3)),
     }
     for fn in cases.values():  # warm up: first-touch page faults, thread pools
         fn()

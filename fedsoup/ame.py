@@ -13,9 +13,8 @@ Layout (why it is fast): the floating tensors of the merge live in one flat buff
 per compute dtype (``w``, ``g``) with per-key views. ``g`` is written in place as
 ``ζ Ω_B (p − x̄_B)``, where ``x̄_B`` is the batch's weighted mean, so a step costs a
 handful of memory passes and no allocation. Element-wise optimizers step the flat
-buffer in chunks (fused kernels where torch has them), each chunk right after its
-pseudogradient is written, while it is still in cache; other optimizers see per-key
-views with their original shapes. Small models keep all ingredients stacked in one
+buffer in one call (fused kernels where torch has them); other optimizers see
+per-key views with their original shapes. Small models keep all ingredients stacked in one
 ``[N, D]`` matrix and precompute an epoch's batch means, so a step is the optimizer's.
 """
 
@@ -39,9 +38,6 @@ StateDict = dict[str, torch.Tensor]
 # Models up to this many floating parameters are stacked into an [N, D] matrix:
 # a step is then a few kernel launches instead of a Python loop over keys and batch.
 STACK_MAX_NUMEL = 1 << 16
-# Element-wise optimizers step large models in chunks of this many elements, so a
-# chunk's pivot, pseudogradient, optimizer state and ingredient slice stay in cache.
-CHUNK_NUMEL = 1 << 20
 # Set to False (tests do) to run the step loop even where an identity gives the answer.
 USE_SOUP_SHORTCUT = True
 
@@ -268,39 +264,22 @@ def _make_groups(state_dicts: list[StateDict], float_keys: list[str]) -> list[_G
     return groups
 
 
-def _chunk_ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)] or [(0, 0)]
-
-
 class _Ingredients:
-    """One group's ingredients, read chunk by chunk into pseudogradients.
+    """One group's ingredients, read into pseudogradients without temporaries.
 
-    Large models are cut into chunks of :data:`CHUNK_NUMEL` elements; an element-wise
-    optimizer steps chunk after chunk, so the pseudogradient of a chunk is consumed
-    while it is still in cache (it never goes back to memory). Small models are
-    stacked and form a single chunk.
+    Large models keep each ingredient as per-key flat views of the caller's tensors
+    (no copy); small models are stacked into one ``[N, D]`` matrix.
     """
 
     def __init__(self, state_dicts: list[StateDict], group: _Group) -> None:
         self.group = group
         self._buffer: torch.Tensor | None = None
         if group.stacked is not None:
-            self.chunks = [(0, group.numel)]
             self.flat_keys: list[list[torch.Tensor]] = []
             return
-        self.chunks = _chunk_ranges(group.numel, CHUNK_NUMEL)
         # Flat views of each key (a copy only for non-contiguous or other-dtype inputs).
         self.flat_keys = [[sd[k].to(group.dtype).reshape(-1) for k in group.keys] for sd in state_dicts]
-        spans = list(zip(group.offsets[:-1], group.offsets[1:]))
-        # pieces[j][c]: (start, end, view of ingredient j) covering chunk c of the flat buffer.
-        self.pieces = [
-            [
-                [(max(a, lo), min(b, hi), flat[max(a, lo) - lo : min(b, hi) - lo])
-                 for (lo, hi), flat in zip(spans, flats) if max(a, lo) < min(b, hi)]
-                for a, b in self.chunks
-            ]
-            for flats in self.flat_keys
-        ]
+        self.spans = list(zip(group.offsets[:-1], group.offsets[1:]))
 
     def epoch_means(self, batches: list[list[int]], coefficients: list[list[float]]) -> torch.Tensor | None:
         """All batch means of an epoch as rows of one matrix (stacked layout only).
@@ -320,7 +299,6 @@ class _Ingredients:
 
     def write_pseudogradient(
         self,
-        chunk: int,
         pivot: torch.Tensor,
         grad: torch.Tensor,
         batch: list[int],
@@ -328,29 +306,27 @@ class _Ingredients:
         scale: float,
         epoch_mean: torch.Tensor | None,
     ) -> None:
-        """``g = ζ Ω_B (p − x̄_B) = ζ Σ_{j∈B} ω_j (p − x_j)`` on one chunk, in place.
+        """``g = ζ Ω_B (p − x̄_B) = ζ Σ_{j∈B} ω_j (p − x_j)``, in place.
 
         Subtracting the batch mean once (rather than ``Ω_B p − Σ ω_j x_j``) keeps
         ``p − x`` exact when ``p`` and ``x`` are close.
         """
-        a, b = self.chunks[chunk]
-        if epoch_mean is not None:  # stacked: one chunk, the whole buffer
+        if epoch_mean is not None:  # stacked layout
             torch.sub(pivot, epoch_mean, out=grad).mul_(scale)
             return
-        elif len(batch) == 1:
-            for start, end, x in self.pieces[batch[0]][chunk]:
-                torch.sub(pivot[start:end], x, out=grad[start:end])
+        if len(batch) == 1:
+            for (lo, hi), x in zip(self.spans, self.flat_keys[batch[0]]):
+                torch.sub(pivot[lo:hi], x, out=grad[lo:hi])
         else:
             if self._buffer is None:
                 self._buffer = torch.empty(self.group.numel, dtype=self.group.dtype)
-            buffer = self._buffer
-            for start, end, x in self.pieces[batch[0]][chunk]:
-                torch.mul(x, coefficients[0], out=buffer[start:end])
+            mean_views = self._key_views(self._buffer)
+            for view, x in zip(mean_views, self.flat_keys[batch[0]]):
+                torch.mul(x, coefficients[0], out=view)
             for j, coefficient in zip(batch[1:], coefficients[1:]):
-                for start, end, x in self.pieces[j][chunk]:
-                    buffer[start:end].add_(x, alpha=coefficient)
-            torch.sub(pivot[a:b], buffer[a:b], out=grad[a:b])
-        grad[a:b].mul_(scale)
+                torch._foreach_add_(mean_views, self.flat_keys[j], alpha=coefficient)
+            torch.sub(pivot, self._buffer, out=grad)
+        grad.mul_(scale)
 
     def _key_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[lo:hi] for lo, hi in zip(self.group.offsets[:-1], self.group.offsets[1:])]
@@ -524,20 +500,15 @@ def merge(
     initial = [w.clone() for w in weights_flat] if (not adaptive_pivot or project) else None
     grads_flat = [torch.empty_like(w) for w in weights_flat]  # written before every step
 
-    # Element-wise optimizers step chunk by chunk (each chunk its own parameter); the
-    # others see every key with its own shape and step once over all of them.
-    elementwise = is_elementwise(cls)
-    units = [(i, c) for i, source in enumerate(ingredients) for c in range(len(source.chunks))]
-    if elementwise:
-        params = [weights_flat[i][slice(*ingredients[i].chunks[c])] for i, c in units]
-        grads = [grads_flat[i][slice(*ingredients[i].chunks[c])] for i, c in units]
+    # Element-wise optimizers step each group's flat buffer in one (fused) call; the
+    # others see every key with its own shape.
+    if is_elementwise(cls):
+        params, grads = weights_flat, grads_flat
     else:
         params = [v for g, w in zip(groups, weights_flat) for v in g.views(w)]
         grads = [v for g, gr in zip(groups, grads_flat) for v in g.views(gr)]
-    chunk_major = elementwise and len(units) > 1
-    if not chunk_major:
-        for param, grad in zip(params, grads):
-            param.grad = grad
+    for param, grad in zip(params, grads):
+        param.grad = grad
     opt = _build_optimizer(cls, params, step_size(1, 1.0), optimizer_kwargs)
     needs_closure = isinstance(opt, torch.optim.LBFGS)
 
@@ -560,17 +531,12 @@ def merge(
     pivots = weights_flat if adaptive_pivot else initial
     step: dict = {}
 
-    def write_unit(unit: int) -> None:
-        i, c = units[unit]
-        mean = step["epoch_means"][i]
-        ingredients[i].write_pseudogradient(
-            c, pivots[i], grads_flat[i], step["batch"], step["coefficients"], step["scale"],
-            None if mean is None else mean[step["index"]],  # rows unbound once per epoch
-        )
-
-    def write_all() -> None:
-        for unit in range(len(units)):
-            write_unit(unit)
+    def write_pseudogradients() -> None:
+        for source, pivot, grad, means in zip(ingredients, pivots, grads_flat, step["epoch_means"]):
+            source.write_pseudogradient(
+                pivot, grad, step["batch"], step["coefficients"], step["scale"],
+                None if means is None else means[step["index"]],  # rows unbound once per epoch
+            )
 
     with torch.no_grad():
         for _epoch in range(epochs):
@@ -600,18 +566,10 @@ def merge(
                 snapshot = None
                 if greedy:
                     snapshot = ([w.clone() for w in weights_flat], copy.deepcopy(opt.state_dict()))
-                if chunk_major:
-                    # torch.optim skips parameters without .grad: one chunk per call.
-                    for unit, (param, grad) in enumerate(zip(params, grads)):
-                        write_unit(unit)
-                        param.grad = grad
-                        opt.step()
-                        param.grad = None
-                elif needs_closure:
-                    write_all()
-                    opt.step(lambda: _closure_loss(write_all, grads_flat))
+                write_pseudogradients()
+                if needs_closure:
+                    opt.step(lambda: _closure_loss(write_pseudogradients, grads_flat))
                 else:
-                    write_all()
                     opt.step()
                 if ball is not None:
                     _project(weights_flat, *ball)

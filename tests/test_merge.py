@@ -52,13 +52,11 @@ def shortcut(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["stacked", "one-chunk", "chunk-major"])
+@pytest.fixture(params=["stacked", "per-key"])
 def layout(request, monkeypatch):
-    """The three ways merge lays out a model: stacked [N, D]; per key; in small chunks."""
-    if request.param != "stacked":
+    """The two ways merge reads ingredients: stacked [N, D] (small models) or per key."""
+    if request.param == "per-key":
         monkeypatch.setattr(ame, "STACK_MAX_NUMEL", 0)
-    if request.param == "chunk-major":
-        monkeypatch.setattr(ame, "CHUNK_NUMEL", 7)  # chunks cut across keys
     return request.param
 
 
@@ -208,16 +206,13 @@ def test_key_by_key_equals_whole_model_for_elementwise_optimizers():
         torch.testing.assert_close(single[key], whole[key], atol=1e-7, rtol=1e-6)
 
 
-def test_stacked_and_chunked_layouts_agree(monkeypatch):
+def test_stacked_and_per_key_layouts_agree(monkeypatch):
     models = make_models(9, seed=2)
     options = dict(optimizer="adamw", lr=0.02, epochs=2, batch_size=3, shuffle=True)
     stacked = fedsoup.merge(models, **options)
     monkeypatch.setattr(ame, "STACK_MAX_NUMEL", 0)
     per_key = fedsoup.merge(models, **options)
-    monkeypatch.setattr(ame, "CHUNK_NUMEL", 5)
-    chunked = fedsoup.merge(models, **options)
     assert_close_dicts(per_key, stacked, atol=1e-6, rtol=1e-5)
-    assert_close_dicts(chunked, stacked, atol=1e-6, rtol=1e-5)
 
 
 def test_numpy_inputs_and_adam_moves_away_from_soup():
