@@ -140,7 +140,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     (``isfinite(t).all()`` writes a bool tensor first); only a non-finite sum,
     which may also be an overflow of large values, needs the element-wise test.
     """
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+    if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
 
