@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsoup.atomic import atomic_path, atomic_write_text
+from fedsoup.atomic import atomic_write_text
+from simulations.figures import save_png
 from simulations.config import SimConfig
 
 # Keys that change what a client does; they must be equal for every compared strategy.
@@ -263,10 +264,7 @@ def plot_accuracy(path: Path, runs: Sequence[StrategyRun], title: str) -> None:
     ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def describe(cfg: SimConfig) -> str:

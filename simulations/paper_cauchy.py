@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 import fedsoup
-from fedsoup.atomic import atomic_path, atomic_write_text
+from fedsoup.atomic import atomic_write_text
+from simulations.figures import save_png
 
 START = (10.0, 10.0)
 
@@ -129,10 +130,7 @@ def plot(path: Path, results: dict[str, dict[str, Any]]) -> None:
             ax.grid(alpha=0.3)
             if r == 0 and c == 0:
                 ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

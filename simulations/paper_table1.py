@@ -41,7 +41,8 @@ import torch
 from datasets import Dataset
 
 import fedsoup
-from fedsoup.atomic import atomic_path, atomic_write_text
+from fedsoup.atomic import atomic_write_text
+from simulations.figures import save_png
 from simulations.data import ArrayDataset, load_arrays
 from simulations.models import make_model
 from simulations.partitioning import ClassExclusionPartitioner
@@ -199,10 +200,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=5, loc="upper center")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
