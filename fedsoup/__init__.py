@@ -5,19 +5,31 @@
 with the defaults it returns the plain weighted soup ``fedsoup.soup``.
 """
 
-from fedsoup.ame import merge, soup
-from fedsoup.optim import OPTIMIZERS, FedAdagrad, FedAdam, FedYogi, is_elementwise, resolve_optimizer
+from fedsoup.ame import find_non_finite, merge, soup
+from fedsoup.optim import (
+    OPTIMIZERS,
+    FedAdagrad,
+    FedAdam,
+    FedYogi,
+    is_elementwise,
+    is_plain_sgd,
+    make_optimizer,
+    resolve_optimizer,
+)
 from fedsoup.schedules import make_schedule
 
 __all__ = [
     "merge",
     "soup",
+    "find_non_finite",
     "OPTIMIZERS",
     "FedAdam",
     "FedYogi",
     "FedAdagrad",
     "resolve_optimizer",
     "is_elementwise",
+    "is_plain_sgd",
+    "make_optimizer",
     "make_schedule",
 ]
 __version__ = "0.1.0"

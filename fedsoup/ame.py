@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsoup.optim import FUSED_ON_CPU, is_elementwise, resolve_optimizer
+from fedsoup.optim import is_elementwise, is_plain_sgd, make_optimizer, resolve_optimizer
 from fedsoup.schedules import make_schedule
 
-__all__ = ["merge", "soup"]
+__all__ = ["merge", "soup", "find_non_finite"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -145,11 +145,19 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def find_non_finite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The first floating tensor's key holding NaN or Inf, or ``None``."""
+    return next(
+        (key for key, tensor in state_dict.items() if tensor.is_floating_point() and not _all_finite(tensor)),
+        None,
+    )
+
+
 def _first_non_finite(state_dicts: list[StateDict], names: list[str]) -> str | None:
     for name, state_dict in zip(names, state_dicts):
-        for key, tensor in state_dict.items():
-            if tensor.is_floating_point() and not _all_finite(tensor):
-                return f"{name}, tensor {key!r}: contains NaN or Inf values"
+        key = find_non_finite(state_dict)
+        if key is not None:
+            return f"{name}, tensor {key!r}: contains NaN or Inf values"
     return None
 
 
@@ -200,7 +208,7 @@ def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None
 
 def _raise_if_not_finite(result: StateDict, state_dicts: list[StateDict], pivot: StateDict | None) -> None:
     """NaN/Inf in any ingredient reaches the result; only then look for the culprit."""
-    bad_key = next((k for k, t in result.items() if t.is_floating_point() and not _all_finite(t)), None)
+    bad_key = find_non_finite(result)
     if bad_key is None:
         return
     names = [f"ingredient {i}" for i in range(len(state_dicts))]
@@ -360,37 +368,11 @@ class _Ingredients:
 # ---------------------------------------------------------------------------
 
 
-def _build_optimizer(cls, params: list[torch.Tensor], lr: float, kwargs: dict) -> torch.optim.Optimizer:
-    kwargs = dict(kwargs)
-    if "fused" not in kwargs and "foreach" not in kwargs:
-        if cls in FUSED_ON_CPU and all(p.device.type == "cpu" for p in params):
-            kwargs["fused"] = True
-        elif "foreach" in _init_parameters(cls):
-            kwargs["foreach"] = True
-    try:
-        return cls(params, lr=lr, **kwargs)
-    except TypeError as error:
-        raise ValueError(f"cannot build optimizer {cls.__name__} with {kwargs}: {error}") from None
-
-
-def _init_parameters(cls) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(cls.__init__).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 def _reduces_to_soup(cls, lr, schedule, epochs, adaptive_pivot, amplification, greedy, project, kwargs) -> bool:
     """One epoch of plain GD with lr 1 *is* the soup (SPEC §1 identities, paper §3.1)."""
-    plain_sgd = cls is torch.optim.SGD and all(
-        kwargs.get(name, 0) in (0, 0.0, False, None)
-        for name in ("momentum", "weight_decay", "dampening", "nesterov", "maximize")
-    ) and set(kwargs) <= {"momentum", "weight_decay", "dampening", "nesterov", "maximize", "foreach", "fused", "differentiable"}
-    if not (USE_SOUP_SHORTCUT and plain_sgd and lr == 1.0 and epochs == 1 and not greedy and not project):
+    if not (USE_SOUP_SHORTCUT and is_plain_sgd(cls, kwargs) and lr == 1.0 and epochs == 1):
         return False
-    if callable(amplification) or amplification != 1.0:
+    if greedy or project or callable(amplification) or amplification != 1.0:
         return False
     return (schedule == "harmonic" and adaptive_pivot) or (schedule == "constant" and not adaptive_pivot)
 
@@ -509,7 +491,7 @@ def merge(
         grads = [v for g, gr in zip(groups, grads_flat) for v in g.views(gr)]
     for param, grad in zip(params, grads):
         param.grad = grad
-    opt = _build_optimizer(cls, params, step_size(1, 1.0), optimizer_kwargs)
+    opt = make_optimizer(cls, params, step_size(1, 1.0), **optimizer_kwargs)
     needs_closure = isinstance(opt, torch.optim.LBFGS)
 
     ball = _projection_ball(ingredients, omega, initial) if project else None

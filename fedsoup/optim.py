@@ -14,8 +14,10 @@ moment) and even (second moment), the result is identical.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -27,6 +29,8 @@ __all__ = [
     "OPTIMIZERS",
     "resolve_optimizer",
     "is_elementwise",
+    "is_plain_sgd",
+    "make_optimizer",
 ]
 
 
@@ -289,3 +293,48 @@ def resolve_optimizer(optimizer: str | type[Optimizer]) -> type[Optimizer]:
 def is_elementwise(optimizer: str | type[Optimizer]) -> bool:
     """True when the optimizer updates every coordinate independently of the others."""
     return resolve_optimizer(optimizer) in _ELEMENTWISE
+
+
+# SGD settings that leave `p -= lr * g` unchanged (dampening only acts on momentum).
+_PLAIN_SGD = {"momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False}
+_NUMERICS_ONLY = {"foreach", "fused", "differentiable", "dampening"}
+
+
+def is_plain_sgd(optimizer: str | type[Optimizer], kwargs: Mapping[str, Any]) -> bool:
+    """True when ``optimizer(**kwargs)`` is SGD without momentum, decay or maximisation.
+
+    Then a step is ``p -= lr * g``, and identities (one epoch of GD with lr 1 is the
+    soup; a ServerStew of lr 1 returns the ClientSoup) may replace the loop.
+    """
+    if resolve_optimizer(optimizer) is not torch.optim.SGD:
+        return False
+    return all(key in _NUMERICS_ONLY or (key in _PLAIN_SGD and value == _PLAIN_SGD[key])
+               for key, value in kwargs.items())
+
+
+def make_optimizer(
+    optimizer: str | type[Optimizer], params: list[torch.Tensor], lr: float, **kwargs: Any
+) -> Optimizer:
+    """Build ``optimizer(params, lr=lr, **kwargs)`` on its fastest CPU path.
+
+    Unless ``fused``/``foreach`` is given: ``fused=True`` where torch has a fused CPU
+    kernel, else ``foreach=True`` where the optimizer takes it (torch picks neither on
+    CPU by default). A constructor that rejects ``kwargs`` raises ``ValueError``.
+    """
+    cls = resolve_optimizer(optimizer)
+    if "fused" not in kwargs and "foreach" not in kwargs:
+        if cls in FUSED_ON_CPU and all(p.device.type == "cpu" for p in params):
+            kwargs["fused"] = True
+        elif "foreach" in _init_parameters(cls):
+            kwargs["foreach"] = True
+    try:
+        return cls(params, lr=lr, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"cannot build optimizer {cls.__name__} with {kwargs}: {error}") from None
+
+
+def _init_parameters(cls: type) -> set[str]:
+    try:
+        return set(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        return set()

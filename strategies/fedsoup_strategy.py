@@ -180,7 +180,7 @@ class FedSoup(FedAvg):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         # The identity stew (SGD, lr 1, no momentum/decay) is x_t = w_t exactly: skip the
         # optimizer, which would compute x - (x - w) with a rounding error and two passes.
-        self._stew_is_identity = _is_identity_stew(self.stew_optimizer, self.stew_lr, self.stew_kwargs)
+        self._stew_is_identity = self.stew_lr == 1.0 and fedsoup.is_plain_sgd(self.stew_optimizer, self.stew_kwargs)
 
         self._round = 0  # last completed server round
         self._global: dict[str, torch.Tensor] | None = None  # latest global model (x_{t-1} or x_t)
@@ -585,18 +585,19 @@ class FedSoup(FedAvg):
             except ValueError as error:
                 # Non-finite replies only show up in the merge's (cheap) check of its
                 # result; find the culprits now, leave them out and merge again.
-                bad = [r for r in replies if _first_non_finite(r.arrays) is not None]
-                if not bad:
+                bad_keys = [fedsoup.find_non_finite(r.arrays) for r in replies]
+                if all(key is None for key in bad_keys):
                     log(WARNING, "aggregate_train: ClientSoup failed (%s); global model unchanged", error)
                     return None
-                for reply in bad:
-                    log(
-                        WARNING,
-                        "aggregate_train: left out reply from node %d: %s",
-                        reply.node_id,
-                        _first_non_finite(reply.arrays),
-                    )
-                replies = [r for r in replies if all(r is not b for b in bad)]
+                for reply, key in zip(replies, bad_keys):
+                    if key is not None:
+                        log(
+                            WARNING,
+                            "aggregate_train: left out reply from node %d: array '%s' contains NaN or Inf",
+                            reply.node_id,
+                            key,
+                        )
+                replies = [r for r, key in zip(replies, bad_keys) if key is None]
                 continue
             if self.soup is None:
                 return merged, 0.0, replies
@@ -611,8 +612,8 @@ class FedSoup(FedAvg):
             for key, t in model.items()
             if t.is_floating_point()
         }
-        self._stew = _make_optimizer(
-            self.stew_optimizer, list(self._stew_params.values()), self.stew_lr, self.stew_kwargs
+        self._stew = fedsoup.make_optimizer(
+            self.stew_optimizer, list(self._stew_params.values()), self.stew_lr, **self.stew_kwargs
         )
 
     def _server_stew(self, merged: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
@@ -695,27 +696,10 @@ def _check_stew(stew: Mapping[str, Any] | None) -> tuple[Any, float, dict[str, A
     optimizer = stew.pop("optimizer", "sgd")
     lr = float(stew.pop("lr", 1.0))
     try:
-        _make_optimizer(optimizer, [torch.zeros(2, requires_grad=True)], lr, stew)
+        fedsoup.make_optimizer(optimizer, [torch.zeros(2, requires_grad=True)], lr, **stew)
     except Exception as error:  # noqa: BLE001 - whatever the optimizer rejects, say so now
         raise ValueError(f"invalid stew settings: {error!r}") from None
     return optimizer, lr, stew
-
-
-def _make_optimizer(optimizer: Any, params: list[torch.Tensor], lr: float, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
-    cls = fedsoup.resolve_optimizer(optimizer)
-    return cls(params, lr=lr, **kwargs)
-
-
-def _is_identity_stew(optimizer: Any, lr: float, kwargs: Mapping[str, Any]) -> bool:
-    if fedsoup.resolve_optimizer(optimizer) is not torch.optim.SGD or lr != 1.0:
-        return False
-    inert = {"momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False, "dampening": None}
-    for key, value in kwargs.items():
-        if key in ("foreach", "fused", "differentiable", "dampening"):
-            continue  # dampening only acts on a momentum buffer
-        if key not in inert or value != inert[key]:
-            return False
-    return True
 
 
 def _optimizer_name(optimizer: Any) -> str:
@@ -831,13 +815,6 @@ def _read_arrays(record: ArrayRecord, reference: dict[str, _ArraySpec] | None) -
         except TypeError as error:
             raise _LeftOut(f"array '{key}' has an unsupported dtype ({error})") from None
     return tensors
-
-
-def _first_non_finite(arrays: Mapping[str, torch.Tensor]) -> str | None:
-    for key, tensor in arrays.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return f"array '{key}' contains NaN or Inf"
-    return None
 
 
 def _distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:

@@ -139,3 +139,36 @@ def test_flower_defaults():
     assert defaults(FedAdam) == {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-3}
     assert defaults(FedYogi) == {"lr": 0.01, "betas": (0.9, 0.99), "eps": 1e-3}
     assert defaults(FedAdagrad) == {"lr": 0.1, "eps": 1e-3}
+
+
+@pytest.mark.parametrize(
+    "optimizer, kwargs, plain",
+    [
+        ("sgd", {}, True),
+        (torch.optim.SGD, {"momentum": 0.0, "dampening": 0.5, "foreach": True}, True),
+        ("sgd", {"momentum": 0.9}, False),
+        ("sgd", {"weight_decay": 1e-4}, False),
+        ("sgd", {"nesterov": True, "momentum": 0.9}, False),
+        ("sgd", {"maximize": True}, False),
+        ("adam", {}, False),
+    ],
+)
+def test_is_plain_sgd(optimizer, kwargs, plain):
+    assert fedsoup.is_plain_sgd(optimizer, kwargs) is plain
+
+
+def test_make_optimizer_picks_the_fast_path_and_names_bad_arguments():
+    params = [torch.zeros(3)]
+    assert fedsoup.make_optimizer("adam", params, 0.1).defaults["fused"] is True
+    assert fedsoup.make_optimizer("rmsprop", params, 0.1).defaults["foreach"] is True
+    assert fedsoup.make_optimizer("fedadam", params, 0.1).defaults["foreach"] is True
+    assert fedsoup.make_optimizer("adam", params, 0.1, foreach=False).defaults["fused"] in (None, False)
+    with pytest.raises(ValueError, match="cannot build optimizer Adam"):
+        fedsoup.make_optimizer("adam", params, 0.1, momentum=0.9)
+
+
+def test_find_non_finite_names_the_first_bad_floating_tensor():
+    state = {"n": torch.tensor([1, 2]), "a": torch.ones(3), "b": torch.tensor([1.0, float("inf")])}
+    assert fedsoup.find_non_finite(state) == "b"
+    state["b"] = torch.tensor([1e38, 1e38, 1e38])  # the sum overflows; the values are finite
+    assert fedsoup.find_non_finite(state) is None
