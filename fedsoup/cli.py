@@ -126,6 +126,13 @@ def _jsonable(value):
 # --------------------------------------------------------------------------- config
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"{path}: cannot read {what} ({error.strerror or error})") from None
+
+
 def load_config(path: str | os.PathLike[str]) -> dict[str, object]:
     """Read a TOML/JSON/YAML config of ``fedsoup merge`` settings; unknown keys are refused.
 
@@ -135,10 +142,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, object]:
     """
     path = Path(path)
     name = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"{name}: cannot read config ({error.strerror or error})") from None
+    text = _read_text(path, "config")
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -217,10 +221,7 @@ def load_metrics(path: str | os.PathLike[str], inputs: Sequence[str]) -> list[di
     """
     path = Path(path)
     name = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"{name}: cannot read metrics ({error.strerror or error})") from None
+    text = _read_text(path, "metrics")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -586,7 +587,10 @@ def _choose_low_memory(requested, optimizer, options, checkpoints: Sequence[Chec
     return True
 
 
-def _read_checked(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+def _read_pivot(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+    # Ingredients need no pass of their own: fedsoup.merge finds a NaN/Inf from its
+    # result and names the ingredient, which _named_ingredients turns into its file.
+    # An explicit pivot is not an ingredient, so its file is checked here.
     return check_finite(checkpoint.get(key), checkpoint.name, key)
 
 
@@ -600,10 +604,10 @@ def _low_memory_producer(checkpoints, merge_kwargs, names) -> Callable[[str], to
     pivot = merge_kwargs["pivot"]
 
     def produce(key: str) -> torch.Tensor:
-        parts = [{key: _read_checked(checkpoint, key)} for checkpoint in checkpoints]
+        parts = [{key: checkpoint.get(key)} for checkpoint in checkpoints]
         kwargs = dict(merge_kwargs)
         if isinstance(pivot, Checkpoint):
-            kwargs["pivot"] = {key: _read_checked(pivot, key)}
+            kwargs["pivot"] = {key: _read_pivot(pivot, key)}
         with _named_ingredients(names):
             return fedsoup.merge(parts, **kwargs)[key]
 
@@ -618,7 +622,7 @@ def _in_memory_producer(checkpoints, merge_kwargs, names, quiet: bool) -> Callab
         for checkpoint in checkpoints:
             model = {}
             for key, info in checkpoint.infos.items():
-                model[key] = _read_checked(checkpoint, key)
+                model[key] = checkpoint.get(key)
                 loading.update(key, info)
             models.append(model)
     finally:
@@ -626,7 +630,7 @@ def _in_memory_producer(checkpoints, merge_kwargs, names, quiet: bool) -> Callab
     kwargs = dict(merge_kwargs)
     if isinstance(kwargs["pivot"], Checkpoint):
         pivot = kwargs["pivot"]
-        kwargs["pivot"] = {key: _read_checked(pivot, key) for key in pivot.infos}
+        kwargs["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.infos}
     if not quiet and sys.stderr.isatty():  # the one step without a progress bar
         print(f"{PROG}: merging {len(models)} inputs in memory ...", file=sys.stderr, flush=True)
     with _named_ingredients(names):
