@@ -247,14 +247,7 @@ class FedSoup(FedAvg):
         Bad replies are left out with one WARNING each; with none left the global
         model stays as it was (``None`` arrays, as Flower's strategies signal it).
         """
-        replies = list(replies)
-        num_errors = sum(1 for msg in replies if msg.has_error())
-        log(
-            INFO,
-            "aggregate_train: Received %s results and %s failures",
-            len(replies) - num_errors,
-            num_errors,
-        )
+        replies = _log_received("aggregate_train", replies)
         valid = self._valid_replies(replies)
 
         arrays: ArrayRecord | None = None
@@ -299,14 +292,7 @@ class FedSoup(FedAvg):
         replies: Iterable[Message],
     ) -> MetricRecord | None:
         """FedAvg's weighted metric average, leaving bad replies out instead of raising."""
-        replies = list(replies)
-        num_errors = sum(1 for msg in replies if msg.has_error())
-        log(
-            INFO,
-            "aggregate_evaluate: Received %s results and %s failures",
-            len(replies) - num_errors,
-            num_errors,
-        )
+        replies = _log_received("aggregate_evaluate", replies)
         valid = self._valid_replies(replies, train=False)
         if not valid:
             return None
@@ -660,6 +646,14 @@ class FedSoup(FedAvg):
 # ----------------------------------------------------------------------
 # Helpers (pure functions)
 # ----------------------------------------------------------------------
+
+
+def _log_received(stage: str, replies: Iterable[Message]) -> list[Message]:
+    """Log results and failures as Flower's strategies do; return the replies as a list."""
+    replies = list(replies)
+    num_errors = sum(1 for msg in replies if msg.has_error())
+    log(INFO, "%s: Received %s results and %s failures", stage, len(replies) - num_errors, num_errors)
+    return replies
 
 
 def _aggregate_metrics(aggregate: Callable, replies: list[_Reply], weighted_by_key: str, stage: str) -> MetricRecord:
