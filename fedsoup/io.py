@@ -333,10 +333,6 @@ class ShardedCheckpoint(Checkpoint):
         kinds = sorted({shard.format for shard in self._shards.values()})
         self.format = f"{len(self._shards)} {'/'.join(kinds)} shards"
 
-    @property
-    def shard_files(self) -> list[str]:
-        return list(self._shards)
-
     def _read(self, key: str) -> torch.Tensor:
         return self._shard_of[key].get(key)
 

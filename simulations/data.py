@@ -30,7 +30,6 @@ from simulations.partitioning import make_partitioner
 
 CIFAR10_HUB_ID = "uoft-cs/cifar10"
 CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32
-NUM_CLASSES = {"digits": 10, "cifar10": 10}
 
 
 @dataclass(frozen=True)

@@ -78,12 +78,6 @@ def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1024) -> tu
     return loss_sum / len(data), correct / len(data)
 
 
-def predict_accuracy(model: nn.Module, state: dict[str, torch.Tensor], data: ArrayDataset) -> float:
-    """Accuracy of ``model`` with weights ``state`` on ``data``."""
-    model.load_state_dict(state)
-    return evaluate(model, data)[1]
-
-
 def seed_for(*parts: int) -> int:
     """A 31-bit seed derived from integers (run seed, round, partition...)."""
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
