@@ -4,7 +4,7 @@ Everything element-wise that ``torch.optim`` has is used as it is. This module a
 only what it lacks: the server optimizers of Reddi et al., "Adaptive Federated
 Optimization" (2021), with the exact conventions of Flower's message-API strategies
 ``FedAdam``, ``FedYogi`` and ``FedAdagrad`` (``flwr.serverapp.strategy``, flwr 1.41),
-so that a FedSoup ServerStew reproduces those strategies (SPEC §3; paper Appendix D).
+so that a FedSoup ServerStew reproduces those strategies (docs/design.md §3; paper Appendix D).
 
 Flower works with the update ``delta = soup - x``; these optimizers take the gradient
 convention of ``torch.optim``, ``p.grad = g = x - soup = -delta``, and step
@@ -31,6 +31,7 @@ __all__ = [
     "is_elementwise",
     "is_plain_sgd",
     "make_optimizer",
+    "build_optimizer",
 ]
 
 
@@ -313,7 +314,7 @@ def is_plain_sgd(optimizer: str | type[Optimizer], kwargs: Mapping[str, Any]) ->
 
 
 def make_optimizer(
-    optimizer: str | type[Optimizer], params: list[torch.Tensor], lr: float, **kwargs: Any
+    optimizer: str | type[Optimizer], params: list[torch.Tensor] | list[dict], lr: float, **kwargs: Any
 ) -> Optimizer:
     """Build ``optimizer(params, lr=lr, **kwargs)`` on its fastest CPU path.
 
@@ -323,14 +324,23 @@ def make_optimizer(
     """
     cls = resolve_optimizer(optimizer)
     if "fused" not in kwargs and "foreach" not in kwargs:
-        if cls in FUSED_ON_CPU and all(p.device.type == "cpu" for p in params):
+        tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+        if cls in FUSED_ON_CPU and all(p.device.type == "cpu" for p in tensors):
             kwargs["fused"] = True
         elif "foreach" in _init_parameters(cls):
             kwargs["foreach"] = True
+    return build_optimizer(cls, params, lr=lr, **kwargs)
+
+
+def build_optimizer(optimizer: str | type[Optimizer], params, **kwargs: Any) -> Optimizer:
+    """``optimizer(params, **kwargs)`` as the class itself defaults it (the reference path);
+    a constructor that rejects ``kwargs`` raises ``ValueError``."""
+    cls = resolve_optimizer(optimizer)
     try:
-        return cls(params, lr=lr, **kwargs)
+        return cls(params, **kwargs)
     except TypeError as error:
-        raise ValueError(f"cannot build optimizer {cls.__name__} with {kwargs}: {error}") from None
+        shown = {k: v for k, v in kwargs.items() if k != "lr"}
+        raise ValueError(f"cannot build optimizer {cls.__name__} with {shown}: {error}") from None
 
 
 def _init_parameters(cls: type) -> set[str]:

@@ -1,4 +1,4 @@
-"""fedsoup.merge / fedsoup.soup against SPEC §1-2 and a plain torch.optim loop."""
+"""fedsoup.merge / fedsoup.soup against docs/design.md §1-2 and a plain torch.optim loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import fedsoup
-import fedsoup.ame as ame
 
 
 def make_models(n=6, seed=0, dtype=torch.float32, with_int=True):
@@ -46,18 +45,16 @@ def assert_close_dicts(actual, expected, atol=1e-6, rtol=1e-5):
         torch.testing.assert_close(actual[key].double(), value.double(), atol=atol, rtol=rtol, msg=key)
 
 
-@pytest.fixture(params=[True, False], ids=["shortcut", "step-loop"])
-def shortcut(request, monkeypatch):
-    monkeypatch.setattr(ame, "USE_SOUP_SHORTCUT", request.param)
-    return request.param
+@pytest.fixture(params=["auto", "stacked", "flat", "reference"])
+def path(request):
+    """merge's paths (forced with the private ``_path``); "auto" is merge's own choice."""
+    return {} if request.param == "auto" else {"_path": request.param}
 
 
-@pytest.fixture(params=["stacked", "per-key"])
-def layout(request, monkeypatch):
-    """The two ways merge reads ingredients: stacked [N, D] (small models) or per key."""
-    if request.param == "per-key":
-        monkeypatch.setattr(ame, "STACK_MAX_NUMEL", 0)
-    return request.param
+@pytest.fixture(params=["stacked", "flat"])
+def layout(request):
+    """The two ways the torch fast path reads ingredients: stacked [N, D] (small models) or per key."""
+    return {"_path": request.param}
 
 
 # ---------------------------------------------------------------------------
@@ -71,7 +68,7 @@ N = 5
 @pytest.mark.parametrize("pivot", ["soup", "first", 3, "explicit"])
 @pytest.mark.parametrize("weights", [None, "random"])
 @pytest.mark.parametrize("identity", ["harmonic-adaptive", "constant-fixed"])
-def test_soup_identities(batch_size, pivot, weights, identity, shortcut, layout):
+def test_soup_identities(batch_size, pivot, weights, identity, path):
     models = make_models(N)
     w = random_weights(N) if weights == "random" else None
     if pivot == "explicit":
@@ -79,7 +76,7 @@ def test_soup_identities(batch_size, pivot, weights, identity, shortcut, layout)
     schedule, adaptive = ("harmonic", True) if identity == "harmonic-adaptive" else ("constant", False)
     merged = fedsoup.merge(
         models, weights=w, optimizer="sgd", lr=1.0, schedule=schedule, adaptive_pivot=adaptive,
-        epochs=1, batch_size=batch_size, pivot=pivot,
+        epochs=1, batch_size=batch_size, pivot=pivot, **path,
     )
     assert_close_dicts(merged, weighted_soup(models, w))
     assert torch.equal(merged["bn.num_batches_tracked"], models[0]["bn.num_batches_tracked"])
@@ -147,13 +144,15 @@ OPTIMIZER_TABLE = [
 @pytest.mark.parametrize("case", OPTIMIZER_TABLE, ids=[c[0] for c in OPTIMIZER_TABLE])
 @pytest.mark.parametrize("adaptive_pivot", [True, False], ids=["adaptive", "fixed"])
 @pytest.mark.parametrize("schedule", ["constant", "harmonic"])
-def test_parity_with_plain_torch_loop(case, adaptive_pivot, schedule, layout):
+@pytest.mark.parametrize("path", ["stacked", "flat", "reference"])
+def test_parity_with_plain_torch_loop(case, adaptive_pivot, schedule, path):
     _, name, cls, lr, kwargs = case
+    layout = {"_path": path}
     models = make_models(7, seed=3, dtype=torch.float64)
     weights = random_weights(7, seed=4)
     options = dict(weights=weights, lr=lr, schedule=schedule, epochs=3, batch_size=2, shuffle=True,
                    seed=11, adaptive_pivot=adaptive_pivot)
-    merged = fedsoup.merge(models, optimizer=name, **options, **kwargs)
+    merged = fedsoup.merge(models, optimizer=name, **options, **kwargs, **layout)
     expected = reference_merge(models, opt_cls=cls, **options, **kwargs)
     assert_close_dicts(merged, expected, atol=1e-10, rtol=1e-9)
 
@@ -206,12 +205,11 @@ def test_key_by_key_equals_whole_model_for_elementwise_optimizers():
         torch.testing.assert_close(single[key], whole[key], atol=1e-7, rtol=1e-6)
 
 
-def test_stacked_and_per_key_layouts_agree(monkeypatch):
+def test_stacked_and_per_key_layouts_agree():
     models = make_models(9, seed=2)
     options = dict(optimizer="adamw", lr=0.02, epochs=2, batch_size=3, shuffle=True)
-    stacked = fedsoup.merge(models, **options)
-    monkeypatch.setattr(ame, "STACK_MAX_NUMEL", 0)
-    per_key = fedsoup.merge(models, **options)
+    stacked = fedsoup.merge(models, **options, _path="stacked")
+    per_key = fedsoup.merge(models, **options, _path="flat")
     assert_close_dicts(per_key, stacked, atol=1e-6, rtol=1e-5)
 
 
@@ -228,7 +226,7 @@ def test_numpy_inputs_and_adam_moves_away_from_soup():
 # ---------------------------------------------------------------------------
 
 
-def test_greedy_keeps_only_improving_steps_and_reverts_optimizer_state(layout):
+def test_greedy_keeps_only_improving_steps_and_reverts_optimizer_state():
     models = make_models(4, dtype=torch.float64, with_int=False)
     scripted = iter([0.0, 1.0, 0.5, 2.0, 2.0])  # initial, then steps 1..4: keep, reject, keep, reject
     seen = []
@@ -270,7 +268,7 @@ def test_greedy_result_never_scores_below_the_pivot():
 # ---------------------------------------------------------------------------
 
 
-def test_projection_keeps_the_merge_in_the_ball(layout):
+def test_projection_keeps_the_merge_in_the_ball():
     models = make_models(5, with_int=False, dtype=torch.float64)
     center = weighted_soup(models)
 
@@ -298,12 +296,12 @@ def test_same_seed_same_bytes_other_seed_other_result():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_dtype_round_trip(dtype, layout):
     models = make_models(4, dtype=dtype)
-    merged = fedsoup.merge(models, optimizer="adam", lr=0.05, epochs=2)
+    merged = fedsoup.merge(models, optimizer="adam", lr=0.05, epochs=2, **layout)
     for key, value in merged.items():
         assert value.dtype == models[0][key].dtype, key
     upcast = [{k: (v.float() if v.is_floating_point() and dtype != torch.float64 else v) for k, v in m.items()}
               for m in models]
-    expected = fedsoup.merge(upcast, optimizer="adam", lr=0.05, epochs=2)
+    expected = fedsoup.merge(upcast, optimizer="adam", lr=0.05, epochs=2, **layout)
     for key in merged:
         assert torch.equal(merged[key], expected[key].to(merged[key].dtype)), key
 
