@@ -15,7 +15,10 @@ path; every path computes the same update:
 - ``"soup"``: the identities of Section 3.1 (one epoch of plain GD with lr 1 *is* the soup);
 - ``"reference"`` (:mod:`fedsoup.reference`): the plain loop of Algorithm 1, for greedy
   AME, projection, non-element-wise and unknown optimizers;
-- ``"stacked"``, ``"flat"`` (:mod:`fedsoup.flat`): torch fast paths for element-wise optimizers.
+- ``"fused"`` (:mod:`fedsoup.fused`, :mod:`fedsoup.kernels`): the compiled chunk-major CPU
+  kernel for SGD, Adam, AdamW, Adagrad, RMSprop, Adamax and the Flower ``fed*`` three;
+- ``"stacked"``, ``"flat"`` (:mod:`fedsoup.flat`): torch fast paths for the other element-wise
+  optimizers, and for every element-wise merge on a non-CPU device.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fedsoup import fused
 from fedsoup.flat import STACK_MAX_NUMEL, merge_flat
 from fedsoup.inputs import (
     StateDict,
@@ -44,7 +48,7 @@ from fedsoup.schedules import make_schedule
 
 __all__ = ["merge", "soup", "find_non_finite", "PATHS"]
 
-PATHS = ("soup", "reference", "stacked", "flat")
+PATHS = ("soup", "reference", "fused", "stacked", "flat")
 
 
 def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None) -> StateDict:
@@ -163,6 +167,11 @@ def merge(
         result = _soup(problem)
     elif path == "reference":
         result = merge_reference(problem)
+    elif path == "fused":
+        spec = fused.kernel_spec(problem.optimizer, problem.optimizer_kwargs)
+        if spec is None or problem.device.type != "cpu" or problem.greedy or problem.project:
+            raise ValueError(f"the fused kernel cannot run this merge ({problem.optimizer.__name__})")
+        result = fused.merge_fused(problem, spec)
     else:
         result = merge_flat(problem, stacked=path == "stacked")
     raise_if_not_finite(result, state_dicts, problem.pivot)
@@ -175,6 +184,9 @@ def choose_path(problem: Problem) -> str:
         return "soup"
     if problem.greedy or problem.project or not is_elementwise(problem.optimizer):
         return "reference"
+    if problem.device.type == "cpu" and fused.available():
+        if fused.kernel_spec(problem.optimizer, problem.optimizer_kwargs) is not None:
+            return "fused"
     numel = sum(problem.first[key].numel() for key in problem.float_keys)
     return "stacked" if numel <= STACK_MAX_NUMEL else "flat"
 

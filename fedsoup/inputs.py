@@ -37,7 +37,10 @@ def as_tensor(value, index: int, key: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise ValueError(f"ingredient {index}, tensor {key!r}: object arrays are not tensors")
-        return torch.from_numpy(np.ascontiguousarray(value)) if value.flags.writeable else torch.tensor(value)
+        if not value.flags.writeable:
+            return torch.tensor(value)
+        # np.ascontiguousarray would make a 0-d array 1-d.
+        return torch.from_numpy(value if value.flags.c_contiguous else np.ascontiguousarray(value))
     raise ValueError(
         f"ingredient {index}, tensor {key!r}: expected torch.Tensor or numpy.ndarray, "
         f"got {type(value).__name__}"

@@ -1,0 +1,205 @@
+"""The fused chunk-major CPU path of AME: plans the steps, then runs :mod:`fedsoup.kernels`.
+
+Everything that does not depend on a coordinate is computed here once, in float64, and
+handed to the kernel in the compute dtype: each step's batch, its coefficients
+``ω_j / Ω_B`` and scale ``ζ_k Ω_B``, the learning rate ``η_k`` of every base-lr group and
+the optimizer's per-step scalars (bias corrections, decayed rates). The kernel then runs
+all steps on one cache-sized chunk at a time (why that is exact: :mod:`fedsoup.kernels`).
+Ingredients are read in place (bf16/fp16 tensors are upcast key by key first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedsoup.inputs import StateDict
+from fedsoup.optim import FedAdagrad, FedAdam, FedYogi, build_optimizer
+from fedsoup.problem import Problem
+from fedsoup.schedules import plan_steps
+
+__all__ = ["KernelSpec", "kernel_spec", "merge_fused", "CHUNK", "available"]
+
+# Coordinates per chunk: w, g, the batch mean and three state arrays of this size stay
+# in a core's L2 cache (6 x 16 KiB in float32) while every step runs over them.
+CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """An optimizer as the kernel runs it: its kind, constants and per-step scalars."""
+
+    kind: str
+    hyper: tuple[float, ...]
+    scalars: Callable[[int, float], tuple[float, ...]]  # (k, η_k) -> the step's scalars
+    initial_accumulator: float = 0.0
+
+
+def available() -> bool:
+    """True when numba imports (the fused path is then used on CPU)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernel_spec(optimizer: type[torch.optim.Optimizer], kwargs: dict) -> KernelSpec | None:
+    """How the kernel runs ``optimizer(**kwargs)``, or ``None`` if it does not know it.
+
+    The optimizer is built once on a dummy tensor: its defaults fill what ``kwargs``
+    leaves out, and a bad argument raises as it would on the reference path.
+    """
+    builder = _SPECS.get(optimizer)
+    if builder is None:
+        return None
+    options = build_optimizer(optimizer, [torch.zeros(1)], lr=1.0, **kwargs).defaults
+    if options.get("capturable") or options.get("differentiable"):
+        return None
+    return builder(options)
+
+
+def _flag(value) -> float:
+    return 1.0 if value else 0.0
+
+
+def _sgd(o) -> KernelSpec:
+    hyper = (o["momentum"], 1.0 - o["dampening"], o["weight_decay"], _flag(o["nesterov"]), _flag(o["maximize"]))
+    return KernelSpec("sgd", hyper, lambda k, lr: (lr,))
+
+
+def _adam(o) -> KernelSpec:
+    beta1, beta2 = o["betas"]
+    weight_decay = o["weight_decay"]
+    decoupled = o.get("decoupled_weight_decay", False)
+    hyper = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, o["eps"], weight_decay, _flag(o["amsgrad"]),
+             _flag(decoupled), _flag(o["maximize"]))
+    return KernelSpec("adam", hyper, lambda k, lr: (
+        lr / (1.0 - beta1**k), math.sqrt(1.0 - beta2**k), 1.0 - lr * weight_decay,
+    ))
+
+
+def _adagrad(o) -> KernelSpec:
+    lr_decay = o["lr_decay"]
+    hyper = (o["weight_decay"], o["eps"], _flag(o["maximize"]))
+    return KernelSpec("adagrad", hyper, lambda k, lr: (lr / (1.0 + (k - 1) * lr_decay),),
+                      float(o["initial_accumulator_value"]))
+
+
+def _rmsprop(o) -> KernelSpec:
+    alpha = o["alpha"]
+    hyper = (alpha, 1.0 - alpha, o["eps"], o["weight_decay"], o["momentum"], _flag(o["centered"]),
+             _flag(o["maximize"]))
+    return KernelSpec("rmsprop", hyper, lambda k, lr: (lr,))
+
+
+def _adamax(o) -> KernelSpec:
+    beta1, beta2 = o["betas"]
+    hyper = (beta1, 1.0 - beta1, beta2, o["eps"], o["weight_decay"], _flag(o["maximize"]))
+    return KernelSpec("adamax", hyper, lambda k, lr: (lr / (1.0 - beta1**k),))
+
+
+def _flower(kind: str):
+    def spec(o) -> KernelSpec:
+        beta1, beta2 = o.get("betas", (0.0, 0.0))
+        hyper = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, o["eps"])
+        if kind == "fedadam":
+            return KernelSpec(kind, hyper, lambda k, lr: (
+                lr * math.sqrt(1.0 - beta2 ** (k + 1.0)) / (1.0 - beta1 ** (k + 1.0)),
+            ))
+        return KernelSpec(kind, hyper, lambda k, lr: (lr,))
+    return spec
+
+
+_SPECS = {
+    torch.optim.SGD: _sgd,
+    torch.optim.Adam: _adam,
+    torch.optim.AdamW: _adam,
+    torch.optim.Adagrad: _adagrad,
+    torch.optim.RMSprop: _rmsprop,
+    torch.optim.Adamax: _adamax,
+    FedAdam: _flower("fedadam"),
+    FedYogi: _flower("fedyogi"),
+    FedAdagrad: _flower("fedadagrad"),
+}
+
+
+def merge_fused(problem: Problem, spec: KernelSpec) -> StateDict:
+    """AME on CPU by the chunk-major kernel; the same update as :mod:`fedsoup.reference`."""
+    from fedsoup import kernels  # numba compiles (or loads its cache) on first use
+
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key in problem.float_keys:
+        by_dtype.setdefault(problem.compute_dtype(key), []).append(key)
+    plan = _plan(problem)
+    merged: StateDict = {}
+    for dtype, keys in by_dtype.items():
+        merged.update(_run(kernels, problem, spec, plan, dtype, keys))
+    return problem.result(merged)
+
+
+@dataclass
+class _Plan:
+    batch_starts: np.ndarray  # int64 [S + 1]
+    members: np.ndarray  # int64, ingredient indices of every batch, concatenated
+    coefficients: np.ndarray  # float64, ω_j / Ω_B
+    scales: np.ndarray  # float64 [S], ζ_k Ω_B
+    steps: list[tuple[int, float]]  # (k, V_k)
+
+
+def _plan(problem: Problem) -> _Plan:
+    omega = problem.omega
+    starts, members, coefficients, scales, steps = [0], [], [], [], []
+    for k, batch, batch_weight, visited in plan_steps(
+        problem.order, omega, problem.epochs, problem.batch_size, problem.shuffle, problem.seed
+    ):
+        members.extend(batch)
+        # A zero-weight batch gives g = 0 but is still a step (momentum keeps moving).
+        coefficients.extend(omega[j] / batch_weight if batch_weight > 0 else 0.0 for j in batch)
+        starts.append(len(members))
+        scales.append(problem.zeta(k) * batch_weight)
+        steps.append((k, visited))
+    return _Plan(np.array(starts, np.int64), np.array(members, np.int64), np.array(coefficients),
+                 np.array(scales), steps)
+
+
+def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.dtype, keys: list[str]):
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    # Inputs in place when already contiguous CPU tensors of the compute dtype; the
+    # list keeps every converted copy alive while the kernel reads it by address.
+    ingredients = [[sd[key].to("cpu", dtype).contiguous() for key in keys] for sd in problem.state_dicts]
+    addresses = np.array([[t.data_ptr() for t in tensors] for tensors in ingredients], np.int64).reshape(-1, len(keys))
+    pivots = [] if problem.pivot is None else [problem.pivot[key].to("cpu", dtype).contiguous() for key in keys]
+    pivot_addresses = np.array([t.data_ptr() for t in pivots] if pivots else [0] * len(keys), np.int64)
+
+    numels = [problem.first[key].numel() for key in keys]
+    offsets = np.cumsum([0] + numels)
+    chunk_keys, chunk_starts, chunk_stops = [], [], []
+    for index, numel in enumerate(numels):
+        for start in range(0, numel, CHUNK):
+            chunk_keys.append(index)
+            chunk_starts.append(start)
+            chunk_stops.append(min(start + CHUNK, numel))
+
+    base_lrs = sorted({problem.base_lr(key) for key in keys})
+    key_lr_groups = np.array([base_lrs.index(problem.base_lr(key)) for key in keys], np.int64)
+    step_scalars = np.array([
+        [spec.scalars(k, problem.step_size(base_lr, k, visited)) for k, visited in plan.steps]
+        for base_lr in base_lrs
+    ], np.float64).reshape(len(base_lrs), len(plan.steps), -1)
+
+    out = torch.empty(int(offsets[-1]), dtype=dtype)
+    kernels.ame_chunks(
+        out.numpy(), offsets[:-1].astype(np.int64), np.array(numels, np.int64),
+        np.array(chunk_keys, np.int64), np.array(chunk_starts, np.int64), np.array(chunk_stops, np.int64),
+        addresses, pivot_addresses, np.array(problem.omega, np_dtype), bool(problem.adaptive_pivot),
+        plan.batch_starts, plan.members, plan.coefficients.astype(np_dtype), plan.scales.astype(np_dtype),
+        key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
+        step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator),
+    )
+    del ingredients, pivots  # only now may converted copies go
+    return {key: out[lo:hi].view(problem.first[key].shape) for key, lo, hi in zip(keys, offsets[:-1], offsets[1:])}

@@ -1,0 +1,264 @@
+"""Compiled chunk-major AME kernels (numba): every step of every epoch on one chunk at a time.
+
+For an element-wise optimizer, a coordinate's whole trajectory ``w_0, w_1, ..., w_K``
+depends on that coordinate of the ingredients alone. So instead of streaming the whole
+model through memory several times per step (step-major), :func:`ame_chunks` takes a
+cache-sized chunk of one tensor, runs *all* steps on it (reading only the ingredients'
+slices; the pseudogradient ``g = ζ Ω_B (p − x̄_B)`` is computed inside the update and never
+stored; the optimizer state lives in chunk-local arrays), and moves on. That is exact,
+not an approximation: each coordinate sees the same operations, in the same order, as
+in the step-major loop. Chunks never straddle tensor keys and are cut at the same
+key-local offsets whatever the thread count or the other keys, so the result is
+bit-identical with 1 or many threads and merged whole or key by key.
+
+Arithmetic is done in the compute dtype (float32 or float64): the Python driver
+(:mod:`fedsoup.fused`) passes every constant and per-step scalar already in that dtype,
+so no literal here promotes float32 to float64. Formulas follow ``torch.optim``'s
+single-tensor implementations (torch 2.x) and :mod:`fedsoup.optim`'s Flower optimizers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.extending import intrinsic
+
+__all__ = ["ame_chunks", "KINDS", "CACHE_DIR_FALLBACK"]
+
+# Optimizer kinds the kernel knows (index = the ``kind`` argument).
+KINDS = ("sgd", "adam", "adagrad", "rmsprop", "adamax", "fedadam", "fedyogi", "fedadagrad")
+SGD, ADAM, ADAGRAD, RMSPROP, ADAMAX, FEDADAM, FEDYOGI, FEDADAGRAD = range(len(KINDS))
+
+# numba caches compiled code next to this file, or (read-only install) in the user's
+# cache directory; when neither is writable, here.
+CACHE_DIR_FALLBACK = os.path.join(tempfile.gettempdir(), f"fedsoup-numba-cache-{os.getuid()}")
+
+
+def _jit(**options):
+    """``numba.njit(cache=True)``, or with a writable fallback cache dir, or uncached."""
+    def decorate(function):
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError:  # no writable cache location for this file
+            pass
+        try:
+            numba.config.CACHE_DIR = CACHE_DIR_FALLBACK
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError:
+            return numba.njit(cache=False, **options)(function)
+    return decorate
+
+
+@intrinsic
+def _as_pointer(typingctx, address, like):
+    """A typed data pointer from an integer address (of a tensor the caller keeps alive)."""
+    signature = types.CPointer(like.dtype)(address, like)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@_jit()
+def _view(address, numel, like):
+    return numba.carray(_as_pointer(address, like), (numel,))
+
+
+@_jit()
+def _lerp(start, end, weight, one_minus_weight):
+    # torch's lerp: from the nearer end, for accuracy.
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * one_minus_weight
+
+
+@_jit()
+def _step_sgd(w, g, s1, h, scalars, first):
+    """SGD: h = momentum, 1 − dampening, weight_decay, nesterov, maximize; scalars = lr."""
+    momentum, undamped, weight_decay, nesterov, maximize = h[0], h[1], h[2], h[3], h[4]
+    lr = scalars[0]
+    for i in range(w.size):
+        d = -g[i] if maximize != 0 else g[i]
+        if weight_decay != 0:
+            d = d + weight_decay * w[i]
+        if momentum != 0:
+            if first:
+                s1[i] = d
+            else:
+                s1[i] = s1[i] * momentum + undamped * d
+            d = d + momentum * s1[i] if nesterov != 0 else s1[i]
+        w[i] = w[i] - lr * d
+
+
+@_jit()
+def _step_adam(w, g, s1, s2, s3, h, scalars):
+    """Adam/AdamW: h = β1, 1 − β1, β2, 1 − β2, eps, weight_decay, amsgrad, decoupled, maximize;
+    scalars = lr / (1 − β1^k), sqrt(1 − β2^k), 1 − lr·weight_decay."""
+    beta1_weight, beta1_rest, beta2, beta2_weight, eps = h[1], h[0], h[2], h[3], h[4]
+    weight_decay, amsgrad, decoupled, maximize = h[5], h[6], h[7], h[8]
+    step_size, bias_correction2_sqrt, decay = scalars[0], scalars[1], scalars[2]
+    for i in range(w.size):
+        d = -g[i] if maximize != 0 else g[i]
+        if weight_decay != 0:
+            if decoupled != 0:
+                w[i] = w[i] * decay
+            else:
+                d = d + weight_decay * w[i]
+        s1[i] = _lerp(s1[i], d, beta1_weight, beta1_rest)
+        s2[i] = s2[i] * beta2 + beta2_weight * d * d
+        if amsgrad != 0:
+            s3[i] = max(s3[i], s2[i])
+            denominator = np.sqrt(s3[i]) / bias_correction2_sqrt + eps
+        else:
+            denominator = np.sqrt(s2[i]) / bias_correction2_sqrt + eps
+        w[i] = w[i] - step_size * (s1[i] / denominator)
+
+
+@_jit()
+def _step_adagrad(w, g, s1, h, scalars):
+    """Adagrad: h = weight_decay, eps, maximize (s1 starts at initial_accumulator_value);
+    scalars = lr / (1 + (k − 1)·lr_decay)."""
+    weight_decay, eps, maximize = h[0], h[1], h[2]
+    clr = scalars[0]
+    for i in range(w.size):
+        d = -g[i] if maximize != 0 else g[i]
+        if weight_decay != 0:
+            d = d + weight_decay * w[i]
+        s1[i] = s1[i] + d * d
+        w[i] = w[i] - clr * (d / (np.sqrt(s1[i]) + eps))
+
+
+@_jit()
+def _step_rmsprop(w, g, s1, s2, s3, h, scalars):
+    """RMSprop: h = α, 1 − α, eps, weight_decay, momentum, centered, maximize; scalars = lr."""
+    alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize = h[0], h[1], h[2], h[3], h[4], h[5], h[6]
+    lr = scalars[0]
+    for i in range(w.size):
+        d = -g[i] if maximize != 0 else g[i]
+        if weight_decay != 0:
+            d = d + weight_decay * w[i]
+        s1[i] = s1[i] * alpha + alpha_weight * d * d
+        if centered != 0:
+            s2[i] = _lerp(s2[i], d, alpha_weight, alpha)
+            average = np.sqrt(s1[i] - s2[i] * s2[i]) + eps
+        else:
+            average = np.sqrt(s1[i]) + eps
+        if momentum != 0:
+            s3[i] = s3[i] * momentum + d / average
+            w[i] = w[i] - lr * s3[i]
+        else:
+            w[i] = w[i] - lr * (d / average)
+
+
+@_jit()
+def _step_adamax(w, g, s1, s2, h, scalars):
+    """Adamax: h = β1, 1 − β1, β2, eps, weight_decay, maximize; scalars = lr / (1 − β1^k)."""
+    beta1, beta1_weight, beta2, eps, weight_decay, maximize = h[0], h[1], h[2], h[3], h[4], h[5]
+    clr = scalars[0]
+    for i in range(w.size):
+        d = -g[i] if maximize != 0 else g[i]
+        if weight_decay != 0:
+            d = d + weight_decay * w[i]
+        s1[i] = _lerp(s1[i], d, beta1_weight, beta1)
+        s2[i] = max(s2[i] * beta2, abs(d) + eps)
+        w[i] = w[i] - clr * (s1[i] / s2[i])
+
+
+@_jit()
+def _step_flower(w, g, s1, s2, kind, h, scalars):
+    """FedAdam / FedYogi / FedAdagrad (fedsoup.optim): h = β1, 1 − β1, β2, 1 − β2, eps;
+    scalars = the step size (FedAdam: lr·sqrt(1 − β2^(t+1)) / (1 − β1^(t+1)); else lr)."""
+    beta1, beta1_weight, beta2, beta2_weight, eps = h[0], h[1], h[2], h[3], h[4]
+    step_size = scalars[0]
+    for i in range(w.size):
+        d = g[i]
+        if kind == FEDADAGRAD:
+            s2[i] = s2[i] + d * d
+            w[i] = w[i] - step_size * (d / (np.sqrt(s2[i]) + eps))
+            continue
+        s1[i] = s1[i] * beta1 + beta1_weight * d
+        squared = d * d
+        if kind == FEDADAM:
+            s2[i] = s2[i] * beta2 + beta2_weight * squared
+        else:  # Yogi
+            s2[i] = s2[i] - beta2_weight * squared * np.sign(s2[i] - squared)
+        w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s2[i]) + eps))
+
+
+@_jit(parallel=True)
+def ame_chunks(
+    out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops,
+    ingredient_addresses, pivot_addresses, omega, adaptive,
+    batch_starts, batch_members, batch_coefficients, batch_scales,
+    key_lr_groups, kind, hyper, step_scalars, initial_accumulator,
+):
+    """Run every AME step on every chunk; write the merged coordinates into ``out``.
+
+    ``out``: the flat result, key ``k`` at ``key_offsets[k]``. Chunk ``c`` covers
+    ``chunk_starts[c]:chunk_stops[c]`` of key ``chunk_keys[c]``. Ingredient ``j``'s key ``k``
+    is at address ``ingredient_addresses[j, k]``; ``pivot_addresses[k]`` is ``w_0``'s key,
+    or 0 for the weighted soup ``Σ ω_j x_j``. Step ``s`` visits ingredients
+    ``batch_members[batch_starts[s]:batch_starts[s+1]]`` with coefficients ``ω_j / Ω_B``
+    and ``g = batch_scales[s]·(p − x̄_B)`` (``ζ_k Ω_B``); its optimizer scalars are
+    ``step_scalars[key_lr_groups[k], s]``.
+    """
+    n_steps = batch_scales.size
+    for c in prange(chunk_keys.size):
+        key = chunk_keys[c]
+        start, stop = chunk_starts[c], chunk_stops[c]
+        numel = key_numels[key]
+        w = out[key_offsets[key] + start : key_offsets[key] + stop]
+        if pivot_addresses[key] != 0:
+            w[:] = _view(pivot_addresses[key], numel, out)[start:stop]
+        else:
+            w[:] = _view(ingredient_addresses[0, key], numel, out)[start:stop] * omega[0]
+            for j in range(1, omega.size):
+                x = _view(ingredient_addresses[j, key], numel, out)[start:stop]
+                for i in range(w.size):
+                    w[i] = w[i] + omega[j] * x[i]
+        fixed_pivot = w.copy()
+        pivot = w if adaptive else fixed_pivot
+        mean = np.empty_like(w)
+        g = np.empty_like(w)
+        s1 = np.zeros_like(w)
+        s2 = np.zeros_like(w)
+        s3 = np.zeros_like(w)
+        if kind == ADAGRAD:
+            s1[:] = initial_accumulator
+        group = key_lr_groups[key]
+        for s in range(n_steps):
+            first_member, end_member = batch_starts[s], batch_starts[s + 1]
+            scale = batch_scales[s]
+            x = _view(ingredient_addresses[batch_members[first_member], key], numel, out)[start:stop]
+            if end_member - first_member == 1:
+                for i in range(w.size):
+                    g[i] = (pivot[i] - x[i]) * scale
+            else:
+                coefficient = batch_coefficients[first_member]
+                for i in range(w.size):
+                    mean[i] = x[i] * coefficient
+                for b in range(first_member + 1, end_member):
+                    x = _view(ingredient_addresses[batch_members[b], key], numel, out)[start:stop]
+                    coefficient = batch_coefficients[b]
+                    for i in range(w.size):
+                        mean[i] = mean[i] + coefficient * x[i]
+                for i in range(w.size):
+                    g[i] = (pivot[i] - mean[i]) * scale
+            scalars = step_scalars[group, s]
+            if kind == SGD:
+                _step_sgd(w, g, s1, hyper, scalars, s == 0)
+            elif kind == ADAM:
+                _step_adam(w, g, s1, s2, s3, hyper, scalars)
+            elif kind == ADAGRAD:
+                _step_adagrad(w, g, s1, hyper, scalars)
+            elif kind == RMSPROP:
+                _step_rmsprop(w, g, s1, s2, s3, hyper, scalars)
+            elif kind == ADAMAX:
+                _step_adamax(w, g, s1, s2, hyper, scalars)
+            else:
+                _step_flower(w, g, s1, s2, kind, hyper, scalars)
