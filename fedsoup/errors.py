@@ -1,0 +1,160 @@
+"""Typed errors: each carries its culprit as attributes, so callers never parse messages.
+
+- :class:`MergeInputError` (a ``ValueError``): bad data (an ingredient, a tensor, a file).
+- :class:`OptionError` (a ``ValueError``): a bad option value; :class:`UnknownOptionError`
+  (also a ``TypeError``, as Python raises for an unexpected keyword) an option name that
+  does not exist, with the closest valid name.
+- :class:`OutputExistsError` (a ``FileExistsError``): the output is there and ``force`` is off.
+
+The command line exits with status 2 on any of them (1 on anything else).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "MergeInputError", "OptionError", "UnknownOptionError", "OutputExistsError", "MergeWarning", "closest_name",
+]
+
+
+class MergeInputError(ValueError):
+    """Bad input data: the message names the file (or ingredient) and tensor.
+
+    Attributes:
+        reason: what is wrong, without the location (``"contains NaN or Inf values"``).
+        ingredient: index of the ingredient in the given list, or ``None``.
+        key: tensor name, or ``None``.
+        path: file (as the user spelled it), or ``None``.
+    """
+
+    def __init__(self, reason: str, *, ingredient: int | None = None, key: str | None = None,
+                 path: str | None = None) -> None:
+        self.reason = reason
+        self.ingredient = ingredient
+        self.key = key
+        self.path = None if path is None else str(path)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = []
+        if self.path is not None:
+            where.append(self.path)
+        elif self.ingredient is not None:
+            where.append("pivot" if self.ingredient == -1 else f"ingredient {self.ingredient}")
+        if self.key is not None:
+            where.append(f"tensor {self.key!r}")
+        return f"{', '.join(where)}: {self.reason}" if where else self.reason
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def at(self, *, path: str | None = None, ingredient: int | None = None) -> MergeInputError:
+        """A copy located at ``path``/``ingredient`` (where they were unknown)."""
+        return MergeInputError(
+            self.reason,
+            ingredient=self.ingredient if ingredient is None else ingredient,
+            key=self.key,
+            path=self.path if path is None else path,
+        )
+
+    def __reduce__(self):  # keyword-only arguments: pickle (multiprocessing, Ray) needs help
+        return _rebuild_input_error, (self.reason, self.ingredient, self.key, self.path)
+
+
+def _rebuild_input_error(reason, ingredient, key, path) -> MergeInputError:
+    return MergeInputError(reason, ingredient=ingredient, key=key, path=path)
+
+
+class OptionError(ValueError):
+    """A bad option value (``epochs=0``, ``optimizer="adamm"``, a weight list of the wrong length).
+
+    Attributes:
+        option: the option's name (``"epochs"``).
+        value: the value given.
+        suggestion: the closest valid value where one applies (``"adam"``), else ``None``.
+    """
+
+    def __init__(self, option: str, value: object, reason: str, *, suggestion: str | None = None) -> None:
+        self.option = option
+        self.value = value
+        self.reason = reason
+        self.suggestion = suggestion
+        hint = f"; did you mean {suggestion!r}?" if suggestion is not None else ""
+        super().__init__(f"{reason}{hint}")
+
+    def __reduce__(self):
+        return _rebuild_option_error, (self.option, self.value, self.reason, self.suggestion)
+
+
+def _rebuild_option_error(option, value, reason, suggestion) -> OptionError:
+    return OptionError(option, value, reason, suggestion=suggestion)
+
+
+class UnknownOptionError(OptionError, TypeError):
+    """An option name that is neither a merge option nor an argument of the chosen optimizer.
+
+    Attributes:
+        option: the name given (``"shufle"``).
+        suggestion: the closest valid name (``"shuffle"``), or ``None``.
+        owner: the optimizer class name when the suggestion is one of its constructor
+            arguments, else ``None``.
+        optimizer: the chosen optimizer's class name (``None`` where no optimizer applies).
+        choices: every valid name.
+    """
+
+    def __init__(self, option: str, choices: Iterable[str], *, optimizer: str | None = None,
+                 optimizer_arguments: Iterable[str] = (), what: str = "option") -> None:
+        self.choices = tuple(sorted(set(choices)))
+        self.optimizer = optimizer
+        suggestion = closest_name(option, self.choices)
+        self.owner = optimizer if suggestion is not None and suggestion in set(optimizer_arguments) else None
+        reason = f"unknown {what} {option!r}"
+        if suggestion is None and optimizer is not None:
+            reason += f": neither a merge option nor an argument of {optimizer}"
+        message = reason
+        if suggestion is not None:
+            owned = f" (an argument of {self.owner})" if self.owner else ""
+            message += f"; did you mean {suggestion!r}{owned}?"
+        ValueError.__init__(self, message)
+        self.option, self.value, self.reason, self.suggestion = option, option, reason, suggestion
+        self._arguments = tuple(optimizer_arguments)
+        self._what = what
+
+    def __reduce__(self):
+        return _rebuild_unknown_option, (self.option, self.choices, self.optimizer, self._arguments, self._what)
+
+
+def _rebuild_unknown_option(option, choices, optimizer, arguments, what) -> UnknownOptionError:
+    return UnknownOptionError(option, choices, optimizer=optimizer, optimizer_arguments=arguments, what=what)
+
+
+class OutputExistsError(FileExistsError):
+    """The output already exists and overwriting was not asked for (``force=True``/``--force``).
+
+    Attributes:
+        path: the output as given.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: output exists (use --force / force=True to overwrite)")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):
+        return OutputExistsError, (self.path,)
+
+
+def closest_name(name: str, choices: Iterable[str]) -> str | None:
+    """The valid name closest to a misspelt ``name`` (``difflib``'s ratio ≥ 0.6), or ``None``."""
+    matches = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+class MergeWarning(UserWarning):
+    """Something the merge decided for the user that they may want to decide themselves
+    (which dtype mixed inputs are written in, which of several differing configs is kept).
+    The command line prints these as ``fedsoup: warning: ...``."""

@@ -1,0 +1,45 @@
+"""Checks on opened checkpoints, from headers alone (before any tensor data is read)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedsoup.errors import MergeInputError
+from fedsoup.io.readers import Checkpoint
+from fedsoup.structure import check_structure, structure_differences
+
+__all__ = ["check_compatible", "differences", "check_finite"]
+
+
+def differences(reference: Checkpoint, other: Checkpoint, limit: int | None = None) -> list[str]:
+    """Why ``other`` cannot be merged with ``reference``: one line per tensor (``fedsoup inspect``)."""
+    found = [
+        f"{other.name}, tensor {key!r}: {reason}"
+        for key, reason in structure_differences(reference.infos, other.infos, reference.name)
+    ]
+    return found[:limit] if limit is not None else found
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint], reference: Checkpoint | None = None) -> None:
+    """Same tensor names, shapes and kinds (floating or not) everywhere.
+
+    Raises :class:`~fedsoup.errors.MergeInputError` with the ``path``, ``ingredient``
+    (position in ``checkpoints``) and ``key`` of the first difference.
+    """
+    if not checkpoints:
+        raise MergeInputError("no input checkpoints")
+    reference = reference or checkpoints[0]
+    for index, checkpoint in enumerate(checkpoints):
+        if checkpoint is not reference:
+            check_structure(reference.infos, checkpoint.infos, ingredient=index, path=checkpoint.name,
+                            reference_name=reference.name)
+
+
+def check_finite(tensor: torch.Tensor, name: str, key: str) -> torch.Tensor:
+    """Refuse NaN/Inf in a floating tensor, naming the file and tensor."""
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+        raise MergeInputError(f"contains {kind} values", key=key, path=name)
+    return tensor

@@ -1,0 +1,401 @@
+"""Checkpoint readers: tensor names, shapes and dtypes from headers; tensors on demand.
+
+Readers never unpickle arbitrary objects: ``.pt``/``.pth``/``.bin``/``.ckpt`` go through
+``torch.load(weights_only=True)``, ``.npz`` through ``numpy.load(allow_pickle=False)``.
+Safetensors files (single, or sharded with a ``*.index.json``) are read lazily, tensor
+by tensor (``safe_open``), so a merge can visit one tensor at a time. Every failure is a
+:class:`~fedsoup.errors.MergeInputError` whose ``path`` is the file as the user spelled it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from fedsoup.errors import MergeInputError
+from fedsoup.io.formats import (
+    CODE_DTYPES,
+    INDEX_SUFFIX,
+    NUMPY_SUFFIX,
+    SAFETENSORS_SUFFIX,
+    TORCH_SUFFIXES,
+    WRAPPER_KEYS,
+    TensorInfo,
+    one_line,
+)
+from fedsoup.io.npy import read_npy_header
+
+__all__ = [
+    "Checkpoint",
+    "SafetensorsCheckpoint",
+    "InMemoryCheckpoint",
+    "NpzCheckpoint",
+    "ShardedCheckpoint",
+    "open_checkpoint",
+    "load_state_dict",
+    "unwrap_state_dict",
+    "expand_inputs",
+]
+
+
+class Checkpoint:
+    """A read-only checkpoint: tensor infos from headers, tensors on demand.
+
+    ``name`` is how the user spelled the path; every error uses it as its ``path``.
+    """
+
+    format = "checkpoint"  # shown by `fedsoup inspect`
+
+    def __init__(self, name: str, infos: dict[str, TensorInfo], metadata: dict[str, str] | None = None):
+        self.name = name
+        self.infos = infos
+        self.metadata = dict(metadata or {})
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.infos.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(info.numel for info in self.infos.values())
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (and only that tensor, where the format allows)."""
+        if key not in self.infos:
+            raise MergeInputError("no such tensor", key=key, path=self.name)
+        return self._read(key)
+
+    def _read(self, key: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        return {key: self.get(key) for key in self.infos}
+
+    def close(self) -> None:
+        """Release open files (safe to call twice)."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self.infos)} tensors)"
+
+
+def _safe_open(path: Path, name: str):
+    """Open a safetensors file; ``pread`` (recent safetensors; 0.8 here) keeps no mapping resident.
+
+    With the default mmap backend every page read stays mapped (and counts as resident
+    memory) until the file is closed, which would defeat a tensor-by-tensor merge.
+    """
+    try:
+        try:
+            return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+        except TypeError:  # older safetensors: no backend argument
+            return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise MergeInputError(f"not a readable safetensors file ({one_line(error)})", path=name) from None
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One ``.safetensors`` file, read lazily one tensor at a time."""
+
+    format = "safetensors"
+
+    def __init__(self, path: Path, name: str | None = None):
+        self.path = Path(path)
+        name = name or str(path)
+        self._handle = _safe_open(self.path, name)
+        infos: dict[str, TensorInfo] = {}
+        try:
+            for key in self._handle.keys():
+                view = self._handle.get_slice(key)
+                code = view.get_dtype()
+                if code not in CODE_DTYPES:
+                    raise MergeInputError(f"unsupported dtype {code}", key=key, path=name)
+                infos[key] = TensorInfo(tuple(int(size) for size in view.get_shape()), CODE_DTYPES[code])
+            metadata = self._handle.metadata() or {}
+        except SafetensorError as error:
+            self.close()
+            raise MergeInputError(f"not a readable safetensors file ({one_line(error)})", path=name) from None
+        except BaseException:
+            self.close()
+            raise
+        super().__init__(name, infos, metadata)
+
+    def _read(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except (SafetensorError, OSError) as error:
+            raise MergeInputError(f"cannot be read ({one_line(error)})", key=key, path=self.name) from None
+
+    def close(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle is not None:
+            handle.__exit__(None, None, None)
+
+
+class InMemoryCheckpoint(Checkpoint):
+    """Tensors already in memory (``.pt`` files, which cannot be read key by key)."""
+
+    format = "pytorch"
+
+    def __init__(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+        self._tensors = tensors
+        infos = {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in tensors.items()}
+        super().__init__(name, infos, metadata)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+class NpzCheckpoint(Checkpoint):
+    """A ``numpy.savez`` archive; array headers are read without loading the data."""
+
+    format = "npz"
+
+    def __init__(self, path: Path, name: str | None = None):
+        name = name or str(path)
+        try:
+            self._npz = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise MergeInputError(f"not a readable .npz file ({one_line(error)})", path=name) from None
+        if not isinstance(self._npz, np.lib.npyio.NpzFile):
+            raise MergeInputError("expected a .npz archive of named arrays, found a single array", path=name)
+        infos = {}
+        try:
+            for key in self._npz.files:
+                with self._npz.zip.open(key + ".npy") as member:
+                    try:
+                        shape, _, dtype = read_npy_header(member)
+                    except ValueError as error:
+                        raise MergeInputError(f"refused: {one_line(error)}", key=key, path=name) from None
+                infos[key] = TensorInfo(shape, _torch_dtype_of_numpy(dtype, name, key))
+        except MergeInputError:
+            self.close()
+            raise
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+            self.close()
+            raise MergeInputError(f"not a readable .npz file ({one_line(error)})", path=name) from None
+        super().__init__(name, infos)
+
+    def _read(self, key: str) -> torch.Tensor:
+        try:
+            array = self._npz[key]
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise MergeInputError(f"cannot be read ({one_line(error)})", key=key, path=self.name) from None
+        # (np.ascontiguousarray would turn a 0-d array into shape (1,))
+        return torch.from_numpy(array if array.flags.c_contiguous else array.copy(order="C"))
+
+    def close(self) -> None:
+        npz, self._npz = getattr(self, "_npz", None), None
+        if npz is not None:
+            npz.close()
+
+
+def _torch_dtype_of_numpy(dtype: np.dtype, name: str, key: str) -> torch.dtype:
+    try:
+        return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    except TypeError:
+        raise MergeInputError(f"dtype {dtype} is not supported by torch", key=key, path=name) from None
+
+
+class ShardedCheckpoint(Checkpoint):
+    """A checkpoint split over several files, mapped by a Hugging Face style index.
+
+    ``{"metadata": {...}, "weight_map": {"tensor name": "shard file name", ...}}``
+    """
+
+    def __init__(self, index_path: Path, name: str | None = None):
+        name = name or str(index_path)
+        try:
+            index = json.loads(Path(index_path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise MergeInputError(f"not a readable index file ({one_line(error)})", path=name) from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MergeInputError("index has no 'weight_map' of tensor name -> shard file", path=name)
+        folder = Path(index_path).parent
+        self._shards: dict[str, Checkpoint] = {}
+        self._shard_of: dict[str, Checkpoint] = {}
+        try:
+            for shard_name in dict.fromkeys(weight_map.values()):
+                shard_path = folder / shard_name
+                if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts:
+                    raise MergeInputError(f"shard {shard_name!r} is outside the checkpoint folder", path=name)
+                if not shard_path.is_file():
+                    raise MergeInputError(f"shard file {shard_name!r} is missing", path=name)
+                self._shards[shard_name] = open_checkpoint(shard_path, name=f"{name} -> {shard_name}")
+            infos: dict[str, TensorInfo] = {}
+            for key, shard_name in weight_map.items():
+                shard = self._shards[shard_name]
+                if key not in shard.infos:
+                    raise MergeInputError("listed in the index but not in the shard", key=key, path=shard.name)
+                infos[key] = shard.infos[key]
+                self._shard_of[key] = shard
+            for shard_name, shard in self._shards.items():
+                for key in shard.infos:
+                    if weight_map.get(key) != shard_name:
+                        raise MergeInputError("not in the index", key=key, path=shard.name)
+        except BaseException:
+            self.close()
+            raise
+        metadata = index.get("metadata") or {}
+        super().__init__(name, infos, {k: str(v) for k, v in metadata.items()})
+        kinds = sorted({shard.format for shard in self._shards.values()})
+        self.format = f"{len(self._shards)} {'/'.join(kinds)} shards"
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._shard_of[key].get(key)
+
+    def close(self) -> None:
+        for shard in getattr(self, "_shards", {}).values():
+            shard.close()
+
+
+def _load_torch_file(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` only: a file that needs more is refused, never run."""
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the outcome is what matters.
+            warnings.simplefilter("ignore")
+            try:
+                # mmap keeps the tensors file-backed (zip format only); legacy files fall back.
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error).lower() and "zip" not in str(error).lower():
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message is the only place that names the refused global; it goes into
+        # the reason for the reader, never parsed by callers.
+        refused = re.search(r"(unsupported GLOBAL \S+|Unsupported global: \S+|Unsupported operand \d+)", str(error))
+        raise MergeInputError(
+            f"refused by torch.load(weights_only=True) "
+            f"({refused.group(1) if refused else 'not a plain tensor file'}); FedSoup never unpickles "
+            f"arbitrary objects, which could run code: re-save the state_dict or convert it to safetensors",
+            path=name,
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, struct.error) as error:
+        raise MergeInputError(f"not a readable PyTorch file ({one_line(error)})", path=name) from None
+    return unwrap_state_dict(obj, name)
+
+
+def unwrap_state_dict(obj, name: str) -> dict[str, torch.Tensor]:
+    """Return the tensors of ``obj``, looking inside one ``state_dict``/``model`` wrapper."""
+    if not isinstance(obj, Mapping):
+        raise MergeInputError(f"expected a dict of tensors, found {type(obj).__name__}", path=name)
+    for wrapper in WRAPPER_KEYS:
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor):
+            raise MergeInputError(
+                f"a {type(value).__name__}, not a tensor (expected a state_dict, optionally wrapped "
+                f"as {{'state_dict': ...}} or {{'model': ...}})",
+                key=str(key), path=name,
+            )
+        tensors[str(key)] = value
+    if not tensors:
+        raise MergeInputError("holds no tensors", path=name)
+    return tensors
+
+
+def _find_in_directory(folder: Path, name: str) -> Path:
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        safetensors_indexes = [p for p in indexes if p.name.endswith(SAFETENSORS_SUFFIX + INDEX_SUFFIX)]
+        indexes = safetensors_indexes if len(safetensors_indexes) == 1 else indexes
+    if len(indexes) == 1:
+        return indexes[0]
+    if len(indexes) > 1:
+        raise MergeInputError(f"several index files ({', '.join(p.name for p in indexes)}); name one", path=name)
+    for suffixes in ((SAFETENSORS_SUFFIX,), TORCH_SUFFIXES, (NUMPY_SUFFIX,)):
+        found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
+        # Hugging Face saves training arguments beside the weights: not a checkpoint.
+        found = [p for p in found if p.name != "training_args.bin"]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise MergeInputError(f"several checkpoint files ({', '.join(p.name for p in found)}); name one", path=name)
+    raise MergeInputError("directory holds no checkpoint (.safetensors, *.index.json, .pt, .bin, .npz)", path=name)
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, name: str | None = None) -> Checkpoint:
+    """Open a checkpoint file or directory for reading; raise :class:`MergeInputError` if unusable.
+
+    ``model.safetensors`` also finds a sharded ``model.safetensors.index.json`` next to it.
+    """
+    path = Path(path)
+    name = name or str(path)
+    if path.is_dir():
+        path = _find_in_directory(path, name)
+    elif not path.exists():
+        sharded = path.with_name(path.name + INDEX_SUFFIX)
+        if path.suffix == SAFETENSORS_SUFFIX and sharded.is_file():
+            path = sharded
+        else:
+            raise MergeInputError("no such file or directory", path=name)
+    if path.name.endswith(INDEX_SUFFIX):
+        return ShardedCheckpoint(path, name)
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        return SafetensorsCheckpoint(path, name)
+    if suffix in TORCH_SUFFIXES:
+        return InMemoryCheckpoint(name, _load_torch_file(path, name))
+    if suffix == NUMPY_SUFFIX:
+        return NpzCheckpoint(path, name)
+    raise MergeInputError(
+        f"unknown checkpoint format {suffix or '(no suffix)'!r}; "
+        f"expected .safetensors, .pt, .pth, .bin, .ckpt, .npz, *.index.json or a directory",
+        path=name,
+    )
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a whole checkpoint (any supported format) into memory."""
+    with open_checkpoint(path) as checkpoint:
+        return checkpoint.load_all()
+
+
+def expand_inputs(patterns: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Expand shell-style globs (``ckpt/*.safetensors``, ``runs/**/model.pt``), sorted per pattern.
+
+    A pattern without wildcards is kept as given (its absence is reported when opened);
+    a glob that matches nothing is an error, so a typo never silently drops inputs.
+    """
+    paths: list[str] = []
+    for pattern in patterns:
+        pattern = os.fspath(pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise MergeInputError("no file matches this pattern", path=pattern)
+            paths.extend(matches)
+        else:
+            paths.append(pattern)
+    return paths

@@ -1,0 +1,319 @@
+"""One validated options type for every way of asking for a merge.
+
+:class:`MergeOptions` holds the options of :func:`fedsoup.merge` (docs/design.md §2) and the
+optimizer's constructor arguments. The same type sits behind ``fedsoup.merge``,
+``fedsoup.merge_files``, the ``fedsoup merge`` flags and ``--config`` files, and the
+Flower strategy's ``soup=`` dict; :class:`OptimizerOptions` behind its ``stew=`` dict.
+Building one validates everything that does not need the models, so a bad option
+fails before any tensor is read:
+
+- an unknown name raises :class:`~fedsoup.errors.UnknownOptionError` with the closest
+  valid name (``unknown option 'shufle'; did you mean 'shuffle'?``); an optimizer
+  argument is checked against the chosen optimizer's constructor signature
+  (``'beta'`` -> ``'betas'`` for Adam);
+- a bad value raises :class:`~fedsoup.errors.OptionError` naming the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsoup.errors import OptionError, UnknownOptionError, closest_name
+from fedsoup.optim import OPTIMIZERS
+from fedsoup.schedules import SCHEDULES
+
+__all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "resolve_optimizer_option"]
+
+# Constructor parameters that the merge itself sets (never user options).
+_SET_BY_MERGE = frozenset({"self", "params", "lr"})
+
+
+def optimizer_arguments(cls: type) -> frozenset[str] | None:
+    """The keyword arguments ``cls(params, lr=..., **kwargs)`` accepts; ``None`` when it takes ``**kwargs``."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = set()
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.add(parameter.name)
+    return frozenset(names - _SET_BY_MERGE)
+
+
+def resolve_optimizer_option(value: Any) -> type[torch.optim.Optimizer]:
+    """An optimizer class from a name of :data:`fedsoup.OPTIMIZERS` or a class; :class:`OptionError` else."""
+    if isinstance(value, str):
+        cls = OPTIMIZERS.get(value.lower())
+        if cls is None:
+            suggestion = closest_name(value.lower(), OPTIMIZERS)
+            known = "" if suggestion else f" (known: {', '.join(sorted(OPTIMIZERS))}, or a torch.optim.Optimizer class)"
+            raise OptionError("optimizer", value, f"unknown optimizer {value!r}{known}", suggestion=suggestion)
+        return cls
+    if isinstance(value, type) and issubclass(value, torch.optim.Optimizer):
+        return value
+    raise OptionError(
+        "optimizer", value,
+        f"optimizer must be a name ({', '.join(sorted(OPTIMIZERS))}) or a torch.optim.Optimizer class, got {value!r}",
+    )
+
+
+def _check_optimizer_kwargs(cls: type, kwargs: Mapping[str, Any], named: Sequence[str]) -> dict[str, Any]:
+    """``kwargs`` as a dict of ``str`` keys, each an argument of ``cls``'s constructor."""
+    accepted = optimizer_arguments(cls)
+    checked = {}
+    for key, value in kwargs.items():
+        key = str(key)
+        if key in _SET_BY_MERGE:
+            raise OptionError(key, value, f"{key!r} is not an optimizer argument here: it is set by the merge"
+                              + (" (give it as the lr option)" if key == "lr" else ""))
+        if accepted is not None and key not in accepted:
+            raise UnknownOptionError(key, [*named, *accepted], optimizer=cls.__name__, optimizer_arguments=accepted)
+        checked[key] = value
+    return checked
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _real(name: str, value: Any, *, minimum: float | None = None) -> float:
+    if not _is_real(value) or not math.isfinite(float(value)):
+        raise OptionError(name, value, f"option {name!r} must be a finite number, got {value!r}")
+    if minimum is not None and float(value) < minimum:
+        raise OptionError(name, value, f"option {name!r} must be >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, *, minimum: int | None = None) -> int:
+    if not _is_int(value):
+        raise OptionError(name, value, f"option {name!r} must be an integer, got {value!r}")
+    if minimum is not None and int(value) < minimum:
+        raise OptionError(name, value, f"option {name!r} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise OptionError(name, value, f"option {name!r} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _numbers(name: str, value: Any) -> tuple[float, ...] | None:
+    """None, or one number per ingredient (a sequence, array or tensor; lengths are checked by the merge)."""
+    if value is None:
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence) \
+            or not all(_is_real(v) for v in value):
+        raise OptionError(name, value, f"option {name!r} must be a list of numbers (one per ingredient), got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """The options of :func:`fedsoup.merge`, validated on construction.
+
+    Build it from keywords as ``fedsoup.merge`` takes them (names that are not merge
+    options are the optimizer's arguments): ``MergeOptions.from_kwargs(optimizer="adam",
+    lr=1e-3, betas=(0.9, 0.99))``, or from a dict (a config file, a ``soup=`` dict) with
+    :meth:`from_dict`. ``options.to_kwargs()`` gives ``fedsoup.merge``'s keywords back;
+    ``dataclasses.replace(options, ...)`` validates again.
+    """
+
+    weights: tuple[float, ...] | None = None
+    optimizer: str | type[torch.optim.Optimizer] = "sgd"
+    lr: float | None = None  # None: the merge's default for the optimizer (1.0 for SGD)
+    schedule: str | Callable[[int], float] = "harmonic"
+    alpha: float = -1.1
+    epochs: int = 1
+    batch_size: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    pivot: str | int | Mapping[str, Any] = "soup"
+    adaptive_pivot: bool = True
+    amplification: float | Callable[[int], float] = 1.0
+    order_by: tuple[float, ...] | None = None
+    descending: bool = True
+    greedy: bool = False
+    evaluate: Callable[[dict[str, torch.Tensor]], float] | None = None
+    project: bool = False
+    device: str | torch.device | None = None
+    optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
+        set_("weights", _numbers("weights", self.weights))
+        set_("order_by", _numbers("order_by", self.order_by))
+        cls = resolve_optimizer_option(self.optimizer)
+        if self.lr is not None:
+            set_("lr", _real("lr", self.lr, minimum=0.0))
+        if not callable(self.schedule):
+            if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
+                raise OptionError(
+                    "schedule", self.schedule,
+                    f"unknown schedule {self.schedule!r} (use {', '.join(SCHEDULES)} or a callable k -> lr)",
+                    suggestion=closest_name(str(self.schedule), SCHEDULES),
+                )
+        set_("alpha", _real("alpha", self.alpha))
+        set_("epochs", _integer("epochs", self.epochs, minimum=1))
+        set_("batch_size", _integer("batch_size", self.batch_size, minimum=1))
+        set_("seed", _integer("seed", self.seed))
+        for name in ("shuffle", "adaptive_pivot", "descending", "greedy", "project"):
+            set_(name, _flag(name, getattr(self, name)))
+        self._check_pivot()
+        if not callable(self.amplification):
+            set_("amplification", _real("amplification", self.amplification))
+        if self.evaluate is not None and not callable(self.evaluate):
+            raise OptionError("evaluate", self.evaluate, f"evaluate must be a callable state_dict -> score, got {self.evaluate!r}")
+        if self.greedy and self.evaluate is None:
+            raise OptionError("evaluate", None, "greedy=True needs an evaluate(state_dict) -> float callback")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise OptionError("device", self.device, f"invalid device {self.device!r} ({error})") from None
+        if not isinstance(self.optimizer_kwargs, Mapping):
+            raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
+        set_("optimizer_kwargs", _check_optimizer_kwargs(cls, self.optimizer_kwargs, _MERGE_FIELDS))
+
+    def _check_pivot(self) -> None:
+        pivot = self.pivot
+        if isinstance(pivot, str):
+            if pivot not in ("soup", "first"):
+                raise OptionError("pivot", pivot, f"unknown pivot {pivot!r} (use 'soup', 'first', an ingredient "
+                                  "index or a state dict)", suggestion=closest_name(pivot, ("soup", "first")))
+        elif not (_is_int(pivot) or isinstance(pivot, Mapping)):
+            raise OptionError("pivot", pivot, f"pivot must be 'soup', 'first', an index or a state dict, got {pivot!r}")
+
+    @property
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        return resolve_optimizer_option(self.optimizer)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> MergeOptions:
+        """From ``fedsoup.merge``'s keywords: merge options by name, everything else the optimizer's."""
+        return cls.from_dict(kwargs)
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any], *, reserved: Mapping[str, str] | None = None) -> MergeOptions:
+        """From a dict of settings (a config file, FedSoup's ``soup=``).
+
+        An ``optimizer_kwargs`` entry is a nested dict of optimizer arguments; any other
+        key that is not a merge option is taken as an optimizer argument too (and
+        refused, with the closest name, if the optimizer does not take it). ``reserved``
+        maps keys the caller sets itself to the reason, e.g. ``{"weights": "FedSoup
+        weighs clients by num-examples"}``: they raise :class:`OptionError`.
+        """
+        if not isinstance(settings, Mapping):
+            raise OptionError("options", settings, f"options must be a mapping of names to values, got {type(settings).__name__}")
+        named: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in settings.items():
+            key = str(key)
+            if reserved and key in reserved:
+                raise OptionError(key, value, f"option {key!r} cannot be set here: {reserved[key]}")
+            if key == "optimizer_kwargs":
+                if not isinstance(value, Mapping):
+                    raise OptionError(key, value, "optimizer_kwargs must be a mapping of optimizer arguments")
+                extra.update({str(k): v for k, v in value.items()})
+            elif key in _MERGE_FIELDS:
+                named[key] = value
+            else:
+                extra[key] = value
+        return cls(**named, optimizer_kwargs=extra)
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``fedsoup.merge(models, **options.to_kwargs())``.
+
+        ``lr`` and ``device`` are left out when ``None``: the merge's own defaults apply.
+        """
+        kwargs = {name: getattr(self, name) for name in _MERGE_FIELDS}
+        for name in ("lr", "device"):
+            if kwargs[name] is None:
+                del kwargs[name]
+        kwargs["weights"] = None if self.weights is None else list(self.weights)
+        kwargs["order_by"] = None if self.order_by is None else list(self.order_by)
+        return {**kwargs, **self.optimizer_kwargs}
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly record of the settings (for file metadata); tensors and callables by name."""
+        record = {}
+        for name in (*_MERGE_FIELDS, "optimizer_kwargs"):
+            value = getattr(self, name)
+            if name == "pivot" and isinstance(value, Mapping):
+                value = "state dict"
+            elif name == "optimizer_kwargs":
+                record.update({k: _jsonable(v) for k, v in value.items()})
+                continue
+            record[name] = _jsonable(value)
+        return record
+
+
+_MERGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MergeOptions) if f.name != "optimizer_kwargs")
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """An optimizer with its learning rate and constructor arguments (FedSoup's ``stew=``).
+
+    ``OptimizerOptions.from_dict({"optimizer": "fedadam", "lr": 0.1, "betas": (0.9, 0.99)})``;
+    unknown arguments are refused with the closest name, as for :class:`MergeOptions`.
+    """
+
+    optimizer: str | type[torch.optim.Optimizer] = "sgd"
+    lr: float = 1.0
+    optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cls = resolve_optimizer_option(self.optimizer)
+        object.__setattr__(self, "lr", _real("lr", self.lr, minimum=0.0))
+        if not isinstance(self.optimizer_kwargs, Mapping):
+            raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
+        object.__setattr__(self, "optimizer_kwargs",
+                           _check_optimizer_kwargs(cls, self.optimizer_kwargs, ("optimizer", "lr")))
+
+    @property
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        return resolve_optimizer_option(self.optimizer)
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any] | None) -> OptimizerOptions:
+        """``{"optimizer": ..., "lr": ..., **constructor arguments}``; ``None`` is plain SGD with lr 1."""
+        settings = dict(settings or {})
+        optimizer = settings.pop("optimizer", "sgd")
+        lr = settings.pop("lr", 1.0)
+        nested = settings.pop("optimizer_kwargs", {})
+        if not isinstance(nested, Mapping):
+            raise OptionError("optimizer_kwargs", nested, "optimizer_kwargs must be a mapping of optimizer arguments")
+        return cls(optimizer=optimizer, lr=lr, optimizer_kwargs={**settings, **nested})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if callable(value):
+        return getattr(value, "__qualname__", repr(value))
+    return str(value)
