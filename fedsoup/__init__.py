@@ -3,10 +3,16 @@
 ``fedsoup.merge`` runs a ``torch.optim`` optimizer over the pseudogradients
 ``w - x_i`` of a set of models (paper: "On Defining Neural Averaging", Algorithm 1);
 with the defaults it returns the plain weighted soup ``fedsoup.soup``.
+``fedsoup.merge_files`` does the same on checkpoint files (``fedsoup merge`` on the
+command line). Options are one validated type (``fedsoup.MergeOptions``); errors are
+typed and carry their culprit as attributes (``fedsoup.MergeInputError``).
 """
 
-from fedsoup.ame import find_non_finite, merge, soup
-from fedsoup.optim import (
+from fedsoup.ame import merge, soup
+from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExistsError, UnknownOptionError
+from fedsoup.inputs import find_non_finite  # noqa: F401 - internal helper, used by strategies/
+from fedsoup.offline import inspect_files, merge_files
+from fedsoup.optim import (  # noqa: F401 - is_plain_sgd, make_optimizer: internal helpers, used by strategies/
     OPTIMIZERS,
     FedAdagrad,
     FedAdam,
@@ -16,20 +22,26 @@ from fedsoup.optim import (
     make_optimizer,
     resolve_optimizer,
 )
-from fedsoup.schedules import make_schedule
+from fedsoup.options import MergeOptions, OptimizerOptions
+from fedsoup.schedules import make_schedule  # noqa: F401 - internal helper
 
 __all__ = [
     "merge",
     "soup",
-    "find_non_finite",
+    "merge_files",
+    "inspect_files",
+    "MergeOptions",
+    "OptimizerOptions",
+    "MergeInputError",
+    "OptionError",
+    "UnknownOptionError",
+    "OutputExistsError",
+    "MergeWarning",
     "OPTIMIZERS",
     "FedAdam",
     "FedYogi",
     "FedAdagrad",
     "resolve_optimizer",
     "is_elementwise",
-    "is_plain_sgd",
-    "make_optimizer",
-    "make_schedule",
 ]
 __version__ = "0.1.0"

@@ -42,6 +42,7 @@ from fedsoup.inputs import (
     visiting_order,
 )
 from fedsoup.optim import is_elementwise, is_plain_sgd, resolve_optimizer
+from fedsoup.options import MergeOptions
 from fedsoup.problem import LearningRate, Problem
 from fedsoup.reference import merge_reference, weighted_sum
 from fedsoup.schedules import make_schedule
@@ -140,9 +141,19 @@ def merge(
         first ingredient in visiting order.
 
     Raises:
-        ValueError: naming the ingredient and tensor for mismatched keys, shapes or
-            dtypes, NaN/Inf values, bad weights or scores; or for invalid options.
+        fedsoup.MergeInputError: (a ``ValueError``) with ``ingredient`` and ``key`` for
+            mismatched keys, shapes or kinds, NaN/Inf values, negative weights, NaN scores.
+        fedsoup.UnknownOptionError: (a ``TypeError``) an option that is neither a merge
+            option nor an argument of the optimizer, with the closest valid name.
+        fedsoup.OptionError: (a ``ValueError``) a bad option value.
     """
+    # Every option is checked before any work (fedsoup.options).
+    MergeOptions(
+        weights=weights, optimizer=optimizer, lr=lr, schedule=schedule, alpha=alpha, epochs=epochs,
+        batch_size=batch_size, shuffle=shuffle, seed=seed, pivot=pivot, adaptive_pivot=adaptive_pivot,
+        amplification=amplification, order_by=order_by, descending=descending, greedy=greedy,
+        evaluate=evaluate, project=project, device=device, optimizer_kwargs=optimizer_kwargs,
+    )
     state_dicts = as_state_dicts(models)
     check_structures(state_dicts)
     n = len(state_dicts)

@@ -42,7 +42,7 @@ class MergeInputError(ValueError):
         if self.path is not None:
             where.append(self.path)
         elif self.ingredient is not None:
-            where.append("pivot" if self.ingredient == -1 else f"ingredient {self.ingredient}")
+            where.append(f"ingredient {self.ingredient}")
         if self.key is not None:
             where.append(f"tensor {self.key!r}")
         return f"{', '.join(where)}: {self.reason}" if where else self.reason

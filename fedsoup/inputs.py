@@ -4,6 +4,8 @@ Everything here runs before any merging: ingredients become ``dict[str, Tensor]`
 with equal keys, shapes and kinds (floating or not); weights are normalised to sum 1
 (docs/design.md §1); the visiting order and the pivot initialisation ``w_0`` are
 resolved; and NaN/Inf is traced back to the ingredient and tensor it came from.
+Bad data raises :class:`~fedsoup.errors.MergeInputError` (``ingredient``, ``key``);
+bad option values :class:`~fedsoup.errors.OptionError`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from fedsoup.errors import MergeInputError, OptionError
+from fedsoup.structure import check_structure
+
 __all__ = [
     "StateDict",
     "as_state_dicts",
     "check_structures",
-    "check_same_structure",
     "normalised_weights",
     "visiting_order",
     "resolve_pivot",
@@ -31,65 +35,42 @@ __all__ = [
 StateDict = dict[str, torch.Tensor]
 
 
-def as_tensor(value, index: int, key: str) -> torch.Tensor:
+def as_tensor(value, index: int | None, key: str) -> torch.Tensor:
+    """``value`` as a tensor; ``index`` is the ingredient (``None`` for the pivot)."""
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, np.ndarray):
         if value.dtype == object:
-            raise ValueError(f"ingredient {index}, tensor {key!r}: object arrays are not tensors")
+            raise MergeInputError("object arrays are not tensors", ingredient=index, key=key)
         if not value.flags.writeable:
             return torch.tensor(value)
         # np.ascontiguousarray would make a 0-d array 1-d.
         return torch.from_numpy(value if value.flags.c_contiguous else np.ascontiguousarray(value))
-    raise ValueError(
-        f"ingredient {index}, tensor {key!r}: expected torch.Tensor or numpy.ndarray, "
-        f"got {type(value).__name__}"
+    raise MergeInputError(
+        f"expected torch.Tensor or numpy.ndarray, got {type(value).__name__}", ingredient=index, key=key
     )
 
 
 def as_state_dicts(models) -> list[StateDict]:
     if isinstance(models, Mapping) or not isinstance(models, Sequence):
-        raise ValueError("models must be a sequence of state dicts (Mapping[str, Tensor])")
+        raise MergeInputError("models must be a sequence of state dicts (Mapping[str, Tensor])")
     if len(models) == 0:
-        raise ValueError("cannot merge an empty list of models")
+        raise MergeInputError("cannot merge an empty list of models")
     state_dicts = []
     for index, model in enumerate(models):
         if not isinstance(model, Mapping):
-            raise ValueError(
-                f"ingredient {index}: expected a mapping of tensors (e.g. model.state_dict()), "
-                f"got {type(model).__name__}"
+            raise MergeInputError(
+                f"expected a mapping of tensors (e.g. model.state_dict()), got {type(model).__name__}",
+                ingredient=index,
             )
         state_dicts.append({str(k): as_tensor(v, index, str(k)) for k, v in model.items()})
     return state_dicts
 
 
-def check_same_structure(reference: StateDict, other: StateDict, name: str) -> None:
-    """Raise ValueError naming ``name`` and the first key that does not match."""
-    if other.keys() != reference.keys():
-        missing = sorted(reference.keys() - other.keys())
-        extra = sorted(other.keys() - reference.keys())
-        parts = []
-        if missing:
-            parts.append(f"missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-        if extra:
-            parts.append(f"unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
-        raise ValueError(f"{name}: {', '.join(parts)} compared with ingredient 0")
-    for key, ref in reference.items():
-        tensor = other[key]
-        if tensor.shape != ref.shape:
-            raise ValueError(
-                f"{name}, tensor {key!r}: shape {tuple(tensor.shape)} != {tuple(ref.shape)} of ingredient 0"
-            )
-        if tensor.is_floating_point() != ref.is_floating_point():
-            raise ValueError(
-                f"{name}, tensor {key!r}: dtype {tensor.dtype} cannot be merged with "
-                f"{ref.dtype} of ingredient 0 (floating and non-floating)"
-            )
-
-
 def check_structures(state_dicts: list[StateDict]) -> None:
+    """Same keys, shapes and kinds as ingredient 0 (:func:`fedsoup.structure.check_structure`)."""
     for index, state_dict in enumerate(state_dicts[1:], start=1):
-        check_same_structure(state_dicts[0], state_dict, f"ingredient {index}")
+        check_structure(state_dicts[0], state_dict, ingredient=index)
 
 
 def normalised_weights(weights, n: int) -> list[float]:
@@ -97,13 +78,13 @@ def normalised_weights(weights, n: int) -> list[float]:
         return [1.0 / n] * n
     values = [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]
     if len(values) != n:
-        raise ValueError(f"weights has {len(values)} entries for {n} ingredients")
+        raise OptionError("weights", weights, f"weights has {len(values)} entries for {n} ingredients")
     for index, value in enumerate(values):
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"ingredient {index}: weight must be finite and >= 0, got {value}")
+            raise MergeInputError(f"weight must be finite and >= 0, got {value}", ingredient=index)
     total = math.fsum(values)
     if total <= 0:
-        raise ValueError("weights sum to zero: at least one ingredient needs a positive weight")
+        raise OptionError("weights", weights, "weights sum to zero: at least one ingredient needs a positive weight")
     return [value / total for value in values]
 
 
@@ -112,10 +93,10 @@ def visiting_order(n: int, order_by, descending: bool) -> list[int]:
         return list(range(n))
     scores = [float(s) for s in (order_by.tolist() if hasattr(order_by, "tolist") else order_by)]
     if len(scores) != n:
-        raise ValueError(f"order_by has {len(scores)} scores for {n} ingredients")
+        raise OptionError("order_by", order_by, f"order_by has {len(scores)} scores for {n} ingredients")
     for index, score in enumerate(scores):
         if math.isnan(score):
-            raise ValueError(f"ingredient {index}: order_by score is NaN")
+            raise MergeInputError("order_by score is NaN", ingredient=index)
     # Python's sort is stable also with reverse=True: ties keep the given order.
     return sorted(range(n), key=scores.__getitem__, reverse=descending)
 
@@ -127,19 +108,22 @@ def resolve_pivot(pivot, state_dicts: list[StateDict], order: list[int]) -> Stat
             return None
         if pivot == "first":
             return state_dicts[order[0]]
-        raise ValueError(f"unknown pivot {pivot!r}: use 'soup', 'first', an ingredient index or a state dict")
+        raise OptionError("pivot", pivot, f"unknown pivot {pivot!r}: use 'soup', 'first', an ingredient index or a state dict")
     if isinstance(pivot, bool):
-        raise ValueError(f"pivot must be 'soup', 'first', an index or a state dict, got {pivot!r}")
+        raise OptionError("pivot", pivot, f"pivot must be 'soup', 'first', an index or a state dict, got {pivot!r}")
     if isinstance(pivot, (int, np.integer)):
         index = int(pivot)
         if not -len(state_dicts) <= index < len(state_dicts):
-            raise ValueError(f"pivot index {index} out of range for {len(state_dicts)} ingredients")
+            raise OptionError("pivot", pivot, f"pivot index {index} out of range for {len(state_dicts)} ingredients")
         return state_dicts[index]
     if isinstance(pivot, Mapping):
-        explicit = {str(k): as_tensor(v, -1, str(k)) for k, v in pivot.items()}
-        check_same_structure(state_dicts[0], explicit, "pivot")
+        explicit = {str(k): as_tensor(v, None, str(k)) for k, v in pivot.items()}
+        try:
+            check_structure(state_dicts[0], explicit)
+        except MergeInputError as error:
+            raise MergeInputError(f"pivot {error.reason}", key=error.key) from None
         return explicit
-    raise ValueError(f"pivot must be 'soup', 'first', an index or a state dict, got {type(pivot).__name__}")
+    raise OptionError("pivot", pivot, f"pivot must be 'soup', 'first', an index or a state dict, got {type(pivot).__name__}")
 
 
 def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -167,11 +151,12 @@ def find_non_finite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     )
 
 
-def first_non_finite(state_dicts: list[StateDict], names: list[str]) -> str | None:
-    for name, state_dict in zip(names, state_dicts):
+def first_non_finite(state_dicts: list[StateDict]) -> MergeInputError | None:
+    """The error to raise for the first ingredient holding NaN or Inf (``ingredient``, ``key``), or ``None``."""
+    for index, state_dict in enumerate(state_dicts):
         key = find_non_finite(state_dict)
         if key is not None:
-            return f"{name}, tensor {key!r}: contains NaN or Inf values"
+            return MergeInputError("contains NaN or Inf values", ingredient=index, key=key)
     return None
 
 
@@ -180,13 +165,14 @@ def raise_if_not_finite(result: StateDict, state_dicts: list[StateDict], pivot: 
     bad_key = find_non_finite(result)
     if bad_key is None:
         return
-    names = [f"ingredient {i}" for i in range(len(state_dicts))]
-    culprit = first_non_finite(state_dicts, names)
-    if culprit is None and pivot is not None:
-        culprit = first_non_finite([pivot], ["pivot"])
+    culprit = first_non_finite(state_dicts)
     if culprit is not None:
-        raise ValueError(culprit)
-    raise ValueError(
+        raise culprit
+    pivot_key = find_non_finite(pivot) if pivot is not None else None
+    if pivot_key is not None:
+        raise MergeInputError("pivot contains NaN or Inf values", key=pivot_key)
+    raise OptionError(
+        "lr", None,
         f"merge diverged: tensor {bad_key!r} of the result is NaN or Inf although every "
-        "ingredient is finite; lower lr or change the optimizer settings"
+        "ingredient is finite; lower lr or change the optimizer settings",
     )

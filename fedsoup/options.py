@@ -17,6 +17,7 @@ fails before any tensor is read:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -37,6 +38,7 @@ __all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "resolve_o
 _SET_BY_MERGE = frozenset({"self", "params", "lr"})
 
 
+@functools.lru_cache(maxsize=64)
 def optimizer_arguments(cls: type) -> frozenset[str] | None:
     """The keyword arguments ``cls(params, lr=..., **kwargs)`` accepts; ``None`` when it takes ``**kwargs``."""
     try:
@@ -139,7 +141,7 @@ class MergeOptions:
 
     weights: tuple[float, ...] | None = None
     optimizer: str | type[torch.optim.Optimizer] = "sgd"
-    lr: float | None = None  # None: the merge's default for the optimizer (1.0 for SGD)
+    lr: float | Mapping[str, float] | None = None  # None: the merge's default (1.0 for SGD); or one per key
     schedule: str | Callable[[int], float] = "harmonic"
     alpha: float = -1.1
     epochs: int = 1
@@ -162,7 +164,9 @@ class MergeOptions:
         set_("weights", _numbers("weights", self.weights))
         set_("order_by", _numbers("order_by", self.order_by))
         cls = resolve_optimizer_option(self.optimizer)
-        if self.lr is not None:
+        if isinstance(self.lr, Mapping):  # one lr per floating tensor key (keys checked by the merge)
+            set_("lr", {str(key): _real(f"lr[{key!r}]", value, minimum=0.0) for key, value in self.lr.items()})
+        elif self.lr is not None:
             set_("lr", _real("lr", self.lr, minimum=0.0))
         if not callable(self.schedule):
             if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
@@ -212,14 +216,16 @@ class MergeOptions:
         return cls.from_dict(kwargs)
 
     @classmethod
-    def from_dict(cls, settings: Mapping[str, Any], *, reserved: Mapping[str, str] | None = None) -> MergeOptions:
+    def from_dict(cls, settings: Mapping[str, Any], *, reserved: Mapping[str, str] | None = None,
+                  also_valid: Sequence[str] = ()) -> MergeOptions:
         """From a dict of settings (a config file, FedSoup's ``soup=``).
 
         An ``optimizer_kwargs`` entry is a nested dict of optimizer arguments; any other
         key that is not a merge option is taken as an optimizer argument too (and
         refused, with the closest name, if the optimizer does not take it). ``reserved``
         maps keys the caller sets itself to the reason, e.g. ``{"weights": "FedSoup
-        weighs clients by num-examples"}``: they raise :class:`OptionError`.
+        weighs clients by num-examples"}``: they raise :class:`OptionError`. ``also_valid``
+        names the caller's own settings, offered as suggestions for a misspelt key.
         """
         if not isinstance(settings, Mapping):
             raise OptionError("options", settings, f"options must be a mapping of names to values, got {type(settings).__name__}")
@@ -237,6 +243,13 @@ class MergeOptions:
                 named[key] = value
             else:
                 extra[key] = value
+        if also_valid and extra:
+            cls_ = resolve_optimizer_option(named.get("optimizer", "sgd"))
+            accepted = optimizer_arguments(cls_)
+            for key in extra:
+                if accepted is not None and key not in accepted and key not in _SET_BY_MERGE:
+                    raise UnknownOptionError(key, [*_MERGE_FIELDS, *also_valid, *accepted],
+                                             optimizer=cls_.__name__, optimizer_arguments=accepted)
         return cls(**named, optimizer_kwargs=extra)
 
     def to_kwargs(self) -> dict[str, Any]:

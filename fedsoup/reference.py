@@ -37,9 +37,9 @@ def merge_reference(problem: Problem) -> StateDict:
     """Merge by the plain loop of Algorithm 1 (see the module docstring)."""
     if problem.greedy:
         # A rejected step could hide a NaN ingredient from the result: check up front.
-        culprit = first_non_finite(problem.state_dicts, [f"ingredient {i}" for i in range(len(problem.omega))])
+        culprit = first_non_finite(problem.state_dicts)
         if culprit is not None:
-            raise ValueError(culprit)
+            raise culprit
     keys = problem.float_keys
     device, omega = problem.device, problem.omega
     x = {key: [sd[key].to(device, problem.compute_dtype(key)) for sd in problem.state_dicts] for key in keys}

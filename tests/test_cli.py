@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import fedsoup
 from fedsoup import cli
 from fedsoup import io as fio
+from fedsoup.offline import producers
 
 REPO = Path(__file__).resolve().parents[1]
 ADAM = ["--optimizer", "adam", "--lr", "0.05", "--epochs", "2", "--batch-size", "2", "--shuffle", "--seed", "3"]
@@ -54,7 +55,7 @@ def write(models, folder: Path, fmt: str = "safetensors") -> list[str]:
         elif fmt == "sharded":
             path = folder / f"client{i}"
             infos = {k: fio.TensorInfo(tuple(v.shape), v.dtype) for k, v in model.items()}
-            fio.save_checkpoint(path, infos, model.__getitem__, max_shard_bytes=100)
+            fio.write_checkpoint(path, infos, model.__getitem__, max_shard_bytes=100)
         else:
             raise AssertionError(fmt)
         paths.append(str(path))
@@ -193,7 +194,7 @@ def test_low_memory_refuses_whole_model_merges(tmp_path, capsys, options, reason
 
 def test_low_memory_is_chosen_when_memory_is_short(tmp_path, capsys, monkeypatch):
     inputs = write(make_models(), tmp_path)
-    monkeypatch.setattr(cli, "_memory_available", lambda: 1000)
+    monkeypatch.setattr(producers, "memory_available", lambda: 1000)
     code, out, err = run("merge", *inputs, "-o", tmp_path / "out.safetensors", *ADAM, capsys=capsys)
     assert code == 0, err
     assert "low-memory" in out and "merging tensor by tensor" in err
@@ -229,7 +230,7 @@ def test_unknown_config_key_exits_2_naming_it(tmp_path, capsys, suffix, text):
     inputs = write(make_models(), tmp_path)
     (tmp_path / f"c{suffix}").write_text(text)
     code, _, err = run("merge", *inputs, "-o", tmp_path / "o.safetensors", "--config", tmp_path / f"c{suffix}", capsys=capsys)
-    assert code == 2 and "unknown setting 'optimiser'" in err
+    assert code == 2 and "unknown option 'optimiser'; did you mean 'optimizer'?" in err
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -298,11 +299,14 @@ def test_bad_settings_exit_2(tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     cases = [
         (["--weights", "1,2"], "2 values for 3 inputs"),
-        (["--weights", "1,-2,1"], "ingredient 1"),
+        (["--weights", "1,-2,1"], "client1.safetensors: weight must be finite and >= 0"),
         (["--optimizer", "adamm"], "unknown optimizer 'adamm'"),
         (["--optimizer", "sgd", "--betas", "0.9,0.9"], "betas"),
         (["--order-by", "val_acc"], "--metrics"),
-        (["--greedy"], "--evaluate"),
+        (["--greedy"], "needs an evaluate"),
+        (["--opt", "nesterov=true", "--opt", "momentun=0.9"], "unknown option 'momentun'; did you mean 'momentum' (an argument of SGD)?"),
+        (["--dtype", "int8"], "dtype 'int8'"),
+        (["--shard-size", "lots"], "size 'lots'"),
         (["--pivot", "7"], "pivot"),
     ]
     for options, message in cases:
@@ -360,7 +364,7 @@ def test_inspect_lists_tensors_and_differences(tmp_path, capsys):
     assert "client0.safetensors: 5 tensors, 110 parameters" in out
     assert "conv.weight" in out and "(4, 2, 3, 3)" in out and "bfloat16" in out
     assert "not mergeable: 2 differences" in out
-    assert "'fc.bias' missing" in out and "'fc.weight' has shape (4, 5), but" in out
+    assert "tensor 'fc.bias': missing" in out and "tensor 'fc.weight': has shape (4, 5), but" in out
     code, out, _ = run("inspect", "--json", *inputs, capsys=capsys)
     report = json.loads(out)
     assert report["checkpoints"][0]["keys"]["fc.weight"] == {"dtype": "float32", "shape": [5, 4]}
@@ -442,11 +446,12 @@ def test_sigterm_mid_merge_leaves_nothing_behind(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('lr = "fast"', "'lr' must be int or float"),
-    ("shuffle = 1", "'shuffle' must be bool"),
-    ("epochs = true", "'epochs' must be int"),
-    ("low_memory = 'auto'", "'low_memory' must be bool"),
+    ('lr = "fast"', "option 'lr' must be a finite number, got 'fast'"),
+    ("shuffle = 1", "option 'shuffle' must be true or false, got 1"),
+    ("epochs = true", "option 'epochs' must be an integer, got True"),
+    ("low_memory = 'auto'", "option 'low_memory' must be true, false or None, got 'auto'"),
     ("optimizer_kwargs = 3", "'optimizer_kwargs' must be a table"),
+    ("shard_sise = '1GB'", "unknown option 'shard_sise'; did you mean 'shard_size'?"),
     ("lr = ", "invalid config"),
 ])
 def test_config_values_of_the_wrong_type_exit_2(tmp_path, capsys, line, message):

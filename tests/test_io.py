@@ -1,4 +1,4 @@
-"""fedsoup.io: readers for every format, the streaming sharded writer, input checks."""
+"""fedsoup.io: readers for every format, the npy reader, the streaming sharded writer, input checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedsoup import io as fio
-from fedsoup.io import InputError, TensorInfo
+from fedsoup.errors import MergeInputError, OptionError, OutputExistsError
+from fedsoup.io import TensorInfo
 
 
 def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ def test_top_level_wrapper_is_unwrapped(tmp_path, wrapper):
 
 def test_non_tensor_entry_is_refused_by_name(tmp_path):
     torch.save({"w": torch.zeros(2), "epoch": 3}, tmp_path / "x.pt")
-    with pytest.raises(InputError, match=r"x\.pt.*'epoch'.*not a tensor"):
+    with pytest.raises(MergeInputError, match=r"x\.pt.*'epoch'.*not a tensor"):
         fio.load_state_dict(tmp_path / "x.pt")
 
 
@@ -75,7 +76,7 @@ def test_safetensors_headers_give_infos_without_data(tmp_path):
         assert checkpoint.metadata == {"k": "v"}
         assert checkpoint.numel == 12 + 4 + 16 + 1 + 1
         assert torch.equal(checkpoint.get("fc.bias"), state["fc.bias"])
-        with pytest.raises(InputError, match="no tensor 'nope'"):
+        with pytest.raises(MergeInputError, match="tensor 'nope': no such tensor"):
             checkpoint.get("nope")
 
 
@@ -89,7 +90,7 @@ def test_npz_round_trip_and_headers(tmp_path):
 
 def test_npz_object_array_is_refused(tmp_path):
     np.savez(tmp_path / "o.npz", a=np.array([{"x": 1}], dtype=object))
-    with pytest.raises(InputError, match=r"o\.npz.*'a'.*pickle"):
+    with pytest.raises(MergeInputError, match=r"o\.npz.*'a'.*pickle"):
         fio.open_checkpoint(tmp_path / "o.npz")
 
 
@@ -103,7 +104,7 @@ def test_directory_with_single_safetensors(tmp_path):
 def test_sharded_directory_and_index_paths(tmp_path):
     state = make_state()
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
-    fio.save_checkpoint(tmp_path / "out", infos, state.__getitem__, max_shard_bytes=40)
+    fio.write_checkpoint(tmp_path / "out", infos, state.__getitem__, max_shard_bytes=40)
     assert any("-of-" in name for name in files_in(tmp_path / "out"))
     for path in (tmp_path / "out", tmp_path / "out" / "model.safetensors", tmp_path / "out" / "model.safetensors.index.json"):
         with fio.open_checkpoint(path) as checkpoint:
@@ -114,7 +115,7 @@ def test_sharded_directory_and_index_paths(tmp_path):
 def test_sharded_index_with_missing_shard_is_refused(tmp_path):
     index = {"metadata": {}, "weight_map": {"w": "model-00001-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(InputError, match="shard file 'model-00001-of-00002.safetensors' is missing"):
+    with pytest.raises(MergeInputError, match="shard file 'model-00001-of-00002.safetensors' is missing"):
         fio.open_checkpoint(tmp_path)
 
 
@@ -129,7 +130,7 @@ def test_sharded_index_with_missing_shard_is_refused(tmp_path):
 )
 def test_corrupt_files_raise_input_error_naming_the_file(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(InputError, match=message) as info:
+    with pytest.raises(MergeInputError, match=message) as info:
         fio.open_checkpoint(tmp_path / name)
     assert name in str(info.value)
 
@@ -138,15 +139,15 @@ def test_truncated_safetensors_is_refused(tmp_path):
     save_file(make_state(), tmp_path / "m.safetensors")
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "t.safetensors").write_bytes(data[:-5])
-    with pytest.raises(InputError, match=r"t\.safetensors: not a readable safetensors"):
+    with pytest.raises(MergeInputError, match=r"t\.safetensors: not a readable safetensors"):
         fio.open_checkpoint(tmp_path / "t.safetensors")
 
 
 def test_missing_file_and_empty_directory(tmp_path):
-    with pytest.raises(InputError, match="nope.safetensors: no such file"):
+    with pytest.raises(MergeInputError, match="nope.safetensors: no such file"):
         fio.open_checkpoint(tmp_path / "nope.safetensors")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="holds no checkpoint"):
+    with pytest.raises(MergeInputError, match="holds no checkpoint"):
         fio.open_checkpoint(tmp_path / "empty")
 
 
@@ -166,7 +167,7 @@ def test_pickle_that_would_run_code_is_refused_and_not_run(tmp_path):
     with open(tmp_path / "evil.bin", "wb") as handle:
         pickle.dump({"payload": _RunsCode(marker)}, handle)
     for name in ("evil.pt", "evil.bin"):
-        with pytest.raises(InputError, match=rf"{name}: refused by torch.load\(weights_only=True\)"):
+        with pytest.raises(MergeInputError, match=rf"{name}: refused by torch.load\(weights_only=True\)"):
             fio.open_checkpoint(tmp_path / name)
     assert not marker.exists()
 
@@ -181,21 +182,22 @@ def _checkpoint(name, state):
 def test_check_compatible_names_file_and_tensor():
     a = _checkpoint("a.pt", {"w": torch.zeros(2, 3), "n": torch.tensor(1)})
     cases = [
-        ({"w": torch.zeros(2, 3)}, r"b\.pt: tensor 'n' missing \(present in a\.pt\)"),
-        ({"w": torch.zeros(2, 3), "n": torch.tensor(1), "x": torch.zeros(1)}, r"b\.pt: tensor 'x' not in a\.pt"),
-        ({"w": torch.zeros(3, 2), "n": torch.tensor(1)}, r"b\.pt: tensor 'w' has shape \(3, 2\), but a\.pt has \(2, 3\)"),
-        ({"w": torch.zeros(2, 3), "n": torch.tensor(1.0)}, r"b\.pt: tensor 'n' is float32, but a\.pt has int64"),
+        ({"w": torch.zeros(2, 3)}, "n", r"b\.pt, tensor 'n': missing \(present in a\.pt\)"),
+        ({"w": torch.zeros(2, 3), "n": torch.tensor(1), "x": torch.zeros(1)}, "x", r"b\.pt, tensor 'x': not in a\.pt"),
+        ({"w": torch.zeros(3, 2), "n": torch.tensor(1)}, "w", r"b\.pt, tensor 'w': has shape \(3, 2\), but a\.pt has \(2, 3\)"),
+        ({"w": torch.zeros(2, 3), "n": torch.tensor(1.0)}, "n", r"b\.pt, tensor 'n': is float32, but a\.pt has int64"),
     ]
-    for state, message in cases:
-        with pytest.raises(InputError, match=message):
+    for state, key, message in cases:
+        with pytest.raises(MergeInputError, match=message) as info:
             fio.check_compatible([a, _checkpoint("b.pt", state)])
+        assert (info.value.path, info.value.key, info.value.ingredient) == ("b.pt", key, 1)
     fio.check_compatible([a, _checkpoint("c.pt", {"n": torch.tensor(2), "w": torch.ones(2, 3)})])
 
 
 def test_check_finite_names_file_and_tensor():
-    with pytest.raises(InputError, match=r"a\.pt: tensor 'w' contains NaN"):
+    with pytest.raises(MergeInputError, match=r"a\.pt, tensor 'w': contains NaN"):
         fio.check_finite(torch.tensor([1.0, float("nan")]), "a.pt", "w")
-    with pytest.raises(InputError, match=r"contains Inf"):
+    with pytest.raises(MergeInputError, match=r"contains Inf"):
         fio.check_finite(torch.tensor([float("inf")]), "a.pt", "w")
     fio.check_finite(torch.tensor([1, 2]), "a.pt", "n")
 
@@ -206,7 +208,7 @@ def test_expand_inputs_sorts_globs_and_refuses_empty_ones(tmp_path):
     assert fio.expand_inputs([str(tmp_path / "*.pt"), "literal.pt"]) == [
         str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "literal.pt"
     ]
-    with pytest.raises(InputError, match="no file matches"):
+    with pytest.raises(MergeInputError, match="no file matches"):
         fio.expand_inputs([str(tmp_path / "*.safetensors")])
 
 
@@ -216,8 +218,9 @@ def test_parse_size():
     assert fio.parse_size("2.5 MB") == 2_500_000
     assert fio.parse_size(123) == 123
     for bad in ("lots", "-1", "0", "5 parsecs"):
-        with pytest.raises(InputError):
+        with pytest.raises(OptionError) as info:
             fio.parse_size(bad)
+        assert info.value.option == "shard_size"
 
 
 # --------------------------------------------------------------------------- writers
@@ -237,7 +240,7 @@ def test_plan_shards_respects_limit_and_order():
 
 def test_streaming_writer_matches_safetensors_and_keeps_metadata(tmp_path):
     state = {**make_state(), "empty": torch.zeros(0, 3), "flag": torch.tensor([True, False])}
-    written = fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, metadata={"who": "me"})
+    written = fio.write_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, metadata={"who": "me"})
     assert written == [tmp_path / "m.safetensors"]
     assert_same(load_file(tmp_path / "m.safetensors"), state)
     with fio.open_checkpoint(tmp_path / "m.safetensors") as checkpoint:
@@ -246,7 +249,7 @@ def test_streaming_writer_matches_safetensors_and_keeps_metadata(tmp_path):
 
 def test_sharded_output_has_index_and_round_trips(tmp_path):
     state = make_state()
-    written = fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, max_shard_bytes=48, metadata={"a": "b"})
+    written = fio.write_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, max_shard_bytes=48, metadata={"a": "b"})
     index = json.loads((tmp_path / "m.safetensors.index.json").read_text())
     shard_names = sorted(set(index["weight_map"].values()))
     assert len(shard_names) > 1 and all(f"-of-{len(shard_names):05d}" in name for name in shard_names)
@@ -261,7 +264,7 @@ def test_sharded_output_has_index_and_round_trips(tmp_path):
 
 def test_torch_output(tmp_path):
     state = make_state()
-    fio.save_checkpoint(tmp_path / "m.pt", _infos(state), state.__getitem__)
+    fio.write_checkpoint(tmp_path / "m.pt", _infos(state), state.__getitem__)
     assert_same(torch.load(tmp_path / "m.pt", weights_only=True), state)
 
 
@@ -275,18 +278,49 @@ def test_failed_write_leaves_nothing_behind(tmp_path, max_shard_bytes):
         return state[key]
 
     with pytest.raises(RuntimeError, match="boom"):
-        fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), produce, max_shard_bytes=max_shard_bytes)
+        fio.write_checkpoint(tmp_path / "m.safetensors", _infos(state), produce, max_shard_bytes=max_shard_bytes)
     assert files_in(tmp_path) == []
 
 
 def test_existing_output_is_kept_unless_forced_and_stale_shards_go(tmp_path):
     state = make_state()
-    fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, max_shard_bytes=40)
+    fio.write_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__, max_shard_bytes=40)
     sharded = files_in(tmp_path)
-    with pytest.raises(InputError, match="output exists"):
-        fio.save_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__)
+    with pytest.raises(OutputExistsError, match="output exists"):
+        fio.write_checkpoint(tmp_path / "m.safetensors", _infos(state), state.__getitem__)
     assert files_in(tmp_path) == sharded
     other = make_state(seed=1)
-    fio.save_checkpoint(tmp_path / "m.safetensors", _infos(other), other.__getitem__, force=True)
+    fio.write_checkpoint(tmp_path / "m.safetensors", _infos(other), other.__getitem__, force=True)
     assert files_in(tmp_path) == ["m.safetensors"]
     assert_same(load_file(tmp_path / "m.safetensors"), other)
+
+
+# --------------------------------------------------------------------------- npy
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+    np.array(3.5, dtype=np.float16),
+    np.zeros((0, 2), dtype=np.int64),
+])
+def test_npy_view_is_a_zero_copy_view_of_np_save_bytes(array):
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = buffer.getvalue()
+    view = fio.npy_view(data)
+    assert view.dtype == array.dtype and view.shape == array.shape
+    np.testing.assert_array_equal(view, array)
+    if array.size:
+        assert not view.flags.owndata  # points into ``data``
+
+
+def test_npy_view_refuses_object_arrays():
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):
+        fio.npy_view(buffer.getvalue())

@@ -345,21 +345,22 @@ def _broken(kind):
 
 
 @pytest.mark.parametrize(
-    "kind, pattern",
+    "kind, ingredient, key, pattern",
     [
-        ("missing", r"ingredient 2: missing tensor 'head'"),
-        ("extra", r"ingredient 1: unexpected tensor 'extra'"),
-        ("shape", r"ingredient 2, tensor 'layer.bias': shape \(5,\) != \(4,\)"),
-        ("nan", r"ingredient 1, tensor 'head': contains NaN or Inf"),
-        ("inf", r"ingredient 2, tensor 'layer.weight': contains NaN or Inf"),
-        ("dtype", r"ingredient 1, tensor 'layer.bias': dtype torch.int32"),
+        ("missing", 2, "head", r"ingredient 2, tensor 'head': missing \(present in ingredient 0\)"),
+        ("extra", 1, "extra", r"ingredient 1, tensor 'extra': not in ingredient 0"),
+        ("shape", 2, "layer.bias", r"ingredient 2, tensor 'layer.bias': has shape \(5,\), but ingredient 0 has \(4,\)"),
+        ("nan", 1, "head", r"ingredient 1, tensor 'head': contains NaN or Inf"),
+        ("inf", 2, "layer.weight", r"ingredient 2, tensor 'layer.weight': contains NaN or Inf"),
+        ("dtype", 1, "layer.bias", r"ingredient 1, tensor 'layer.bias': is int32, but ingredient 0 has float32"),
     ],
 )
 @pytest.mark.parametrize("options", [{}, {"optimizer": "adam", "lr": 0.1, "epochs": 2},
                                      {"greedy": True, "evaluate": lambda sd: 0.0}], ids=["soup", "adam", "greedy"])
-def test_bad_ingredients_name_index_and_key(kind, pattern, options):
-    with pytest.raises(ValueError, match=pattern):
+def test_bad_ingredients_name_index_and_key(kind, ingredient, key, pattern, options):
+    with pytest.raises(fedsoup.MergeInputError, match=pattern) as info:
         fedsoup.merge(_broken(kind), **options)
+    assert (info.value.ingredient, info.value.key, info.value.path) == (ingredient, key, None)
 
 
 def test_nan_with_zero_weight_is_still_reported():
@@ -379,14 +380,14 @@ def test_nan_with_zero_weight_is_still_reported():
         ({"optimizer": "sgdd"}, r"unknown optimizer 'sgdd'"),
         ({"optimizer": object}, r"optimizer must be a name"),
         ({"schedule": "cosine"}, r"unknown schedule 'cosine'"),
-        ({"lr": -1.0}, r"lr must be"),
+        ({"lr": -1.0}, r"'lr' must be >= 0"),
         ({"pivot": "middle"}, r"unknown pivot 'middle'"),
         ({"pivot": 3}, r"pivot index 3 out of range"),
-        ({"pivot": {"head": torch.zeros(2, 2, 2)}}, r"pivot: missing tensor"),
+        ({"pivot": {"head": torch.zeros(2, 2, 2)}}, r"tensor '.*': pivot missing"),
         ({"greedy": True}, r"greedy=True needs an evaluate"),
-        ({"epochs": 0}, r"epochs must be an integer >= 1"),
-        ({"batch_size": 0}, r"batch_size must be an integer >= 1"),
-        ({"optimizer": "adam", "momentum": 0.9}, r"cannot build optimizer Adam"),
+        ({"epochs": 0}, r"'epochs' must be an integer >= 1"),
+        ({"batch_size": 0}, r"'batch_size' must be an integer >= 1"),
+        ({"optimizer": "adam", "momentum": 0.9}, r"unknown option 'momentum': neither a merge option nor an argument of Adam"),
     ],
 )
 def test_bad_options(kwargs, pattern):

@@ -1,0 +1,261 @@
+"""``fedsoup.merge_files``: everything ``fedsoup merge`` does, as one library call (docs/design.md §2, §4).
+
+Order of work, so that a mistake costs as little as possible: options are validated
+(nothing read yet), the output is checked (an existing one is kept unless ``force``),
+inputs are opened and checked against each other from their headers, and only then
+is tensor data read, merged and streamed to temporary files that are renamed into
+place when all are complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
+from fedsoup.io.checks import check_compatible
+from fedsoup.io.formats import DTYPE_NAMES, TensorInfo, dtype_str
+from fedsoup.io.hf import model_directory_files
+from fedsoup.io.layout import OutputLayout
+from fedsoup.io.readers import Checkpoint, expand_inputs, open_checkpoint
+from fedsoup.io.writer import parse_size, write_checkpoint
+from fedsoup.offline.producers import Progress, choose_low_memory, in_memory_producer, low_memory_producer
+from fedsoup.offline.tables import FILE_SETTINGS, per_input_values
+from fedsoup.options import MergeOptions
+from fedsoup.structure import check_structure
+
+__all__ = ["merge_files", "run_merge_files", "MergeReport", "DEFAULT_SHARD_SIZE"]
+
+DEFAULT_SHARD_SIZE = "5GB"  # as Hugging Face's save_pretrained
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What :func:`run_merge_files` did (the command line prints it as its summary line)."""
+
+    output: Path
+    files: list[Path]
+    inputs: list[str]
+    tensors: int
+    parameters: int
+    seconds: float
+    low_memory: bool
+    optimizer: str
+    epochs: int
+
+
+def merge_files(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    low_memory: bool | None = None,
+    shard_size: int | str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    metrics: str | os.PathLike[str] | None = None,
+    copy_config: bool = True,
+    progress: bool = False,
+    **merge_options: Any,
+) -> Path:
+    """Merge checkpoint files with :func:`fedsoup.merge` and write the result; return the output path.
+
+    Args:
+        inputs: files, model directories or globs (``"ckpts/*.safetensors"``): safetensors
+            (single or sharded with ``*.index.json``), ``.pt``/``.pth``/``.bin``/``.ckpt``
+            (``torch.load(weights_only=True)`` only), ``.npz``.
+        output: ``.safetensors`` (sharded above ``shard_size``), ``.pt``, or a directory
+            (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
+            ``model.safetensors.index.json``).
+        force: overwrite an existing output (else :class:`~fedsoup.errors.OutputExistsError`).
+        low_memory: ``True`` merges tensor by tensor (peak memory ~N x the largest tensor;
+            exact for element-wise optimizers, refused otherwise), ``False`` in memory,
+            ``None`` tensor by tensor only when memory is short.
+        shard_size: largest safetensors shard (``"5GB"``, ``"512MiB"``, bytes); default 5GB.
+        device: where the merge runs (``fedsoup.merge(device=...)``).
+        dtype: dtype of the output's floating tensors (``"bf16"``, ``torch.float16``...);
+            ``None`` keeps what ``fedsoup.merge`` returns (the first ingredient's in
+            visiting order), with a :class:`~fedsoup.errors.MergeWarning` when the
+            inputs' float dtypes differ.
+        metrics: a CSV/JSON file with one row per input; ``weights``/``order_by`` may
+            then name a column (``weights="num_examples"``).
+        copy_config: with model directories (``config.json`` beside the weights) as
+            inputs and a directory as output, carry the first input's configuration
+            and tokenizer files over, so the output loads with ``from_pretrained``.
+        progress: a progress bar on stderr (when it is a terminal).
+        **merge_options: the options of :func:`fedsoup.merge` and the optimizer's
+            arguments (:class:`~fedsoup.options.MergeOptions`); ``pivot`` may also be
+            a checkpoint path.
+
+    Raises:
+        fedsoup.UnknownOptionError, fedsoup.OptionError: bad options, before any file is read.
+        fedsoup.OutputExistsError: the output exists and ``force`` is off.
+        fedsoup.MergeInputError: a bad input, with ``path`` (the file), ``key`` (the tensor)
+            and ``ingredient`` (its position in the inputs).
+    """
+    return run_merge_files(
+        inputs, output, force=force, low_memory=low_memory, shard_size=shard_size, device=device, dtype=dtype,
+        metrics=metrics, copy_config=copy_config, progress=progress, **merge_options,
+    ).output
+
+
+def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        kinds = "true, false or None" if allow_none else "true or false"
+        raise OptionError(name, value, f"option {name!r} must be {kinds}, got {value!r}")
+
+
+def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    resolved = DTYPE_NAMES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise OptionError("dtype", dtype, f"dtype {dtype!r}: use a floating dtype such as "
+                          "float32, float16, bfloat16 (fp32, fp16, bf16) or float64")
+    return resolved
+
+
+def _split_file_options(merge_options: dict[str, Any]) -> tuple[MergeOptions, Any, Any, str | None]:
+    """Validate the merge options; ``weights``/``order_by`` naming a metrics column and a pivot
+    checkpoint path are kept aside (resolved once the inputs are known)."""
+    settings = dict(merge_options)
+    weights, order_by = settings.pop("weights", None), settings.pop("order_by", None)
+    pivot = settings.get("pivot", "soup")
+    pivot_path = None
+    if isinstance(pivot, os.PathLike) or (isinstance(pivot, str) and pivot not in ("soup", "first")):
+        pivot_path = os.fspath(pivot)
+        settings["pivot"] = "soup"
+    options = MergeOptions.from_dict(
+        {**settings,
+         "weights": None if isinstance(weights, str) else weights,
+         "order_by": None if isinstance(order_by, str) else order_by},
+        also_valid=FILE_SETTINGS,
+    )
+    return options, weights, order_by, pivot_path
+
+
+def _first_visited(order_by: Sequence[float] | None, descending: bool, n: int) -> int:
+    if order_by is None:
+        return 0
+    return sorted(range(n), key=order_by.__getitem__, reverse=descending)[0]  # stable, as fedsoup.merge
+
+
+def _output_infos(checkpoints: Sequence[Checkpoint], first: int, dtype: torch.dtype | None) -> dict[str, TensorInfo]:
+    """The written tensors: each key as ``fedsoup.merge`` returns it, floating ones in ``dtype`` if given."""
+    infos = {}
+    for key, info in checkpoints[0].infos.items():
+        chosen = checkpoints[first].infos[key]
+        if dtype is not None and chosen.is_floating:
+            chosen = TensorInfo(chosen.shape, dtype)
+        infos[key] = chosen
+    if dtype is None:
+        _warn_mixed_dtypes(checkpoints, first)
+    return infos
+
+
+def _warn_mixed_dtypes(checkpoints: Sequence[Checkpoint], first: int) -> None:
+    """One warning when some tensor comes in different float dtypes (a bf16 and an fp32 checkpoint)."""
+    mixed = []
+    for key, info in checkpoints[0].infos.items():
+        if info.is_floating:
+            dtypes = {checkpoint.infos[key].dtype: checkpoint.name for checkpoint in checkpoints}
+            if len(dtypes) > 1:
+                mixed.append((key, dtypes))
+    if not mixed:
+        return
+    key, dtypes = mixed[0]
+    chosen = checkpoints[first].infos[key].dtype
+    listed = ", ".join(f"{dtype_str(dtype)} in {name}" for dtype, name in dtypes.items())
+    more = f" (and {len(mixed) - 1} more tensors)" if len(mixed) > 1 else ""
+    warnings.warn(
+        f"the inputs' float dtypes differ: tensor {key!r} is {listed}{more}; writing {dtype_str(chosen)}, "
+        f"the dtype of {checkpoints[first].name} (the first input in visiting order); pass dtype= (--dtype) to choose",
+        MergeWarning, stacklevel=4,
+    )
+
+
+def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=None, device=None, dtype=None,
+                    metrics=None, copy_config=True, progress=False, **merge_options: Any) -> MergeReport:
+    """:func:`merge_files`, returning a :class:`MergeReport` (same arguments)."""
+    started = time.perf_counter()
+    if device is not None:
+        merge_options["device"] = device
+    options, weights, order_by, pivot_path = _split_file_options(merge_options)
+    for name, value in (("force", force), ("copy_config", copy_config), ("progress", progress)):
+        _check_flag(name, value)
+    _check_flag("low_memory", low_memory, allow_none=True)
+    max_shard_bytes = parse_size(DEFAULT_SHARD_SIZE if shard_size is None else shard_size)
+    out_dtype = _output_dtype(dtype)
+    if output is None or str(output) == "":
+        raise OptionError("output", output, "no output: give -o OUTPUT (or 'output' in the config)")
+    layout = OutputLayout.of(output)
+    if layout.existing() and not force:
+        raise OutputExistsError(str(output))
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    names = expand_inputs(inputs)
+    if not names:
+        raise OptionError("inputs", inputs, "no inputs: give checkpoint files or directories (or 'inputs' in the config)")
+    metrics = None if metrics is None else os.fspath(metrics)
+
+    with contextlib.ExitStack() as stack:
+        checkpoints = [stack.enter_context(open_checkpoint(item)) for item in names]
+        check_compatible(checkpoints)
+        options = dataclasses.replace(
+            options,
+            weights=per_input_values("weights", weights, names, metrics) if weights is not None else None,
+            order_by=per_input_values("order_by", order_by, names, metrics) if order_by is not None else None,
+        )
+        pivot = None
+        if pivot_path is not None:
+            pivot = stack.enter_context(open_checkpoint(pivot_path))
+            check_structure(checkpoints[0].infos, pivot.infos, path=pivot.name, reference_name=checkpoints[0].name)
+        low = choose_low_memory(low_memory, options, checkpoints)
+        infos = _output_infos(checkpoints, _first_visited(options.order_by, options.descending, len(names)), out_dtype)
+        float_dtypes = {info.dtype for info in infos.values() if info.is_floating}
+        extra_files = {}
+        if copy_config and layout.is_directory:
+            extra_files = model_directory_files(names, float_dtypes.pop() if len(float_dtypes) == 1 else None)
+        metadata = {
+            "fedsoup.version": _version(),
+            "fedsoup.inputs": json.dumps(names),
+            "fedsoup.merge": json.dumps(
+                {**options.describe(), "pivot": pivot.name if pivot else options.describe()["pivot"],
+                 "low_memory": low, "dtype": None if out_dtype is None else dtype_str(out_dtype)},
+                sort_keys=True,
+            ),
+        }
+        total_bytes = sum(info.nbytes for info in infos.values())
+        if low:
+            produce = low_memory_producer(checkpoints, options, pivot, names)
+            bar = Progress(total_bytes, "merging", progress)
+        else:
+            produce = in_memory_producer(checkpoints, options, pivot, names, progress)
+            bar = Progress(total_bytes, "writing", progress)
+        try:
+            files = write_checkpoint(output, infos, produce, metadata=metadata, max_shard_bytes=max_shard_bytes,
+                                     force=force, on_tensor=bar.update, extra_files=extra_files)
+        finally:
+            bar.close()
+    optimizer = options.optimizer if isinstance(options.optimizer, str) else options.optimizer.__name__
+    return MergeReport(
+        output=layout.target, files=files, inputs=names, tensors=len(infos),
+        parameters=sum(info.numel for info in infos.values()), seconds=time.perf_counter() - started,
+        low_memory=low, optimizer=optimizer, epochs=options.epochs,
+    )
+
+
+def _version() -> str:
+    import fedsoup
+
+    return fedsoup.__version__

@@ -1,0 +1,179 @@
+"""Where merged tensors come from: the whole model at once, or tensor by tensor.
+
+Both call :func:`fedsoup.merge` with the same options, so every merge option (and its
+defaults) means the same in memory, tensor by tensor, and in Python. A
+:class:`~fedsoup.errors.MergeInputError` from the merge names an ingredient; it is
+re-raised with that ingredient's file as ``path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fedsoup.errors import MergeInputError, OptionError
+from fedsoup.io.checks import check_finite
+from fedsoup.io.formats import TensorInfo
+from fedsoup.io.readers import Checkpoint
+from fedsoup.optim import is_elementwise
+from fedsoup.options import MergeOptions
+
+__all__ = ["Progress", "choose_low_memory", "low_memory_refusal", "in_memory_producer", "low_memory_producer"]
+
+log = logging.getLogger("fedsoup")
+
+
+class Progress:
+    """A tqdm bar on stderr counting tensor bytes; only when asked for and stderr is a terminal."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self._bar = None
+        if enabled:
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                    file=sys.stderr, dynamic_ncols=True, leave=False,
+                    disable=None,  # only on a terminal: logs and pipes get the summary line alone
+                )
+
+    def update(self, _key: str, info: TensorInfo) -> None:
+        if self._bar is not None:
+            self._bar.update(info.nbytes)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def low_memory_refusal(options: MergeOptions) -> str | None:
+    """Why a tensor-by-tensor merge would differ from the whole-model merge, or ``None``."""
+    if options.greedy:
+        return "greedy selection scores the whole model after every step"
+    if options.project:
+        return "the projection ball (project=True) is computed over the whole model"
+    if not is_elementwise(options.optimizer_class):
+        return f"{options.optimizer_class.__name__} is not element-wise (its update couples coordinates across tensors)"
+    return None
+
+
+def choose_low_memory(requested: bool | None, options: MergeOptions, checkpoints: Sequence[Checkpoint]) -> bool:
+    """Honour ``low_memory=True/False``; with ``None`` go tensor by tensor when memory is short."""
+    refusal = low_memory_refusal(options)
+    if requested is True:
+        if refusal:
+            raise OptionError("low_memory", True,
+                              f"--low-memory merges tensor by tensor, which would change the result: {refusal}")
+        return True
+    if requested is False:
+        return False
+    # Inputs plus the merge's own working copies (parameters, gradients, optimizer state).
+    needed = 2 * sum(checkpoint.nbytes for checkpoint in checkpoints)
+    available = memory_available()
+    if available is None or needed <= available:
+        return False
+    if refusal:
+        log.info("the inputs need ~%s in memory and only %s is available, but tensor-by-tensor merging "
+                 "is not possible (%s); trying in memory", human_bytes(needed), human_bytes(available), refusal)
+        return False
+    log.info("the inputs need ~%s in memory and %s is available: merging tensor by tensor (--low-memory)",
+             human_bytes(needed), human_bytes(available))
+    return True
+
+
+@contextlib.contextmanager
+def _located(names: Sequence[str]):
+    """Give a MergeInputError about ingredient i the file it came from (``path``)."""
+    try:
+        yield
+    except MergeInputError as error:
+        if error.path is None and error.ingredient is not None and 0 <= error.ingredient < len(names):
+            raise error.at(path=names[error.ingredient]) from None
+        raise
+
+
+def _merge(models: list[dict[str, torch.Tensor]], kwargs: dict[str, Any], names: Sequence[str]):
+    import fedsoup  # at call time: the package's merge (which tests may replace)
+
+    with _located(names):
+        return fedsoup.merge(models, **kwargs)
+
+
+def _read_pivot(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+    # Ingredients need no pass of their own (the merge finds NaN/Inf from its result and
+    # names the ingredient); an explicit pivot file is not an ingredient: checked here.
+    return check_finite(checkpoint.get(key), checkpoint.name, key)
+
+
+def low_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions, pivot: Checkpoint | None,
+                        names: Sequence[str]) -> Callable[[str], torch.Tensor]:
+    """Merge one tensor at a time: each input read lazily, ``fedsoup.merge`` on one-key dicts.
+
+    For element-wise optimizers this is the whole-model merge (same order, seed, weights
+    and options, lr=None included; every coordinate's trajectory depends on that
+    coordinate only), while peak memory is about N x the largest tensor.
+    """
+    kwargs = options.to_kwargs()
+    per_key_lr = kwargs.get("lr") if isinstance(kwargs.get("lr"), dict) else None
+
+    def produce(key: str) -> torch.Tensor:
+        parts = [{key: checkpoint.get(key)} for checkpoint in checkpoints]
+        call = dict(kwargs)
+        if pivot is not None:
+            call["pivot"] = {key: _read_pivot(pivot, key)}
+        if per_key_lr is not None:
+            call["lr"] = {key: per_key_lr[key]} if key in per_key_lr else {}
+        return _merge(parts, call, names)[key]
+
+    return produce
+
+
+def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions, pivot: Checkpoint | None,
+                       names: Sequence[str], progress: bool) -> Callable[[str], torch.Tensor]:
+    """Load every input, merge the whole model once, then hand out its tensors."""
+    loading = Progress(sum(checkpoint.nbytes for checkpoint in checkpoints), "loading", progress)
+    models = []
+    try:
+        for checkpoint in checkpoints:
+            model = {}
+            for key, info in checkpoint.infos.items():
+                model[key] = checkpoint.get(key)
+                loading.update(key, info)
+            models.append(model)
+    finally:
+        loading.close()
+    kwargs = options.to_kwargs()
+    if pivot is not None:
+        kwargs["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.infos}
+    if progress and sys.stderr.isatty():  # the one step without a progress bar
+        print(f"fedsoup: merging {len(models)} inputs in memory ...", file=sys.stderr, flush=True)
+    merged = _merge(models, kwargs, names)
+    del models
+    return merged.pop
