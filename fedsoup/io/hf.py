@@ -90,7 +90,7 @@ def model_directory_files(inputs: Sequence[str], weights_dtype: torch.dtype | No
             warnings.warn(
                 f"{other}/{CONFIG_NAME} differs from {first}/{CONFIG_NAME} ({shown}); "
                 f"the output carries the configuration of {first}",
-                MergeWarning, stacklevel=3,
+                MergeWarning, stacklevel=4,  # at the caller of merge_files
             )
             break
     files = {}

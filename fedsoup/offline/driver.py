@@ -180,7 +180,7 @@ def _warn_mixed_dtypes(checkpoints: Sequence[Checkpoint], first: int) -> None:
     warnings.warn(
         f"the inputs' float dtypes differ: tensor {key!r} is {listed}{more}; writing {dtype_str(chosen)}, "
         f"the dtype of {checkpoints[first].name} (the first input in visiting order); pass dtype= (--dtype) to choose",
-        MergeWarning, stacklevel=4,
+        MergeWarning, stacklevel=5,  # at the caller of merge_files
     )
 
 

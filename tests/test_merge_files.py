@@ -1,0 +1,324 @@
+"""fedsoup.merge_files: = the CLI = fedsoup.merge; typed errors naming file and tensor; Hugging Face directories."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import fedsoup
+from fedsoup import cli
+from fedsoup import io as fio
+from fedsoup.errors import MergeInputError, MergeWarning, OutputExistsError
+
+OPTIONS = dict(optimizer="adam", lr=0.05, epochs=2, batch_size=2, shuffle=True, seed=3, weights=[3, 1, 2, 4])
+FLAGS = ["--optimizer", "adam", "--lr", "0.05", "--epochs", "2", "--batch-size", "2", "--shuffle", "--seed", "3",
+         "--weights", "3,1,2,4"]
+
+
+def make_models(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "embed.weight": torch.randn(10, 4, generator=g).to(torch.bfloat16),
+            "layer.0.weight": torch.randn(6, 4, generator=g),
+            "layer.0.bias": torch.randn(6, generator=g),
+            "layer.1.weight": torch.randn(3, 6, generator=g),
+            "position_ids": torch.arange(8),
+        }
+        for _ in range(n)
+    ]
+
+
+def write_files(models, folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, folder / f"m{i}.safetensors")
+        paths.append(str(folder / f"m{i}.safetensors"))
+    return paths
+
+
+def assert_same(a, b) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+# --------------------------------------------------------------------------- merge_files = CLI = merge
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+@pytest.mark.parametrize("shard_size", [None, "300B"], ids=["single", "sharded"])
+def test_merge_files_equals_cli_equals_merge(tmp_path, capsys, low_memory, shard_size):
+    models = make_models()
+    inputs = write_files(models, tmp_path / "in")
+    expected = fedsoup.merge([load_file(p) for p in inputs], **OPTIONS)
+
+    out = fedsoup.merge_files(inputs, tmp_path / "lib", low_memory=low_memory, shard_size=shard_size, **OPTIONS)
+    assert out == tmp_path / "lib"
+    flags = [*FLAGS, "--low-memory" if low_memory else "--in-memory"] + (["--shard-size", shard_size] if shard_size else [])
+    assert cli.main(["merge", *inputs, "-o", str(tmp_path / "cli"), *flags]) == 0, capsys.readouterr().err
+
+    names = sorted(p.name for p in (tmp_path / "lib").iterdir())
+    if shard_size:
+        shards = [name for name in names if name.startswith("model-")]
+        assert len(shards) > 1 and names == sorted(["model.safetensors.index.json", *shards])
+        assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    else:
+        assert names == ["model.safetensors"]
+    assert names == sorted(p.name for p in (tmp_path / "cli").iterdir())
+    library, command = fio.load_state_dict(tmp_path / "lib"), fio.load_state_dict(tmp_path / "cli")
+    assert_same(library, command)
+    if low_memory:  # tensor by tensor: equal up to the last bit of a vectorised kernel
+        for key in expected:
+            assert library[key].dtype == expected[key].dtype
+            torch.testing.assert_close(library[key], expected[key], rtol=1e-6, atol=1e-6)
+    else:
+        assert_same(library, expected)
+
+
+def test_merge_files_glob_metrics_pivot_file_and_metadata(tmp_path):
+    models = make_models(3)
+    inputs = write_files(models, tmp_path / "in")
+    (tmp_path / "metrics.csv").write_text("file,n,acc\nm2,30,0.7\nm0,10,0.9\nm1,20,0.8\n")
+    pivot = make_models(1, seed=7)[0]
+    save_file(pivot, tmp_path / "pivot.safetensors")
+    out = fedsoup.merge_files(str(tmp_path / "in" / "*.safetensors"), tmp_path / "o.safetensors",
+                              metrics=tmp_path / "metrics.csv", weights="n", order_by="acc",
+                              pivot=tmp_path / "pivot.safetensors", optimizer="sgd", lr=0.5, momentum=0.9, epochs=2)
+    expected = fedsoup.merge([load_file(p) for p in inputs], weights=[10, 20, 30], order_by=[0.9, 0.8, 0.7],
+                             pivot=pivot, optimizer="sgd", lr=0.5, momentum=0.9, epochs=2)
+    assert_same(load_file(out), expected)
+    with safe_open(out, "pt") as handle:
+        metadata = handle.metadata()
+    settings = json.loads(metadata["fedsoup.merge"])
+    assert settings["momentum"] == 0.9 and settings["weights"] == [10, 20, 30]
+    assert settings["pivot"] == str(tmp_path / "pivot.safetensors")
+    assert json.loads(metadata["fedsoup.inputs"]) == inputs
+
+
+def test_existing_output_is_an_output_exists_error(tmp_path):
+    inputs = write_files(make_models(2), tmp_path)
+    (tmp_path / "o.safetensors").write_bytes(b"keep")
+    with pytest.raises(OutputExistsError) as info:
+        fedsoup.merge_files(inputs, tmp_path / "o.safetensors")
+    assert info.value.path == str(tmp_path / "o.safetensors")
+    assert (tmp_path / "o.safetensors").read_bytes() == b"keep"
+    fedsoup.merge_files(inputs, tmp_path / "o.safetensors", force=True)
+    assert_same(load_file(tmp_path / "o.safetensors"), fedsoup.soup([load_file(p) for p in inputs]))
+
+
+def test_device_passes_through(tmp_path):
+    inputs = write_files(make_models(2), tmp_path)
+    out = fedsoup.merge_files(inputs, tmp_path / "o.safetensors", device="cpu", optimizer="adam", lr=0.1)
+    assert_same(load_file(out), fedsoup.merge([load_file(p) for p in inputs], optimizer="adam", lr=0.1))
+
+
+# --------------------------------------------------------------------------- typed errors
+
+
+def _broken_input(tmp_path: Path, case: str) -> tuple[str, str | None]:
+    """Write a bad third input; return its path and the tensor key the error must name."""
+    model = make_models(1, seed=3)[0]
+    path = tmp_path / f"{case}.safetensors"
+    if case == "nan":
+        model["layer.0.bias"][2] = float("nan")
+        key = "layer.0.bias"
+    elif case == "missing":
+        del model["layer.1.weight"]
+        key = "layer.1.weight"
+    elif case == "shape":
+        model["layer.0.weight"] = torch.zeros(4, 6)
+        key = "layer.0.weight"
+    elif case == "corrupt":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+        return str(path), None
+    elif case == "pickle":
+        path = tmp_path / "evil.pt"
+        marker = tmp_path / "code-ran"
+        path.write_bytes(
+            b"\x80\x02cbuiltins\nopen\nq\x00X" + len(str(marker)).to_bytes(4, "little") + str(marker).encode()
+            + b"X\x01\x00\x00\x00wq\x01\x86q\x02Rq\x03."
+        )
+        return str(path), None
+    save_file(model, path)
+    return str(path), key
+
+
+@pytest.mark.parametrize("case", ["nan", "missing", "shape", "corrupt", "pickle"])
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_merge_input_error_attributes(tmp_path, case, low_memory):
+    good = write_files(make_models(2), tmp_path / "good")
+    bad, key = _broken_input(tmp_path, case)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(MergeInputError) as info:
+        fedsoup.merge_files([*good, bad], tmp_path / "out.safetensors", low_memory=low_memory, optimizer="adam", lr=0.1)
+    error = info.value
+    assert (error.path, error.key) == (bad, key)
+    assert error.ingredient == (2 if case in ("nan", "missing", "shape") else None)
+    assert str(error).startswith(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_merge_input_error_from_merge_in_memory():
+    models = make_models(3)
+    models[1]["layer.0.weight"][0, 0] = float("inf")
+    with pytest.raises(MergeInputError) as info:
+        fedsoup.merge(models, optimizer="adam", lr=0.1)
+    assert (info.value.ingredient, info.value.key, info.value.path) == (1, "layer.0.weight", None)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def test_dtype_option_sets_the_output_dtype(tmp_path, capsys):
+    inputs = write_files(make_models(2), tmp_path / "in")
+    out = fedsoup.merge_files(inputs, tmp_path / "o.safetensors", dtype="fp16")
+    merged = load_file(out)
+    assert {merged[k].dtype for k in merged if merged[k].is_floating_point()} == {torch.float16}
+    assert merged["position_ids"].dtype == torch.int64
+    expected = fedsoup.soup([load_file(p) for p in inputs])
+    for key in expected:
+        if expected[key].is_floating_point():
+            assert torch.equal(merged[key], expected[key].to(torch.float16))
+    assert cli.main(["merge", *inputs, "-o", str(tmp_path / "c.safetensors"), "--dtype", "bfloat16"]) == 0
+    assert load_file(tmp_path / "c.safetensors")["layer.0.weight"].dtype == torch.bfloat16
+
+
+def test_mixed_float_dtypes_warn_which_dtype_was_chosen(tmp_path, capsys):
+    models = make_models(2)
+    models[1] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in models[1].items()}
+    inputs = write_files(models, tmp_path / "in")
+    with pytest.warns(MergeWarning, match=r"tensor 'layer\.0\.\w+' is float32 in .*m0.safetensors, bfloat16 in "
+                                          r".*m1.safetensors \(and 2 more tensors\); writing float32") as record:
+        out = fedsoup.merge_files(inputs, tmp_path / "o.safetensors")
+    assert len(record) == 1
+    assert load_file(out)["layer.0.weight"].dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)  # an explicit dtype: nothing to warn about
+        fedsoup.merge_files(inputs, tmp_path / "p.safetensors", dtype="bf16")
+    assert cli.main(["merge", *inputs, "-o", str(tmp_path / "c.safetensors")]) == 0
+    assert "fedsoup: warning: the inputs' float dtypes differ" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Hugging Face directories
+
+TOKENIZER_FILES = {
+    "tokenizer.json": '{"version": "1.0", "model": {"type": "WordPiece"}}\n',
+    "tokenizer_config.json": '{"do_lower_case": true, "model_max_length": 8}\n',
+    "special_tokens_map.json": '{"cls_token": "[CLS]", "sep_token": "[SEP]"}\n',
+    "vocab.txt": "[PAD]\n[CLS]\n[SEP]\nhello\nworld\n",
+}
+
+
+def write_hf_directory(folder: Path, model: dict[str, torch.Tensor], config: dict) -> None:
+    """What transformers' save_pretrained(max_shard_size=...) leaves: config, tokenizer, sharded weights + index."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text('{"max_length": 8}\n')
+    for name, text in TOKENIZER_FILES.items():
+        (folder / name).write_text(text)
+    (folder / "training_args.bin").write_bytes(b"not carried")
+    infos = {k: fio.TensorInfo(tuple(v.shape), v.dtype) for k, v in model.items()}
+    fio.write_checkpoint(folder, infos, model.__getitem__, max_shard_bytes=200)
+
+
+def hf_config(**changes) -> dict:
+    return {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 4, "torch_dtype": "float32",
+            "transformers_version": "4.57.0", **changes}
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_hugging_face_directories_merge_into_a_loadable_directory(tmp_path, low_memory):
+    models = make_models(3)
+    inputs = []
+    for i, model in enumerate(models):
+        write_hf_directory(tmp_path / f"client{i}", model, hf_config(_name_or_path=f"runs/client{i}"))
+        inputs.append(str(tmp_path / f"client{i}"))
+    assert "model.safetensors.index.json" in {p.name for p in Path(inputs[0]).iterdir()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)  # bookkeeping fields may differ silently
+        out = fedsoup.merge_files(inputs, tmp_path / "merged", shard_size="300B", low_memory=low_memory,
+                                  optimizer="adam", lr=0.05, epochs=2)
+    files = sorted(p.name for p in out.iterdir())
+    shards = [name for name in files if name.startswith("model-")]
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert set(files) == {"config.json", "generation_config.json", *TOKENIZER_FILES, "model.safetensors.index.json", *shards}
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        assert (out / name).read_bytes() == (Path(inputs[0]) / name).read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads((Path(inputs[0]) / "config.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    expected = fedsoup.merge(models, optimizer="adam", lr=0.05, epochs=2)
+    merged = fio.load_state_dict(out)
+    for key in expected:
+        assert merged[key].dtype == expected[key].dtype
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-6, atol=1e-6)
+    try:
+        import transformers  # noqa: F401 - optional: not a dependency
+    except ImportError:
+        return
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert config.model_type == "bert"
+
+
+@pytest.mark.filterwarnings("ignore::fedsoup.errors.MergeWarning")
+def test_hugging_face_config_rules(tmp_path, capsys):
+    models = make_models(2)
+    write_hf_directory(tmp_path / "a", models[0], hf_config())
+    write_hf_directory(tmp_path / "b", models[1], hf_config(architectures=["BertForMaskedLM"], vocab_size=9))
+    inputs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.warns(MergeWarning, match=r"b/config.json differs from .*a/config.json \(architectures, vocab_size\); "
+                                          r"the output carries the configuration of .*a"):
+        fedsoup.merge_files(inputs, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["architectures"] == ["BertModel"]
+    # The output dtype goes into the config; copy_config=False carries nothing.
+    fedsoup.merge_files(inputs, tmp_path / "half", dtype="bf16")
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    fedsoup.merge_files(inputs, tmp_path / "bare", copy_config=False)
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["model.safetensors"]
+    assert cli.main(["merge", *inputs, "-o", str(tmp_path / "cli"), "--no-copy-config", "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["model.safetensors"]
+    # A single-file output is just the weights.
+    fedsoup.merge_files(inputs, tmp_path / "w.safetensors")
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_existing_config_in_output_directory_needs_force(tmp_path):
+    models = make_models(2)
+    write_hf_directory(tmp_path / "a", models[0], hf_config())
+    write_hf_directory(tmp_path / "b", models[1], hf_config())
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}")
+    with pytest.raises(OutputExistsError):
+        fedsoup.merge_files([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json"]
+    fedsoup.merge_files([tmp_path / "a", tmp_path / "b"], tmp_path / "merged", force=True)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "bert"
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_files_is_the_library_side_of_fedsoup_inspect(tmp_path, capsys):
+    inputs = write_files(make_models(2), tmp_path)
+    other = make_models(1)[0]
+    other["layer.0.bias"] = torch.zeros(7)
+    save_file(other, tmp_path / "other.safetensors")
+    report = fedsoup.inspect_files([*inputs, tmp_path / "other.safetensors"])
+    assert [c["file"] for c in report["checkpoints"]] == [*inputs, str(tmp_path / "other.safetensors")]
+    assert report["checkpoints"][0]["keys"]["embed.weight"] == {"dtype": "bfloat16", "shape": [10, 4]}
+    assert report["differences"] == [
+        f"{tmp_path / 'other.safetensors'}, tensor 'layer.0.bias': has shape (7,), but {inputs[0]} has (6,)"
+    ]
+    assert cli.main(["inspect", "--json", *inputs, str(tmp_path / "other.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out) == report
