@@ -6,13 +6,18 @@
 #   scripts/deploy-local.sh                         # 3 SuperNodes, FedSoup, 2 rounds
 #   scripts/deploy-local.sh --supernodes 5 --rounds 3 --run-config 'local-epochs=1'
 #   scripts/deploy-local.sh --tls                   # certificates from scripts/make-certs.sh
+#   scripts/deploy-local.sh --tls --auth            # + only registered SuperNodes (scripts/make-node-keys.sh)
 #   scripts/deploy-local.sh --no-run                # just the federation, until Ctrl-C
 #   scripts/deploy-local.sh --help                  # every option
 #
-# Runs with the project's virtualenv (override with PYTHON=...); the Flower
-# commands are taken from the same environment. See docs/deployment.md.
+# A thin entry point: the launcher is the Python module simulations.local_federation
+# (its LocalFederation class is the same as an API). Runs with the project's
+# virtualenv (override with PYTHON=...); the Flower commands are taken from the
+# same environment. See docs/deployment.md.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"
 [[ -x "$python" ]] || python="$(command -v python3)"
-exec "$python" "$repo/scripts/local_federation.py" "$@"
+# This checkout's code, also where the project is installed elsewhere.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec "$python" -m simulations.local_federation "$@"

@@ -6,7 +6,9 @@ A fraction of the clients replaces its honest update ``Δ = local - global`` by:
 - ``scale``: ``global + s·Δ`` (a boosted update, as in model replacement);
 - ``gaussian-noise``: ``local + s·σ·N(0, 1)`` per tensor, ``σ`` the tensor's update RMS;
 - ``cauchy-noise``: as above with standard Cauchy noise - the heavy tails under which
-  the paper (Section 3.1, Appendix F) expects adaptive AME to beat the mean.
+  the paper (Section 3.1, Appendix F) expects adaptive AME to beat the mean;
+- ``nan``: every float tensor NaN (a broken or hostile node; FedSoup leaves such a
+  reply out of the round).
 
 Which clients attack is a pure function of (seed, number of clients, fraction),
 so the server (e.g. Krum's ``num_malicious_nodes``) and every client agree.
@@ -19,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-ATTACKS = ("none", "sign-flip", "scale", "gaussian-noise", "cauchy-noise")
+ATTACKS = ("none", "sign-flip", "scale", "gaussian-noise", "cauchy-noise", "nan")
 
 
 def malicious_partitions(num_partitions: int, fraction: float, seed: int) -> frozenset[int]:
@@ -48,7 +50,9 @@ def attack_update(
             out[key] = value
             continue
         delta = value - global_[key]
-        if kind == "sign-flip":
+        if kind == "nan":
+            out[key] = torch.full_like(value, float("nan"))
+        elif kind == "sign-flip":
             out[key] = global_[key] - scale * delta
         elif kind == "scale":
             out[key] = global_[key] + scale * delta

@@ -22,6 +22,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+from simulations import local_federation
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 BIN = Path(sys.executable).parent
@@ -32,7 +34,10 @@ COMMAND_OF_IMAGE = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flo
                     "flwr/superexec": "flower-superexec"}
 COMMAND_OF_TARGET = {"superlink": "flower-superlink", "supernode": "flower-supernode",
                      "superexec": "flower-superexec"}
-PATH_FLAGS = ("--database", "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--root-certificates")
+PATH_FLAGS = ("--database", "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--root-certificates",
+              "--auth-supernode-private-key", "--superexec-auth-secret-file")
+SECRET_FLAGS = ("--auth-supernode-private-key", "--superexec-auth-secret-file")
+SECRETS_DIR = PurePosixPath("/run/secrets")  # where compose mounts a service's secrets
 ADDRESS_FLAGS = ("--superlink", "--runtime-api-address")
 
 
@@ -45,7 +50,6 @@ def load_module(name: str, path: Path):
 
 
 scale = load_module("scale_supernodes", SCRIPTS / "scale-supernodes.py")
-local_federation = load_module("local_federation", SCRIPTS / "local_federation.py")
 
 
 # --------------------------------------------------------------------------- compose model
@@ -82,12 +86,13 @@ def merge_service(base: dict, over: dict) -> dict:
 
 def load_compose(*texts: str) -> dict:
     """The effective project of ``docker compose -f a -f b ...`` (profiles left out)."""
-    project: dict = {"services": {}, "volumes": {}}
+    project: dict = {"services": {}, "volumes": {}, "secrets": {}}
     for text in texts:
         doc = interpolate(yaml.safe_load(text))
         for name, service in doc.get("services", {}).items():
             project["services"][name] = merge_service(project["services"].get(name, {}), service)
         project["volumes"].update(doc.get("volumes") or {})
+        project["secrets"].update(doc.get("secrets") or {})
     project["services"] = {n: s for n, s in project["services"].items() if not s.get("profiles")}
     return project
 
@@ -102,8 +107,14 @@ VARIANTS = {
     "scaled-1": lambda: [read("docker-compose.yml"), scale.overlay(1)],
     "scaled-5": lambda: [read("docker-compose.yml"), scale.overlay(5)],
     "tls-scaled-5": lambda: [read("docker-compose.yml"), read("docker-compose.tls.yml"), scale.overlay(5, tls=True)],
+    "tls-auth": lambda: [read("docker-compose.yml"), read("docker-compose.tls.yml"), read("docker-compose.auth.yml")],
+    "tls-auth-scaled-2": lambda: [read("docker-compose.yml"), read("docker-compose.tls.yml"),
+                                  read("docker-compose.auth.yml"), scale.overlay(2, tls=True, auth=True)],
+    "tls-auth-scaled-5": lambda: [read("docker-compose.yml"), read("docker-compose.tls.yml"),
+                                  read("docker-compose.auth.yml"), scale.overlay(5, tls=True, auth=True)],
 }
-EXPECTED_SUPERNODES = {"base": 3, "tls": 3, "scaled-1": 1, "scaled-5": 5, "tls-scaled-5": 5}
+EXPECTED_SUPERNODES = {"base": 3, "tls": 3, "scaled-1": 1, "scaled-5": 5, "tls-scaled-5": 5, "tls-auth": 3,
+                       "tls-auth-scaled-2": 2, "tls-auth-scaled-5": 5}
 
 
 @pytest.fixture(params=sorted(VARIANTS))
@@ -223,6 +234,12 @@ def check_volumes(label: str, project: dict) -> None:
                 assert PurePosixPath(source).name in ("ca.crt", "server.pem", "server.key")
             else:
                 assert source in project["volumes"], f"{label}/{name}: volume '{source}' is not declared"
+        for secret in service.get("secrets", []):
+            # Secrets: only the files that scripts/make-node-keys.sh writes into ./keys.
+            assert secret in project["secrets"], f"{label}/{name}: secret '{secret}' is not declared"
+            assert PurePosixPath(project["secrets"][secret]["file"]).parent == PurePosixPath("./keys"), (
+                f"{label}/{name}: secret '{secret}' is not a file in ./keys")
+            mounts.append(SECRETS_DIR / secret)
         for flag, value in flag_values(service["command"]).items():
             if flag in PATH_FLAGS:
                 path = PurePosixPath(value)
@@ -272,6 +289,104 @@ def test_app_code_runs_only_in_images_built_from_this_project(variant):
     for name, service in project["services"].items():
         if flower_command(name, service) == "flower-superexec":
             assert service["build"]["target"] == "superexec", f"{label}/{name}"
+
+
+# --------------------------------------------------------------------------- SuperNode authentication
+def secret_source(project: dict, service: str, flag: str) -> str | None:
+    """The host file behind the path `service` passes to `flag` (a compose secret); None without the flag."""
+    value = flag_values(project["services"][service]["command"]).get(flag)
+    if value is None:
+        return None
+    path = PurePosixPath(value)
+    assert path.parent == SECRETS_DIR and path.name in project["services"][service].get("secrets", []), (
+        f"{service}: {flag} {value} is not one of its compose secrets")
+    return project["secrets"][path.name]["file"]
+
+
+def check_auth(label: str, project: dict) -> None:
+    """Only registered SuperNodes get in; every SuperExec proves itself with its partner's secret."""
+    services = project["services"]
+    superlink = flag_values(services["superlink"]["command"])
+    assert "--enable-supernode-auth" in superlink, f"{label}: the SuperLink admits any SuperNode"
+    assert "--ssl-certfile" in superlink, f"{label}: SuperNode authentication without TLS"
+    link_secret = secret_source(project, "superlink", "--superexec-auth-secret-file")
+    assert link_secret == "./keys/superlink.secret", f"{label}: SuperLink secret {link_secret}"
+    assert secret_source(project, "superexec-serverapp", "--superexec-auth-secret-file") == link_secret
+    for name in (n for n in services if n.startswith("supernode-")):
+        assert secret_source(project, name, "--auth-supernode-private-key") == f"./keys/{name}.key", (
+            f"{label}/{name}: not its own private key")
+        node_secret = secret_source(project, name, "--superexec-auth-secret-file")
+        assert node_secret == f"./keys/{name}.secret", f"{label}/{name}: SuperExec secret {node_secret}"
+        executor = next(n for n, s in services.items()
+                        if flag_values(s["command"]).get("--runtime-api-address", "").startswith(f"{name}:"))
+        assert secret_source(project, executor, "--superexec-auth-secret-file") == node_secret, (
+            f"{label}/{executor}: not the secret of {name}")
+
+
+def test_auth_overlays_admit_only_registered_supernodes(variant):
+    label, project = variant
+    if "auth" in label:
+        check_auth(label, project)
+    else:  # the other variants stay as they were: no key material anywhere
+        for name, service in project["services"].items():
+            used = set(flag_values(service["command"])) & {*SECRET_FLAGS, "--enable-supernode-auth"}
+            assert not used and not service.get("secrets"), f"{label}/{name}: {used}"
+
+
+@pytest.mark.parametrize(
+    ("mistake", "fix", "message"),
+    [
+        ("      - --enable-supernode-auth\n", "", "admits any SuperNode"),
+        ("/run/secrets/supernode-2-key", "/run/secrets/supernode-1-key", "not one of its compose secrets"),
+        ("- /run/secrets/supernode-3-secret\n    secrets: [supernode-3-secret]",
+         "- /run/secrets/supernode-1-secret\n    secrets: [supernode-1-secret]", "not the secret of supernode-3"),
+    ],
+)
+def test_the_auth_check_catches_broken_overlays(mistake, fix, message):
+    text = read("docker-compose.auth.yml")
+    assert mistake in text
+    broken = load_compose(read("docker-compose.yml"), read("docker-compose.tls.yml"), text.replace(mistake, fix, 1))
+    with pytest.raises(AssertionError, match=message):
+        check_auth("broken", broken)
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not installed")
+def test_make_node_keys_writes_what_the_auth_overlays_mount_in_formats_flower_reads(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    keys = tmp_path / "keys"
+    made = subprocess.run([str(SCRIPTS / "make-node-keys.sh"), str(keys), "5"], capture_output=True, text=True,
+                          timeout=120)
+    assert made.returncode == 0, made.stderr
+    for label in ("tls-auth", "tls-auth-scaled-5"):
+        for secret in load_compose(*VARIANTS[label]())["secrets"].values():
+            assert (keys / PurePosixPath(secret["file"]).name).is_file(), f"{label}: {secret['file']} not made"
+    for i in range(1, 6):
+        private = load_ssh_private_key((keys / f"supernode-{i}.key").read_bytes(), None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert try_load_public_key(keys / f"supernode-{i}.pub")  # what `flwr supernode register` reads
+        for secret in (keys / f"supernode-{i}.key", keys / f"supernode-{i}.secret"):
+            assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    secret = (keys / "superlink.secret").read_bytes()
+    assert re.fullmatch(rb"[0-9a-f]{64}", secret), "a secret is 64 hex characters, no newline"
+    assert len({(keys / f"supernode-{i}.secret").read_bytes() for i in range(1, 6)} | {secret}) == 6
+    # Kept on a second call (registered keys stay valid); --force makes new ones.
+    before = (keys / "supernode-1.pub").read_bytes()
+    again = subprocess.run([str(SCRIPTS / "make-node-keys.sh"), str(keys), "5"], capture_output=True, text=True)
+    assert again.returncode == 0 and "keeping" in again.stderr
+    assert (keys / "supernode-1.pub").read_bytes() == before
+    assert (keys / ".gitignore").read_text() == "*\n"
+
+
+def test_generated_keys_and_certificates_are_git_ignored():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["keys/supernode-1.key", "keys/superlink.secret", "certificates/server.key",
+             ".flwr/deploy-local/keys/supernode-1.key"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], capture_output=True, text=True, cwd=ROOT)
+    assert sorted(ignored.stdout.split()) == sorted(paths)
 
 
 @pytest.mark.parametrize(
@@ -357,16 +472,19 @@ def _has_docker_compose() -> bool:
 
 @pytest.mark.skipif(not _has_docker_compose(), reason="no `docker compose` here")
 def test_docker_compose_config_accepts_the_files(tmp_path):
-    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"]):
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"],
+                  ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.auth.yml"]):
         args = [x for f in files for x in ("-f", str(ROOT / f))]
         result = subprocess.run(["docker", "compose", *args, "config", "-q"], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr
 
 
 # --------------------------------------------------------------------------- scripts
-def test_scale_overlay_rejects_zero_supernodes():
+def test_scale_overlay_rejects_zero_supernodes_and_auth_without_tls():
     with pytest.raises(ValueError, match="at least 1"):
         scale.overlay(0)
+    with pytest.raises(ValueError, match="needs --tls"):
+        scale.overlay(2, auth=True)
     result = subprocess.run([sys.executable, str(SCRIPTS / "scale-supernodes.py"), "0"], capture_output=True, text=True)
     assert result.returncode == 2 and "at least 1" in result.stderr
 
@@ -374,13 +492,35 @@ def test_scale_overlay_rejects_zero_supernodes():
 def test_local_federation_uses_the_compose_flags(tmp_path):
     """scripts/deploy-local.sh starts the same commands, with flags Flower accepts."""
     fed = local_federation.LocalFederation(tmp_path, 2, tls_dir=None)
-    for argv in (fed.superlink_argv(), fed.serverapp_superexec_argv(), fed.supernode_argv(1),
-                 fed.clientapp_superexec_argv(1)):
+    for argv in (fed.superlink_argv(), fed.serverapp_superexec_argv(), fed.supernode_argv(2),
+                 fed.clientapp_superexec_argv(2)):
         assert_command_accepted("deploy-local", Path(argv[0]).name, argv[1:])
     compose = load_compose(read("docker-compose.yml"))["services"]
-    for service, argv in (("superlink", fed.superlink_argv()), ("supernode-2", fed.supernode_argv(1))):
+    for service, argv in (("superlink", fed.superlink_argv()), ("supernode-2", fed.supernode_argv(2))):
         assert set(flag_values(compose[service]["command"])) == set(flag_values(argv[1:])), service
-    assert "partition-id=1 num-partitions=2" in fed.supernode_argv(1)
+    assert "partition-id=1 num-partitions=2" in fed.supernode_argv(2)
+
+
+def test_local_federation_with_auth_uses_the_auth_overlays_flags(tmp_path):
+    """deploy-local.sh --tls --auth: the flags of docker-compose.auth.yml, accepted by Flower."""
+    certs, keys = tmp_path / "certs", tmp_path / "keys"
+    certs.mkdir()
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (certs / name).write_text("x")
+    auth = local_federation.NodeAuthFiles(keys, 2)
+    keys.mkdir()
+    for path in auth.required():
+        path.write_text("x")
+    fed = local_federation.LocalFederation(tmp_path / "w", 2, tls_dir=certs, auth_dir=keys)
+    compose = load_compose(*VARIANTS["tls-auth"]())["services"]
+    for service, argv in (("superlink", fed.superlink_argv()), ("superexec-serverapp", fed.serverapp_superexec_argv()),
+                          ("supernode-2", fed.supernode_argv(2)),
+                          ("superexec-clientapp-2", fed.clientapp_superexec_argv(2))):
+        assert_command_accepted(f"deploy-local --auth/{service}", Path(argv[0]).name, argv[1:])
+        assert set(flag_values(compose[service]["command"])) == set(flag_values(argv[1:])), service
+    assert flag_values(fed.supernode_argv(2)[1:])["--auth-supernode-private-key"] == str(keys / "supernode-2.key")
+    assert flag_values(fed.clientapp_superexec_argv(2)[1:])["--superexec-auth-secret-file"] == str(
+        keys / "supernode-2.secret")
 
 
 def test_run_config_values_are_written_as_toml():

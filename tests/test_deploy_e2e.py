@@ -18,7 +18,6 @@ Every process started here is stopped, whatever happens (fixtures + process grou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -33,21 +32,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from simulations import local_federation as lf
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _load_local_federation():
-    spec = importlib.util.spec_from_file_location("local_federation", SCRIPTS / "local_federation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["local_federation"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lf = _load_local_federation()
 
 NUM_SUPERNODES = 3
 # Small and quick (scikit-learn digits, one local epoch). The ServerStew keeps a
@@ -86,10 +76,10 @@ def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 def assert_all_gone(pids: list[int]) -> None:
     deadline = time.monotonic() + 15
-    alive = [p for p in pids if lf._pid_alive(p)]
+    alive = [p for p in pids if lf.pid_alive(p)]
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in pids if lf._pid_alive(p)]
+        alive = [p for p in pids if lf.pid_alive(p)]
     assert not alive, f"processes still running after teardown: {alive}"
 
 
@@ -264,7 +254,7 @@ def test_tls_run_passes_and_a_supernode_without_the_ca_is_refused(tmp_path):
                 script.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 for pid in started:
-                    lf._signal_group(pid, signal.SIGKILL)
+                    lf.signal_group(pid, signal.SIGKILL)
                 script.wait()
         assert_all_gone(started)
     assert script.returncode == 0, script_log.read_text()[-3000:]  # 0: the run completed

@@ -1,8 +1,7 @@
-"""scripts/local_federation.py without Flower running: process teardown and argument errors (fast)."""
+"""simulations.local_federation (scripts/deploy-local.sh) without Flower running: process teardown and argument errors (fast)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -11,13 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from simulations import local_federation as lf
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
-
-spec = importlib.util.spec_from_file_location("local_federation", SCRIPTS / "local_federation.py")
-lf = importlib.util.module_from_spec(spec)
-sys.modules["local_federation"] = lf
-spec.loader.exec_module(lf)
 
 
 def test_stop_reaches_descendants_in_their_own_sessions(tmp_path):
@@ -36,13 +32,13 @@ def test_stop_reaches_descendants_in_their_own_sessions(tmp_path):
         assert time.monotonic() < deadline, proc.log()
         time.sleep(0.05)
     child = lf.descendants(proc.pid)[0]
-    assert lf._pid_alive(child)
+    assert lf.pid_alive(child)
     proc.stop(grace=2.0)
     assert not proc.alive()
     deadline = time.monotonic() + 10
-    while lf._pid_alive(child) and time.monotonic() < deadline:
+    while lf.pid_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not lf._pid_alive(child), "the grandchild in its own session survived"
+    assert not lf.pid_alive(child), "the grandchild in its own session survived"
 
 
 def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
@@ -75,6 +71,30 @@ def test_tls_dir_without_certificates_is_refused_naming_the_files(tmp_path):
         lf.LocalFederation(tmp_path / "w", 0)
 
 
+def test_auth_needs_tls_and_every_key_file_named(tmp_path):
+    certs, keys = tmp_path / "certs", tmp_path / "keys"
+    certs.mkdir()
+    keys.mkdir()
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (certs / name).write_text("x")
+    with pytest.raises(ValueError, match="needs TLS"):
+        lf.LocalFederation(tmp_path / "w", 2, auth_dir=keys)
+    (keys / "supernode-1.key").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"lacks superlink\.secret, supernode-1\.pub, supernode-1\.secret, "
+                                                r"supernode-2\.key.*make-node-keys\.sh .*keys 2"):
+        lf.LocalFederation(tmp_path / "w", 2, tls_dir=certs, auth_dir=keys)
+
+
+def test_registered_node_ids_survive_in_a_file_beside_the_state(tmp_path):
+    registered = lf.RegisteredNodes(tmp_path / "state" / "registered-supernodes.json")
+    assert registered.load() == {}
+    registered.save("supernode-1", 2**63 + 5)  # node ids are unsigned 64-bit
+    registered.save("supernode-2", 7)
+    assert lf.RegisteredNodes(registered.path).load() == {"supernode-1": 2**63 + 5, "supernode-2": 7}
+    registered.path.write_text("{broken")
+    assert registered.load() == {}
+
+
 def test_cli_config_names_the_connection_and_its_security(tmp_path):
     plain = lf.LocalFederation(tmp_path / "plain", 2, port=12345).write_cli_config().read_text()
     assert '[superlink.local-deployment]\naddress = "127.0.0.1:12345"\ninsecure = true' in plain
@@ -90,7 +110,7 @@ def test_deploy_local_sh_help_runs_without_starting_anything():
     result = subprocess.run([str(SCRIPTS / "deploy-local.sh"), "--help"], capture_output=True, text=True,
                             timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr
-    for option in ("--supernodes", "--tls", "--no-run", "--keep", "--workdir", "--run-config"):
+    for option in ("--supernodes", "--tls", "--auth", "--keys", "--no-run", "--keep", "--workdir", "--run-config"):
         assert option in result.stdout
 
 

@@ -34,6 +34,12 @@ def test_noise_is_seeded_and_scaled_by_the_update(kind):
         assert noise.median().abs() < 0.1
 
 
+def test_nan_makes_every_float_tensor_nan_and_keeps_integers():
+    broken = attack_update(LOCAL, GLOBAL, "nan", 1.0, seed=0)
+    assert torch.isnan(broken["w"]).all() and broken["w"].dtype == LOCAL["w"].dtype
+    assert torch.equal(broken["steps"], LOCAL["steps"])
+
+
 def test_none_is_identity_and_unknown_is_rejected():
     assert attack_update(LOCAL, GLOBAL, "none", 1.0, seed=0) is LOCAL
     with pytest.raises(ValueError, match="unknown attack 'flip'"):

@@ -1,0 +1,37 @@
+"""A Flower deployment on loopback, as plain processes: docker-compose.yml without Docker.
+
+``scripts/deploy-local.sh`` is the command line (``python -m simulations.local_federation``);
+:class:`LocalFederation` is the same thing as a Python API (the end-to-end tests use it
+to kill and restart the server side, to register and unregister SuperNodes).
+
+Modules, one concern each (standard library only; nothing here imports torch,
+``strategies`` or ``fedsoup``):
+
+- ``processes``: started commands and their process trees (free ports, logs, stopping
+  a command with every descendant);
+- ``auth``: the SuperNode key / SuperExec secret files ``scripts/make-node-keys.sh``
+  writes, and the registered node ids kept beside the SuperLink's database;
+- ``federation``: :class:`LocalFederation` (the commands and flags of the compose
+  services, start/stop, registration and runs through the ``flwr`` CLI);
+- ``__main__``: the ``deploy-local.sh`` options.
+"""
+
+from simulations.local_federation.auth import NodeAuthFiles, RegisteredNodes, supernode_name
+from simulations.local_federation.federation import (
+    CONNECTION,
+    FINISHED_OK,
+    FLOWER_ENV,
+    FederationError,
+    LocalFederation,
+    TomlText,
+    checkpoint_round,
+    run_config_arg,
+    toml_value,
+)
+from simulations.local_federation.processes import Process, descendants, free_ports, pid_alive, signal_group
+
+__all__ = [
+    "CONNECTION", "FINISHED_OK", "FLOWER_ENV", "FederationError", "LocalFederation", "NodeAuthFiles", "Process",
+    "RegisteredNodes", "TomlText", "checkpoint_round", "descendants", "free_ports", "pid_alive", "run_config_arg",
+    "signal_group", "supernode_name", "toml_value",
+]
