@@ -20,7 +20,7 @@ import torch
 from fedsoup.inputs import StateDict
 from fedsoup.optim import make_optimizer
 from fedsoup.problem import Problem
-from fedsoup.schedules import epoch_batches
+from fedsoup.schedules import plan_steps
 
 __all__ = ["merge_flat", "STACK_MAX_NUMEL"]
 
@@ -165,20 +165,17 @@ def merge_flat(problem: Problem, stacked: bool) -> StateDict:
     optimizer = make_optimizer(problem.optimizer, param_groups, 1.0, **problem.optimizer_kwargs)
 
     omega = problem.omega
-    k, visited = 0, 0.0
+    steps = plan_steps(problem.order, omega, problem.epochs, problem.batch_size, problem.shuffle, problem.seed)
+    batches_per_epoch = len(steps) // problem.epochs
+    step_list = list(steps)
     with torch.no_grad():
-        for batches in epoch_batches(problem.order, problem.epochs, problem.batch_size, problem.shuffle, problem.seed):
-            batch_weights = [math.fsum(omega[j] for j in batch) for batch in batches]
+        for epoch_start in range(0, len(step_list), batches_per_epoch):
+            epoch = step_list[epoch_start : epoch_start + batches_per_epoch]
             # A zero-weight batch gives g = 0 but is still a step: stateful optimizers
             # (momentum) keep moving, as in the plain loop.
-            coefficients = [
-                [omega[j] / weight if weight > 0 else 0.0 for j in batch]
-                for batch, weight in zip(batches, batch_weights)
-            ]
-            means = [source.epoch_means(batches, coefficients) for source in sources]
-            for index, (batch, batch_weight) in enumerate(zip(batches, batch_weights)):
-                k += 1
-                visited += batch_weight
+            coefficients = [[omega[j] / weight if weight > 0 else 0.0 for j in batch] for _, batch, weight, _ in epoch]
+            means = [source.epoch_means([step[1] for step in epoch], coefficients) for source in sources]
+            for index, (k, batch, batch_weight, visited) in enumerate(epoch):
                 for group in optimizer.param_groups:
                     group["lr"] = problem.step_size(group["base_lr"], k, visited)
                 scale = problem.zeta(k) * batch_weight

@@ -20,7 +20,7 @@ import torch
 from fedsoup.inputs import StateDict
 from fedsoup.optim import FedAdagrad, FedAdam, FedYogi, build_optimizer
 from fedsoup.problem import Problem
-from fedsoup.schedules import plan_steps
+from fedsoup.schedules import StepPlan, plan_steps
 
 __all__ = ["KernelSpec", "kernel_spec", "merge_fused", "CHUNK", "available"]
 
@@ -130,8 +130,13 @@ _SPECS = {
 
 def merge_fused(problem: Problem, spec: KernelSpec) -> StateDict:
     """AME on CPU by the chunk-major kernel; the same update as :mod:`fedsoup.reference`."""
+    import numba
+
     from fedsoup import kernels  # numba compiles (or loads its cache) on first use
 
+    # One knob for the merge's threads: torch's intra-op setting (the result does not
+    # depend on it).
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     by_dtype: dict[torch.dtype, list[str]] = {}
     for key in problem.float_keys:
         by_dtype.setdefault(problem.compute_dtype(key), []).append(key)
@@ -144,27 +149,24 @@ def merge_fused(problem: Problem, spec: KernelSpec) -> StateDict:
 
 @dataclass
 class _Plan:
-    batch_starts: np.ndarray  # int64 [S + 1]
-    members: np.ndarray  # int64, ingredient indices of every batch, concatenated
-    coefficients: np.ndarray  # float64, ω_j / Ω_B
+    steps: StepPlan
+    coefficients: np.ndarray  # float64, ω_j / Ω_B of every member
     scales: np.ndarray  # float64 [S], ζ_k Ω_B
-    steps: list[tuple[int, float]]  # (k, V_k)
 
 
 def _plan(problem: Problem) -> _Plan:
-    omega = problem.omega
-    starts, members, coefficients, scales, steps = [0], [], [], [], []
-    for k, batch, batch_weight, visited in plan_steps(
-        problem.order, omega, problem.epochs, problem.batch_size, problem.shuffle, problem.seed
-    ):
-        members.extend(batch)
-        # A zero-weight batch gives g = 0 but is still a step (momentum keeps moving).
-        coefficients.extend(omega[j] / batch_weight if batch_weight > 0 else 0.0 for j in batch)
-        starts.append(len(members))
-        scales.append(problem.zeta(k) * batch_weight)
-        steps.append((k, visited))
-    return _Plan(np.array(starts, np.int64), np.array(members, np.int64), np.array(coefficients),
-                 np.array(scales), steps)
+    steps = plan_steps(problem.order, problem.omega, problem.epochs, problem.batch_size, problem.shuffle,
+                       problem.seed)
+    member_batch_weights = np.repeat(steps.batch_weights, np.diff(steps.starts))
+    # A zero-weight batch gives g = 0 but is still a step (momentum keeps moving).
+    positive = member_batch_weights > 0
+    member_weights = np.asarray(problem.omega)[steps.members]
+    coefficients = np.where(positive, member_weights / np.where(positive, member_batch_weights, 1.0), 0.0)
+    if callable(problem.amplification):
+        zetas = np.array([problem.zeta(k) for k in range(1, len(steps) + 1)])
+    else:
+        zetas = np.full(len(steps), float(problem.amplification))
+    return _Plan(steps, coefficients, zetas * steps.batch_weights)
 
 
 def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.dtype, keys: list[str]):
@@ -188,7 +190,8 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
     base_lrs = sorted({problem.base_lr(key) for key in keys})
     key_lr_groups = np.array([base_lrs.index(problem.base_lr(key)) for key in keys], np.int64)
     step_scalars = np.array([
-        [spec.scalars(k, problem.step_size(base_lr, k, visited)) for k, visited in plan.steps]
+        [spec.scalars(k, problem.step_size(base_lr, k, visited))
+         for k, visited in enumerate(plan.steps.visited.tolist(), start=1)]
         for base_lr in base_lrs
     ], np.float64).reshape(len(base_lrs), len(plan.steps), -1)
 
@@ -197,7 +200,7 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
         out.numpy(), offsets[:-1].astype(np.int64), np.array(numels, np.int64),
         np.array(chunk_keys, np.int64), np.array(chunk_starts, np.int64), np.array(chunk_stops, np.int64),
         addresses, pivot_addresses, np.array(problem.omega, np_dtype), bool(problem.adaptive_pivot),
-        plan.batch_starts, plan.members, plan.coefficients.astype(np_dtype), plan.scales.astype(np_dtype),
+        plan.steps.starts, plan.steps.members, plan.coefficients.astype(np_dtype), plan.scales.astype(np_dtype),
         key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
         step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator),
     )

@@ -64,12 +64,12 @@ def _as_pointer(typingctx, address, like):
     return signature, codegen
 
 
-@_jit()
+@_jit(inline="always")
 def _view(address, numel, like):
     return numba.carray(_as_pointer(address, like), (numel,))
 
 
-@_jit()
+@_jit(inline="always")
 def _lerp(start, end, weight, one_minus_weight):
     # torch's lerp: from the nearer end, for accuracy.
     if weight < 0.5:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Schedule = Callable[[int, float], float]
@@ -47,31 +49,42 @@ def make_schedule(
     return lambda k, visited: lr * float(k) ** alpha
 
 
-def epoch_batches(
-    order: list[int], epochs: int, batch_size: int, shuffle: bool, seed: int
-) -> Iterator[list[list[int]]]:
-    """Each epoch's batches ``B_k`` of ingredient indices, in visiting order.
+@dataclass(frozen=True)
+class StepPlan:
+    """Every step of a merge as arrays (docs/design.md §1): step ``k`` (from 1) visits the
+    ingredients ``members[starts[k-1]:starts[k]]``, whose summed weight is
+    ``batch_weights[k-1]`` (``Ω_{B_k}``); ``visited[k-1]`` is ``V_k``."""
 
-    With ``shuffle`` every epoch is a fresh permutation of ``order`` drawn from a
-    ``torch.Generator`` seeded once with ``seed`` (docs/design.md §1).
-    """
-    n = len(order)
-    generator = torch.Generator().manual_seed(int(seed))
-    for _epoch in range(epochs):
-        epoch_order = order
-        if shuffle:
-            epoch_order = [order[i] for i in torch.randperm(n, generator=generator).tolist()]
-        yield [epoch_order[start : start + batch_size] for start in range(0, n, batch_size)]
+    members: np.ndarray  # int64, every epoch's visiting order, concatenated
+    starts: np.ndarray  # int64 [S + 1]
+    batch_weights: np.ndarray  # float64 [S]
+    visited: np.ndarray  # float64 [S]
+
+    def __len__(self) -> int:
+        return self.batch_weights.size
+
+    def __iter__(self) -> Iterator[tuple[int, list[int], float, float]]:
+        """``(k, B_k, Ω_{B_k}, V_k)`` for every step."""
+        members, starts = self.members.tolist(), self.starts.tolist()
+        for index, (weight, visited) in enumerate(zip(self.batch_weights.tolist(), self.visited.tolist())):
+            yield index + 1, members[starts[index] : starts[index + 1]], weight, visited
 
 
 def plan_steps(
     order: list[int], omega: list[float], epochs: int, batch_size: int, shuffle: bool, seed: int
-) -> Iterator[tuple[int, list[int], float, float]]:
-    """``(k, B_k, Ω_{B_k}, V_k)`` for every step: the batch, its summed weight and ``V_k``."""
-    k, visited = 0, 0.0
-    for batches in epoch_batches(order, epochs, batch_size, shuffle, seed):
-        for batch in batches:
-            k += 1
-            batch_weight = math.fsum(omega[j] for j in batch)
-            visited += batch_weight
-            yield k, batch, batch_weight, visited
+) -> StepPlan:
+    """The batches ``B_k`` of every epoch, their weights ``Ω_{B_k}`` and ``V_k``.
+
+    Each epoch visits ``order``, or with ``shuffle`` a fresh permutation of it drawn from
+    a ``torch.Generator`` seeded once with ``seed``, cut into batches of ``batch_size``
+    (the last may be smaller).
+    """
+    n = len(order)
+    order_tensor = torch.tensor(order, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(int(seed))
+    rows = [order_tensor[torch.randperm(n, generator=generator)] if shuffle else order_tensor for _ in range(epochs)]
+    members = torch.cat(rows).numpy()
+    starts = (np.arange(epochs, dtype=np.int64)[:, None] * n + np.arange(0, n, batch_size)).reshape(-1)
+    batch_weights = np.add.reduceat(np.asarray(omega, dtype=np.float64)[members], starts)
+    visited = np.cumsum(batch_weights)  # sequential: V_k = V_{k-1} + Ω_{B_k}
+    return StepPlan(members, np.append(starts, members.size), batch_weights, visited)
