@@ -160,7 +160,7 @@ class MergeOptions:
     optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
+        set_ = self._normalise
         set_("weights", _numbers("weights", self.weights))
         set_("order_by", _numbers("order_by", self.order_by))
         cls = resolve_optimizer_option(self.optimizer)
@@ -196,6 +196,9 @@ class MergeOptions:
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
         set_("optimizer_kwargs", _check_optimizer_kwargs(cls, self.optimizer_kwargs, _MERGE_FIELDS))
+
+    def _normalise(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # (frozen: only while validating)
 
     def _check_pivot(self) -> None:
         pivot = self.pivot
