@@ -22,7 +22,7 @@ from fedsoup.optim import FedAdagrad, FedAdam, FedYogi, build_optimizer
 from fedsoup.problem import Problem
 from fedsoup.schedules import StepPlan, plan_steps
 
-__all__ = ["KernelSpec", "kernel_spec", "merge_fused", "CHUNK", "available"]
+__all__ = ["KernelSpec", "kernel_spec", "merge_fused", "soup_and_spread", "CHUNK", "available"]
 
 # Coordinates per chunk: w, g, the batch mean and three state arrays of this size stay
 # in a core's L2 cache (6 x 16 KiB in float32) while every step runs over them.
@@ -169,23 +169,52 @@ def _plan(problem: Problem) -> _Plan:
     return _Plan(steps, coefficients, zetas * steps.batch_weights)
 
 
-def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.dtype, keys: list[str]):
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    # Inputs in place when already contiguous CPU tensors of the compute dtype; the
-    # list keeps every converted copy alive while the kernel reads it by address.
-    ingredients = [[sd[key].to("cpu", dtype).contiguous() for key in keys] for sd in problem.state_dicts]
-    addresses = np.array([[t.data_ptr() for t in tensors] for tensors in ingredients], np.int64).reshape(-1, len(keys))
-    pivots = [] if problem.pivot is None else [problem.pivot[key].to("cpu", dtype).contiguous() for key in keys]
-    pivot_addresses = np.array([t.data_ptr() for t in pivots] if pivots else [0] * len(keys), np.int64)
+@dataclass
+class _Layout:
+    """Where the kernel finds one compute dtype's keys: ingredient addresses and chunks."""
 
-    numels = [problem.first[key].numel() for key in keys]
-    offsets = np.cumsum([0] + numels)
-    chunk_keys, chunk_starts, chunk_stops = [], [], []
-    for index, numel in enumerate(numels):
-        for start in range(0, numel, CHUNK):
-            chunk_keys.append(index)
-            chunk_starts.append(start)
-            chunk_stops.append(min(start + CHUNK, numel))
+    keys: list[str]
+    shapes: list[torch.Size]
+    np_dtype: type
+    tensors: list[torch.Tensor]  # keeps converted copies alive while the kernel reads them
+    addresses: np.ndarray  # int64 [N, K]
+    numels: np.ndarray  # int64 [K]
+    offsets: np.ndarray  # int64 [K + 1], each key's place in the flat result
+    chunk_keys: np.ndarray
+    chunk_starts: np.ndarray
+    chunk_stops: np.ndarray
+
+    def split(self, flat: torch.Tensor) -> StateDict:
+        return {key: flat[lo:hi].view(shape)
+                for key, shape, lo, hi in zip(self.keys, self.shapes, self.offsets[:-1], self.offsets[1:])}
+
+
+def _addresses(tensors: list[torch.Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def _layout(state_dicts: list[StateDict], keys: list[str], dtype: torch.dtype) -> _Layout:
+    # Inputs are read in place when already contiguous CPU tensors of the compute dtype.
+    tensors = [sd[key].to("cpu", dtype).contiguous() for sd in state_dicts for key in keys]
+    shapes = [state_dicts[0][key].shape for key in keys]
+    numels = [math.prod(shape) for shape in shapes]
+    chunks = [(index, start, min(start + CHUNK, numel))
+              for index, numel in enumerate(numels) for start in range(0, numel, CHUNK)]
+    chunk_keys, chunk_starts, chunk_stops = (np.array(column, np.int64).reshape(-1) for column in zip(*chunks)) \
+        if chunks else (np.zeros(0, np.int64),) * 3
+    return _Layout(
+        keys, shapes, np.float64 if dtype == torch.float64 else np.float32, tensors,
+        np.array(_addresses(tensors), np.int64).reshape(len(state_dicts), len(keys)),
+        np.array(numels, np.int64), np.cumsum([0] + numels).astype(np.int64),
+        chunk_keys, chunk_starts, chunk_stops,
+    )
+
+
+def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.dtype, keys: list[str]):
+    layout = _layout(problem.state_dicts, keys, dtype)
+    np_dtype = layout.np_dtype
+    pivots = [] if problem.pivot is None else [problem.pivot[key].to("cpu", dtype).contiguous() for key in keys]
+    pivot_addresses = np.array(_addresses(pivots) if pivots else [0] * len(keys), np.int64)
 
     base_lrs = sorted({problem.base_lr(key) for key in keys})
     key_lr_groups = np.array([base_lrs.index(problem.base_lr(key)) for key in keys], np.int64)
@@ -195,14 +224,52 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
         for base_lr in base_lrs
     ], np.float64).reshape(len(base_lrs), len(plan.steps), -1)
 
-    out = torch.empty(int(offsets[-1]), dtype=dtype)
+    out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
     kernels.ame_chunks(
-        out.numpy(), offsets[:-1].astype(np.int64), np.array(numels, np.int64),
-        np.array(chunk_keys, np.int64), np.array(chunk_starts, np.int64), np.array(chunk_stops, np.int64),
-        addresses, pivot_addresses, np.array(problem.omega, np_dtype), bool(problem.adaptive_pivot),
+        out.numpy(), layout.offsets[:-1], layout.numels, layout.chunk_keys, layout.chunk_starts, layout.chunk_stops,
+        layout.addresses, pivot_addresses, np.array(problem.omega, np_dtype), bool(problem.adaptive_pivot),
         plan.steps.starts, plan.steps.members, plan.coefficients.astype(np_dtype), plan.scales.astype(np_dtype),
         key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
         step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator),
     )
-    del ingredients, pivots  # only now may converted copies go
-    return {key: out[lo:hi].view(problem.first[key].shape) for key, lo, hi in zip(keys, offsets[:-1], offsets[1:])}
+    del pivots  # only now may converted copies go (layout.tensors lives on with the layout)
+    return layout.split(out)
+
+
+def soup_and_spread(state_dicts: list[StateDict], omega: list[float]) -> tuple[StateDict, dict[str, float]]:
+    """The weighted soup ``s = Σ ω_i x_i`` and, per floating key, the spread
+    ``Σ_i ω_i ‖x_i − s‖²`` (in float64), reading the ingredients once (chunk by chunk).
+
+    Keys are computed in float32 (float64 if an input is), returned in that compute dtype.
+    Without numba: the same in torch, in two passes.
+    """
+    keys_by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, tensor in state_dicts[0].items():
+        if tensor.is_floating_point():
+            dtype = torch.float64 if any(sd[key].dtype == torch.float64 for sd in state_dicts) else torch.float32
+            keys_by_dtype.setdefault(dtype, []).append(key)
+    soup: StateDict = {}
+    spread: dict[str, float] = {}
+    for dtype, keys in keys_by_dtype.items():
+        if not available():
+            for key in keys:
+                xs = [sd[key].to(dtype) for sd in state_dicts]
+                center = sum((w * x for w, x in zip(omega[1:], xs[1:])), xs[0] * omega[0])
+                soup[key] = center
+                spread[key] = math.fsum(w * float(torch.sum((x.double() - center.double()) ** 2))
+                                        for w, x in zip(omega, xs))
+            continue
+        from fedsoup import kernels
+
+        layout = _layout(state_dicts, keys, dtype)
+        out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
+        partial = np.zeros(layout.chunk_keys.size)
+        kernels.soup_spread_chunks(
+            out.numpy(), layout.offsets[:-1], layout.numels, layout.chunk_keys, layout.chunk_starts,
+            layout.chunk_stops, layout.addresses, np.array(omega, layout.np_dtype), partial,
+        )
+        soup.update(layout.split(out))
+        sums = np.zeros(len(keys))
+        np.add.at(sums, layout.chunk_keys, partial)  # in chunk order: deterministic
+        spread.update(zip(keys, sums.tolist()))
+    return soup, spread

@@ -27,7 +27,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
 
-__all__ = ["ame_chunks", "KINDS", "CACHE_DIR_FALLBACK"]
+__all__ = ["ame_chunks", "soup_spread_chunks", "KINDS", "CACHE_DIR_FALLBACK"]
 
 # Optimizer kinds the kernel knows (index = the ``kind`` argument).
 KINDS = ("sgd", "adam", "adagrad", "rmsprop", "adamax", "fedadam", "fedyogi", "fedadagrad")
@@ -190,6 +190,40 @@ def _step_flower(w, g, s1, s2, kind, h, scalars):
         w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s2[i]) + eps))
 
 
+@_jit(inline="always")
+def _soup_into(w, addresses, key, numel, start, stop, omega, like):
+    """``w = Σ_j ω_j x_j`` on one chunk, in ingredient order (as ``torch.mul`` then ``add_``)."""
+    first = _view(addresses[0, key], numel, like)[start:stop]
+    for i in range(w.size):
+        w[i] = first[i] * omega[0]
+    for j in range(1, omega.size):
+        x = _view(addresses[j, key], numel, like)[start:stop]
+        for i in range(w.size):
+            w[i] = w[i] + omega[j] * x[i]
+
+
+@_jit(parallel=True)
+def soup_spread_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops, addresses, omega,
+                       partial):
+    """The soup into ``out`` and ``partial[c] = Σ_j ω_j ‖x_j − s‖²`` over chunk ``c`` (float64),
+    re-reading each chunk's ingredient slices while they are still in cache."""
+    for c in prange(chunk_keys.size):
+        key = chunk_keys[c]
+        start, stop = chunk_starts[c], chunk_stops[c]
+        numel = key_numels[key]
+        w = out[key_offsets[key] + start : key_offsets[key] + stop]
+        _soup_into(w, addresses, key, numel, start, stop, omega, out)
+        total = 0.0
+        for j in range(omega.size):
+            x = _view(addresses[j, key], numel, out)[start:stop]
+            squares = 0.0
+            for i in range(w.size):
+                difference = np.float64(x[i]) - np.float64(w[i])
+                squares += difference * difference
+            total += np.float64(omega[j]) * squares
+        partial[c] = total
+
+
 @_jit(parallel=True)
 def ame_chunks(
     out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops,
@@ -216,11 +250,7 @@ def ame_chunks(
         if pivot_addresses[key] != 0:
             w[:] = _view(pivot_addresses[key], numel, out)[start:stop]
         else:
-            w[:] = _view(ingredient_addresses[0, key], numel, out)[start:stop] * omega[0]
-            for j in range(1, omega.size):
-                x = _view(ingredient_addresses[j, key], numel, out)[start:stop]
-                for i in range(w.size):
-                    w[i] = w[i] + omega[j] * x[i]
+            _soup_into(w, ingredient_addresses, key, numel, start, stop, omega, out)
         fixed_pivot = w.copy()
         pivot = w if adaptive else fixed_pivot
         mean = np.empty_like(w)

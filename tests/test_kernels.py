@@ -286,3 +286,25 @@ def test_numpy_inputs_default_to_cpu():
     models = [{k: np.asarray(v) for k, v in m.items()} for m in make_models(3)]
     merged = fedsoup.merge(models, optimizer="adam", lr=0.05)
     assert all(v.device.type == "cpu" for v in merged.values())
+
+
+# ---------------------------------------------------------------------------
+# Soup and spread in one pass (for scale-aware defaults)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soup_and_spread(dtype):
+    models = make_models(5, dtype=dtype, large=True)
+    weights = [w / sum(random_weights(5)) for w in random_weights(5)]
+    soup, spread = fused.soup_and_spread(models, weights)
+    expected = fedsoup.soup(models, weights)
+    for key in ("big", "mid"):
+        assert soup[key].dtype == dtype
+        torch.testing.assert_close(soup[key], expected[key], atol=1e-6, rtol=1e-6)
+        center = expected[key].double()
+        want = sum(w * float(torch.sum((m[key].double() - center) ** 2)) for w, m in zip(weights, models))
+        assert spread[key] == pytest.approx(want, rel=1e-5)
+    assert "count" not in spread
+    again = fused.soup_and_spread(models, weights)
+    assert again[1] == spread and all(torch.equal(again[0][k], soup[k]) for k in soup)
