@@ -17,12 +17,18 @@ For each out-of-domain level (10%, 50%, ..., 90%):
    the validation split from a grid after the paper's Table 3;
 4. train accuracy (on the whole training split, all classes) and test accuracy.
 
+``--seeds 0 1 2 3 4`` repeats the whole protocol per seed (validation split,
+initialisation, expert batch orders, hyperparameter selection; the test split is
+fixed) and reports every accuracy as mean ± std over seeds, and AME-AdamW − soup
+paired by seed with a 95% t-interval (:mod:`simulations.stats`).
+
 Digits (offline) by default; ``--dataset cifar10 --data-dir DIR`` when CIFAR-10 is
 present (slow on CPU: 180 CNNs). Writes ``table1.md``, ``table2.md``,
 ``results.json`` and ``table1.png`` into ``--out``.
 
-    python -m simulations.paper_table1                  # digits, about 2-4 minutes on 2 cores
-    python -m simulations.paper_table1 --ood 0.5 0.8 --quick
+    python -m simulations.paper_table1                  # digits, one seed, about 1 minute on 2 cores
+    python -m simulations.paper_table1 --seeds 0 1 2 3 4
+    python -m simulations.paper_table1 --ood 0.5 0.8 --quick --val-size 300
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from simulations.figures import save_png
 from simulations.data import ArrayDataset, load_arrays
 from simulations.models import make_model
 from simulations.partitioning import ClassExclusionPartitioner
+from simulations.stats import PairedDifference, Spread
 from simulations.task import evaluate, seed_for, train
 
 OOD_LEVELS = (0.1, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -70,12 +77,15 @@ class Splits:
     test: ArrayDataset
 
 
-def make_splits(dataset: str, data_dir: str, val_fraction: float, seed: int) -> Splits:
-    """Training data minus a stratified validation split; the dataset's own test split."""
+def make_splits(dataset: str, data_dir: str, val_size: float | int, seed: int) -> Splits:
+    """Training data minus a stratified validation split; the dataset's own test split.
+
+    ``val_size``: a fraction of the training data (float) or a number of images (int).
+    """
     from sklearn.model_selection import train_test_split
 
     train, test = load_arrays(dataset, data_dir)
-    idx_tr, idx_val = train_test_split(np.arange(len(train)), test_size=val_fraction,
+    idx_tr, idx_val = train_test_split(np.arange(len(train)), test_size=val_size,
                                        stratify=train.y, random_state=seed)
     return Splits(train.subset(np.sort(idx_tr)), train.subset(np.sort(idx_val)), test)
 
@@ -160,46 +170,95 @@ def _relative_distance(a: dict, b: dict) -> float:
     return float(diff / torch.cat([b[k].flatten() for k in keys]).norm())
 
 
-def table1(rows: list[dict]) -> str:
+def summarise(per_seed: list[list[dict]]) -> list[dict]:
+    """Per OOD level: every method's accuracy as mean ± std over seeds, and AME-AdamW − soup paired by seed."""
+    summary = []
+    for level_rows in zip(*per_seed):  # the same OOD level in every seed's run
+        entry: dict[str, Any] = {"ood": level_rows[0]["ood"]}
+        for m in METHODS:
+            entry[m] = {split: Spread.of([r[m][split] for r in level_rows]).as_dict()
+                        for split in ("val", "train", "test")}
+        entry["ame_minus_soup"] = PairedDifference.of([r["AME-AdamW"]["test"] for r in level_rows],
+                                                      [r["Soup"]["test"] for r in level_rows]).as_dict()
+        entry["ame_minus_soup_rel_norm"] = Spread.of([r["ame_minus_soup_rel_norm"] for r in level_rows]).as_dict()
+        summary.append(entry)
+    return summary
+
+
+def _spread(cell: dict) -> Spread:
+    return Spread.of(cell["values"])
+
+
+def table1(summary: list[dict]) -> str:
+    """Test accuracy, mean ± std over seeds; the best mean per row in bold."""
     lines = ["| OOD | " + " | ".join(METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
-    for r in rows:
-        accs = [r[m]["test"] for m in METHODS]
-        top = max(accs)
-        cells = [f"**{a:.2%}**" if a == top else f"{a:.2%}" for a in accs]
-        lines.append(f"| {r['ood']:.0%} | " + " | ".join(cells) + " |")
+    for entry in summary:
+        cells = [_spread(entry[m]["test"]) for m in METHODS]
+        top = max(c.mean for c in cells)
+        texts = [f"**{c.text()}**" if c.mean == top else c.text() for c in cells]
+        lines.append(f"| {entry['ood']:.0%} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 
 
-def table2(rows: list[dict]) -> str:
-    head = "| | " + " | ".join(f"{r['ood']:.0%} OOD" for r in rows) + " |"
-    lines = [head, "|---|" + "---:|" * len(rows)]
+def difference_table(summary: list[dict]) -> str:
+    """AME-AdamW − soup in test accuracy, paired by seed, with a 95% t-interval."""
+    lines = ["| OOD | AME-AdamW − soup (points), mean [95% CI] | std | AME better / tie / worse | "
+             "‖AME − soup‖ / ‖soup‖ |", "|---|---:|---:|---:|---:|"]
+    for entry in summary:
+        d = PairedDifference.of(entry["AME-AdamW"]["test"]["values"], entry["Soup"]["test"]["values"])
+        std = "-" if np.isnan(d.std) else f"{100 * d.std:.2f}"
+        lines.append(f"| {entry['ood']:.0%} | {d.text()} | {std} | {d.wins} / {d.ties} / {d.losses} | "
+                     f"{_spread(entry['ame_minus_soup_rel_norm']).text('.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def table2(summary: list[dict]) -> str:
+    head = "| | " + " | ".join(f"{e['ood']:.0%} OOD" for e in summary) + " |"
+    lines = [head, "|---|" + "---:|" * len(summary)]
     for label, method, split in (("Best ingredient, train", "Best ingredient", "train"),
                                  ("Best ingredient, test", "Best ingredient", "test"),
                                  ("AME-AdamW, train", "AME-AdamW", "train"),
                                  ("AME-AdamW, test", "AME-AdamW", "test"),
                                  ("Soup, train", "Soup", "train"),
                                  ("Soup, test", "Soup", "test")):
-        lines.append(f"| {label} | " + " | ".join(f"{r[method][split]:.2%}" for r in rows) + " |")
+        lines.append(f"| {label} | " + " | ".join(_spread(e[method][split]).text() for e in summary) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, rows: list[dict], title: str) -> None:
+def plot(path: Path, summary: list[dict], title: str) -> None:
+    """Left: test accuracy per method (bars: mean, whiskers: ± std). Right: AME − soup with its 95% CI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 3.6), dpi=100)
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=90, gridspec_kw={"width_ratios": [2.4, 1]})
     width = 0.8 / len(METHODS)
-    x = np.arange(len(rows))
+    x = np.arange(len(summary))
     for i, m in enumerate(METHODS):
-        ax.bar(x + (i - (len(METHODS) - 1) / 2) * width, [r[m]["test"] for r in rows], width, label=m)
-    ax.set_xticks(x, [f"{r['ood']:.0%} OOD" for r in rows])
+        cells = [_spread(e[m]["test"]) for e in summary]
+        ax.bar(x + (i - (len(METHODS) - 1) / 2) * width, [c.mean for c in cells], width, label=m,
+               yerr=[0.0 if np.isnan(c.std) else c.std for c in cells], capsize=1.5,
+               error_kw={"elinewidth": 0.8})
+    labels = [f"{e['ood']:.0%}" for e in summary]
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("OOD fraction")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.15)  # headroom for the legend
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=5, loc="upper center")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=6.5, ncol=3, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
+
+    diffs = [PairedDifference.of(e["AME-AdamW"]["test"]["values"], e["Soup"]["test"]["values"]) for e in summary]
+    mean = np.array([100 * d.mean for d in diffs])
+    half = np.array([0.0 if np.isnan(d.low) else 100 * (d.high - d.mean) for d in diffs])
+    ax_d.axhline(0.0, color="grey", lw=0.8)
+    ax_d.errorbar(x, mean, yerr=half, fmt="o", color="tab:purple", capsize=3)
+    ax_d.set_xticks(x, labels)
+    ax_d.set_xlabel("OOD fraction")
+    ax_d.set_ylabel("AME-AdamW − soup (points)")
+    ax_d.set_title("paired by seed, 95% t-interval", fontsize=8)
+    ax_d.grid(alpha=0.3)
     save_png(fig, path)
 
 
@@ -211,35 +270,53 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts-per-loader", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="expert training epochs (digits 10, cifar10 5)")
     p.add_argument("--lr", type=float, default=None, help="expert AdamW lr (digits 3e-3, cifar10 1e-3)")
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--seed", type=int, default=0)
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=0.15,
+                     help="validation split as a fraction of the training data (default 0.15)")
+    val.add_argument("--val-size", type=int, default=None, help="validation split as a number of images")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="repeat the whole protocol (split, initialisation, experts, selection) per seed")
     p.add_argument("--quick", action="store_true", help="a small AME grid (for tests and smoke runs)")
     p.add_argument("--out", type=Path, default=Path("results/paper_table1"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: threads cost more than they give
     epochs = args.epochs or (10 if args.dataset == "digits" else 5)
     lr = args.lr or (3e-3 if args.dataset == "digits" else 1e-3)
-    try:
-        splits = make_splits(args.dataset, args.data_dir, args.val_fraction, args.seed)
-    except (OSError, ValueError) as err:  # missing files, unreachable hub, bad data
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    val_size = args.val_size if args.val_size is not None else args.val_fraction
     grid = QUICK_GRID if args.quick else AME_GRID
-    rows = []
-    for ood in args.ood:
-        row = run_level(splits, args.dataset, ood, experts_per_loader=args.experts_per_loader,
-                        epochs=epochs, lr=lr, seed=args.seed, grid=grid)
-        rows.append(row)
-        print(f"{ood:.0%} OOD: " + ", ".join(f"{m} {row[m]['test']:.2%}" for m in METHODS)
-              + f"; |AME-soup|/|soup| = {row['ame_minus_soup_rel_norm']:.3f}  ({row['seconds']} s)", flush=True)
+    start = time.perf_counter()
+    per_seed = []
+    for seed in args.seeds:
+        try:
+            splits = make_splits(args.dataset, args.data_dir, val_size, seed)
+        except (OSError, ValueError) as err:  # missing files, unreachable hub, bad data, bad split size
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        rows = []
+        for ood in args.ood:
+            row = run_level(splits, args.dataset, ood, experts_per_loader=args.experts_per_loader,
+                            epochs=epochs, lr=lr, seed=seed, grid=grid)
+            rows.append(row)
+            print(f"seed {seed}, {ood:.0%} OOD: " + ", ".join(f"{m} {row[m]['test']:.2%}" for m in METHODS)
+                  + f"; |AME-soup|/|soup| = {row['ame_minus_soup_rel_norm']:.3f}  ({row['seconds']} s)",
+                  flush=True)
+        per_seed.append({"seed": seed, "val_size": len(splits.val), "levels": rows})
+    seconds = round(time.perf_counter() - start, 1)
+    summary = summarise([run["levels"] for run in per_seed])
+    seeds = ", ".join(map(str, args.seeds))
     setting = (f"{args.dataset}: {10 * args.experts_per_loader} experts, {epochs} AdamW epochs (lr {lr:g}), "
-               f"one initialisation, seed {args.seed}")
-    t1, t2 = table1(rows), table2(rows)
-    atomic_write_text(args.out / "table1.md", f"Test accuracy. {setting}\n\n{t1}")
-    atomic_write_text(args.out / "table2.md", f"Train and test accuracy. {setting}\n\n{t2}")
-    atomic_write_text(args.out / "results.json", json.dumps({"setting": setting, "levels": rows}, indent=2))
-    plot(args.out / "table1.png", rows, f"Table 1 protocol - {setting}")
-    print(f"\n{setting}\n\n{t1}\n{t2}\nwrote {args.out}/table1.md, table2.md, results.json, table1.png")
+               f"one initialisation per seed, validation split {per_seed[0]['val_size']} images, "
+               f"seed{'s' if len(args.seeds) > 1 else ''} {seeds}")
+    t1, t2, td = table1(summary), table2(summary), difference_table(summary)
+    atomic_write_text(args.out / "table1.md", f"Test accuracy, mean ± std over seeds. {setting}\n\n{t1}\n"
+                                              f"AME-AdamW − soup, paired by seed:\n\n{td}")
+    atomic_write_text(args.out / "table2.md", f"Train and test accuracy, mean ± std over seeds. {setting}\n\n{t2}")
+    atomic_write_text(args.out / "results.json", json.dumps(
+        {"setting": setting, "seeds": args.seeds, "seconds": seconds, "summary": summary, "per_seed": per_seed},
+        indent=2))
+    plot(args.out / "table1.png", summary, f"Table 1 protocol - {setting}")
+    print(f"\n{setting}\n\n{t1}\n{td}\n{t2}\nwall time {seconds} s; "
+          f"wrote {args.out}/table1.md, table2.md, results.json, table1.png")
     return 0
 
 
