@@ -178,6 +178,7 @@ class _Layout:
     np_dtype: type
     tensors: list[torch.Tensor]  # keeps converted copies alive while the kernel reads them
     addresses: np.ndarray  # int64 [N, K]
+    kinds: np.ndarray  # int64 [N, K]: the compute dtype, bfloat16 or float16 (kernels.SAME, ...)
     numels: np.ndarray  # int64 [K]
     offsets: np.ndarray  # int64 [K + 1], each key's place in the flat result
     chunk_keys: np.ndarray
@@ -189,13 +190,39 @@ class _Layout:
                 for key, shape, lo, hi in zip(self.keys, self.shapes, self.offsets[:-1], self.offsets[1:])}
 
 
+def _half_scales() -> np.ndarray:
+    """``[2, 256]`` tables: a bf16 (row 0) or fp16 (row 1) float with exponent field ``e``
+    and mantissa ``m`` is ``±scale[e]·(implicit + m)`` (implicit 0 for ``e = 0``): exact."""
+    scales = np.zeros((2, 256))
+    for row, (mantissa_bits, bias) in enumerate(((7, 127), (10, 15))):
+        for e in range(1 << (15 - mantissa_bits)):
+            scales[row, e] = 2.0 ** (max(e, 1) - bias - mantissa_bits)
+    return scales
+
+
+_HALF_SCALES = _half_scales()
+_BITS_LIKE = np.empty(0, np.uint16)  # tells the kernel the type of 16-bit inputs
+
+
 def _addresses(tensors: list[torch.Tensor]) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
+_HALF_KINDS = {torch.bfloat16: 1, torch.float16: 2}  # kernels.BFLOAT16, kernels.FLOAT16
+
+
+def _readable(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor as the kernel reads it: contiguous on CPU, in ``dtype`` or (float32
+    compute) still 16-bit, upcast chunk by chunk in the kernel."""
+    tensor = tensor.to("cpu")
+    if not (dtype == torch.float32 and tensor.dtype in _HALF_KINDS):
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()
+
+
 def _layout(state_dicts: list[StateDict], keys: list[str], dtype: torch.dtype) -> _Layout:
     # Inputs are read in place when already contiguous CPU tensors of the compute dtype.
-    tensors = [sd[key].to("cpu", dtype).contiguous() for sd in state_dicts for key in keys]
+    tensors = [_readable(sd[key], dtype) for sd in state_dicts for key in keys]
     shapes = [state_dicts[0][key].shape for key in keys]
     numels = [math.prod(shape) for shape in shapes]
     chunks = [(index, start, min(start + CHUNK, numel))
@@ -205,6 +232,7 @@ def _layout(state_dicts: list[StateDict], keys: list[str], dtype: torch.dtype) -
     return _Layout(
         keys, shapes, np.float64 if dtype == torch.float64 else np.float32, tensors,
         np.array(_addresses(tensors), np.int64).reshape(len(state_dicts), len(keys)),
+        np.array([_HALF_KINDS.get(t.dtype, 0) for t in tensors], np.int64).reshape(len(state_dicts), len(keys)),
         np.array(numels, np.int64), np.cumsum([0] + numels).astype(np.int64),
         chunk_keys, chunk_starts, chunk_stops,
     )
@@ -227,7 +255,8 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
     out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
     kernels.ame_chunks(
         out.numpy(), layout.offsets[:-1], layout.numels, layout.chunk_keys, layout.chunk_starts, layout.chunk_stops,
-        layout.addresses, pivot_addresses, np.array(problem.omega, np_dtype), bool(problem.adaptive_pivot),
+        layout.addresses, layout.kinds, _HALF_SCALES, _BITS_LIKE, pivot_addresses, np.array(problem.omega, np_dtype),
+        bool(problem.adaptive_pivot),
         plan.steps.starts, plan.steps.members, plan.coefficients.astype(np_dtype), plan.scales.astype(np_dtype),
         key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
         step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator),
@@ -266,7 +295,8 @@ def soup_and_spread(state_dicts: list[StateDict], omega: list[float]) -> tuple[S
         partial = np.zeros(layout.chunk_keys.size)
         kernels.soup_spread_chunks(
             out.numpy(), layout.offsets[:-1], layout.numels, layout.chunk_keys, layout.chunk_starts,
-            layout.chunk_stops, layout.addresses, np.array(omega, layout.np_dtype), partial,
+            layout.chunk_stops, layout.addresses, layout.kinds, _HALF_SCALES, _BITS_LIKE,
+            np.array(omega, layout.np_dtype), partial,
         )
         soup.update(layout.split(out))
         sums = np.zeros(len(keys))

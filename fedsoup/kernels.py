@@ -69,6 +69,37 @@ def _view(address, numel, like):
     return numba.carray(_as_pointer(address, like), (numel,))
 
 
+# Element kinds of an ingredient tensor: the compute dtype itself, or 16-bit floats
+# (read as their bits and upcast chunk by chunk, exactly, by a table ``scales`` [2, 256]:
+# a bf16 (row 0) or fp16 (row 1) value with exponent field e and mantissa m is
+# ±scales[e]·(implicit + m), see fedsoup.fused).
+SAME, BFLOAT16, FLOAT16 = 0, 1, 2
+
+
+@_jit(inline="always")
+def _read(addresses, kinds, scales, j, key, numel, start, stop, like, bits_like, scratch):
+    """Ingredient ``j``'s slice ``start:stop`` of ``key`` in the compute dtype: a view of
+    the caller's tensor, or (16-bit inputs) its upcast into ``scratch``."""
+    kind = kinds[j, key]
+    if kind == SAME:
+        return _view(addresses[j, key], numel, like)[start:stop]
+    bits = _view(addresses[j, key], numel, bits_like)[start:stop]
+    mantissa_bits = 7 if kind == BFLOAT16 else 10
+    exponent_mask = 0xFF if kind == BFLOAT16 else 0x1F
+    row = kind - 1
+    for i in range(bits.size):
+        b = np.int64(bits[i])
+        exponent = (b >> mantissa_bits) & exponent_mask
+        mantissa = b & ((1 << mantissa_bits) - 1)
+        if exponent == exponent_mask:  # inf or nan
+            value = np.inf if mantissa == 0 else np.nan
+        else:
+            implicit = 0 if exponent == 0 else (1 << mantissa_bits)
+            value = scales[row, exponent] * (implicit + mantissa)
+        scratch[i] = -value if b & 0x8000 else value
+    return scratch[: bits.size]
+
+
 @_jit(inline="always")
 def _lerp(start, end, weight, one_minus_weight):
     # torch's lerp: from the nearer end, for accuracy.
@@ -191,20 +222,20 @@ def _step_flower(w, g, s1, s2, kind, h, scalars):
 
 
 @_jit(inline="always")
-def _soup_into(w, addresses, key, numel, start, stop, omega, like):
+def _soup_into(w, addresses, kinds, scales, key, numel, start, stop, omega, like, bits_like, scratch):
     """``w = Σ_j ω_j x_j`` on one chunk, in ingredient order (as ``torch.mul`` then ``add_``)."""
-    first = _view(addresses[0, key], numel, like)[start:stop]
+    first = _read(addresses, kinds, scales, 0, key, numel, start, stop, like, bits_like, scratch)
     for i in range(w.size):
         w[i] = first[i] * omega[0]
     for j in range(1, omega.size):
-        x = _view(addresses[j, key], numel, like)[start:stop]
+        x = _read(addresses, kinds, scales, j, key, numel, start, stop, like, bits_like, scratch)
         for i in range(w.size):
             w[i] = w[i] + omega[j] * x[i]
 
 
 @_jit(parallel=True)
-def soup_spread_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops, addresses, omega,
-                       partial):
+def soup_spread_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops, addresses, kinds,
+                       scales, bits_like, omega, partial):
     """The soup into ``out`` and ``partial[c] = Σ_j ω_j ‖x_j − s‖²`` over chunk ``c`` (float64),
     re-reading each chunk's ingredient slices while they are still in cache."""
     for c in prange(chunk_keys.size):
@@ -212,10 +243,11 @@ def soup_spread_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, c
         start, stop = chunk_starts[c], chunk_stops[c]
         numel = key_numels[key]
         w = out[key_offsets[key] + start : key_offsets[key] + stop]
-        _soup_into(w, addresses, key, numel, start, stop, omega, out)
+        scratch = np.empty_like(w)
+        _soup_into(w, addresses, kinds, scales, key, numel, start, stop, omega, out, bits_like, scratch)
         total = 0.0
         for j in range(omega.size):
-            x = _view(addresses[j, key], numel, out)[start:stop]
+            x = _read(addresses, kinds, scales, j, key, numel, start, stop, out, bits_like, scratch)
             squares = 0.0
             for i in range(w.size):
                 difference = np.float64(x[i]) - np.float64(w[i])
@@ -227,7 +259,7 @@ def soup_spread_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, c
 @_jit(parallel=True)
 def ame_chunks(
     out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops,
-    ingredient_addresses, pivot_addresses, omega, adaptive,
+    ingredient_addresses, ingredient_kinds, scales, bits_like, pivot_addresses, omega, adaptive,
     batch_starts, batch_members, batch_coefficients, batch_scales,
     key_lr_groups, kind, hyper, step_scalars, initial_accumulator,
 ):
@@ -235,7 +267,8 @@ def ame_chunks(
 
     ``out``: the flat result, key ``k`` at ``key_offsets[k]``. Chunk ``c`` covers
     ``chunk_starts[c]:chunk_stops[c]`` of key ``chunk_keys[c]``. Ingredient ``j``'s key ``k``
-    is at address ``ingredient_addresses[j, k]``; ``pivot_addresses[k]`` is ``w_0``'s key,
+    is at address ``ingredient_addresses[j, k]``, of element kind ``ingredient_kinds[j, k]``
+    (the compute dtype, or 16-bit floats upcast per chunk); ``pivot_addresses[k]`` is ``w_0``'s key,
     or 0 for the weighted soup ``Σ ω_j x_j``. Step ``s`` visits ingredients
     ``batch_members[batch_starts[s]:batch_starts[s+1]]`` with coefficients ``ω_j / Ω_B``
     and ``g = batch_scales[s]·(p − x̄_B)`` (``ζ_k Ω_B``); its optimizer scalars are
@@ -247,10 +280,12 @@ def ame_chunks(
         start, stop = chunk_starts[c], chunk_stops[c]
         numel = key_numels[key]
         w = out[key_offsets[key] + start : key_offsets[key] + stop]
+        scratch = np.empty_like(w)
         if pivot_addresses[key] != 0:
             w[:] = _view(pivot_addresses[key], numel, out)[start:stop]
         else:
-            _soup_into(w, ingredient_addresses, key, numel, start, stop, omega, out)
+            _soup_into(w, ingredient_addresses, ingredient_kinds, scales, key, numel, start, stop, omega, out,
+                       bits_like, scratch)
         fixed_pivot = w.copy()
         pivot = w if adaptive else fixed_pivot
         mean = np.empty_like(w)
@@ -264,7 +299,8 @@ def ame_chunks(
         for s in range(n_steps):
             first_member, end_member = batch_starts[s], batch_starts[s + 1]
             scale = batch_scales[s]
-            x = _view(ingredient_addresses[batch_members[first_member], key], numel, out)[start:stop]
+            x = _read(ingredient_addresses, ingredient_kinds, scales, batch_members[first_member], key, numel,
+                      start, stop, out, bits_like, scratch)
             if end_member - first_member == 1:
                 for i in range(w.size):
                     g[i] = (pivot[i] - x[i]) * scale
@@ -273,7 +309,8 @@ def ame_chunks(
                 for i in range(w.size):
                     mean[i] = x[i] * coefficient
                 for b in range(first_member + 1, end_member):
-                    x = _view(ingredient_addresses[batch_members[b], key], numel, out)[start:stop]
+                    x = _read(ingredient_addresses, ingredient_kinds, scales, batch_members[b], key, numel,
+                              start, stop, out, bits_like, scratch)
                     coefficient = batch_coefficients[b]
                     for i in range(w.size):
                         mean[i] = mean[i] + coefficient * x[i]

@@ -203,6 +203,27 @@ def test_half_precision_round_trip(dtype):
         assert torch.equal(value, expected[key].to(value.dtype)), key
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_values_upcast_exactly_in_the_kernel(dtype):
+    """Every 16-bit pattern class: zeros, subnormals, normals, the largest finite value."""
+    info = torch.finfo(dtype)
+    values = torch.tensor([0.0, -0.0, 1.5, -2.25, 1 / 3, info.tiny, info.tiny / 8, -info.max, info.max], dtype=dtype)
+    models = [{"w": values.clone()}, {"w": values.clone()}]
+    options = dict(optimizer="sgd", lr=1.0, schedule="constant", pivot="first", _path="fused")
+    merged = fedsoup.merge(models, **options)
+    assert merged["w"].dtype == dtype and torch.equal(merged["w"], values)
+    soup, _ = fused.soup_and_spread(models, [0.5, 0.5])
+    assert torch.equal(soup["w"], values.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_nan_is_reported(dtype):
+    models = make_models(3, dtype=dtype)
+    models[1]["head"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="ingredient 1.*'head'"):
+        fedsoup.merge(models, optimizer="adam", lr=0.1, _path="fused")
+
+
 def test_mixed_compute_dtypes_in_one_model():
     models = make_models(4, dtype=torch.float32)
     for m in models:
