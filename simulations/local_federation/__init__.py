@@ -23,6 +23,7 @@ from simulations.local_federation.federation import (
     FLOWER_ENV,
     FederationError,
     LocalFederation,
+    RegistrationRefused,
     TomlText,
     checkpoint_round,
     run_config_arg,
@@ -32,6 +33,6 @@ from simulations.local_federation.processes import Process, descendants, free_po
 
 __all__ = [
     "CONNECTION", "FINISHED_OK", "FLOWER_ENV", "FederationError", "LocalFederation", "NodeAuthFiles", "Process",
-    "RegisteredNodes", "TomlText", "checkpoint_round", "descendants", "free_ports", "pid_alive", "run_config_arg",
+    "RegisteredNodes", "RegistrationRefused", "TomlText", "checkpoint_round", "descendants", "free_ports", "pid_alive", "run_config_arg",
     "signal_group", "supernode_name", "toml_value",
 ]

@@ -48,6 +48,19 @@ class FederationError(RuntimeError):
     """A process of the federation failed to start, or a `flwr` command failed."""
 
 
+class RegistrationRefused(FederationError):
+    """`flwr supernode register` refused `public_key`; `reason` is the SuperLink's answer."""
+
+    def __init__(self, public_key: Path, reason: str) -> None:
+        super().__init__(f"`flwr supernode register {public_key}` refused: {reason}")
+        self.public_key = public_key
+        self.reason = reason
+
+    @property
+    def already_known(self) -> bool:
+        return KEY_ALREADY_REGISTERED in self.reason
+
+
 class TomlText(str):
     """A run-config value that is already TOML text (as typed after `--run-config`)."""
 
@@ -338,26 +351,36 @@ class LocalFederation:
         return result
 
     # ------------------------------------------------------------ SuperNode registration
-    def register_supernodes(self) -> dict[str, int]:
-        """`flwr supernode register supernode-<i>.pub` for every SuperNode; name -> node id.
+    def register_key(self, public_key: Path, name: str) -> int:
+        """`flwr supernode register <public_key>`; returns the new node id.
 
-        A key the SuperLink already knows (its database was kept) keeps its node id,
-        read from ``state/registered-supernodes.json``."""
+        Raises RegistrationRefused if the SuperLink says no, e.g. for a key it already
+        knows (registered before, or unregistered since: such a key never comes back)."""
+        payload = json_output(self.flwr("supernode", "register", str(public_key), CONNECTION,
+                                        "--name", name, "--format", "json"))
+        if not payload.get("success"):
+            raise RegistrationRefused(Path(public_key), str(payload.get("error-message")))
+        node_id = int(payload["node-id"])
+        self.registered.save(name, node_id)
+        return node_id
+
+    def register_supernodes(self) -> dict[str, int]:
+        """Register every SuperNode's public key; name -> node id.
+
+        A key the SuperLink already knows (its database was kept) keeps the node id
+        recorded in ``state/registered-supernodes.json``."""
         assert self.auth is not None, "registration needs auth_dir"
-        ids = self.registered.load()
+        known = self.registered.load()
+        ids = {}
         for i in range(1, self.num_supernodes + 1):
             name = supernode_name(i)
-            payload = json_output(self.flwr("supernode", "register", str(self.auth.public_key(i)), CONNECTION,
-                                            "--name", name, "--format", "json"))
-            if payload.get("success"):
-                ids[name] = int(payload["node-id"])
-                self.registered.save(name, ids[name])
-            elif KEY_ALREADY_REGISTERED in str(payload.get("error-message")) and name in ids:
-                continue
-            else:
-                raise FederationError(f"`flwr supernode register` refused {self.auth.public_key(i)}: "
-                                      f"{payload.get('error-message')}")
-        return {supernode_name(i): ids[supernode_name(i)] for i in range(1, self.num_supernodes + 1)}
+            try:
+                ids[name] = self.register_key(self.auth.public_key(i), name)
+            except RegistrationRefused as err:
+                if not (err.already_known and name in known):
+                    raise
+                ids[name] = known[name]
+        return ids
 
     def unregister_supernode(self, index: int) -> int:
         """`flwr supernode unregister <node id>` for SuperNode `index`: it is shut out for good
