@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from strategies import FedSoup
-from strategies.testing import LocalGrid, serverapp_identity, train_content, train_reply
+from strategies.inprocess import InProcessGrid, serverapp_identity, train_content, reply
 
 
 def model_shapes(params: float) -> dict[str, tuple[int, ...]]:
@@ -61,9 +61,9 @@ def make_round(params: float, replies: int, seed: int = 0):
 
 def time_aggregate(strategy, arrays: ArrayRecord, contents: dict) -> float:
     """Seconds for one ``aggregate_train`` (``configure_train`` is done first, untimed)."""
-    grid = LocalGrid(sorted(contents))
+    grid = InProcessGrid(sorted(contents))
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
-    replies = [train_reply(m, contents[m.metadata.dst_node_id]) for m in instructions]
+    replies = [reply(m, contents[m.metadata.dst_node_id]) for m in instructions]
     start = time.perf_counter()
     out, _ = strategy.aggregate_train(1, replies)
     elapsed = time.perf_counter() - start

@@ -204,7 +204,7 @@ def run_comparison(
 def run_comparison_inprocess(base: Mapping[str, Any], runs: list[StrategyRun]) -> list[StrategyRun]:
     """The same comparison without Ray: clients are called in turn in this process.
 
-    Uses ``strategies.testing.LocalGrid`` and the very same ClientApp; results are
+    Uses ``strategies.inprocess.InProcessGrid`` and the very same ClientApp; results are
     identical to the Ray backend (every client's update is a pure function of the
     global model, its shard and the seed). Meant for quick sweeps and tests.
     """
@@ -212,7 +212,7 @@ def run_comparison_inprocess(base: Mapping[str, Any], runs: list[StrategyRun]) -
 
     from simulations.client_app import make_client_app
     from simulations.server_app import run_server
-    from strategies.testing import LocalGrid, serverapp_identity
+    from strategies.inprocess import InProcessGrid, serverapp_identity
 
     base_cfg = SimConfig.from_run_config(base)
     configs = []
@@ -234,7 +234,7 @@ def run_comparison_inprocess(base: Mapping[str, Any], runs: list[StrategyRun]) -
     with serverapp_identity():
         for run, cfg in zip(runs, configs):
             start = time.perf_counter()
-            run.rows = run_server(LocalGrid(node_ids, client), cfg)
+            run.rows = run_server(InProcessGrid(node_ids, client), cfg)
             run.seconds = time.perf_counter() - start
     return runs
 

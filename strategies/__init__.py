@@ -1,5 +1,13 @@
-"""Flower strategies built on ``fedsoup``: ``FedSoup`` (ClientSoup + ServerStew)."""
+"""Flower strategies built on ``fedsoup``: ``FedSoup`` = ClientSoup + ServerStew.
 
+Module map: ``fedsoup_strategy`` (the Flower Strategy API), ``client_soup`` (the
+per-round ``fedsoup.merge``), ``server_stew`` (the server optimizer kept across
+rounds), ``replies`` (reply checking, visiting order, zero-copy Array reading),
+``state`` (state dict and checkpoints), ``inprocess`` (a Grid that runs ClientApps
+in this process, for tests, notebooks and quick comparisons).
+"""
+
+from strategies.client_soup import ClientSoup
 from strategies.fedsoup_strategy import (
     METRIC_AME_SOUP_DISTANCE,
     METRIC_CLIENTS_LEFT_OUT,
@@ -7,9 +15,12 @@ from strategies.fedsoup_strategy import (
     METRIC_STEW_GRAD_NORM,
     FedSoup,
 )
+from strategies.server_stew import ServerStew
 
 __all__ = [
     "FedSoup",
+    "ClientSoup",
+    "ServerStew",
     "METRIC_CLIENTS_USED",
     "METRIC_CLIENTS_LEFT_OUT",
     "METRIC_STEW_GRAD_NORM",

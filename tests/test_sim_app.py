@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from simulations.client_app import make_client_app
 from simulations.compare import StrategyRun, main as compare_main, parse_strategy, run_comparison_inprocess
 from simulations.models import make_model
-from strategies.testing import serverapp_identity
+from strategies.inprocess import serverapp_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dataset": "digits", "num-partitions": 4, "num-server-rounds": 2, "local-epochs": 1,

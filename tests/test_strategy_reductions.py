@@ -12,8 +12,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
+from fedsoup.errors import OptionError, UnknownOptionError
 from strategies import METRIC_AME_SOUP_DISTANCE, METRIC_CLIENTS_USED, METRIC_STEW_GRAD_NORM, FedSoup
-from strategies.testing import LocalGrid, serverapp_identity, train_content, train_reply
+from strategies.inprocess import InProcessGrid, serverapp_identity, train_content, reply
 
 NODES = [31, 4, 17, 9]
 ROUNDS = 4
@@ -45,12 +46,12 @@ def client_update(node: int, server_round: int, arrays: ArrayRecord) -> dict:
 
 def run_rounds(strategy, arrays: ArrayRecord, rounds: int = ROUNDS, nodes=NODES):
     """The train half of ``Strategy.start``: returns the final arrays and per-round metrics."""
-    grid = LocalGrid(nodes)
+    grid = InProcessGrid(nodes)
     history = []
     for server_round in range(1, rounds + 1):
         instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         replies = [
-            train_reply(
+            reply(
                 msg,
                 train_content(
                     client_update(msg.metadata.dst_node_id, server_round, arrays),
@@ -137,14 +138,14 @@ def test_reduction_fails_when_settings_differ():
 def test_default_fedsoup_without_configure_train_is_fedavg():
     """FedAvg's aggregate_train needs no configure_train; neither does default FedSoup."""
     arrays = initial_arrays()
-    grid = LocalGrid(NODES)
+    grid = InProcessGrid(NODES)
     with serverapp_identity():
         instructions = list(FedAvg().configure_train(1, arrays, ConfigRecord(), grid))
     contents = {
         m.metadata.dst_node_id: train_content(client_update(m.metadata.dst_node_id, 1, arrays), num_examples=m.metadata.dst_node_id)
         for m in instructions
     }
-    replies = [train_reply(m, contents[m.metadata.dst_node_id]) for m in instructions]
+    replies = [reply(m, contents[m.metadata.dst_node_id]) for m in instructions]
     expected, expected_metrics = FedAvg().aggregate_train(1, replies)
     got, metrics = FedSoup().aggregate_train(1, replies)
     for key in expected:
@@ -207,23 +208,31 @@ def test_soup_pivot_soup_lets_merge_start_from_the_soup(monkeypatch):
     strategy = FedSoup(soup={"optimizer": "adam", "lr": 0.01}, soup_pivot="soup")
     monkeypatch.setattr(fedsoup, "merge", lambda models, **kw: calls.append(kw) or real_merge(models, **kw))
     run_rounds(strategy, initial_arrays(), rounds=1)
-    assert "pivot" not in calls[0]  # fedsoup.merge's default pivot is the soup
+    assert calls[0]["pivot"] == "soup"
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, option, match",
     [
-        ({"soup": {"weights": [1, 2]}}, "weighted_by_key"),
-        ({"soup": {"pivot": "first"}}, "soup_pivot"),
-        ({"soup": {"order_by": [1, 2]}}, "order_by"),
-        ({"soup": {"optimizer": "no-such-optimizer"}}, "invalid soup"),
-        ({"stew": {"optimizer": "no-such-optimizer"}}, "invalid stew"),
-        ({"stew": {"optimizer": "adam", "betas": (0.9,)}}, "invalid stew"),
-        ({"soup_pivot": "first"}, "soup_pivot"),
-        ({"order_by": 3}, "order_by"),
+        ({"soup": {"weights": [1, 2]}}, OptionError, "weights", "weighted_by_key"),
+        ({"soup": {"pivot": "first"}}, OptionError, "pivot", "soup_pivot"),
+        ({"soup": {"order_by": [1, 2]}}, OptionError, "order_by", "order_by"),
+        ({"soup": {"optimizer": "adamm"}}, OptionError, "optimizer", "did you mean 'adam'"),
+        ({"soup": {"optimizer": "adam", "shufle": True}}, UnknownOptionError, "shufle", "did you mean 'shuffle'"),
+        ({"soup": {"optimizer": "adam", "betas": (0.9,)}}, OptionError, "optimizer_kwargs", "invalid soup settings"),
+        ({"stew": {"optimizer": "no-such-optimizer"}}, OptionError, "optimizer", "unknown optimizer"),
+        ({"stew": {"optimizer": "adam", "beta": (0.9, 0.99)}}, UnknownOptionError, "beta", "did you mean 'betas'"),
+        ({"stew": {"optimizer": "adam", "betas": (0.9,)}}, OptionError, "optimizer_kwargs", "invalid stew settings"),
     ],
 )
-def test_bad_settings_fail_at_construction(kwargs, match):
+def test_bad_settings_fail_at_construction_with_typed_errors(kwargs, error, option, match):
+    with pytest.raises(error, match=match) as raised:
+        FedSoup(**kwargs)
+    assert raised.value.option == option
+
+
+@pytest.mark.parametrize("kwargs, match", [({"soup_pivot": "first"}, "soup_pivot"), ({"order_by": 3}, "order_by")])
+def test_bad_fedsoup_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FedSoup(**kwargs)
 
@@ -235,6 +244,7 @@ def test_summary_logs_settings(caplog_flwr):
     assert "fedsoup.merge(optimizer='adam', lr=0.01)" in text
     assert "by client metric 'val-acc'" in text
     assert "ServerStew: fedadam(lr=0.1)" in text
+    assert "then by 'partition-id', then by node id" in text
     assert "Weighted by: 'num-examples'" in text  # FedAvg's part follows
 
 

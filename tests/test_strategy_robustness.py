@@ -15,7 +15,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from strategies import METRIC_CLIENTS_LEFT_OUT, METRIC_CLIENTS_USED, FedSoup
-from strategies.testing import LocalGrid, error_reply, serverapp_identity, train_content, train_reply
+from strategies.inprocess import InProcessGrid, error_reply, serverapp_identity, train_content, reply
 
 GOOD_NODES = [3, 8, 5]
 BAD_NODE = 6
@@ -70,7 +70,7 @@ STRATEGIES = {
 def aggregate(strategy, contents: dict[int, RecordDict | str], configure: bool = True):
     """One round: ``contents`` maps node -> reply content, or an error reason string."""
     arrays = ArrayRecord({k: Array(v) for k, v in global_model().items()})
-    grid = LocalGrid(sorted(contents))
+    grid = InProcessGrid(sorted(contents))
     if configure:
         instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     else:
@@ -78,7 +78,7 @@ def aggregate(strategy, contents: dict[int, RecordDict | str], configure: bool =
     replies = []
     for msg in instructions:
         content = contents[msg.metadata.dst_node_id]
-        replies.append(error_reply(msg, content) if isinstance(content, str) else train_reply(msg, content))
+        replies.append(error_reply(msg, content) if isinstance(content, str) else reply(msg, content))
     return strategy.aggregate_train(1, replies)
 
 
@@ -115,10 +115,10 @@ BAD_REPLIES = {
     "error reply": (lambda: "CUDA out of memory", "error reply"),
     "NaN": (lambda: with_arrays(bad_arrays(_nan)), "'fc.weight' contains NaN or Inf"),
     "Inf": (lambda: with_arrays(bad_arrays(_inf)), "'fc.bias' contains NaN or Inf"),
-    "missing key": (lambda: with_arrays(bad_arrays(_drop)), "missing array 'fc.bias'"),
-    "extra key": (lambda: with_arrays(bad_arrays(_set("head.weight", np.ones(2, np.float32)))), "unexpected array 'head.weight'"),
-    "other shape": (lambda: with_arrays(bad_arrays(_set("fc.bias", np.ones(7, np.float32)))), "shape (7,), expected (6,)"),
-    "int for float": (lambda: with_arrays(bad_arrays(_set("fc.bias", np.ones(6, np.int64)))), "dtype int64"),
+    "missing key": (lambda: with_arrays(bad_arrays(_drop)), "array 'fc.bias' missing (present in the global model)"),
+    "extra key": (lambda: with_arrays(bad_arrays(_set("head.weight", np.ones(2, np.float32)))), "array 'head.weight' not in the global model"),
+    "other shape": (lambda: with_arrays(bad_arrays(_set("fc.bias", np.ones(7, np.float32)))), "array 'fc.bias' has shape (7,), but the global model has (6,)"),
+    "int for float": (lambda: with_arrays(bad_arrays(_set("fc.bias", np.ones(6, np.int64)))), "array 'fc.bias' is int64, but the global model has float32"),
     "zero weight": (lambda: with_arrays(client_arrays(BAD_NODE), num_examples=0), "is not positive"),
     "negative weight": (lambda: with_arrays(client_arrays(BAD_NODE), num_examples=-5), "is not positive"),
     "NaN weight": (lambda: with_arrays(client_arrays(BAD_NODE), num_examples=float("nan")), "'num-examples' is nan"),
@@ -197,7 +197,7 @@ def test_all_replies_bad_keeps_the_global_model(caplog):
     assert metrics[METRIC_CLIENTS_USED] == 0 and metrics[METRIC_CLIENTS_LEFT_OUT] == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("left out reply from node" in w for w in warnings) == 3
-    assert strategy._stew is None  # no step was taken
+    assert strategy.server_stew.optimizer is None  # no step was taken
     for key, value in global_model().items():  # FedSoup's own notion of the global model is unchanged
         np.testing.assert_array_equal(strategy.state_dict()["global"][key].numpy(), value)
 
@@ -259,10 +259,10 @@ def test_flower_changes_dtypes_fedsoup_does_not():
     assert flower_avg["bn.num_batches_tracked"].numpy().dtype == np.float64
     floats = {n: train_content({k: v for k, v in client_arrays(n).items() if k.startswith("fc")}, num_examples=n) for n in GOOD_NODES}
     arrays = ArrayRecord({k: Array(v) for k, v in global_model().items() if k.startswith("fc")})
-    grid = LocalGrid(GOOD_NODES)
+    grid = InProcessGrid(GOOD_NODES)
     for strategy, expected_dtype in ((FedAdam(), np.float64), (FedSoup(stew={"optimizer": "fedadam"}), np.float32)):
         instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
-        out, _ = strategy.aggregate_train(1, [train_reply(m, floats[m.metadata.dst_node_id]) for m in instructions])
+        out, _ = strategy.aggregate_train(1, [reply(m, floats[m.metadata.dst_node_id]) for m in instructions])
         assert out["fc.weight"].numpy().dtype == expected_dtype
 
 
@@ -273,8 +273,8 @@ def test_arrival_order_does_not_matter():
     results = []
     for order in ([11, 2, 7, 5], [5, 7, 2, 11]):
         strategy = FedSoup(**strategy_kwargs)
-        instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays, ConfigRecord(), LocalGrid(order))}
-        out, _ = strategy.aggregate_train(1, [train_reply(instructions[n], contents[n]) for n in order])
+        instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid(order))}
+        out, _ = strategy.aggregate_train(1, [reply(instructions[n], contents[n]) for n in order])
         results.append(out)
     for key in results[0]:
         np.testing.assert_array_equal(results[0][key].numpy(), results[1][key].numpy())
@@ -307,7 +307,7 @@ def test_fortran_ordered_reply_arrays_are_read_correctly():
 def test_bad_evaluate_replies_are_left_out(caplog):
     """Flower's FedAvg raises on inconsistent evaluate replies; FedSoup averages the rest."""
     arrays = ArrayRecord({k: Array(v) for k, v in global_model().items()})
-    grid = LocalGrid([1, 2, 3, 4, 5])
+    grid = InProcessGrid([1, 2, 3, 4, 5])
     strategy = FedSoup()
     instructions = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, arrays, ConfigRecord(), grid)}
 
@@ -315,10 +315,10 @@ def test_bad_evaluate_replies_are_left_out(caplog):
         return RecordDict({"metrics": MetricRecord(values)})
 
     replies = [
-        train_reply(instructions[1], metrics(**{"num-examples": 10, "acc": 0.5})),
-        train_reply(instructions[2], metrics(**{"num-examples": 30, "acc": 0.9})),
-        train_reply(instructions[3], metrics(**{"num-examples": 10, "loss": 0.1})),  # other keys
-        train_reply(instructions[4], metrics(**{"num-examples": -1, "acc": 1.0})),  # bad weight
+        reply(instructions[1], metrics(**{"num-examples": 10, "acc": 0.5})),
+        reply(instructions[2], metrics(**{"num-examples": 30, "acc": 0.9})),
+        reply(instructions[3], metrics(**{"num-examples": 10, "loss": 0.1})),  # other keys
+        reply(instructions[4], metrics(**{"num-examples": -1, "acc": 1.0})),  # bad weight
         error_reply(instructions[5], "evaluation crashed"),
     ]
     with pytest.raises(InconsistentMessageReplies):

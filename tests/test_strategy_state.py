@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
 
 from fedsoup.state import STATE_JSON, load_checkpoint, save_checkpoint
 from strategies import METRIC_CLIENTS_USED, FedSoup
-from strategies.testing import LocalGrid, serverapp_identity, train_content, train_reply
+from strategies.inprocess import InProcessGrid, serverapp_identity, train_content, reply
 
 NODES = [2, 5, 9]
 SOUP = {"optimizer": "adam", "lr": 0.05, "epochs": 3, "batch_size": 2, "shuffle": True}
@@ -55,7 +55,7 @@ class Clients:
             self.crash_in_round = None
             raise KeyboardInterrupt("server killed")
         if msg.metadata.message_type == MessageType.EVALUATE:
-            return train_reply(msg, RecordDict({"metrics": MetricRecord({"num-examples": node, "loss": 1.0 / node})}))
+            return reply(msg, RecordDict({"metrics": MetricRecord({"num-examples": node, "loss": 1.0 / node})}))
         rng = np.random.default_rng([node, server_round])
         arrays = {}
         for key, array in msg.content["arrays"].items():
@@ -64,11 +64,11 @@ class Clients:
                 arrays[key] = (value + rng.normal(scale=0.2, size=value.shape) - 0.05 * value).astype(value.dtype)
             else:
                 arrays[key] = np.asarray(value + 1)
-        return train_reply(msg, train_content(arrays, num_examples=10 * node, acc=0.1 * node))
+        return reply(msg, train_content(arrays, num_examples=10 * node, acc=0.1 * node))
 
 
 def start(strategy, num_rounds: int, clients: Clients | None = None, arrays: ArrayRecord | None = None):
-    grid = LocalGrid(NODES, clients or Clients())
+    grid = InProcessGrid(NODES, clients or Clients())
     return strategy.start(grid, arrays or initial_arrays(), num_rounds=num_rounds)
 
 
@@ -179,21 +179,26 @@ def test_dp_wrapper_without_noise_matches_fedadam():
 
 def test_dp_wrapper_with_noise_steps_from_the_noised_model():
     inner = FedSoup(soup=SOUP, stew=STEW)
-    sent = []
-    original = inner.configure_train
+    sent, stepped_from = [], []
+    configure, step = inner.configure_train, inner.server_stew.step
 
-    def spy(server_round, arrays, config, grid):
+    def spy_configure(server_round, arrays, config, grid):
         sent.append(numpy(arrays))
-        return original(server_round, arrays, config, grid)
+        return configure(server_round, arrays, config, grid)
 
-    inner.configure_train = spy
+    def spy_step(current, merged):
+        stepped_from.append({k: t.numpy().copy() for k, t in current.items()})
+        return step(current, merged)
+
+    inner.configure_train, inner.server_stew.step = spy_configure, spy_step
     result = dp_run(inner, noise_multiplier=1.0, num_rounds=3)
     final = numpy(result.arrays)
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in final.values())
     # FedSoup's x_{t-1} each round is what the wrapper sent (noise included), as in FedOpt.
-    assert len(sent) == 3
-    for key in sent[-1]:
-        np.testing.assert_array_equal(inner._sent[key].numpy(), sent[-1][key])
+    assert len(sent) == len(stepped_from) == 3
+    for sent_model, x_prev in zip(sent, stepped_from):
+        for key in sent_model:
+            np.testing.assert_array_equal(x_prev[key], sent_model[key])
 
 
 def test_client_side_dp_wrapper_runs():
@@ -209,12 +214,12 @@ def test_start_without_checkpoint_evaluates_like_flower():
         calls.append(server_round)
         return MetricRecord({"score": float(server_round)})
 
-    result = FedSoup().start(LocalGrid(NODES, Clients()), initial_arrays(), num_rounds=2, evaluate_fn=evaluate_fn)
+    result = FedSoup().start(InProcessGrid(NODES, Clients()), initial_arrays(), num_rounds=2, evaluate_fn=evaluate_fn)
     assert calls == [0, 1, 2]
     assert sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]
     assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
-    expected = FedAvg().start(LocalGrid(NODES, Clients()), initial_arrays(with_buffer=False), num_rounds=2)
-    got = FedSoup().start(LocalGrid(NODES, Clients()), initial_arrays(with_buffer=False), num_rounds=2)
+    expected = FedAvg().start(InProcessGrid(NODES, Clients()), initial_arrays(with_buffer=False), num_rounds=2)
+    got = FedSoup().start(InProcessGrid(NODES, Clients()), initial_arrays(with_buffer=False), num_rounds=2)
     for key, value in numpy(expected.arrays).items():
         np.testing.assert_allclose(numpy(got.arrays)[key], value, rtol=1e-5, atol=1e-6)
 

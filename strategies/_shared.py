@@ -1,0 +1,44 @@
+"""Small helpers shared by the ClientSoup and the ServerStew."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import fedsoup
+from fedsoup.errors import OptionError
+
+__all__ = ["model_distance", "format_kwargs", "optimizer_name", "check_optimizer_builds"]
+
+
+def model_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """‖a − b‖ over the floating arrays (per-array norms summed in float64)."""
+    return math.sqrt(math.fsum(float(torch.dist(a[k], b[k])) ** 2 for k in a if a[k].is_floating_point()))
+
+
+def format_kwargs(kwargs: Mapping[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        if isinstance(value, type):
+            return value.__qualname__
+        if callable(value):
+            return getattr(value, "__qualname__", repr(value))
+        return repr(value)
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in kwargs.items())
+
+
+def optimizer_name(optimizer: Any) -> str:
+    return optimizer if isinstance(optimizer, str) else f"{optimizer.__module__}.{optimizer.__qualname__}"
+
+
+def check_optimizer_builds(optimizer: Any, lr: float, kwargs: Mapping[str, Any], what: str) -> None:
+    """Build the optimizer once on an empty tensor: bad argument values fail now, not in round 1."""
+    try:
+        fedsoup.make_optimizer(optimizer, [torch.zeros(0, requires_grad=True)], lr, **kwargs)
+    except Exception as error:  # noqa: BLE001 - whatever the constructor rejects
+        raise OptionError(
+            "optimizer_kwargs", dict(kwargs), f"invalid {what} settings: {optimizer_name(optimizer)} rejects them ({error!r})"
+        ) from None

@@ -1,0 +1,89 @@
+"""FedSoup's state and checkpoints: what a restarted server needs to continue exactly.
+
+The state (``FedSoup.state_dict()``) is a nested dict of plain values and tensors:
+
+* ``round``: the last completed server round ``t``;
+* ``global``: the global model ``x_t`` (every array, dtypes kept);
+* ``stew``: the ServerStew's ``state_dict()`` (optimizer name, parameter keys, shapes
+  and dtypes, ``torch.optim`` state), or ``None`` while it has not stepped;
+* ``rng``: ``{"seed": s}``: round ``t``'s AME seed is derived from ``(s, t)``, so this
+  is the whole random state;
+* ``settings``: the soup/stew/order settings, for a reader of the checkpoint.
+
+With a checkpoint directory it is written after every round by
+:func:`fedsoup.state.save_checkpoint` (safetensors + JSON, no pickle; the JSON is
+replaced atomically, so a crash leaves the previous round's checkpoint intact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsoup.state import has_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["STATE_FORMAT", "RunState", "read_checkpoint", "write_checkpoint"]
+
+STATE_FORMAT = "fedsoup.strategies.FedSoup"
+
+
+@dataclass
+class RunState:
+    """The parsed, checked content of a FedSoup state dict."""
+
+    round: int
+    seed: int
+    global_model: dict[str, torch.Tensor] | None
+    stew: dict[str, Any] | None
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Tensors by reference, as ``torch.nn.Module.state_dict`` returns them."""
+        return {
+            "format": STATE_FORMAT,
+            "round": self.round,
+            "rng": {"seed": self.seed},
+            "global": None if self.global_model is None else dict(self.global_model),
+            "stew": self.stew,
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> RunState:
+        """Check a state dict; ``ValueError`` naming what is wrong."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a FedSoup state (missing format {STATE_FORMAT!r})")
+        round_ = state.get("round")
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+            raise ValueError(f"FedSoup state: invalid round {round_!r}")
+        global_ = state.get("global")
+        stew = state.get("stew")
+        if stew is not None and stew.get("state") is not None:
+            if global_ is None:
+                raise ValueError("FedSoup state: a stew state without a global model")
+            missing = [k for k in stew.get("keys", []) if k not in global_]
+            if missing:
+                raise ValueError(f"FedSoup state: stew array {missing[0]!r} is not in the global model")
+        return cls(
+            round=round_,
+            seed=int(state.get("rng", {}).get("seed", 0)),
+            global_model=None if global_ is None else {str(k): torch.as_tensor(v).clone() for k, v in global_.items()},
+            stew=None if stew is None else dict(stew),
+            settings=dict(state.get("settings", {})),
+        )
+
+
+def read_checkpoint(directory: Path) -> RunState | None:
+    """The state in ``directory``; ``None`` if it holds no checkpoint yet."""
+    if not has_checkpoint(directory):
+        return None
+    return RunState.from_dict(load_checkpoint(directory))
+
+
+def write_checkpoint(directory: Path, state: Mapping[str, Any], server_round: int) -> None:
+    """Commit ``state`` as the checkpoint of ``server_round`` (atomically)."""
+    save_checkpoint(directory, state, tag=f"round-{server_round:05d}", metadata={"round": str(server_round)})
