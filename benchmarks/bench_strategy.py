@@ -59,8 +59,14 @@ def make_round(params: float, replies: int, seed: int = 0):
     return arrays, contents, num_params
 
 
-def time_aggregate(strategy, arrays: ArrayRecord, contents: dict) -> float:
-    """Seconds for one ``aggregate_train`` (``configure_train`` is done first, untimed)."""
+def time_aggregate(strategy, arrays: ArrayRecord, contents: dict, threads: int = 0) -> float:
+    """Seconds for one ``aggregate_train`` (``configure_train`` is done first, untimed).
+
+    ``threads > 0`` sets torch's intra-op threads again first: numba's parallel AME
+    kernel (the Adam soup) leaves torch's OpenMP thread count changed behind it.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
     grid = InProcessGrid(sorted(contents))
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     replies = [reply(m, contents[m.metadata.dst_node_id]) for m in instructions]
@@ -100,15 +106,15 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with serverapp_identity():
         for name, make in candidates.items():  # warm-up: imports, allocator, thread pools
-            time_aggregate(make(), arrays, contents)
+            time_aggregate(make(), arrays, contents, args.threads)
         for _ in range(args.repeats):
             for name, make in candidates.items():
-                times[name].append(time_aggregate(make(), arrays, contents))
+                times[name].append(time_aggregate(make(), arrays, contents, args.threads))
 
     base = statistics.median(times["Flower FedAvg"])
     targets = {"FedSoup() (defaults)": 1.1, "FedSoup(soup=Adam, 5 epochs, batch 2)": 2.5}
     print(f"aggregate_train of {args.replies} replies, {num_params / 1e6:.2f}M params (float32), "
-          f"median of {args.repeats} interleaved runs, torch threads: {torch.get_num_threads()}")
+          f"median of {args.repeats} interleaved runs, torch threads: {args.threads or 'default'}")
     print(f"{'strategy':<40} {'median s':>9} {'x FedAvg':>9}  target")
     for name, values in times.items():
         median = statistics.median(values)

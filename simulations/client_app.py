@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from simulations.attacks import attack_update, malicious_partitions
@@ -65,10 +65,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         metrics = {"train-loss": loss, "num-examples": len(train_set)}
         if len(val_set):
             metrics["val-acc"] = val_acc
-            # val-acc with ties (frequent on small shards) broken by partition id, so that
-            # ordering clients by it does not depend on the node ids Ray draws at random.
-            metrics["val-score"] = val_acc + 1e-6 * (1.0 - pid / n)
-        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+        # The partition id is a stable name for this client (Ray draws node ids at random):
+        # FedSoup breaks ties in its visiting order by it. In a ConfigRecord, no strategy
+        # averages it into the round's metrics.
+        node = ConfigRecord({"partition-id": pid})
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics), "node": node})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -51,13 +51,14 @@ CLIENT_KEYS = frozenset({
 # AME ClientSoup used by the presets: Adam over the clients' pseudogradients, pivot
 # at the global model, 5 shuffled epochs in mini-batches of 2 clients, harmonic
 # decay, clients visited by validation accuracy (best first, as the paper sorts
-# ingredients; "val-score" breaks ties by partition id, which makes the order -
-# and so the result - independent of the node ids Ray draws at random). Picked by a small sweep on the demo setting (docs/simulations.md); it
+# ingredients; FedSoup breaks ties by the partition id each client reports, which
+# makes the order - and so the result - independent of the node ids Ray draws at
+# random). Picked by a small sweep on the demo setting (docs/simulations.md); it
 # does not beat FedAvg there - see the measured table.
 AME_CLIENT_SOUP = {
     "soup-optimizer": "adam", "soup-lr": 0.01, "soup-schedule": "harmonic",
     "soup-epochs": 5, "soup-batch-size": 2, "soup-shuffle": True,
-    "soup-beta1": 0.8, "soup-beta2": 0.9, "soup-eps": 1e-5, "order-by": "val-score",
+    "soup-beta1": 0.8, "soup-beta2": 0.9, "soup-eps": 1e-5, "order-by": "val-acc",
 }
 # ServerStew with Flower's FedAdam update (eta 0.1, betas 0.9/0.99, tau 1e-3).
 ADAM_STEW = {"stew-optimizer": "fedadam", "stew-lr": 0.1, "stew-beta1": 0.9,
@@ -204,9 +205,10 @@ def run_comparison(
 def run_comparison_inprocess(base: Mapping[str, Any], runs: list[StrategyRun]) -> list[StrategyRun]:
     """The same comparison without Ray: clients are called in turn in this process.
 
-    Uses ``strategies.inprocess.InProcessGrid`` and the very same ClientApp; results are
-    identical to the Ray backend (every client's update is a pure function of the
-    global model, its shard and the seed). Meant for quick sweeps and tests.
+    Uses ``strategies.inprocess.InProcessGrid`` (a Flower Grid that calls the
+    ClientApp in this process) and the very same ClientApp; results are identical
+    to the Ray backend (every client's update is a pure function of the global
+    model, its shard and the seed). Meant for quick sweeps and tests.
     """
     from flwr.app import Context, RecordDict
 

@@ -99,7 +99,7 @@ def test_compare_writes_table_csv_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-AME_SPEC = "fedsoup soup-optimizer=adam soup-lr=0.01 soup-epochs=2 soup-shuffle=true order-by=val-score label=AME"
+AME_SPEC = "fedsoup soup-optimizer=adam soup-lr=0.01 soup-epochs=2 soup-shuffle=true order-by=val-acc label=AME"
 
 
 @pytest.mark.slow
@@ -114,7 +114,8 @@ def test_ray_simulation_end_to_end(tmp_path):
     assert "| fedavg |" in proc.stdout and "| AME |" in proc.stdout
     strategies = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]
     # the Ray run gives the same numbers as the in-process run of the same clients, also for
-    # an order-sensitive AME soup: clients are ordered by val-score, not by Ray's random node ids
+    # an order-sensitive AME soup: clients are ordered by val-acc, ties broken by the partition id
+    # they report (not by Ray's random node ids)
     ref = [StrategyRun("fedavg", {"strategy": "fedavg"}), StrategyRun(*parse_strategy(AME_SPEC))]
     run_comparison_inprocess(TINY, ref)
     for got, want in zip(strategies, ref):

@@ -3,6 +3,7 @@ as an uninterrupted run; and FedSoup works inside Flower's differential-privacy 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -47,9 +48,11 @@ class Clients:
 
     def __init__(self, crash_in_round: int | None = None) -> None:
         self.crash_in_round = crash_in_round
+        self.rounds_seen: list[int] = []
 
     def __call__(self, msg: Message) -> Message:
         server_round = int(msg.content["config"]["server-round"])
+        self.rounds_seen.append(server_round)
         node = msg.metadata.dst_node_id
         if server_round == self.crash_in_round:
             self.crash_in_round = None
@@ -122,8 +125,10 @@ def test_checkpoint_dir_restart_after_kill_equals_uninterrupted_run(tmp_path):
 
     restarted = FedSoup(soup=SOUP, stew=STEW, checkpoint_dir=tmp_path)
     # A restarted ServerApp passes its fresh initial model again: the checkpoint wins.
-    result = start(restarted, num_rounds=5, arrays=initial_arrays())
+    clients = Clients()
+    result = start(restarted, num_rounds=5, clients=clients, arrays=initial_arrays())
     assert sorted(result.train_metrics_clientapp) == [4, 5]
+    assert sorted(set(clients.rounds_seen)) == [4, 5]  # the clients are told the run's round numbers
     assert_arrays_equal(result.arrays, reference.arrays)
     assert load_checkpoint(tmp_path)["round"] == 5
     document = json.loads((tmp_path / STATE_JSON).read_text())
@@ -231,3 +236,34 @@ def test_server_side_adaptive_clipping_wrapper_runs():
     result = start(strategy, num_rounds=2, arrays=initial_arrays(with_buffer=False))
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in numpy(result.arrays).values())
+
+
+def test_resume_delegates_to_flowers_own_start(tmp_path, monkeypatch, caplog):
+    """No copy of Strategy.start: Flower's loop runs the remaining rounds, FedSoup renumbers them."""
+    from flwr.serverapp.strategy import Strategy
+
+    start(FedSoup(stew=STEW, checkpoint_dir=tmp_path), num_rounds=2)
+    calls = []
+    flower_start = Strategy.start
+
+    @functools.wraps(flower_start)
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("num_rounds", args[2] if len(args) > 2 else None))
+        return flower_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(Strategy, "start", spy)
+    evaluated = []
+
+    def evaluate_fn(server_round, arrays):
+        evaluated.append(server_round)
+        return MetricRecord({"round": float(server_round)})
+
+    restarted = FedSoup(stew=STEW, checkpoint_dir=tmp_path)
+    result = restarted.start(InProcessGrid(NODES, Clients()), initial_arrays(), num_rounds=5, evaluate_fn=evaluate_fn)
+    assert calls == [3]  # Flower's own start, for the 3 remaining rounds
+    assert evaluated == [2, 3, 4, 5]  # the restored model is evaluated again as round 2
+    assert sorted(result.evaluate_metrics_serverapp) == [2, 3, 4, 5]
+    assert sorted(result.train_metrics_clientapp) == sorted(result.evaluate_metrics_clientapp) == [3, 4, 5]
+    assert "resuming after round 2 of 5: 3 round(s) left" in caplog.text
+    # After the run the strategy is a plain FedAvg-like strategy again (no offset left over).
+    assert restarted._round_offset == 0 and restarted.state_dict()["round"] == 5
