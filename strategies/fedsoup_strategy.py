@@ -349,6 +349,20 @@ class FedSoup(FedAvg):
         return record
 
 
+def _signature_with_fedavgs_arguments() -> inspect.Signature:
+    """FedAvg's parameters (whatever this Flower version has), then FedSoup's keyword-only ones.
+
+    ``FedSoup.__init__`` forwards ``*args, **kwargs`` to FedAvg; this signature is what
+    ``help()``, IDEs and ``inspect.signature(FedSoup)`` show.
+    """
+    fedavg = list(inspect.signature(FedAvg.__init__).parameters.values())
+    ours = [p for p in inspect.signature(FedSoup.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return inspect.Signature(fedavg + ours, return_annotation=None)
+
+
+FedSoup.__init__.__signature__ = _signature_with_fedavgs_arguments()  # type: ignore[attr-defined]
+
+
 # ----------------------------------------------------------------------
 # Helpers (pure functions)
 # ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ without a prior ``configure_train``, ``current_arrays`` set by hand, positional 
 
 from __future__ import annotations
 
+import inspect
 from unittest.mock import Mock
 
 import numpy as np
@@ -151,6 +152,8 @@ def test_positional_arguments_are_fedavgs():
     assert len(sent) == 4  # half of the 8 nodes, as FedAvg(0.5, 0.5)
     with pytest.raises(TypeError):
         FedSoup(fraction_trian=0.5)  # FedAvg's own check of its keyword arguments
+    fedavg_params = list(inspect.signature(FedAvg).parameters)
+    assert list(inspect.signature(FedSoup).parameters)[: len(fedavg_params)] == fedavg_params  # help() shows them
 
 
 def _round_seed(seed: int, server_round: int) -> int:

@@ -1,4 +1,4 @@
-"""SPEC §3 reduction table: FedSoup with a plain soup equals Flower's own strategies.
+"""docs/design.md §3 reduction table: FedSoup with a plain soup equals Flower's own strategies.
 
 Both sides are driven through the same round loop as ``Strategy.start``
 (``configure_train`` then ``aggregate_train``) with the same fake client replies:
