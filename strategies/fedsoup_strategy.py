@@ -259,8 +259,8 @@ class FedSoup(FedAvg):
         if _structure(given["initial_arrays"]) != _structure(restored):
             log(WARNING, "FedSoup: the checkpointed model has other arrays than initial_arrays; using the checkpoint")
         remaining = max(given["num_rounds"] - done, 0)
-        log(INFO, "FedSoup: resuming after round %d of %d: %d round(s) left", done, given["num_rounds"], remaining)
-        log(INFO, "FedSoup: Flower's round loop below counts them from 1; round r is round %d + r", done)
+        log(INFO, "Resuming at round %d/%d from the FedSoup checkpoint in '%s'", done + 1, given["num_rounds"], self.checkpoint_dir)
+        log(INFO, "FedSoup: Flower's round loop below counts the %d remaining round(s) from 1: its round r is round %d + r", remaining, done)
         given["initial_arrays"], given["num_rounds"] = restored, remaining
         if given["evaluate_fn"] is not None:
             given["evaluate_fn"] = _shift_rounds(given["evaluate_fn"], done)

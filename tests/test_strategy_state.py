@@ -264,6 +264,7 @@ def test_resume_delegates_to_flowers_own_start(tmp_path, monkeypatch, caplog):
     assert evaluated == [2, 3, 4, 5]  # the restored model is evaluated again as round 2
     assert sorted(result.evaluate_metrics_serverapp) == [2, 3, 4, 5]
     assert sorted(result.train_metrics_clientapp) == sorted(result.evaluate_metrics_clientapp) == [3, 4, 5]
-    assert "resuming after round 2 of 5: 3 round(s) left" in caplog.text
+    assert "Resuming at round 3/5 from the FedSoup checkpoint" in caplog.text
+    assert "counts the 3 remaining round(s) from 1: its round r is round 2 + r" in caplog.text
     # After the run the strategy is a plain FedAvg-like strategy again (no offset left over).
     assert restarted._round_offset == 0 and restarted.state_dict()["round"] == 5
