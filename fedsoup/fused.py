@@ -10,6 +10,7 @@ Ingredients are read in place (bf16/fp16 tensors are upcast key by key first).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from fedsoup.inputs import StateDict
-from fedsoup.optim import FedAdagrad, FedAdam, FedYogi, build_optimizer
+from fedsoup.optim import FedAdagrad, FedAdam, FedYogi
 from fedsoup.problem import Problem
 from fedsoup.schedules import StepPlan, plan_steps
 
@@ -51,16 +52,35 @@ def available() -> bool:
 def kernel_spec(optimizer: type[torch.optim.Optimizer], kwargs: dict) -> KernelSpec | None:
     """How the kernel runs ``optimizer(**kwargs)``, or ``None`` if it does not know it.
 
-    The optimizer is built once on a dummy tensor: its defaults fill what ``kwargs``
-    leaves out, and a bad argument raises as it would on the reference path.
+    The constructor's signature fills what ``kwargs`` leaves out, and its value checks
+    are repeated here (building a first ``torch.optim`` optimizer costs a second of
+    imports, which a CLI merge or a server round should not pay for nothing).
     """
     builder = _SPECS.get(optimizer)
     if builder is None:
         return None
-    options = build_optimizer(optimizer, [torch.zeros(1)], lr=1.0, **kwargs).defaults
+    try:
+        bound = inspect.signature(optimizer.__init__).bind(None, None, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"cannot build optimizer {optimizer.__name__} with {kwargs}: {error}") from None
+    bound.apply_defaults()
+    options = dict(bound.arguments)
     if options.get("capturable") or options.get("differentiable"):
         return None
+    _check_values(optimizer, options, kwargs)
     return builder(options)
+
+
+def _check_values(optimizer: type, options: dict, kwargs: dict) -> None:
+    """The value checks of the ``torch.optim`` constructors (and fedsoup.optim's)."""
+    problems = [f"invalid {name}: {options[name]}" for name in
+                ("eps", "weight_decay", "momentum", "lr_decay", "initial_accumulator_value", "alpha")
+                if name in options and not options[name] >= 0]
+    problems += [f"invalid beta: {beta}" for beta in options.get("betas", ()) if not 0.0 <= beta < 1.0]
+    if options.get("nesterov") and (options["momentum"] <= 0 or options["dampening"] != 0):
+        problems.append("Nesterov momentum requires a momentum and zero dampening")
+    if problems:
+        raise ValueError(f"cannot build optimizer {optimizer.__name__} with {kwargs}: {'; '.join(problems)}")
 
 
 def _flag(value) -> float:
@@ -118,7 +138,7 @@ def _flower(kind: str):
 _SPECS = {
     torch.optim.SGD: _sgd,
     torch.optim.Adam: _adam,
-    torch.optim.AdamW: _adam,
+    torch.optim.AdamW: lambda options: _adam({**options, "decoupled_weight_decay": True}),
     torch.optim.Adagrad: _adagrad,
     torch.optim.RMSprop: _rmsprop,
     torch.optim.Adamax: _adamax,

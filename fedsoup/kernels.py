@@ -76,7 +76,7 @@ def _view(address, numel, like):
 SAME, BFLOAT16, FLOAT16 = 0, 1, 2
 
 
-@_jit(inline="always")
+@_jit()
 def _read(addresses, kinds, scales, j, key, numel, start, stop, like, bits_like, scratch):
     """Ingredient ``j``'s slice ``start:stop`` of ``key`` in the compute dtype: a view of
     the caller's tensor, or (16-bit inputs) its upcast into ``scratch``."""
@@ -221,7 +221,7 @@ def _step_flower(w, g, s1, s2, kind, h, scalars):
         w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s2[i]) + eps))
 
 
-@_jit(inline="always")
+@_jit()
 def _soup_into(w, addresses, kinds, scales, key, numel, start, stop, omega, like, bits_like, scratch):
     """``w = Σ_j ω_j x_j`` on one chunk, in ingredient order (as ``torch.mul`` then ``add_``)."""
     first = _read(addresses, kinds, scales, 0, key, numel, start, stop, like, bits_like, scratch)

@@ -329,3 +329,26 @@ def test_soup_and_spread(dtype):
     assert "count" not in spread
     again = fused.soup_and_spread(models, weights)
     assert again[1] == spread and all(torch.equal(again[0][k], soup[k]) for k in soup)
+
+
+@pytest.mark.parametrize("cls", list(fused._SPECS), ids=lambda c: c.__name__)
+def test_kernel_spec_defaults_are_the_constructors(cls):
+    """The spec reads defaults from the signature (no torch.optim import cost): the same values."""
+    built = cls([torch.zeros(1)], lr=1.0).defaults
+    if cls is torch.optim.AdamW:
+        assert built["decoupled_weight_decay"]
+    assert fused.kernel_spec(cls, {}).hyper == fused._SPECS[cls](built).hyper
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (torch.optim.Adam, {"betas": (1.0, 0.9)}),
+    (torch.optim.SGD, {"nesterov": True}),
+    (torch.optim.Adam, {"momentum": 0.9}),
+    (torch.optim.Adagrad, {"eps": -1.0}),
+    (torch.optim.RMSprop, {"alpha": -0.5}),
+])
+def test_kernel_spec_rejects_what_the_constructor_rejects(cls, kwargs):
+    with pytest.raises(ValueError, match=f"cannot build optimizer {cls.__name__}"):
+        fused.kernel_spec(cls, kwargs)
+    with pytest.raises((ValueError, TypeError)):
+        cls([torch.zeros(1)], lr=1.0, **kwargs)
