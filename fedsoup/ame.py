@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from fedsoup import fused
+from fedsoup import defaults
 from fedsoup.flat import STACK_MAX_NUMEL, merge_flat
 from fedsoup.inputs import (
     StateDict,
@@ -122,7 +123,12 @@ def merge(
         optimizer: a name in :data:`fedsoup.OPTIMIZERS` or a ``torch.optim.Optimizer`` class;
             ``**optimizer_kwargs`` go to its constructor (``betas``, ``eps``, ``momentum``...).
         lr: ``η_0``: a number, or a mapping from every floating tensor key to its own
-            ``η_0`` (the schedule then scales each); ``None`` is 1.0.
+            ``η_0`` (the schedule then scales each). ``None``: 1.0 for SGD and every
+            optimizer whose step scales with the gradient (the soup identities); for
+            adaptive optimizers (Adam, Adagrad, RMSprop, ...) the scale-aware default of
+            :func:`fedsoup.defaults.default_lr`, per tensor: the largest step moves a
+            coordinate by 0.5% of the RMS distance of the ingredients to the pivot.
+            A merge that ends outside the ball of Prop. 2 logs a WARNING (``"fedsoup"``).
         order_by: one score per ingredient; ingredients are visited sorted by it
             (``descending`` by default, as the paper sorts by validation accuracy).
         shuffle, seed: a fresh permutation of the ordered list every epoch.
@@ -174,6 +180,15 @@ def merge(
     path = _path or choose_path(problem)
     if path not in PATHS:
         raise ValueError(f"unknown merge path {path!r}; one of {', '.join(PATHS)}")
+    # Safe defaults (fedsoup.defaults): a scale-aware lr for adaptive optimizers, and the
+    # spread the ball guard needs. The soup identities need neither.
+    spreads = None
+    if path != "soup" and not problem.project and problem.float_keys:
+        spreads = defaults.measure_spreads(problem)
+        if problem.pivot is None:  # the soup was just computed: no path computes it again
+            problem.pivot = spreads.soups
+        if lr is None and defaults.is_scale_free(problem.optimizer):
+            problem.lr = defaults.scale_aware_lr(problem, spreads)
     if path == "soup":
         result = _soup(problem)
     elif path == "reference":
@@ -186,6 +201,8 @@ def merge(
     else:
         result = merge_flat(problem, stacked=path == "stacked")
     raise_if_not_finite(result, state_dicts, problem.pivot)
+    if spreads is not None:
+        defaults.check_ball(spreads.ball(result), lr_given=lr is not None)
     return result
 
 

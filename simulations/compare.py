@@ -59,6 +59,7 @@ AME_CLIENT_SOUP = {
     "soup-optimizer": "adam", "soup-lr": 0.01, "soup-schedule": "harmonic",
     "soup-epochs": 5, "soup-batch-size": 2, "soup-shuffle": True,
     "soup-beta1": 0.8, "soup-beta2": 0.9, "soup-eps": 1e-5, "order-by": "val-acc",
+    "soup-pivot": "global",
 }
 # ServerStew with Flower's FedAdam update (eta 0.1, betas 0.9/0.99, tau 1e-3).
 ADAM_STEW = {"stew-optimizer": "fedadam", "stew-lr": 0.1, "stew-beta1": 0.9,

@@ -65,7 +65,7 @@ class SimConfig:
     krum_malicious: int = -1  # -1: the number of attacking clients
     # FedSoup ClientSoup: an empty soup-optimizer means the plain weighted soup
     soup_optimizer: str = ""
-    soup_lr: float = 1e-3
+    soup_lr: float = 0.0  # 0 = fedsoup.merge's default: 1 for SGD, scale-aware for adaptive optimizers
     soup_schedule: str = "harmonic"
     soup_epochs: int = 1
     soup_batch_size: int = 1
@@ -75,7 +75,7 @@ class SimConfig:
     soup_eps: float = 1e-8
     soup_weight_decay: float = 0.0
     soup_momentum: float = 0.0
-    soup_pivot: str = "global"
+    soup_pivot: str = "soup"  # AME starts at the soup (measured: docs/defaults.md)
     order_by: str = ""  # client metric that orders the soup, e.g. "val-acc"
     # FedSoup ServerStew
     stew_optimizer: str = "sgd"

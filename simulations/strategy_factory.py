@@ -21,7 +21,7 @@ def soup_settings(cfg: SimConfig) -> dict[str, Any] | None:
         return None
     soup: dict[str, Any] = {
         "optimizer": name,
-        "lr": cfg.soup_lr,
+        "lr": cfg.soup_lr or None,  # 0: fedsoup.merge's own (scale-aware) default
         "schedule": cfg.soup_schedule,
         "epochs": cfg.soup_epochs,
         "batch_size": cfg.soup_batch_size,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fedsoup.defaults import ball_guard_over_tensors
 from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
 from fedsoup.io.checks import check_compatible
 from fedsoup.io.formats import DTYPE_NAMES, TensorInfo, dtype_str
@@ -242,9 +243,13 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         else:
             produce = in_memory_producer(checkpoints, options, pivot, names, progress)
             bar = Progress(total_bytes, "writing", progress)
+        # Tensor by tensor, Prop. 2's ball guard sums every tensor's part and checks the
+        # whole model once, as the in-memory merge does (fedsoup.defaults).
+        guard = ball_guard_over_tensors(f" of {len(names)} inputs (tensor by tensor)") if low else contextlib.nullcontext()
         try:
-            files = write_checkpoint(output, infos, produce, metadata=metadata, max_shard_bytes=max_shard_bytes,
-                                     force=force, on_tensor=bar.update, extra_files=extra_files)
+            with guard:
+                files = write_checkpoint(output, infos, produce, metadata=metadata, max_shard_bytes=max_shard_bytes,
+                                         force=force, on_tensor=bar.update, extra_files=extra_files)
         finally:
             bar.close()
     optimizer = options.optimizer if isinstance(options.optimizer, str) else options.optimizer.__name__

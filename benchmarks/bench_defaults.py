@@ -1,0 +1,64 @@
+"""What do the safe defaults (``fedsoup.defaults``) cost next to the merge itself?
+
+Side by side in one run, on bench_merge's 16 models of 4 M float32 parameters:
+the in-place soup; the fused Adam kernel called directly (no input checks, no
+defaults: what the merge cost before them); ``measure_spreads`` alone (the pass both the scale-aware lr and the
+ball guard need: the soup and every ``‖x_i − s‖²``, per key); the final ball check
+(``‖w − s‖`` per key); and AME-Adam, 1 epoch, batch 1, with an explicit lr and with
+``lr=None`` (both include the pass and the check).
+
+Run: ``.venv/bin/python benchmarks/bench_defaults.py [--repeats 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fedsoup  # noqa: E402
+from bench_merge import in_place_soup, make_models, timed  # noqa: E402
+from fedsoup import defaults, fused  # noqa: E402
+from fedsoup.problem import Problem  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    models = make_models(16)
+    params = sum(v.numel() for v in models[0].values())
+    problem = Problem(models, [1 / 16] * 16, list(range(16)), None, torch.optim.Adam, {})
+    spreads = defaults.measure_spreads(problem)
+    merged = fedsoup.merge(models, optimizer="adam")
+    bare = Problem(models, [1 / 16] * 16, list(range(16)), None, torch.optim.Adam, {}, lr=1e-5)
+    spec = fused.kernel_spec(torch.optim.Adam, {})
+    cases = {
+        "in-place soup": lambda: in_place_soup(models),
+        "fused Adam kernel alone (no checks, no defaults)": lambda: fused.merge_fused(bare, spec),
+        "measure_spreads (soup + ‖x_i − s‖²)": lambda: defaults.measure_spreads(problem),
+        "ball check (‖w − s‖)": lambda: spreads.ball(merged),
+        "AME-Adam, 1 epoch, explicit lr": lambda: fedsoup.merge(models, optimizer="adam", lr=1e-5),
+        "AME-Adam, 1 epoch, lr=None": lambda: fedsoup.merge(models, optimizer="adam"),
+    }
+    for fn in cases.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn))
+    base = statistics.median(times["in-place soup"])
+    print(f"16 models x {params / 1e6:.2f} M float32 parameters, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} interleaved runs")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"  {name:50s} {median * 1e3:8.1f} ms  {median / base:5.2f}x soup")
+
+
+if __name__ == "__main__":
+    main()
