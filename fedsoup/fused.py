@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,13 +151,8 @@ _SPECS = {
 
 def merge_fused(problem: Problem, spec: KernelSpec) -> StateDict:
     """AME on CPU by the chunk-major kernel; the same update as :mod:`fedsoup.reference`."""
-    import numba
-
     from fedsoup import kernels  # numba compiles (or loads its cache) on first use
 
-    # One knob for the merge's threads: torch's intra-op setting (the result does not
-    # depend on it).
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     by_dtype: dict[torch.dtype, list[str]] = {}
     for key in problem.float_keys:
         by_dtype.setdefault(problem.compute_dtype(key), []).append(key)
@@ -208,6 +204,21 @@ class _Layout:
     def split(self, flat: torch.Tensor) -> StateDict:
         return {key: flat[lo:hi].view(shape)
                 for key, shape, lo, hi in zip(self.keys, self.shapes, self.offsets[:-1], self.offsets[1:])}
+
+
+@contextmanager
+def _torch_threads():
+    """Run a kernel on torch's intra-op thread count (one knob for the merge's threads;
+    the result does not depend on it), and leave torch's setting as it was: numba's
+    OpenMP layer would otherwise change the OpenMP thread count torch shares."""
+    import numba
+
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _half_scales() -> np.ndarray:
@@ -273,7 +284,7 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
     ], np.float64).reshape(len(base_lrs), len(plan.steps), -1)
 
     out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
-    kernels.ame_chunks(
+    arguments = (
         out.numpy(), layout.offsets[:-1], layout.numels, layout.chunk_keys, layout.chunk_starts, layout.chunk_stops,
         layout.addresses, layout.kinds, _HALF_SCALES, _BITS_LIKE, pivot_addresses, np.array(problem.omega, np_dtype),
         bool(problem.adaptive_pivot),
@@ -281,6 +292,8 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
         key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
         step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator),
     )
+    with _torch_threads():
+        kernels.ame_chunks(*arguments)
     del pivots  # only now may converted copies go (layout.tensors lives on with the layout)
     return layout.split(out)
 
@@ -313,11 +326,13 @@ def soup_and_spread(state_dicts: list[StateDict], omega: list[float]) -> tuple[S
         layout = _layout(state_dicts, keys, dtype)
         out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
         partial = np.zeros(layout.chunk_keys.size)
-        kernels.soup_spread_chunks(
+        arguments = (
             out.numpy(), layout.offsets[:-1], layout.numels, layout.chunk_keys, layout.chunk_starts,
             layout.chunk_stops, layout.addresses, layout.kinds, _HALF_SCALES, _BITS_LIKE,
             np.array(omega, layout.np_dtype), partial,
         )
+        with _torch_threads():
+            kernels.soup_spread_chunks(*arguments)
         soup.update(layout.split(out))
         sums = np.zeros(len(keys))
         np.add.at(sums, layout.chunk_keys, partial)  # in chunk order: deterministic

@@ -352,3 +352,14 @@ def test_kernel_spec_rejects_what_the_constructor_rejects(cls, kwargs):
         fused.kernel_spec(cls, kwargs)
     with pytest.raises((ValueError, TypeError)):
         cls([torch.zeros(1)], lr=1.0, **kwargs)
+
+
+def test_merge_leaves_torch_thread_count_as_it_was():
+    """numba's OpenMP layer shares torch's OpenMP thread count; the merge restores it."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fedsoup.merge(make_models(3, large=True), optimizer="adam", lr=0.01, _path="fused")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
