@@ -85,7 +85,7 @@ def test_auth_needs_tls_and_every_key_file_named(tmp_path):
         lf.LocalFederation(tmp_path / "w", 2, tls_dir=certs, auth_dir=keys)
 
 
-def test_registered_node_ids_survive_in_a_file_beside_the_state(tmp_path):
+def test_auth_registered_node_ids_survive_in_a_file_beside_the_state(tmp_path):
     registered = lf.RegisteredNodes(tmp_path / "state" / "registered-supernodes.json")
     assert registered.load() == {}
     registered.save("supernode-1", 2**63 + 5)  # node ids are unsigned 64-bit
@@ -153,3 +153,42 @@ def test_checkpoint_round_reads_fedsoups_state_json(tmp_path):
     assert lf.checkpoint_round(tmp_path) == 7
     (tmp_path / "state.json").write_text("{not json")
     assert lf.checkpoint_round(tmp_path) is None
+
+
+def _auth_federation(tmp_path, num_supernodes: int):
+    certs, keys = tmp_path / "certs", tmp_path / "keys"
+    certs.mkdir()
+    keys.mkdir()
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (certs / name).write_text("x")
+    for path in lf.NodeAuthFiles(keys, num_supernodes).required():
+        path.write_text("x")
+    return lf.LocalFederation(tmp_path / "w", num_supernodes, tls_dir=certs, auth_dir=keys)
+
+
+def _flwr_answering(answers: dict[str, str]):
+    """A stand-in for LocalFederation.flwr: `flwr supernode register <key> ...` prints answers[key name]."""
+    def flwr(*args, **kwargs):
+        key = Path(args[2]).name
+        return subprocess.CompletedProcess(["flwr", *args], 0, stdout="Using SuperLink\n" + answers[key], stderr="")
+    return flwr
+
+
+def test_auth_registration_keeps_the_ids_of_keys_the_superlink_already_knows(tmp_path):
+    fed = _auth_federation(tmp_path, 2)
+    fed.registered.save("supernode-1", 11)  # registered before a restart on the same database
+    known = '{"success": false, "error-message": "[code: 23] Public key already in use."}'
+    fed.flwr = _flwr_answering({"supernode-1.pub": known, "supernode-2.pub": '{"success": true, "node-id": 22}'})
+    assert fed.register_supernodes() == {"supernode-1": 11, "supernode-2": 22}
+    assert fed.registered.load() == {"supernode-1": 11, "supernode-2": 22}
+
+
+def test_auth_registration_refused_names_the_key_and_the_reason(tmp_path):
+    fed = _auth_federation(tmp_path, 1)
+    # A key the SuperLink knows but this workdir never registered (e.g. unregistered elsewhere).
+    fed.flwr = _flwr_answering({"supernode-1.pub": '{"success": false, "error-message": "Public key already in use."}'})
+    with pytest.raises(lf.RegistrationRefused) as refused:
+        fed.register_supernodes()
+    assert refused.value.public_key == fed.auth.public_key(1) and refused.value.already_known
+    with pytest.raises(lf.FederationError, match="without SuperNode authentication"):
+        lf.LocalFederation(tmp_path / "plain", 1).register_supernodes()

@@ -369,7 +369,8 @@ class LocalFederation:
 
         A key the SuperLink already knows (its database was kept) keeps the node id
         recorded in ``state/registered-supernodes.json``."""
-        assert self.auth is not None, "registration needs auth_dir"
+        if self.auth is None:
+            raise FederationError("this federation runs without SuperNode authentication (no auth_dir)")
         known = self.registered.load()
         ids = {}
         for i in range(1, self.num_supernodes + 1):
