@@ -92,6 +92,10 @@ def study_ball(n: int = 8) -> str:
              "| default: ‖w−s‖/R |", "|---|---|---:|---:|---:|---:|"]
     for spread in (1e-3, 1e-1):
         lines += ball_rows(f"{n} synthetic, spread {spread:g}", synthetic(n, spread))
+    experts, _splits = table1_experts(0.5, 0)
+    lines += ball_rows("Table 1: 30 digits experts, 50% OOD", experts)
+    _global, clients, weights, _test = federated_round(3, 0)
+    lines += ball_rows("FedAvg round 4: 10 digits clients", clients, weights=weights)
     return "\n".join(lines) + "\n"
 
 
