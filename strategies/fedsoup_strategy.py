@@ -75,9 +75,10 @@ class FedSoup(FedAvg):
         The ServerStew optimizer: ``{"optimizer": name or torch.optim class, "lr": η,
         **kwargs}`` (``optimizer`` defaults to ``"sgd"``, ``lr`` to 1.0). ``None``: SGD
         with lr 1 (``x_t = w_t``, FedAvg). The optimizer persists across rounds.
-    soup_pivot : {"global", "soup"}
-        AME pivot initialisation ``w_0``: the model sent this round (``x_{t-1}``) or the
-        weighted soup of the replies (also used when no model was sent).
+    soup_pivot : {"soup", "global"}
+        AME pivot initialisation ``w_0``: the weighted soup of the replies (default; an
+        untuned adaptive ClientSoup then stays at FedAvg's aggregate, docs/defaults.md) or
+        the model sent this round (``x_{t-1}``; the soup when no model was sent).
     order_by : str, optional
         A client metric key (e.g. ``"val-acc"``): AME visits the replies sorted by it
         (descending unless ``soup={"descending": False}``). Replies lacking it are left out.
@@ -98,7 +99,7 @@ class FedSoup(FedAvg):
         *fedavg_args: Any,
         soup: Mapping[str, Any] | None = None,
         stew: Mapping[str, Any] | None = None,
-        soup_pivot: str = "global",
+        soup_pivot: str = "soup",
         order_by: str | None = None,
         tie_break_key: str | None = "partition-id",
         checkpoint_dir: str | Path | None = None,

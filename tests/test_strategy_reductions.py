@@ -182,8 +182,9 @@ def test_soup_pivot_and_order_by_reach_the_merge(monkeypatch):
         calls.append(kwargs)
         return real_merge(models, **kwargs)
 
-    strategy = FedSoup(soup={"optimizer": "sgd", "lr": 0.5, "schedule": "constant"}, order_by="loss", seed=3)
-    twin = FedSoup(soup={"optimizer": "sgd", "lr": 0.5, "schedule": "constant"}, order_by="loss", seed=3)
+    soup = {"optimizer": "sgd", "lr": 0.5, "schedule": "constant"}
+    strategy = FedSoup(soup=soup, soup_pivot="global", order_by="loss", seed=3)
+    twin = FedSoup(soup=soup, soup_pivot="global", order_by="loss", seed=3)
     monkeypatch.setattr(fedsoup, "merge", spy)
     arrays = initial_arrays()
     run_rounds(strategy, arrays, rounds=2)

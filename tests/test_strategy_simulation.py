@@ -106,6 +106,7 @@ def make_server_app(results: dict, checkpoint_dir: str) -> ServerApp:
         strategy = FedSoup(
             soup={"optimizer": "adam", "lr": 0.01, "epochs": 3, "batch_size": 2, "shuffle": True},
             stew={"optimizer": "fedadam", "lr": 0.05},
+            soup_pivot="global",
             order_by="val-acc",
             checkpoint_dir=checkpoint_dir,
             min_train_nodes=NUM_CLIENTS,
