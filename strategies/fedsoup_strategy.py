@@ -16,6 +16,7 @@ Replies are checked in :mod:`strategies.replies`; state and checkpoints live in
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg, Result
@@ -246,8 +248,8 @@ class FedSoup(FedAvg):
         including those done before a restart: a FedSoup restored after round 3 of 10
         has Flower's loop run the 7 remaining rounds from the checkpointed global model
         (``initial_arrays`` is then only used if the checkpoint has none), numbered
-        4..10 in the messages, the checkpoints and the returned ``Result``; Flower's
-        log counts them 1..7. ``evaluate_fn`` sees the run's round numbers; its
+        4..10 in the messages, the checkpoints, the ``[ROUND r/10]`` log lines and the
+        returned ``Result``. ``evaluate_fn`` sees the run's round numbers; its
         "initial" evaluation is the restored model's, as round 3.
         """
         done = self._round
@@ -261,14 +263,16 @@ class FedSoup(FedAvg):
             log(WARNING, "FedSoup: the checkpointed model has other arrays than initial_arrays; using the checkpoint")
         remaining = max(given["num_rounds"] - done, 0)
         log(INFO, "Resuming at round %d/%d from the FedSoup checkpoint in '%s'", done + 1, given["num_rounds"], self.checkpoint_dir)
-        log(INFO, "FedSoup: Flower's round loop below counts the %d remaining round(s) from 1: its round r is round %d + r", remaining, done)
+        renumber = _RoundLogLines(done, given["num_rounds"])
         given["initial_arrays"], given["num_rounds"] = restored, remaining
         if given["evaluate_fn"] is not None:
             given["evaluate_fn"] = _shift_rounds(given["evaluate_fn"], done)
         self._round_offset = done
+        FLOWER_LOGGER.addFilter(renumber)
         try:
             result = super().start(*call.args, **call.kwargs)
         finally:
+            FLOWER_LOGGER.removeFilter(renumber)
             self._round_offset = 0
         return _shift_result(result, done, restored)
 
@@ -381,6 +385,23 @@ def _aggregate_metrics(aggregate: Callable, replies: list[UsableReply], weighted
 
 def _structure(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
     return {k: tuple(a.shape) for k, a in arrays.items()}
+
+
+class _RoundLogLines(logging.Filter):
+    """Shows Flower's ``[ROUND r/n]`` lines of a resumed run with the run's numbers, ``[ROUND done+r/T]``.
+
+    Only rewrites that one message (matched by its format string); anything else, or
+    another format in a later Flower, passes unchanged.
+    """
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__()
+        self.done, self.total = done, total
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "[ROUND %s/%s]" and isinstance(record.args, tuple) and len(record.args) == 2:
+            record.args = (record.args[0] + self.done, self.total)
+        return True
 
 
 def _shift_rounds(evaluate_fn: Callable[[int, ArrayRecord], Any], offset: int) -> Callable[[int, ArrayRecord], Any]:

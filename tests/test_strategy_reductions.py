@@ -259,3 +259,19 @@ def caplog_flwr(caplog):
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_soup_device_reaches_the_merge_and_the_result_comes_back_to_the_cpu(monkeypatch):
+    import fedsoup
+
+    calls = []
+    real_merge = fedsoup.merge
+    monkeypatch.setattr(fedsoup, "merge", lambda models, **kw: calls.append(kw) or real_merge(models, **kw))
+    soup = {"optimizer": "adam", "lr": 0.05, "epochs": 2}
+    on_cpu, _ = run_rounds(FedSoup(soup={**soup, "device": "cpu"}), initial_arrays(), rounds=1)
+    default, _ = run_rounds(FedSoup(soup=soup), initial_arrays(), rounds=1)
+    assert calls[0]["device"] == "cpu" and "device" not in calls[1]
+    for key in default:
+        np.testing.assert_array_equal(on_cpu[key], default[key])
+    with pytest.raises(OptionError, match="device"):
+        FedSoup(soup={**soup, "device": "no-such-device"})
