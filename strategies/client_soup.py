@@ -48,13 +48,13 @@ class ClientSoup:
 
     ``soup``: keyword arguments of ``fedsoup.merge`` (validated now as a
     :class:`fedsoup.MergeOptions`; ``device`` runs the merge there); ``None`` is the
-    plain weighted soup. ``pivot``: ``"global"`` starts AME at the model sent this
-    round (``x_{t-1}``), ``"soup"`` at the weighted soup of the replies; without a
-    known ``x_{t-1}`` (``aggregate_train`` without ``configure_train``) the soup is
-    used. ``seed``: round ``t`` shuffles with a seed derived from ``(seed, t)``.
+    plain weighted soup. ``pivot``: ``"soup"`` (default, as FedSoup's) starts AME at
+    the weighted soup of the replies, ``"global"`` at the model sent this round
+    (``x_{t-1}``); without a known ``x_{t-1}`` (``aggregate_train`` without
+    ``configure_train``) the soup is used. ``seed``: round ``t`` shuffles with a seed derived from ``(seed, t)``.
     """
 
-    def __init__(self, soup: Mapping[str, Any] | None = None, pivot: str = "global", seed: int = 0) -> None:
+    def __init__(self, soup: Mapping[str, Any] | None = None, pivot: str = "soup", seed: int = 0) -> None:
         if pivot not in PIVOTS:
             raise ValueError(f"soup_pivot must be 'global' or 'soup', got {pivot!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
