@@ -62,8 +62,8 @@ def make_round(params: float, replies: int, seed: int = 0):
 def time_aggregate(strategy, arrays: ArrayRecord, contents: dict, threads: int = 0) -> float:
     """Seconds for one ``aggregate_train`` (``configure_train`` is done first, untimed).
 
-    ``threads > 0`` sets torch's intra-op threads again first: numba's parallel AME
-    kernel (the Adam soup) leaves torch's OpenMP thread count changed behind it.
+    ``threads > 0`` sets torch's intra-op threads again first, so that no candidate
+    runs on a thread count another one left behind.
     """
     if threads > 0:
         torch.set_num_threads(threads)
