@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     ame = merge.add_argument_group("AME options (fedsoup.merge)")
     ame.add_argument("--weights", type=_numbers_or_column, metavar="W", help="one weight per input (3,1,2) or a --metrics column")
     ame.add_argument("--optimizer", metavar="NAME", help=f"{', '.join(fedsoup.OPTIMIZERS)} or module:Class (default sgd)")
-    ame.add_argument("--lr", type=float, help="learning rate eta_0 (default: 1.0 for SGD)")
+    ame.add_argument("--lr", type=float, help="learning rate eta_0 (default: 1.0 for SGD; for adaptive "
+                     "optimizers a scale-aware one from the inputs' spread, docs/defaults.md)")
     ame.add_argument("--schedule", choices=("constant", "harmonic", "poly"), help="lr schedule (default harmonic)")
     ame.add_argument("--alpha", type=float, metavar="A", help="exponent of the poly schedule (default -1.1)")
     ame.add_argument("--epochs", type=int, metavar="E", help="passes over the inputs (default 1)")

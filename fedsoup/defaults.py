@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -139,18 +140,39 @@ def key_spread(
 def first_step_gain(optimizer: type[torch.optim.Optimizer], optimizer_kwargs: Mapping[str, Any]) -> float:
     """How far one step with ``lr = 1`` moves a coordinate whose gradient is 1.
 
-    Measured by stepping the optimizer once on one coordinate with the caller's own
-    settings (betas, alpha, eps, momentum...): 1 for Adam, AdamW, Adagrad, Adamax;
-    ``1/√(1−α)`` for RMSprop; ``(1−β_1)/√(1−β_2)`` for Flower's FedAdam/FedYogi.
+    1 for the bias-corrected Adam family (NAdam: 1.06, its look-ahead), Adagrad, Rprop
+    and FedAdagrad;
+    ``1/√(1−α)`` for RMSprop (no bias correction; ``1/√(α(1−α))`` centered);
+    ``(1−β_1)/√(1−β_2)`` for Flower's FedYogi and ``√(1+β_2)/(1+β_1)`` for its FedAdam. From the constructor's defaults and the
+    caller's arguments, without building the optimizer (a first ``torch.optim``
+    construction costs seconds of imports).
     """
-    kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("fused", "foreach")}
-    param = torch.zeros(1, dtype=torch.float64)
-    param.grad = torch.ones(1, dtype=torch.float64)
-    opt = optimizer([param], lr=1.0, **kwargs)
-    with torch.no_grad():
-        opt.step()
-    gain = abs(float(param))
-    return gain if math.isfinite(gain) and gain > 0 else 1.0
+    from fedsoup.optim import FedAdam, FedYogi
+
+    args = {**_constructor_defaults(optimizer), **optimizer_kwargs}
+    if issubclass(optimizer, torch.optim.RMSprop):
+        alpha = float(args.get("alpha", 0.99))
+        second_moment = alpha * (1 - alpha) if args.get("centered") else 1 - alpha
+        return 1.0 / math.sqrt(second_moment) if second_moment > 0 else 1.0
+    if issubclass(optimizer, torch.optim.NAdam):  # Nesterov's look-ahead adds μ_2 m̂ to g
+        beta1, psi = float(args.get("betas", (0.9, 0.999))[0]), float(args.get("momentum_decay", 4e-3))
+        mu1, mu2 = (beta1 * (1 - 0.5 * 0.96 ** (t * psi)) for t in (1, 2))
+        return 1 + mu2 * (1 - beta1) / (1 - mu1 * mu2)
+    if issubclass(optimizer, FedAdam):  # Flower's bias correction at t + 1 = 2, no eps
+        beta1, beta2 = (float(b) for b in args.get("betas", (0.9, 0.99)))
+        return math.sqrt(1 + beta2) / (1 + beta1)
+    if issubclass(optimizer, FedYogi):
+        beta1, beta2 = (float(b) for b in args.get("betas", (0.9, 0.99)))
+        return (1 - beta1) / math.sqrt(1 - beta2) if beta1 < 1 and beta2 < 1 else 1.0
+    return 1.0
+
+
+def _constructor_defaults(optimizer: type) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(optimizer.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def schedule_peak(schedule: str, alpha: float, first_batch_weight: float, steps: int) -> float:

@@ -15,12 +15,12 @@ ADAPTIVE = ("adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "adamax", "
             "fedadam", "fedyogi", "fedadagrad")
 
 
-def ingredients(spread: float, n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def ingredients(spread: float, n: int = 8, seed: int = 0, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
     """``n`` models around one base (|base| ~ 1); biases spread 10x less than weights."""
     gen = torch.Generator().manual_seed(seed)
-    base = {"w": torch.randn(16, 8, generator=gen), "b": torch.randn(16, generator=gen)}
-    return [{"w": base["w"] + spread * torch.randn(16, 8, generator=gen),
-             "b": base["b"] + 0.1 * spread * torch.randn(16, generator=gen)} for _ in range(n)]
+    base = {"w": torch.randn(16, 8, generator=gen, dtype=dtype), "b": torch.randn(16, generator=gen, dtype=dtype)}
+    return [{"w": base["w"] + spread * torch.randn(16, 8, generator=gen, dtype=dtype),
+             "b": base["b"] + 0.1 * spread * torch.randn(16, generator=gen, dtype=dtype)} for _ in range(n)]
 
 
 def ball(models, merged, pivot=None) -> tuple[float, float]:
@@ -39,7 +39,9 @@ def test_adaptive_defaults_stay_in_the_ball_at_any_scale(optimizer, caplog):
     ratios = []
     with caplog.at_level(logging.WARNING, logger="fedsoup"):
         for spread in (1e-4, 1e-2, 1.0):
-            models = ingredients(spread)
+            # float64: a step of 0.5% of a 1e-4 spread around weights of size 1 is a few
+            # float32 ulps, and their rounding would blur the scale-free comparison.
+            models = ingredients(spread, dtype=torch.float64)
             distance, radius = ball(models, fedsoup.merge(models, optimizer=optimizer))
             assert distance <= radius
             ratios.append(distance / radius)
@@ -156,10 +158,21 @@ def test_default_lr_formula():
 
 
 def test_first_step_gain_and_schedule_peak():
+    # The gain is what one step of the optimizer itself does (torch.optim as the reference).
+    for cls, kwargs in ((torch.optim.Adam, {}), (torch.optim.RMSprop, {"alpha": 0.9}),
+                        (torch.optim.RMSprop, {"centered": True}), (torch.optim.Adagrad, {}),
+                        (fedsoup.FedYogi, {}), (fedsoup.FedAdam, {}), (torch.optim.NAdam, {})):
+        param = torch.zeros(1, dtype=torch.float64)
+        param.grad = torch.ones(1, dtype=torch.float64)
+        cls([param], lr=1.0, **kwargs).step()
+        # (the gain ignores eps: Flower's tau = 1e-3 takes 1% off a unit gradient's step)
+        assert defaults.first_step_gain(cls, kwargs) == pytest.approx(abs(float(param)), rel=2e-2), cls
     assert defaults.first_step_gain(torch.optim.Adam, {}) == pytest.approx(1.0, rel=1e-6)
     assert defaults.first_step_gain(torch.optim.Adagrad, {}) == pytest.approx(1.0, rel=1e-6)
     assert defaults.first_step_gain(torch.optim.RMSprop, {}) == pytest.approx(10.0, rel=1e-6)
     assert defaults.first_step_gain(torch.optim.RMSprop, {"alpha": 0.75}) == pytest.approx(2.0, rel=1e-6)
+    assert defaults.first_step_gain(fedsoup.FedYogi, {"betas": (0.9, 0.99)}) == pytest.approx(1.0)
+    assert defaults.first_step_gain(fedsoup.FedYogi, {"betas": (0.8, 0.99)}) == pytest.approx(2.0)
     assert defaults.schedule_peak("harmonic", -1.1, 0.25, 10) == 4.0
     assert defaults.schedule_peak("constant", -1.1, 0.25, 10) == 1.0
     assert defaults.schedule_peak("poly", 0.5, 0.25, 16) == 4.0
