@@ -50,10 +50,11 @@ pytestmark = [
 RUN_CONFIG = {"dataset": "digits", "partitioning": "iid", "local-epochs": 1, "seed": 0,
               "attack-fraction": 0.34}
 ATTACKER = min(malicious_partitions(NUM_SUPERNODES, RUN_CONFIG["attack-fraction"], RUN_CONFIG["seed"])) + 1
-# Adam-AME with a constant lr: each of the EPOCHS * 3 steps moves a coordinate by at
-# most about SOUP_LR (beta1 = 0.8, beta2 = 0.9: 1 - beta1 < sqrt(1 - beta2)).
+# Adam-AME with a constant lr from the global model: each of the EPOCHS * 3 steps moves a
+# coordinate by at most about SOUP_LR (beta1 = 0.8, beta2 = 0.9: 1 - beta1 < sqrt(1 - beta2)).
 SOUP = {"soup-optimizer": "adam", "soup-lr": 0.01, "soup-schedule": "constant", "soup-epochs": 2,
-        "soup-batch-size": 1, "soup-beta1": 0.8, "soup-beta2": 0.9, "soup-eps": 1e-5}
+        "soup-batch-size": 1, "soup-beta1": 0.8, "soup-beta2": 0.9, "soup-eps": 1e-5,
+        "soup-pivot": "global"}
 SOUP_STEPS = SOUP["soup-epochs"] * NUM_SUPERNODES
 
 
