@@ -5,7 +5,14 @@ handed to the kernel in the compute dtype: each step's batch, its coefficients
 ``ω_j / Ω_B`` and scale ``ζ_k Ω_B``, the learning rate ``η_k`` of every base-lr group and
 the optimizer's per-step scalars (bias corrections, decayed rates). The kernel then runs
 all steps on one cache-sized chunk at a time (why that is exact: :mod:`fedsoup.kernels`).
-Ingredients are read in place (bf16/fp16 tensors are upcast key by key first).
+Ingredients are read in place, by address: no copy of the models (bf16/fp16 ingredients
+are upcast exactly chunk by chunk inside the kernel; a float64 merge of 16-bit inputs
+upcasts them per key first).
+
+Compiled code is cached on disk by numba (next to the package, or in the user's cache
+directory when the package is read-only, or under the system's temp directory): the
+first merge on a machine compiles each compute dtype once (measured by
+``benchmarks/bench_merge.py``), later processes load it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from fedsoup.optim import FedAdagrad, FedAdam, FedYogi
 from fedsoup.problem import Problem
 from fedsoup.schedules import StepPlan, plan_steps
 
-__all__ = ["KernelSpec", "kernel_spec", "merge_fused", "soup_and_spread", "CHUNK", "available"]
+__all__ = ["KernelSpec", "kernel_spec", "merge_fused", "soup_and_spread", "soup_and_distances", "CHUNK",
+           "available"]
 
 # Coordinates per chunk: w, g, the batch mean and three state arrays of this size stay
 # in a core's L2 cache (6 x 16 KiB in float32) while every step runs over them.
@@ -37,7 +45,7 @@ class KernelSpec:
 
     kind: str
     hyper: tuple[float, ...]
-    scalars: Callable[[int, float], tuple[float, ...]]  # (k, η_k) -> the step's scalars
+    scalars: Callable[[np.ndarray, np.ndarray], tuple]  # (k, η_k) of every step -> its scalars
     initial_accumulator: float = 0.0
 
 
@@ -100,7 +108,7 @@ def _adam(o) -> KernelSpec:
     hyper = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, o["eps"], weight_decay, _flag(o["amsgrad"]),
              _flag(decoupled), _flag(o["maximize"]))
     return KernelSpec("adam", hyper, lambda k, lr: (
-        lr / (1.0 - beta1**k), math.sqrt(1.0 - beta2**k), 1.0 - lr * weight_decay,
+        lr / (1.0 - beta1**k), np.sqrt(1.0 - beta2**k), 1.0 - lr * weight_decay,
     ))
 
 
@@ -130,7 +138,7 @@ def _flower(kind: str):
         hyper = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, o["eps"])
         if kind == "fedadam":
             return KernelSpec(kind, hyper, lambda k, lr: (
-                lr * math.sqrt(1.0 - beta2 ** (k + 1.0)) / (1.0 - beta1 ** (k + 1.0)),
+                lr * np.sqrt(1.0 - beta2 ** (k + 1.0)) / (1.0 - beta1 ** (k + 1.0)),
             ))
         return KernelSpec(kind, hyper, lambda k, lr: (lr,))
     return spec
@@ -207,14 +215,15 @@ class _Layout:
 
 
 @contextmanager
-def _torch_threads():
+def _torch_threads(chunks: int):
     """Run a kernel on torch's intra-op thread count (one knob for the merge's threads;
-    the result does not depend on it), and leave torch's setting as it was: numba's
-    OpenMP layer would otherwise change the OpenMP thread count torch shares."""
+    the result does not depend on it), but no more threads than chunks (an idle OpenMP
+    thread costs milliseconds at every barrier on a busy machine), and leave torch's
+    setting as it was: numba's OpenMP layer changes the OpenMP thread count torch shares."""
     import numba
 
     threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(threads, chunks, numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
@@ -277,11 +286,11 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
 
     base_lrs = sorted({problem.base_lr(key) for key in keys})
     key_lr_groups = np.array([base_lrs.index(problem.base_lr(key)) for key in keys], np.int64)
-    step_scalars = np.array([
-        [spec.scalars(k, problem.step_size(base_lr, k, visited))
-         for k, visited in enumerate(plan.steps.visited.tolist(), start=1)]
+    steps = np.arange(1, len(plan.steps) + 1, dtype=np.float64)
+    step_scalars = np.stack([  # [group, step, scalar]
+        np.stack(np.broadcast_arrays(*spec.scalars(steps, problem.step_sizes(base_lr, plan.steps.visited))), axis=1)
         for base_lr in base_lrs
-    ], np.float64).reshape(len(base_lrs), len(plan.steps), -1)
+    ])
 
     out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
     arguments = (
@@ -292,18 +301,19 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
         key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
         step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator),
     )
-    with _torch_threads():
+    with _torch_threads(layout.chunk_keys.size):
         kernels.ame_chunks(*arguments)
     del pivots  # only now may converted copies go (layout.tensors lives on with the layout)
     return layout.split(out)
 
 
-def soup_and_spread(state_dicts: list[StateDict], omega: list[float]) -> tuple[StateDict, dict[str, float]]:
-    """The weighted soup ``s = Σ ω_i x_i`` and, per floating key, the spread
-    ``Σ_i ω_i ‖x_i − s‖²`` (in float64), reading the ingredients once (chunk by chunk).
+def soup_and_distances(state_dicts: list[StateDict], omega: list[float]) -> tuple[StateDict, dict[str, np.ndarray]]:
+    """The weighted soup ``s = Σ ω_i x_i`` and, per floating key, every ingredient's
+    squared distance ``‖x_i − s‖²`` (float64 array of N), reading the ingredients once
+    (chunk by chunk; each chunk's distances while its slices are still in cache).
 
-    Keys are computed in float32 (float64 if an input is), returned in that compute dtype.
-    Without numba: the same in torch, in two passes.
+    Keys are computed in float32 (float64 if an input is) and returned in that dtype;
+    the result does not depend on the thread count. Without numba: the same in torch.
     """
     keys_by_dtype: dict[torch.dtype, list[str]] = {}
     for key, tensor in state_dicts[0].items():
@@ -311,30 +321,38 @@ def soup_and_spread(state_dicts: list[StateDict], omega: list[float]) -> tuple[S
             dtype = torch.float64 if any(sd[key].dtype == torch.float64 for sd in state_dicts) else torch.float32
             keys_by_dtype.setdefault(dtype, []).append(key)
     soup: StateDict = {}
-    spread: dict[str, float] = {}
+    distances: dict[str, np.ndarray] = {}
     for dtype, keys in keys_by_dtype.items():
         if not available():
             for key in keys:
                 xs = [sd[key].to(dtype) for sd in state_dicts]
-                center = sum((w * x for w, x in zip(omega[1:], xs[1:])), xs[0] * omega[0])
+                center = xs[0] * omega[0]
+                for weight, x in zip(omega[1:], xs[1:]):
+                    center.add_(x, alpha=weight)
                 soup[key] = center
-                spread[key] = math.fsum(w * float(torch.sum((x.double() - center.double()) ** 2))
-                                        for w, x in zip(omega, xs))
+                distances[key] = np.array([float(torch.sum((x.double() - center.double()) ** 2)) for x in xs])
             continue
         from fedsoup import kernels
 
         layout = _layout(state_dicts, keys, dtype)
         out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
-        partial = np.zeros(layout.chunk_keys.size)
+        partial = np.zeros((layout.chunk_keys.size, len(state_dicts)))
         arguments = (
             out.numpy(), layout.offsets[:-1], layout.numels, layout.chunk_keys, layout.chunk_starts,
             layout.chunk_stops, layout.addresses, layout.kinds, _HALF_SCALES, _BITS_LIKE,
             np.array(omega, layout.np_dtype), partial,
         )
-        with _torch_threads():
-            kernels.soup_spread_chunks(*arguments)
+        with _torch_threads(layout.chunk_keys.size):
+            kernels.soup_distance_chunks(*arguments)
         soup.update(layout.split(out))
-        sums = np.zeros(len(keys))
+        sums = np.zeros((len(keys), len(state_dicts)))
         np.add.at(sums, layout.chunk_keys, partial)  # in chunk order: deterministic
-        spread.update(zip(keys, sums.tolist()))
-    return soup, spread
+        distances.update(zip(keys, sums))
+    return soup, distances
+
+
+def soup_and_spread(state_dicts: list[StateDict], omega: list[float]) -> tuple[StateDict, dict[str, float]]:
+    """The weighted soup and, per floating key, the spread ``Σ_i ω_i ‖x_i − s‖²``
+    (see :func:`soup_and_distances`)."""
+    soup, distances = soup_and_distances(state_dicts, omega)
+    return soup, {key: math.fsum(w * d for w, d in zip(omega, values.tolist())) for key, values in distances.items()}

@@ -27,7 +27,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
 
-__all__ = ["ame_chunks", "soup_spread_chunks", "KINDS", "CACHE_DIR_FALLBACK"]
+__all__ = ["ame_chunks", "soup_distance_chunks", "KINDS", "CACHE_DIR_FALLBACK"]
 
 # Optimizer kinds the kernel knows (index = the ``kind`` argument).
 KINDS = ("sgd", "adam", "adagrad", "rmsprop", "adamax", "fedadam", "fedyogi", "fedadagrad")
@@ -77,13 +77,8 @@ SAME, BFLOAT16, FLOAT16 = 0, 1, 2
 
 
 @_jit()
-def _read(addresses, kinds, scales, j, key, numel, start, stop, like, bits_like, scratch):
-    """Ingredient ``j``'s slice ``start:stop`` of ``key`` in the compute dtype: a view of
-    the caller's tensor, or (16-bit inputs) its upcast into ``scratch``."""
-    kind = kinds[j, key]
-    if kind == SAME:
-        return _view(addresses[j, key], numel, like)[start:stop]
-    bits = _view(addresses[j, key], numel, bits_like)[start:stop]
+def _upcast(bits, kind, scales, scratch):
+    """16-bit floats (as their bits) into ``scratch`` in the compute dtype, exactly."""
     mantissa_bits = 7 if kind == BFLOAT16 else 10
     exponent_mask = 0xFF if kind == BFLOAT16 else 0x1F
     row = kind - 1
@@ -97,7 +92,17 @@ def _read(addresses, kinds, scales, j, key, numel, start, stop, like, bits_like,
             implicit = 0 if exponent == 0 else (1 << mantissa_bits)
             value = scales[row, exponent] * (implicit + mantissa)
         scratch[i] = -value if b & 0x8000 else value
-    return scratch[: bits.size]
+
+
+@_jit(inline="always")
+def _read(addresses, kinds, scales, j, key, numel, start, stop, like, bits_like, scratch):
+    """Ingredient ``j``'s slice ``start:stop`` of ``key`` in the compute dtype: a view of
+    the caller's tensor, or (16-bit inputs) its upcast into ``scratch``."""
+    kind = kinds[j, key]
+    if kind == SAME:
+        return _view(addresses[j, key], numel, like)[start:stop]
+    _upcast(_view(addresses[j, key], numel, bits_like)[start:stop], kind, scales, scratch)
+    return scratch[: stop - start]
 
 
 @_jit(inline="always")
@@ -234,9 +239,9 @@ def _soup_into(w, addresses, kinds, scales, key, numel, start, stop, omega, like
 
 
 @_jit(parallel=True)
-def soup_spread_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops, addresses, kinds,
-                       scales, bits_like, omega, partial):
-    """The soup into ``out`` and ``partial[c] = Σ_j ω_j ‖x_j − s‖²`` over chunk ``c`` (float64),
+def soup_distance_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops, addresses, kinds,
+                         scales, bits_like, omega, partial):
+    """The soup ``s`` into ``out`` and ``partial[c, j] = ‖x_j − s‖²`` over chunk ``c`` (float64),
     re-reading each chunk's ingredient slices while they are still in cache."""
     for c in prange(chunk_keys.size):
         key = chunk_keys[c]
@@ -245,15 +250,13 @@ def soup_spread_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, c
         w = out[key_offsets[key] + start : key_offsets[key] + stop]
         scratch = np.empty_like(w)
         _soup_into(w, addresses, kinds, scales, key, numel, start, stop, omega, out, bits_like, scratch)
-        total = 0.0
         for j in range(omega.size):
             x = _read(addresses, kinds, scales, j, key, numel, start, stop, out, bits_like, scratch)
             squares = 0.0
             for i in range(w.size):
                 difference = np.float64(x[i]) - np.float64(w[i])
                 squares += difference * difference
-            total += np.float64(omega[j]) * squares
-        partial[c] = total
+            partial[c, j] = squares
 
 
 @_jit(parallel=True)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsoup.inputs import StateDict, compute_dtype
@@ -66,6 +67,14 @@ class Problem:
         if schedule is None:
             schedule = self._schedules[base_lr] = make_schedule(self.schedule, base_lr, self.alpha)
         return schedule(k, visited)
+
+    def step_sizes(self, base_lr: float, visited: np.ndarray) -> np.ndarray:
+        """``η_k`` of every step ``k = 1..len(visited)`` (``visited``: ``V_k``), as an array."""
+        if callable(self.schedule) or self.schedule not in ("constant", "harmonic"):
+            return np.array([self.step_size(base_lr, k, v) for k, v in enumerate(visited.tolist(), start=1)])
+        if self.schedule == "constant":
+            return np.full(visited.size, float(base_lr))
+        return float(base_lr) / visited  # harmonic: the same float division as lr / V_k
 
     def zeta(self, k: int) -> float:
         """The amplification ``ζ_k``."""

@@ -329,6 +329,11 @@ def test_soup_and_spread(dtype):
     assert "count" not in spread
     again = fused.soup_and_spread(models, weights)
     assert again[1] == spread and all(torch.equal(again[0][k], soup[k]) for k in soup)
+    _, distances = fused.soup_and_distances(models, weights)
+    for key in ("big", "mid"):
+        center = expected[key].double()
+        want = [float(torch.sum((m[key].double() - center) ** 2)) for m in models]
+        np.testing.assert_allclose(distances[key], want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", list(fused._SPECS), ids=lambda c: c.__name__)
