@@ -262,6 +262,27 @@ def plot(path: Path, summary: list[dict], title: str) -> None:
     save_png(fig, path)
 
 
+def setting_of(args: argparse.Namespace, epochs: int, lr: float, per_seed: list[dict]) -> str:
+    seeds = [run["seed"] for run in per_seed]
+    return (f"{args.dataset}: {10 * args.experts_per_loader} experts, {epochs} AdamW epochs (lr {lr:g}), "
+            f"one initialisation per seed, validation split {per_seed[0]['val_size']} images, "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+
+
+def write_outputs(out: Path, per_seed: list[dict], setting: str, seconds: float) -> str:
+    """``table1.md``, ``table2.md``, ``results.json`` and ``table1.png`` for the seeds run so far."""
+    summary = summarise([run["levels"] for run in per_seed])
+    t1, t2, td = table1(summary), table2(summary), difference_table(summary)
+    atomic_write_text(out / "table1.md", f"Test accuracy, mean ± std over seeds. {setting}\n\n{t1}\n"
+                                         f"AME-AdamW − soup, paired by seed:\n\n{td}")
+    atomic_write_text(out / "table2.md", f"Train and test accuracy, mean ± std over seeds. {setting}\n\n{t2}")
+    atomic_write_text(out / "results.json", json.dumps(
+        {"setting": setting, "seeds": [run["seed"] for run in per_seed], "seconds": seconds,
+         "summary": summary, "per_seed": per_seed}, indent=2))
+    plot(out / "table1.png", summary, f"Table 1 protocol - {setting}")
+    return f"{setting}\n\n{t1}\n{td}\n{t2}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.paper_table1", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
@@ -301,22 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                   + f"; |AME-soup|/|soup| = {row['ame_minus_soup_rel_norm']:.3f}  ({row['seconds']} s)",
                   flush=True)
         per_seed.append({"seed": seed, "val_size": len(splits.val), "levels": rows})
+        # Written after every seed, so a long run that is stopped keeps the seeds it finished.
+        text = write_outputs(args.out, per_seed, setting_of(args, epochs, lr, per_seed),
+                             round(time.perf_counter() - start, 1))
     seconds = round(time.perf_counter() - start, 1)
-    summary = summarise([run["levels"] for run in per_seed])
-    seeds = ", ".join(map(str, args.seeds))
-    setting = (f"{args.dataset}: {10 * args.experts_per_loader} experts, {epochs} AdamW epochs (lr {lr:g}), "
-               f"one initialisation per seed, validation split {per_seed[0]['val_size']} images, "
-               f"seed{'s' if len(args.seeds) > 1 else ''} {seeds}")
-    t1, t2, td = table1(summary), table2(summary), difference_table(summary)
-    atomic_write_text(args.out / "table1.md", f"Test accuracy, mean ± std over seeds. {setting}\n\n{t1}\n"
-                                              f"AME-AdamW − soup, paired by seed:\n\n{td}")
-    atomic_write_text(args.out / "table2.md", f"Train and test accuracy, mean ± std over seeds. {setting}\n\n{t2}")
-    atomic_write_text(args.out / "results.json", json.dumps(
-        {"setting": setting, "seeds": args.seeds, "seconds": seconds, "summary": summary, "per_seed": per_seed},
-        indent=2))
-    plot(args.out / "table1.png", summary, f"Table 1 protocol - {setting}")
-    print(f"\n{setting}\n\n{t1}\n{td}\n{t2}\nwall time {seconds} s; "
-          f"wrote {args.out}/table1.md, table2.md, results.json, table1.png")
+    print(f"\n{text}\nwall time {seconds} s; wrote {args.out}/table1.md, table2.md, results.json, table1.png")
     return 0
 
 
