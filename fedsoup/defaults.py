@@ -328,23 +328,18 @@ def measure_spreads(problem) -> Spreads:
     """Soup and spread of every floating key of a :class:`fedsoup.problem.Problem`.
 
     One read of the ingredients from memory: chunk by chunk, the weighted sum and then
-    ``‖x_i − s‖²`` of the same (cache-resident) chunk. Distances are of differences, so
-    a spread of 1e-4 around weights of size 1 stays exact in float32.
+    ``‖x_i − s‖²`` of the same (cache-resident) chunk; small keys in one stacked matrix.
+    Distances are of differences, so a spread of 1e-4 around weights of size 1 stays
+    exact in float32. The same key gives the same numbers in any split of the model.
     """
     soups, keys = {}, {}
     for key in problem.float_keys:
         dtype, device = problem.compute_dtype(key), problem.device
         tensors = [sd[key].to(device, dtype).reshape(-1) for sd in problem.state_dicts]
-        soup = torch.empty_like(tensors[0])
-        squares = [0.0] * len(tensors)
-        for start in range(0, soup.numel(), SPREAD_CHUNK):
-            part = slice(start, start + SPREAD_CHUNK)
-            chunk = soup[part]
-            torch.mul(tensors[0][part], problem.omega[0], out=chunk)
-            for tensor, weight in zip(tensors[1:], problem.omega[1:]):
-                chunk.add_(tensor[part], alpha=weight)
-            for i, tensor in enumerate(tensors):
-                squares[i] += float(torch.dist(tensor[part], chunk)) ** 2
+        if len(tensors) * tensors[0].numel() <= SPREAD_CHUNK:
+            soup, squares = _small_key_spread(tensors, problem.omega)
+        else:
+            soup, squares = _chunked_key_spread(tensors, problem.omega)
         soup = soup.view(problem.first[key].shape)
         pivot_sq = 0.0
         if problem.pivot is not None:
@@ -352,6 +347,29 @@ def measure_spreads(problem) -> Spreads:
         soups[key] = soup
         keys[key] = KeySpread(tuple(squares), pivot_sq, soup.numel())
     return Spreads(soups, keys)
+
+
+def _small_key_spread(tensors: list[torch.Tensor], omega: Sequence[float]) -> tuple[torch.Tensor, list[float]]:
+    """All ingredients of a small key as one ``[N, n]`` matrix: four kernel launches, not 2N."""
+    stacked = torch.stack(tensors)
+    weights = torch.tensor(omega, dtype=stacked.dtype, device=stacked.device).unsqueeze(1)
+    soup = torch.sum(stacked * weights, dim=0)
+    return soup, torch.sum((stacked - soup) ** 2, dim=1).tolist()
+
+
+def _chunked_key_spread(tensors: list[torch.Tensor], omega: Sequence[float]) -> tuple[torch.Tensor, list[float]]:
+    """Chunk by chunk: the weighted sum, then every ``‖x_i − s‖²`` of the cached chunk."""
+    soup = torch.empty_like(tensors[0])
+    squares = [0.0] * len(tensors)
+    for start in range(0, soup.numel(), SPREAD_CHUNK):
+        part = slice(start, start + SPREAD_CHUNK)
+        chunk = soup[part]
+        torch.mul(tensors[0][part], omega[0], out=chunk)
+        for tensor, weight in zip(tensors[1:], omega[1:]):
+            chunk.add_(tensor[part], alpha=weight)
+        for i, tensor in enumerate(tensors):
+            squares[i] += float(torch.dist(tensor[part], chunk)) ** 2
+    return soup, squares
 
 
 def scale_aware_lr(problem, spreads: Spreads, fraction: float | None = None) -> dict[str, float]:
