@@ -72,9 +72,11 @@ __all__ = [
     "DEFAULT_LR_FRACTION",
     "SCALE_FREE_OPTIMIZERS",
     "KeySpread",
+    "Spreads",
     "BallCheck",
     "is_scale_free",
-    "key_spread",
+    "measure_spreads",
+    "scale_aware_lr",
     "first_step_gain",
     "schedule_peak",
     "default_lr",
@@ -122,19 +124,6 @@ class KeySpread:
     def mean_sq_to_pivot(self, omega: Sequence[float]) -> float:
         """``Σ ω_i ‖x_i − w_0‖²`` by the parallel-axis identity (``s`` is the weighted mean)."""
         return math.fsum(w * d for w, d in zip(omega, self.ingredient_sq)) + self.pivot_sq
-
-
-def key_spread(
-    tensors: Sequence[torch.Tensor], soup: torch.Tensor, pivot: torch.Tensor | None = None
-) -> KeySpread:
-    """Squared distances of one key's ingredients (and pivot) to its soup.
-
-    One read of every ingredient: ``torch.dist`` reduces ``‖x − s‖`` without a temporary,
-    and differences (not ``Σ‖x‖² − ‖s‖²``) keep tiny spreads exact in float32.
-    """
-    squares = tuple(float(torch.dist(t.to(soup.device, soup.dtype), soup)) ** 2 for t in tensors)
-    pivot_sq = 0.0 if pivot is None else float(torch.dist(pivot.to(soup.device, soup.dtype), soup)) ** 2
-    return KeySpread(squares, pivot_sq, soup.numel())
 
 
 def first_step_gain(optimizer: type[torch.optim.Optimizer], optimizer_kwargs: Mapping[str, Any]) -> float:

@@ -10,6 +10,7 @@ import torch
 
 import fedsoup
 from fedsoup import defaults
+from fedsoup.problem import Problem
 
 ADAPTIVE = ("adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "adamax", "rprop",
             "fedadam", "fedyogi", "fedadagrad")
@@ -146,14 +147,21 @@ def test_a_tensor_every_input_agrees_on_gets_lr_zero_and_stays():
 
 def test_default_lr_formula():
     # Ingredients 0 and 2 (weights 1/4, 3/4) around the soup 1.5 on one coordinate.
-    spread = defaults.key_spread([torch.tensor([0.0]), torch.tensor([2.0])], torch.tensor([1.5]))
-    assert spread.ingredient_sq == (2.25, 0.25)
+    problem = Problem([{"x": torch.tensor([0.0])}, {"x": torch.tensor([2.0])}], [0.25, 0.75], [0, 1],
+                      None, torch.optim.Adam, {})
+    spreads = defaults.measure_spreads(problem)
+    torch.testing.assert_close(spreads.soups["x"], torch.tensor([1.5]))
+    spread = spreads.keys["x"]
+    assert spread.ingredient_sq == pytest.approx((2.25, 0.25))
     omega = [0.25, 0.75]
     assert spread.mean_sq_to_pivot(omega) == pytest.approx(0.25 * 2.25 + 0.75 * 0.25)
     rho = math.sqrt(0.75)
     assert defaults.default_lr(spread, omega, gain=2.0, peak=4.0, fraction=0.5) == pytest.approx(0.5 * rho / 8)
+    # harmonic, batch 1: the peak is 1/V_1 = 4; Adam's gain is 1
+    assert defaults.scale_aware_lr(problem, spreads, fraction=0.5) == {"x": pytest.approx(0.5 * rho / 4)}
     # A pivot adds its squared distance to the soup (parallel-axis identity).
-    moved = defaults.key_spread([torch.tensor([0.0]), torch.tensor([2.0])], torch.tensor([1.5]), torch.tensor([3.5]))
+    problem.pivot = {"x": torch.tensor([3.5])}
+    moved = defaults.measure_spreads(problem).keys["x"]
     assert moved.mean_sq_to_pivot(omega) == pytest.approx(0.25 * 3.5**2 + 0.75 * 1.5**2)
 
 
