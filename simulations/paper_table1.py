@@ -37,6 +37,7 @@ import argparse
 import itertools
 import json
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,7 @@ def plot(path: Path, summary: list[dict], title: str) -> None:
     ax.set_xlabel("OOD fraction")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.15)  # headroom for the legend
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, 85), fontsize=8)
     ax.legend(fontsize=6.5, ncol=3, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
 
