@@ -39,7 +39,13 @@ CACHE_DIR_FALLBACK = os.path.join(tempfile.gettempdir(), f"fedsoup-numba-cache-{
 
 
 def _jit(**options):
-    """``numba.njit(cache=True)``, or with a writable fallback cache dir, or uncached."""
+    """``numba.njit(cache=True)``, or with a writable fallback cache dir, or uncached.
+
+    ``error_model="numpy"``: a division by zero gives inf/nan as in torch, and without
+    Python's zero check in every division the loops vectorize (SIMD sqrt and divide).
+    """
+    options.setdefault("error_model", "numpy")
+
     def decorate(function):
         try:
             return numba.njit(cache=True, **options)(function)
