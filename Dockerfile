@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Images for docker-compose.yml, on Flower's official images of the pinned version.
 #
 #   superlink  flwr/superlink + a state directory owned by the image's user, so
@@ -8,6 +7,13 @@
 #              (FedSoup) and the ClientApps. Nothing is installed at run time.
 #
 # The SuperNodes use flwr/supernode unchanged (they never import App code).
+#
+# Builds alike with BuildKit, the classic builder (DOCKER_BUILDKIT=0, docker-compose
+# v1), podman/buildah and kaniko: they disagree on who owns a directory that WORKDIR
+# or COPY creates (BuildKit: the current USER; the others: root), so every directory
+# the image's user writes in is made first by a RUN as that user, inside /app, which
+# Flower's images give to it. No `# syntax=` line: the builder's own Dockerfile
+# frontend suffices, and an offline BuildKit could not pull another one.
 ARG FLWR_VERSION=1.41.0
 
 FROM flwr/superlink:${FLWR_VERSION} AS superlink
@@ -31,6 +37,9 @@ ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
 # torch first, in its own layer: it is by far the largest and changes least.
 RUN python -m pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
+# `pip install .` writes its build metadata next to the sources: /app/src must belong
+# to `app`, and a WORKDIR that creates it would not under every builder.
+RUN mkdir -p /app/src /app/checkpoints /app/outputs
 WORKDIR /app/src
 COPY --chown=app:app pyproject.toml README.md ./
 COPY --chown=app:app fedsoup ./fedsoup
@@ -40,8 +49,7 @@ COPY --chown=app:app simulations ./simulations
 RUN python -m pip install ".[all]" "flwr==${FLWR_VERSION}" \
     && python -c "import fedsoup, strategies, simulations.server_app, simulations.client_app"
 
+# /app/checkpoints and /app/outputs (made above, by `app`) are the mount points of
+# the compose volumes: a fresh named volume inherits their owner, so it is writable.
 WORKDIR /app
-# Mount points for the compose volumes, created by `app` so that fresh named
-# volumes inherit a writable owner.
-RUN mkdir -p /app/checkpoints /app/outputs
 ENTRYPOINT ["flower-superexec"]

@@ -463,19 +463,25 @@ def test_every_copied_path_exists_and_passes_dockerignore():
         assert package in allowed, f"package {package} is not in the build context"
 
 
-def _has_docker_compose() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
-    return probe.returncode == 0
+def _docker_compose() -> list[str] | None:
+    """`docker compose` (v2), else `docker-compose` (v1), else None."""
+    for argv in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(argv[0]) is None:
+            continue
+        if subprocess.run([*argv, "version"], capture_output=True, text=True).returncode == 0:
+            return argv
+    return None
 
 
-@pytest.mark.skipif(not _has_docker_compose(), reason="no `docker compose` here")
+COMPOSE = _docker_compose()
+
+
+@pytest.mark.skipif(COMPOSE is None, reason="neither `docker compose` nor `docker-compose` here")
 def test_docker_compose_config_accepts_the_files(tmp_path):
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"],
                   ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.auth.yml"]):
         args = [x for f in files for x in ("-f", str(ROOT / f))]
-        result = subprocess.run(["docker", "compose", *args, "config", "-q"], capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run([*COMPOSE, *args, "config", "-q"], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr
 
 
