@@ -217,6 +217,26 @@ def test_dockerfile_builds_with(builder, flower_images, tmp_path):
             subprocess.run([cli, "rmi", "-f", f"{tag}-checked", tag], capture_output=True)
 
 
+def test_the_ownership_check_catches_a_workdir_made_by_root(flower_images, tmp_path):
+    """The bug this guards against: under the classic builder, `WORKDIR` creates a missing
+    directory owned by root, and `pip install .` as `app` cannot write in it."""
+    found = builder_command("classic")
+    argv, env, cli = found
+    tag = f"fedsoup-builder-probe-rootdir:{uuid.uuid4().hex[:8]}"
+    dockerfile = f"FROM flwr/superexec:{FLWR_VERSION}\nWORKDIR /app/src\nRUN mkdir -p /app/checkpoints /app/outputs\n"
+    built = subprocess.run([*argv, "-t", tag, "-f", "-", str(tmp_path)], input=dockerfile, capture_output=True,
+                           text=True, env=env, timeout=300)
+    try:
+        assert built.returncode == 0, built.stderr
+        checked = subprocess.run([*argv, "-t", f"{tag}-checked", "-f", "-", str(tmp_path)],
+                                 input=check_dockerfile(tag, "superexec"), capture_output=True, text=True, env=env,
+                                 timeout=300)
+        assert checked.returncode != 0
+        assert "/app/src is not the image user's: root" in checked.stdout + checked.stderr
+    finally:
+        subprocess.run([cli, "rmi", "-f", f"{tag}-checked", tag], capture_output=True)
+
+
 # --------------------------------------------------------------------------- the compose stack
 class Stack:
     """One compose project: unique name, its own SuperLink port, torn down with its volumes."""
