@@ -4,8 +4,9 @@ ServerApp container, resume from the checkpoint volume, teardown.
 Skips (with the reason) where no Docker engine or no compose answers. Where Flower's
 images cannot be pulled, local stand-ins of the same layout are built under their tags
 (tests/docker_standins/build_flower_standins.py, a test fixture; needs root and
-debootstrap). Then, for the compose file alone and with the TLS overlay (and the
-SuperNode-auth overlay, where the repository has one):
+debootstrap). Then, for the compose file alone, with the TLS overlay, and with the TLS
+and SuperNode-auth overlays (keys made by scripts/make-node-keys.sh, registered with
+``flwr supernode register`` once the SuperLink is up, before the rest starts):
 
 * ``compose build`` and ``compose up -d`` under a unique project name, the SuperLink
   published on a free port of 127.0.0.1;
@@ -40,6 +41,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from simulations import local_federation as lf
+
 ROOT = Path(__file__).resolve().parent.parent
 FLWR_VERSION = importlib.metadata.version("flwr")
 
@@ -54,7 +57,6 @@ def _load(name: str, path: Path):
     return module
 
 
-lf = _load("local_federation", ROOT / "scripts" / "local_federation.py")
 standins = _load("build_flower_standins", ROOT / "tests" / "docker_standins" / "build_flower_standins.py")
 
 NUM_SUPERNODES = 3
@@ -69,7 +71,8 @@ RUN_CONFIG = {  # as tests/test_deploy_e2e.py: small, and resuming must restore 
     "stew-lr": 1.0,
     "stew-momentum": 0.5,
 }
-OVERLAYS = {"plain": [], "tls": ["docker-compose.tls.yml"], "auth": ["docker-compose.auth.yml"]}
+OVERLAYS = {"plain": [], "tls": ["docker-compose.tls.yml"],
+            "auth": ["docker-compose.tls.yml", "docker-compose.auth.yml"]}
 
 
 def log(message: str) -> None:
@@ -248,31 +251,43 @@ class Stack:
         self.compose = compose_command()
         self.files = ["docker-compose.yml", *OVERLAYS[overlay]]
         self.port = lf.free_ports(1)[0]
-        self.certs = workdir / "certificates" if overlay == "tls" else None
+        self.certs = workdir / "certificates" if overlay in ("tls", "auth") else None
+        self.keys = workdir / "keys" if overlay == "auth" else None
         if self.certs is not None:
-            self.files.append(str(self._certificate_overlay()))
+            self.files.append(str(self._material_overlay()))
         self.federation = lf.LocalFederation(workdir / "client", NUM_SUPERNODES, tls_dir=self.certs,
-                                             port=self.port, startup_timeout=180)
+                                             auth_dir=self.keys, port=self.port, startup_timeout=180)
 
-    def _certificate_overlay(self) -> Path:
-        """Certificates made in the temporary directory, bound where the TLS overlay binds
-        ./certificates (compose merges volumes by their path in the container): the test
-        never writes into the checkout."""
-        made = subprocess.run([str(ROOT / "scripts" / "make-certs.sh"), str(self.certs)],
-                              capture_output=True, text=True, timeout=120)
-        assert made.returncode == 0, made.stderr
-        key = self.certs / "server.key"
-        try:
-            os.chown(key, standins.APP_UID, standins.APP_UID)  # as docs/deployment.md says
-        except PermissionError:
-            key.chmod(0o644)  # a throwaway key: readable by the containers' user anyway
+    def _material_overlay(self) -> Path:
+        """Certificates (and SuperNode keys and secrets) made in the temporary directory and
+        bound where the overlays bind ./certificates and ./keys (compose merges volumes by
+        their path in the container, secrets by name): the test never writes into the checkout."""
+        made = [subprocess.run([str(ROOT / "scripts" / "make-certs.sh"), str(self.certs)],
+                               capture_output=True, text=True, timeout=120)]
+        if self.keys is not None:
+            made.append(subprocess.run([str(ROOT / "scripts" / "make-node-keys.sh"), str(self.keys),
+                                        str(NUM_SUPERNODES)], capture_output=True, text=True, timeout=120))
+        for result in made:
+            assert result.returncode == 0, result.stderr
+        private = [self.certs / "server.key", *(sorted(self.keys.glob("*.key")) + sorted(self.keys.glob("*.secret"))
+                                                if self.keys else [])]
+        for path in private:  # the images run as uid 49999, as docs/deployment.md says
+            try:
+                os.chown(path, standins.APP_UID, standins.APP_UID)
+            except PermissionError:
+                path.chmod(0o644)  # throwaway material: readable by the containers' user anyway
         services = ["superlink", "superexec-serverapp", *[f"supernode-{i}" for i in range(1, NUM_SUPERNODES + 1)]]
         lines = ["services:"]
         for service in services:
             names = ("ca.crt", "server.pem", "server.key") if service == "superlink" else ("ca.crt",)
             lines += [f"  {service}:", "    volumes:"]
             lines += [f"      - {self.certs / n}:/app/certificates/{n}:ro" for n in names]
-        path = self.workdir / "docker-compose.test-certificates.yml"
+        if self.keys is not None:
+            lines += ["secrets:", "  superlink-secret:", f"    file: {self.keys / 'superlink.secret'}"]
+            for i in range(1, NUM_SUPERNODES + 1):
+                lines += [f"  supernode-{i}-key:", f"    file: {self.keys / f'supernode-{i}.key'}",
+                          f"  supernode-{i}-secret:", f"    file: {self.keys / f'supernode-{i}.secret'}"]
+        path = self.workdir / "docker-compose.test-material.yml"
         path.write_text("\n".join(lines) + "\n")
         return path
 
@@ -332,16 +347,18 @@ def stack(request, flower_images, tmp_path):
     missing = [f for f in OVERLAYS[overlay] if not (ROOT / f).is_file()]
     if missing:
         pytest.skip(f"the repository has no {', '.join(missing)}")
-    if overlay == "auth":
-        pytest.skip("docker-compose.auth.yml exists, but this test does not yet make its SuperNode keys")
     stack = Stack(overlay, tmp_path)
     try:
         start = time.perf_counter()
         stack.run("build", *(["--force-rm"] if stack.compose == ["docker-compose"] else []))
         log(f"{overlay}: `{' '.join(stack.compose)} build` (project {stack.name}): {time.perf_counter() - start:.1f}s")
         start = time.perf_counter()
-        stack.run("up", "-d")
         stack.federation.write_cli_config()
+        if overlay == "auth":  # the SuperLink first, to register the SuperNodes' public keys
+            stack.run("up", "-d", "superlink")
+            stack.federation.wait_healthy()
+            stack.federation.register_supernodes()
+        stack.run("up", "-d")
         stack.federation.wait_healthy()
         log(f"{overlay}: up -d until the SuperLink answers on 127.0.0.1:{stack.port}: {time.perf_counter() - start:.1f}s")
         yield stack
