@@ -207,8 +207,9 @@ def test_dockerfile_builds_with(builder, flower_images, tmp_path):
     for target in WRITABLE:
         tag = f"fedsoup-builder-probe-{builder}-{target}:{uuid.uuid4().hex[:8]}"
         start = time.perf_counter()
-        built = subprocess.run([*argv, "--target", target, "-t", tag, str(ROOT)], capture_output=True, text=True,
-                               env=env, timeout=1200)
+        # The build arguments of docker-compose.yml: the classic builder then shares its cache with `compose build`.
+        built = subprocess.run([*argv, "--target", target, "--build-arg", f"FLWR_VERSION={FLWR_VERSION}", "-t", tag,
+                                str(ROOT)], capture_output=True, text=True, env=env, timeout=1200)
         try:
             assert built.returncode == 0, f"{builder} build of {target}:\n{built.stdout[-3000:]}\n{built.stderr[-3000:]}"
             log(f"{builder} build of target {target} ({name}): {time.perf_counter() - start:.1f}s")
