@@ -368,3 +368,12 @@ def test_merge_leaves_torch_thread_count_as_it_was():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_without_numba_the_torch_path_runs(ran, monkeypatch):
+    monkeypatch.setattr(fused, "available", lambda: False)
+    models = make_models(4)
+    merged = fedsoup.merge(models, optimizer="adam", lr=0.1, epochs=2)
+    assert ran == ["merge_flat"]
+    expected = fedsoup.merge(models, optimizer="adam", lr=0.1, epochs=2, _path="reference")
+    assert_close_dicts(merged, expected, atol=1e-12, rtol=1e-10)
