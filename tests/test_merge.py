@@ -58,7 +58,7 @@ def layout(request):
 
 
 # ---------------------------------------------------------------------------
-# The two soup identities of SPEC §1, for every batch size, pivot and weights.
+# The two soup identities of docs/design.md §1, for every batch size, pivot and weights.
 # ---------------------------------------------------------------------------
 
 N = 5
