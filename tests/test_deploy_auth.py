@@ -33,6 +33,8 @@ import torch
 from safetensors.torch import load_file
 
 from simulations import local_federation as lf
+
+from deploy_helpers import assert_all_gone, stop_script, wait_for
 from simulations.attacks import malicious_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,21 +98,6 @@ def assert_refused(proc: subprocess.Popen, log: Path) -> str:
     return text
 
 
-def assert_all_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 15
-    alive = [p for p in pids if lf.pid_alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in pids if lf.pid_alive(p)]
-    assert not alive, f"processes still running after teardown: {alive}"
-
-
-def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, f"deploy-local.sh exited ({process.returncode}) before {what}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f}s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
 
 
 def flwr_json(workdir: Path, *args: str) -> dict:
@@ -179,16 +166,7 @@ def test_auth_script_registered_nodes_run_fedsoup_outsider_refused_cauchy_damped
         print(f"[deploy auth] deploy-local.sh --tls --auth: keys + registration + 1-round run + outsider: "
               f"{time.perf_counter() - start:.1f}s wall")
     finally:
-        started = started or [script.pid, *lf.descendants(script.pid)]
-        if script.poll() is None:
-            script.send_signal(signal.SIGTERM)  # deploy-local.sh tears everything down
-            try:
-                script.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                for pid in started:
-                    lf.signal_group(pid, signal.SIGKILL)
-                script.wait()
-        assert_all_gone(started)
+        stop_script(script, started)  # deploy-local.sh tears everything down
     assert script.returncode == 0, script_log.read_text()[-3000:]
 
 

@@ -34,6 +34,8 @@ from safetensors.torch import load_file
 
 from simulations import local_federation as lf
 
+from deploy_helpers import assert_all_gone, stop_script, wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
@@ -73,14 +75,6 @@ def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
         assert a[key].dtype == b[key].dtype, key
         assert torch.equal(a[key], b[key]), f"tensor '{key}' differs: max |diff| {(a[key] - b[key]).abs().max()}"
 
-
-def assert_all_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 15
-    alive = [p for p in pids if lf.pid_alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in pids if lf.pid_alive(p)]
-    assert not alive, f"processes still running after teardown: {alive}"
 
 
 # --------------------------------------------------------------------------- plain HTTP federation
@@ -185,13 +179,6 @@ def start_supernode(workdir: Path, address: str, name: str, security: list[str])
                                 env=dict(os.environ, **lf.FLOWER_ENV))
 
 
-def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, f"deploy-local.sh exited ({process.returncode}) before {what}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f}s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
-
 
 def test_tls_run_passes_and_a_supernode_without_the_ca_is_refused(tmp_path):
     """`scripts/deploy-local.sh --tls --keep`: certificates from make-certs.sh, a 1-round
@@ -247,16 +234,7 @@ def test_tls_run_passes_and_a_supernode_without_the_ca_is_refused(tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        started = started or [script.pid, *lf.descendants(script.pid)]
-        if script.poll() is None:
-            script.send_signal(signal.SIGTERM)  # deploy-local.sh tears everything down
-            try:
-                script.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                for pid in started:
-                    lf.signal_group(pid, signal.SIGKILL)
-                script.wait()
-        assert_all_gone(started)
+        stop_script(script, started)  # deploy-local.sh tears everything down
     assert script.returncode == 0, script_log.read_text()[-3000:]  # 0: the run completed
     assert "deploy-local: stopping" in script_log.read_text()
     assert not (workdir / "READY").exists()

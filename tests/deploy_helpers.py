@@ -1,0 +1,42 @@
+"""Shared by the loopback deployment tests: waiting on deploy-local.sh and checking its teardown."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from simulations import local_federation as lf
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 15
+    alive = [p for p in pids if lf.pid_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if lf.pid_alive(p)]
+    assert not alive, f"processes still running after teardown: {alive}"
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"deploy-local.sh exited ({process.returncode}) before {what}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def stop_script(script: subprocess.Popen, started: list[int]) -> None:
+    """SIGTERM deploy-local.sh (it tears its federation down), SIGKILL what is left after 60 s,
+    then check that every process it started is gone."""
+    started = started or [script.pid, *lf.descendants(script.pid)]
+    if script.poll() is None:
+        script.send_signal(signal.SIGTERM)
+        try:
+            script.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in started:
+                lf.signal_group(pid, signal.SIGKILL)
+            script.wait()
+    assert_all_gone(started)
