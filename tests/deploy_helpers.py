@@ -9,6 +9,22 @@ from pathlib import Path
 
 from simulations import local_federation as lf
 
+NUM_SUPERNODES = 3
+# The FedSoup run of the deployment tests (loopback and Docker): small and quick (digits,
+# one local epoch). The ServerStew keeps a momentum buffer, so resuming must restore
+# optimizer state, not only the model.
+RUN_CONFIG = {
+    "strategy": "fedsoup",
+    "num-server-rounds": 2,
+    "num-partitions": NUM_SUPERNODES,
+    "dataset": "digits",
+    "partitioning": "iid",
+    "local-epochs": 1,
+    "stew-optimizer": "sgd",
+    "stew-lr": 1.0,
+    "stew-momentum": 0.5,
+}
+
 
 def assert_all_gone(pids: list[int]) -> None:
     deadline = time.monotonic() + 15
@@ -25,6 +41,14 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, lo
         assert process.poll() is None, f"deploy-local.sh exited ({process.returncode}) before {what}:\n{log.read_text()}"
         assert time.monotonic() < deadline, f"no {what} within {timeout:.0f}s:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
+
+
+def stop_federation(fed: lf.LocalFederation) -> None:
+    """Stop a LocalFederation and check that none of its processes (or their children) is left."""
+    started = [p.pid for p in fed.processes.values()]
+    started += [c for p in fed.processes.values() for c in lf.descendants(p.pid)]
+    fed.stop()
+    assert_all_gone(started)
 
 
 def stop_script(script: subprocess.Popen, started: list[int]) -> None:

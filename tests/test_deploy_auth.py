@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from simulations import local_federation as lf
 
-from deploy_helpers import assert_all_gone, stop_script, wait_for
+from deploy_helpers import stop_federation, stop_script, wait_for
 from simulations.attacks import malicious_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,10 +182,7 @@ def federation(tmp_path):
         fed.start()
         yield fed
     finally:
-        started = [p.pid for p in fed.processes.values()]
-        started += [c for p in fed.processes.values() for c in lf.descendants(p.pid)]
-        fed.stop()
-        assert_all_gone(started)
+        stop_federation(fed)
 
 
 def test_auth_restarted_superlink_admits_registered_refuses_others_and_fedsoup_resumes(federation, tmp_path):

@@ -43,6 +43,8 @@ from safetensors.torch import load_file
 
 from simulations import local_federation as lf
 
+from deploy_helpers import NUM_SUPERNODES, RUN_CONFIG
+
 ROOT = Path(__file__).resolve().parent.parent
 FLWR_VERSION = importlib.metadata.version("flwr")
 
@@ -59,18 +61,6 @@ def _load(name: str, path: Path):
 
 standins = _load("build_flower_standins", ROOT / "tests" / "docker_standins" / "build_flower_standins.py")
 
-NUM_SUPERNODES = 3
-RUN_CONFIG = {  # as tests/test_deploy_e2e.py: small, and resuming must restore the momentum
-    "strategy": "fedsoup",
-    "num-server-rounds": 2,
-    "num-partitions": NUM_SUPERNODES,
-    "dataset": "digits",
-    "partitioning": "iid",
-    "local-epochs": 1,
-    "stew-optimizer": "sgd",
-    "stew-lr": 1.0,
-    "stew-momentum": 0.5,
-}
 OVERLAYS = {"plain": [], "tls": ["docker-compose.tls.yml"],
             "auth": ["docker-compose.tls.yml", "docker-compose.auth.yml"]}
 

@@ -34,27 +34,13 @@ from safetensors.torch import load_file
 
 from simulations import local_federation as lf
 
-from deploy_helpers import assert_all_gone, stop_script, wait_for
+from deploy_helpers import NUM_SUPERNODES, RUN_CONFIG, assert_all_gone, stop_federation, stop_script, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-NUM_SUPERNODES = 3
-# Small and quick (scikit-learn digits, one local epoch). The ServerStew keeps a
-# momentum buffer, so resuming must restore optimizer state, not only the model.
-RUN_CONFIG = {
-    "strategy": "fedsoup",
-    "num-server-rounds": 2,
-    "num-partitions": NUM_SUPERNODES,
-    "dataset": "digits",
-    "partitioning": "iid",
-    "local-epochs": 1,
-    "stew-optimizer": "sgd",
-    "stew-lr": 1.0,
-    "stew-momentum": 0.5,
-}
 
 
 def read_rounds(output_dir: Path) -> list[dict]:
@@ -81,15 +67,11 @@ def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     fed = lf.LocalFederation(tmp_path_factory.mktemp("deploy"), NUM_SUPERNODES)
-    started: list[int] = []
     try:
         fed.start()
         yield fed
     finally:
-        started = [p.pid for p in fed.processes.values()]
-        started += [c for p in fed.processes.values() for c in lf.descendants(p.pid)]
-        fed.stop()
-        assert_all_gone(started)
+        stop_federation(fed)
 
 
 @pytest.fixture(scope="module")
