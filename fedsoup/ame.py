@@ -23,7 +23,6 @@ path; every path computes the same update:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -46,7 +45,6 @@ from fedsoup.optim import is_elementwise, is_plain_sgd, resolve_optimizer
 from fedsoup.options import MergeOptions
 from fedsoup.problem import LearningRate, Problem
 from fedsoup.reference import merge_reference, weighted_sum
-from fedsoup.schedules import make_schedule
 
 __all__ = ["merge", "soup", "find_non_finite", "PATHS"]
 
@@ -176,7 +174,6 @@ def merge(
         seed=seed, adaptive_pivot=adaptive_pivot, amplification=amplification,
         greedy=greedy, evaluate=evaluate, project=project, device=_resolve_device(device, state_dicts),
     )
-    _check_options(problem)
     path = _path or choose_path(problem)
     if path not in PATHS:
         raise ValueError(f"unknown merge path {path!r}; one of {', '.join(PATHS)}")
@@ -230,14 +227,13 @@ def _reduces_to_soup(problem: Problem) -> bool:
 
 
 def _check_lr(lr: LearningRate, reference: StateDict) -> LearningRate:
+    """A per-key lr must name every floating key (MergeOptions has checked its values)."""
     if not isinstance(lr, Mapping):
         return lr
     per_key = {str(k): float(v) for k, v in lr.items()}
     for key, tensor in reference.items():
         if tensor.is_floating_point() and key not in per_key:
             raise ValueError(f"lr: no learning rate for tensor {key!r}")
-        if key in per_key and (not math.isfinite(per_key[key]) or per_key[key] < 0):
-            raise ValueError(f"lr for tensor {key!r} must be a finite number >= 0, got {per_key[key]!r}")
     return per_key
 
 
@@ -246,17 +242,3 @@ def _resolve_device(device, state_dicts: list[StateDict]) -> torch.device:
         return torch.device(device)
     floating = [t for t in state_dicts[0].values() if t.is_floating_point()]
     return floating[0].device if floating else torch.device("cpu")
-
-
-def _check_options(problem: Problem) -> None:
-    p = problem
-    for base_lr in {p.base_lr(key) for key in p.float_keys} or {1.0}:
-        make_schedule(p.schedule, base_lr, p.alpha)  # raises on a bad schedule, lr or alpha
-    if not isinstance(p.epochs, int) or p.epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {p.epochs!r}")
-    if not isinstance(p.batch_size, int) or p.batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {p.batch_size!r}")
-    if p.greedy and p.evaluate is None:
-        raise ValueError("greedy=True needs an evaluate(state_dict) -> float callback")
-    if not callable(p.amplification) and not math.isfinite(float(p.amplification)):
-        raise ValueError(f"amplification must be finite, got {p.amplification!r}")
