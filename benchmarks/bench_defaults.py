@@ -13,7 +13,6 @@ Run: ``.venv/bin/python benchmarks/bench_defaults.py [--repeats 5]``
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fedsoup  # noqa: E402
-from bench_merge import in_place_soup, make_models, timed  # noqa: E402
+from bench_merge import in_place_soup, interleaved_medians, make_models  # noqa: E402
 from fedsoup import defaults, fused  # noqa: E402
 from fedsoup.problem import Problem  # noqa: E402
 
@@ -46,17 +45,11 @@ def main() -> None:
         "AME-Adam, 1 epoch, explicit lr": lambda: fedsoup.merge(models, optimizer="adam", lr=1e-5),
         "AME-Adam, 1 epoch, lr=None": lambda: fedsoup.merge(models, optimizer="adam"),
     }
-    for fn in cases.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            times[name].append(timed(fn))
-    base = statistics.median(times["in-place soup"])
+    medians = interleaved_medians(cases, args.repeats)
+    base = medians["in-place soup"]
     print(f"16 models x {params / 1e6:.2f} M float32 parameters, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved runs")
-    for name, samples in times.items():
-        median = statistics.median(samples)
+    for name, median in medians.items():
         print(f"  {name:50s} {median * 1e3:8.1f} ms  {median / base:5.2f}x soup")
 
 

@@ -62,6 +62,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def interleaved_medians(cases: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each ``name -> fn`` after a warm-up call (first-touch page faults,
+    thread pools, kernel cache), the cases interleaved so that drift hits every case alike."""
+    for fn in cases.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
 FIRST_CALL = """
 import time, torch
 start = time.perf_counter()
@@ -101,17 +113,11 @@ def main() -> None:
             lambda: fedsoup.merge(models, optimizer="sgd", lr=0.5, momentum=0.9, **long), 12),
         "AME-Adagrad, 15 ep, batch 2": (lambda: fedsoup.merge(models, optimizer="adagrad", lr=1e-2, **long), 12),
     }
-    for fn, _ in cases.values():  # warm up: first-touch page faults, thread pools, kernel cache
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, (fn, _) in cases.items():  # interleaved, so drift hits every case alike
-            times[name].append(timed(fn))
-    base = statistics.median(times["in-place soup"])
+    medians = interleaved_medians({name: fn for name, (fn, _) in cases.items()}, args.repeats)
+    base = medians["in-place soup"]
     print(f"16 models x {params / 1e6:.2f} M float32 parameters, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved runs")
-    for name, samples in times.items():
-        median = statistics.median(samples)
+    for name, median in medians.items():
         target = cases[name][1]
         verdict = "" if target is None else f"  (target <= {target:g}x: {'OK' if median / base <= target else 'MISSED'})"
         print(f"  {name:34s} {median * 1e3:8.1f} ms  {median / base:5.2f}x soup{verdict}")

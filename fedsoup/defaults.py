@@ -321,14 +321,24 @@ def measure_spreads(problem) -> Spreads:
     Distances are of differences, so a spread of 1e-4 around weights of size 1 stays
     exact in float32. The same key gives the same numbers in any split of the model.
     """
+    from fedsoup import fused
+
+    compiled = None
+    if problem.device.type == "cpu" and fused.available():
+        # The fused path's compiled pass: one read of the ingredients, per-key numbers
+        # that do not depend on the split of the model or the thread count.
+        compiled = fused.soup_and_distances(problem.state_dicts, list(problem.omega))
     soups, keys = {}, {}
     for key in problem.float_keys:
         dtype, device = problem.compute_dtype(key), problem.device
-        tensors = [sd[key].to(device, dtype).reshape(-1) for sd in problem.state_dicts]
-        if len(tensors) * tensors[0].numel() <= SPREAD_CHUNK:
-            soup, squares = _small_key_spread(tensors, problem.omega)
+        if compiled is not None:
+            soup, squares = compiled[0][key], compiled[1][key].tolist()
         else:
-            soup, squares = _chunked_key_spread(tensors, problem.omega)
+            tensors = [sd[key].to(device, dtype).reshape(-1) for sd in problem.state_dicts]
+            if len(tensors) * tensors[0].numel() <= SPREAD_CHUNK:
+                soup, squares = _small_key_spread(tensors, problem.omega)
+            else:
+                soup, squares = _chunked_key_spread(tensors, problem.omega)
         soup = soup.view(problem.first[key].shape)
         pivot_sq = 0.0
         if problem.pivot is not None:
