@@ -39,7 +39,7 @@ def main() -> None:
     spec = fused.kernel_spec(torch.optim.Adam, {})
     cases = {
         "in-place soup": lambda: in_place_soup(models),
-        "fused Adam kernel alone (no checks, no defaults)": lambda: fused.merge_fused(bare, spec),
+        "fused Adam kernel alone (no checks, no defaults)": lambda: fused.merge_fused(bare, spec)[0],
         "measure_spreads (soup + ‖x_i − s‖²)": lambda: defaults.measure_spreads(problem),
         "ball check (‖w − s‖)": lambda: spreads.ball(merged),
         "AME-Adam, 1 epoch, explicit lr": lambda: fedsoup.merge(models, optimizer="adam", lr=1e-5),

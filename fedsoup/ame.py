@@ -178,29 +178,54 @@ def merge(
     if path not in PATHS:
         raise ValueError(f"unknown merge path {path!r}; one of {', '.join(PATHS)}")
     # Safe defaults (fedsoup.defaults): a scale-aware lr for adaptive optimizers, and the
-    # spread the ball guard needs. The soup identities need neither.
+    # ball guard of Prop. 2. The soup identities need neither; the fused kernel measures
+    # the guard's distances itself unless a spread pass is needed anyway (for the lr).
+    guarded = path != "soup" and not problem.project and bool(problem.float_keys)
+    scale_aware = lr is None and defaults.is_scale_free(problem.optimizer)
     spreads = None
-    if path != "soup" and not problem.project and problem.float_keys:
+    if guarded and (path != "fused" or scale_aware):
         spreads = defaults.measure_spreads(problem)
         if problem.pivot is None:  # the soup was just computed: no path computes it again
             problem.pivot = spreads.soups
-        if lr is None and defaults.is_scale_free(problem.optimizer):
+        if scale_aware:
             problem.lr = defaults.scale_aware_lr(problem, spreads)
+    ball = None
     if path == "soup":
         result = _soup(problem)
     elif path == "reference":
         result = merge_reference(problem)
     elif path == "fused":
-        spec = fused.kernel_spec(problem.optimizer, problem.optimizer_kwargs)
-        if spec is None or problem.device.type != "cpu" or problem.greedy or problem.project:
-            raise ValueError(f"the fused kernel cannot run this merge ({problem.optimizer.__name__})")
-        result = fused.merge_fused(problem, spec)
+        result, ball = _merge_fused(problem, guard=guarded and spreads is None)
     else:
         result = merge_flat(problem, stacked=path == "stacked")
     raise_if_not_finite(result, state_dicts, problem.pivot)
     if spreads is not None:
-        defaults.check_ball(spreads.ball(result), lr_given=lr is not None)
+        ball = spreads.ball(result)
+    if ball is not None:
+        defaults.check_ball(ball, lr_given=lr is not None)
     return result
+
+
+def _merge_fused(problem: Problem, *, guard: bool) -> tuple[StateDict, defaults.BallCheck | None]:
+    """The fused kernel; with ``guard``, Prop. 2's ball measured in the kernel's own pass.
+
+    Outside :func:`fedsoup.defaults.ball_guard_over_tensors` the kernel measures one
+    ingredient's distance from the soup: ``R >= ‖x_j − s‖``, so a merge that ends inside
+    that smaller ball is inside the ball (the usual case, for 1/N of the cost). Only when it
+    is not are all ``N`` measured, by a second pass: the guard's decision is unchanged.
+    """
+    spec = fused.kernel_spec(problem.optimizer, problem.optimizer_kwargs)
+    if spec is None or problem.device.type != "cpu" or problem.greedy or problem.project:
+        raise ValueError(f"the fused kernel cannot run this merge ({problem.optimizer.__name__})")
+    if not guard:
+        return fused.merge_fused(problem, spec)[0], None
+    every = list(range(len(problem.state_dicts)))
+    members = every if defaults.collecting() else problem.order[:1]
+    result, distances = fused.merge_fused(problem, spec, members)
+    ball = defaults.ball_from_distances(distances)
+    if len(members) < len(every) and ball.outside():
+        ball = defaults.measure_spreads(problem).ball(result)
+    return result, ball
 
 
 def choose_path(problem: Problem) -> str:

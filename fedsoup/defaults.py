@@ -82,6 +82,8 @@ __all__ = [
     "default_lr",
     "check_ball",
     "ball_guard_over_tensors",
+    "ball_from_distances",
+    "collecting",
 ]
 
 logger = logging.getLogger("fedsoup")
@@ -266,6 +268,22 @@ def check_ball(ball: BallCheck, *, lr_given: bool, describe: str = "") -> bool:
         describe, distance, ratio, radius, advice,
     )
     return True
+
+
+def collecting() -> bool:
+    """True inside :func:`ball_guard_over_tensors`: the model-wide ball then needs every
+    ingredient's distance, not a bound."""
+    return _collector.get() is not None
+
+
+def ball_from_distances(distances: Mapping[str, Sequence[float]]) -> BallCheck:
+    """The ball from per-key rows ``[‖x_j − s‖² (some or all j), ‖w_0 − s‖², ‖w − s‖²]``
+    (:func:`fedsoup.fused.merge_fused`). With only some ingredients, its radius is a lower
+    bound of ``R``: a merge inside it is inside the ball."""
+    ball = BallCheck()
+    for row in distances.values():
+        ball.extend(BallCheck([float(d) for d in row[:-2]], float(row[-2]), float(row[-1])))
+    return ball
 
 
 @contextlib.contextmanager

@@ -119,41 +119,54 @@ def _lerp(start, end, weight, one_minus_weight):
     return end - (end - start) * one_minus_weight
 
 
+# Each optimizer: ``_<name>_at`` updates coordinate ``i`` from its pseudogradient ``g``;
+# ``_step_<name>`` runs it over a chunk with ``g = ζ Ω_B (p − x̄_B)`` computed in the same
+# loop, never stored. The loop is written twice, for ``p = w`` (adaptive pivot) and for a
+# fixed ``p = w_0``: with one loop choosing per coordinate, or with ``p`` passed as ``w``
+# itself, the compiler no longer vectorizes the update. Constants are unpacked before
+# the loop, so its per-option branches are loop-invariant.
+
+
+@_jit(inline="always")
+def _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr, first):
+    d = -g if maximize != 0 else g
+    if weight_decay != 0:
+        d = d + weight_decay * w[i]
+    if momentum != 0:
+        if first:
+            s1[i] = d
+        else:
+            s1[i] = s1[i] * momentum + undamped * d
+        d = d + momentum * s1[i] if nesterov != 0 else s1[i]
+    w[i] = w[i] - lr * d
+
+
 @_jit()
-def _step_sgd(w, g, s1, h, scalars, first):
+def _step_sgd(w, adaptive, pivot, mean, scale, s1, h, scalars, first):
     """SGD: h = momentum, 1 − dampening, weight_decay, nesterov, maximize; scalars = lr."""
     momentum, undamped, weight_decay, nesterov, maximize = h[0], h[1], h[2], h[3], h[4]
     lr = scalars[0]
-    for i in range(w.size):
-        d = -g[i] if maximize != 0 else g[i]
-        if weight_decay != 0:
-            d = d + weight_decay * w[i]
-        if momentum != 0:
-            if first:
-                s1[i] = d
-            else:
-                s1[i] = s1[i] * momentum + undamped * d
-            d = d + momentum * s1[i] if nesterov != 0 else s1[i]
-        w[i] = w[i] - lr * d
+    if adaptive:
+        for i in range(w.size):
+            _sgd_at(i, (w[i] - mean[i]) * scale, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr,
+                    first)
+    else:
+        for i in range(w.size):
+            _sgd_at(i, (pivot[i] - mean[i]) * scale, w, s1, momentum, undamped, weight_decay, nesterov, maximize,
+                    lr, first)
 
 
-@_jit()
-def _step_adam(w, g, s1, s2, s3, h, scalars):
-    """Adam/AdamW: h = β1, 1 − β1, β2, 1 − β2, eps, weight_decay, amsgrad, decoupled, maximize;
-    scalars = lr / (1 − β1^k), sqrt(1 − β2^k), 1 − lr·weight_decay."""
-    beta1_weight, beta1_rest, beta2, beta2_weight, eps = h[1], h[0], h[2], h[3], h[4]
-    weight_decay, amsgrad, decoupled, maximize = h[5], h[6], h[7], h[8]
-    step_size, bias_correction2_sqrt, decay = scalars[0], scalars[1], scalars[2]
+@_jit(inline="always")
+def _adam_loop(w, adaptive, pivot, mean, scale, s1, s2, s3, constants, amsgrad):
+    beta1_weight, beta1_rest, beta2, beta2_weight, eps, sign, coupled_decay, step_size, bias_correction2_sqrt, \
+        decay = constants
     for i in range(w.size):
-        d = -g[i] if maximize != 0 else g[i]
-        if weight_decay != 0:
-            if decoupled != 0:
-                w[i] = w[i] * decay
-            else:
-                d = d + weight_decay * w[i]
+        d = ((w[i] if adaptive else pivot[i]) - mean[i]) * scale * sign
+        w[i] = w[i] * decay
+        d = d + coupled_decay * w[i]
         s1[i] = _lerp(s1[i], d, beta1_weight, beta1_rest)
         s2[i] = s2[i] * beta2 + beta2_weight * d * d
-        if amsgrad != 0:
+        if amsgrad:
             s3[i] = max(s3[i], s2[i])
             denominator = np.sqrt(s3[i]) / bias_correction2_sqrt + eps
         else:
@@ -162,74 +175,134 @@ def _step_adam(w, g, s1, s2, s3, h, scalars):
 
 
 @_jit()
-def _step_adagrad(w, g, s1, h, scalars):
+def _step_adam(w, adaptive, pivot, mean, scale, s1, s2, s3, h, scalars):
+    """Adam/AdamW: h = β1, 1 − β1, β2, 1 − β2, eps, coupled weight_decay (0 for AdamW),
+    amsgrad, ±1 (maximize); scalars = lr / (1 − β1^k), sqrt(1 − β2^k), 1 − lr·weight_decay
+    (AdamW's decoupled decay; 1 for Adam). Multiplying by 1 and adding 0·w are exact, so
+    the options need no branch in the loop."""
+    constants = (h[1], h[0], h[2], h[3], h[4], h[7], h[5], scalars[0], scalars[1], scalars[2])
+    # One loop per (adaptive, amsgrad), each with both as constants (see above).
+    if adaptive:
+        if h[6] != 0:
+            _adam_loop(w, True, pivot, mean, scale, s1, s2, s3, constants, True)
+        else:
+            _adam_loop(w, True, pivot, mean, scale, s1, s2, s3, constants, False)
+    elif h[6] != 0:
+        _adam_loop(w, False, pivot, mean, scale, s1, s2, s3, constants, True)
+    else:
+        _adam_loop(w, False, pivot, mean, scale, s1, s2, s3, constants, False)
+
+
+@_jit(inline="always")
+def _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr):
+    d = -g if maximize != 0 else g
+    if weight_decay != 0:
+        d = d + weight_decay * w[i]
+    s1[i] = s1[i] + d * d
+    w[i] = w[i] - clr * (d / (np.sqrt(s1[i]) + eps))
+
+
+@_jit()
+def _step_adagrad(w, adaptive, pivot, mean, scale, s1, h, scalars):
     """Adagrad: h = weight_decay, eps, maximize (s1 starts at initial_accumulator_value);
     scalars = lr / (1 + (k − 1)·lr_decay)."""
     weight_decay, eps, maximize = h[0], h[1], h[2]
     clr = scalars[0]
-    for i in range(w.size):
-        d = -g[i] if maximize != 0 else g[i]
-        if weight_decay != 0:
-            d = d + weight_decay * w[i]
-        s1[i] = s1[i] + d * d
-        w[i] = w[i] - clr * (d / (np.sqrt(s1[i]) + eps))
+    if adaptive:
+        for i in range(w.size):
+            _adagrad_at(i, (w[i] - mean[i]) * scale, w, s1, weight_decay, eps, maximize, clr)
+    else:
+        for i in range(w.size):
+            _adagrad_at(i, (pivot[i] - mean[i]) * scale, w, s1, weight_decay, eps, maximize, clr)
+
+
+@_jit(inline="always")
+def _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize, lr):
+    d = -g if maximize != 0 else g
+    if weight_decay != 0:
+        d = d + weight_decay * w[i]
+    s1[i] = s1[i] * alpha + alpha_weight * d * d
+    if centered != 0:
+        s2[i] = _lerp(s2[i], d, alpha_weight, alpha)
+        average = np.sqrt(s1[i] - s2[i] * s2[i]) + eps
+    else:
+        average = np.sqrt(s1[i]) + eps
+    if momentum != 0:
+        s3[i] = s3[i] * momentum + d / average
+        w[i] = w[i] - lr * s3[i]
+    else:
+        w[i] = w[i] - lr * (d / average)
 
 
 @_jit()
-def _step_rmsprop(w, g, s1, s2, s3, h, scalars):
+def _step_rmsprop(w, adaptive, pivot, mean, scale, s1, s2, s3, h, scalars):
     """RMSprop: h = α, 1 − α, eps, weight_decay, momentum, centered, maximize; scalars = lr."""
     alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize = h[0], h[1], h[2], h[3], h[4], h[5], h[6]
     lr = scalars[0]
-    for i in range(w.size):
-        d = -g[i] if maximize != 0 else g[i]
-        if weight_decay != 0:
-            d = d + weight_decay * w[i]
-        s1[i] = s1[i] * alpha + alpha_weight * d * d
-        if centered != 0:
-            s2[i] = _lerp(s2[i], d, alpha_weight, alpha)
-            average = np.sqrt(s1[i] - s2[i] * s2[i]) + eps
-        else:
-            average = np.sqrt(s1[i]) + eps
-        if momentum != 0:
-            s3[i] = s3[i] * momentum + d / average
-            w[i] = w[i] - lr * s3[i]
-        else:
-            w[i] = w[i] - lr * (d / average)
+    if adaptive:
+        for i in range(w.size):
+            _rmsprop_at(i, (w[i] - mean[i]) * scale, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum,
+                        centered, maximize, lr)
+    else:
+        for i in range(w.size):
+            _rmsprop_at(i, (pivot[i] - mean[i]) * scale, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay,
+                        momentum, centered, maximize, lr)
+
+
+@_jit(inline="always")
+def _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, maximize, clr):
+    d = -g if maximize != 0 else g
+    if weight_decay != 0:
+        d = d + weight_decay * w[i]
+    s1[i] = _lerp(s1[i], d, beta1_weight, beta1)
+    s2[i] = max(s2[i] * beta2, abs(d) + eps)
+    w[i] = w[i] - clr * (s1[i] / s2[i])
 
 
 @_jit()
-def _step_adamax(w, g, s1, s2, h, scalars):
+def _step_adamax(w, adaptive, pivot, mean, scale, s1, s2, h, scalars):
     """Adamax: h = β1, 1 − β1, β2, eps, weight_decay, maximize; scalars = lr / (1 − β1^k)."""
     beta1, beta1_weight, beta2, eps, weight_decay, maximize = h[0], h[1], h[2], h[3], h[4], h[5]
     clr = scalars[0]
-    for i in range(w.size):
-        d = -g[i] if maximize != 0 else g[i]
-        if weight_decay != 0:
-            d = d + weight_decay * w[i]
-        s1[i] = _lerp(s1[i], d, beta1_weight, beta1)
-        s2[i] = max(s2[i] * beta2, abs(d) + eps)
-        w[i] = w[i] - clr * (s1[i] / s2[i])
+    if adaptive:
+        for i in range(w.size):
+            _adamax_at(i, (w[i] - mean[i]) * scale, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay,
+                       maximize, clr)
+    else:
+        for i in range(w.size):
+            _adamax_at(i, (pivot[i] - mean[i]) * scale, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay,
+                       maximize, clr)
+
+
+@_jit(inline="always")
+def _flower_at(i, d, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps, step_size):
+    if kind == FEDADAGRAD:
+        s2[i] = s2[i] + d * d
+        w[i] = w[i] - step_size * (d / (np.sqrt(s2[i]) + eps))
+        return
+    s1[i] = s1[i] * beta1 + beta1_weight * d
+    squared = d * d
+    if kind == FEDADAM:
+        s2[i] = s2[i] * beta2 + beta2_weight * squared
+    else:  # Yogi
+        s2[i] = s2[i] - beta2_weight * squared * np.sign(s2[i] - squared)
+    w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s2[i]) + eps))
 
 
 @_jit()
-def _step_flower(w, g, s1, s2, kind, h, scalars):
+def _step_flower(w, adaptive, pivot, mean, scale, s1, s2, kind, h, scalars):
     """FedAdam / FedYogi / FedAdagrad (fedsoup.optim): h = β1, 1 − β1, β2, 1 − β2, eps;
     scalars = the step size (FedAdam: lr·sqrt(1 − β2^(t+1)) / (1 − β1^(t+1)); else lr)."""
     beta1, beta1_weight, beta2, beta2_weight, eps = h[0], h[1], h[2], h[3], h[4]
     step_size = scalars[0]
-    for i in range(w.size):
-        d = g[i]
-        if kind == FEDADAGRAD:
-            s2[i] = s2[i] + d * d
-            w[i] = w[i] - step_size * (d / (np.sqrt(s2[i]) + eps))
-            continue
-        s1[i] = s1[i] * beta1 + beta1_weight * d
-        squared = d * d
-        if kind == FEDADAM:
-            s2[i] = s2[i] * beta2 + beta2_weight * squared
-        else:  # Yogi
-            s2[i] = s2[i] - beta2_weight * squared * np.sign(s2[i] - squared)
-        w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s2[i]) + eps))
+    if adaptive:
+        for i in range(w.size):
+            _flower_at(i, (w[i] - mean[i]) * scale, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps,
+                       step_size)
+    else:
+        for i in range(w.size):
+            _flower_at(i, (pivot[i] - mean[i]) * scale, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight,
+                       eps, step_size)
 
 
 @_jit()
@@ -244,6 +317,26 @@ def _soup_into(w, addresses, kinds, scales, key, numel, start, stop, omega, like
             w[i] = w[i] + omega[j] * x[i]
 
 
+@_jit(fastmath={"reassoc"})
+def _squared_distance(x, y):
+    """``Σ_i (x_i − y_i)²`` in float64. Reassociating the sum lets the compiler vectorize it
+    (5x faster); the order then depends on the chunk and the compiled code alone, not
+    on the thread count or the split of the model."""
+    total = 0.0
+    for i in range(x.size):
+        difference = np.float64(x[i]) - np.float64(y[i])
+        total += difference * difference
+    return total
+
+
+@_jit()
+def _distances_to(center, row, members, addresses, kinds, scales, key, numel, start, stop, like, bits_like, scratch):
+    """``row[m] = ‖x_j − center‖²`` over one chunk, for the ingredients ``j = members[m]``."""
+    for m in range(members.size):
+        x = _read(addresses, kinds, scales, members[m], key, numel, start, stop, like, bits_like, scratch)
+        row[m] = _squared_distance(x, center)
+
+
 @_jit(parallel=True)
 def soup_distance_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops, addresses, kinds,
                          scales, bits_like, omega, partial):
@@ -256,13 +349,43 @@ def soup_distance_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts,
         w = out[key_offsets[key] + start : key_offsets[key] + stop]
         scratch = np.empty_like(w)
         _soup_into(w, addresses, kinds, scales, key, numel, start, stop, omega, out, bits_like, scratch)
-        for j in range(omega.size):
-            x = _read(addresses, kinds, scales, j, key, numel, start, stop, out, bits_like, scratch)
-            squares = 0.0
-            for i in range(w.size):
-                difference = np.float64(x[i]) - np.float64(w[i])
-                squares += difference * difference
-            partial[c, j] = squares
+        _distances_to(w, partial[c], np.arange(omega.size), addresses, kinds, scales, key, numel, start, stop, out, bits_like, scratch)
+
+
+@_jit(inline="always")
+def _batch_mean(mean, members, coefficients, addresses, kinds, scales, key, numel, start, stop, like, bits_like,
+                scratch):
+    """``x̄_B = Σ_{j∈B} (ω_j/Ω_B) x_j`` on one chunk (a batch of one: ``x_j`` itself, unscaled,
+    as the reference loop feeds it)."""
+    x = _read(addresses, kinds, scales, members[0], key, numel, start, stop, like, bits_like, scratch)
+    if members.size == 1:
+        return x
+    size = stop - start
+    for i in range(size):
+        mean[i] = x[i] * coefficients[0]
+    for b in range(1, members.size):
+        x = _read(addresses, kinds, scales, members[b], key, numel, start, stop, like, bits_like, scratch)
+        coefficient = coefficients[b]
+        for i in range(size):
+            mean[i] = mean[i] + coefficient * x[i]
+    return mean[:size]
+
+
+@_jit(inline="always")
+def _step(kind, w, adaptive, pivot, mean, scale, s1, s2, s3, hyper, scalars, first):
+    """One optimizer step on one chunk: ``g = scale·(p − mean)``, ``p = w`` or ``pivot``."""
+    if kind == SGD:
+        _step_sgd(w, adaptive, pivot, mean, scale, s1, hyper, scalars, first)
+    elif kind == ADAM:
+        _step_adam(w, adaptive, pivot, mean, scale, s1, s2, s3, hyper, scalars)
+    elif kind == ADAGRAD:
+        _step_adagrad(w, adaptive, pivot, mean, scale, s1, hyper, scalars)
+    elif kind == RMSPROP:
+        _step_rmsprop(w, adaptive, pivot, mean, scale, s1, s2, s3, hyper, scalars)
+    elif kind == ADAMAX:
+        _step_adamax(w, adaptive, pivot, mean, scale, s1, s2, hyper, scalars)
+    else:
+        _step_flower(w, adaptive, pivot, mean, scale, s1, s2, kind, hyper, scalars)
 
 
 @_jit(parallel=True)
@@ -270,7 +393,7 @@ def ame_chunks(
     out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops,
     ingredient_addresses, ingredient_kinds, scales, bits_like, pivot_addresses, omega, adaptive,
     batch_starts, batch_members, batch_coefficients, batch_scales,
-    key_lr_groups, kind, hyper, step_scalars, initial_accumulator,
+    key_lr_groups, kind, hyper, step_scalars, initial_accumulator, guard_members, guard,
 ):
     """Run every AME step on every chunk; write the merged coordinates into ``out``.
 
@@ -282,23 +405,38 @@ def ame_chunks(
     ``batch_members[batch_starts[s]:batch_starts[s+1]]`` with coefficients ``ω_j / Ω_B``
     and ``g = batch_scales[s]·(p − x̄_B)`` (``ζ_k Ω_B``); its optimizer scalars are
     ``step_scalars[key_lr_groups[k], s]``.
+
+    ``guard`` (float64 ``[chunks, M + 2]``, or no rows to skip it): per chunk, the squared
+    distances of Proposition 2's ball from the soup ``s``, measured while the chunk is in
+    cache: ``‖x_j − s‖²`` for the ``M`` ingredients ``j`` in ``guard_members``, then
+    ``‖w_0 − s‖²`` and ``‖w_K − s‖²``.
     """
     n_steps = batch_scales.size
+    n_measured = guard_members.size
+    measure = guard.shape[0] > 0
     for c in prange(chunk_keys.size):
         key = chunk_keys[c]
         start, stop = chunk_starts[c], chunk_stops[c]
         numel = key_numels[key]
         w = out[key_offsets[key] + start : key_offsets[key] + stop]
         scratch = np.empty_like(w)
+        fixed_pivot = np.empty_like(w)
+        soup = fixed_pivot
         if pivot_addresses[key] != 0:
             w[:] = _view(pivot_addresses[key], numel, out)[start:stop]
+            if measure:
+                soup = np.empty_like(w)
+                _soup_into(soup, ingredient_addresses, ingredient_kinds, scales, key, numel, start, stop, omega, out,
+                           bits_like, scratch)
         else:
             _soup_into(w, ingredient_addresses, ingredient_kinds, scales, key, numel, start, stop, omega, out,
                        bits_like, scratch)
-        fixed_pivot = w.copy()
-        pivot = w if adaptive else fixed_pivot
+        fixed_pivot[:] = w
+        if measure:
+            _distances_to(soup, guard[c], guard_members, ingredient_addresses, ingredient_kinds, scales, key, numel,
+                          start, stop, out, bits_like, scratch)
+            guard[c, n_measured] = _squared_distance(fixed_pivot, soup)
         mean = np.empty_like(w)
-        g = np.empty_like(w)
         s1 = np.zeros_like(w)
         s2 = np.zeros_like(w)
         s3 = np.zeros_like(w)
@@ -306,35 +444,11 @@ def ame_chunks(
             s1[:] = initial_accumulator
         group = key_lr_groups[key]
         for s in range(n_steps):
-            first_member, end_member = batch_starts[s], batch_starts[s + 1]
-            scale = batch_scales[s]
-            x = _read(ingredient_addresses, ingredient_kinds, scales, batch_members[first_member], key, numel,
-                      start, stop, out, bits_like, scratch)
-            if end_member - first_member == 1:
-                for i in range(w.size):
-                    g[i] = (pivot[i] - x[i]) * scale
-            else:
-                coefficient = batch_coefficients[first_member]
-                for i in range(w.size):
-                    mean[i] = x[i] * coefficient
-                for b in range(first_member + 1, end_member):
-                    x = _read(ingredient_addresses, ingredient_kinds, scales, batch_members[b], key, numel,
-                              start, stop, out, bits_like, scratch)
-                    coefficient = batch_coefficients[b]
-                    for i in range(w.size):
-                        mean[i] = mean[i] + coefficient * x[i]
-                for i in range(w.size):
-                    g[i] = (pivot[i] - mean[i]) * scale
-            scalars = step_scalars[group, s]
-            if kind == SGD:
-                _step_sgd(w, g, s1, hyper, scalars, s == 0)
-            elif kind == ADAM:
-                _step_adam(w, g, s1, s2, s3, hyper, scalars)
-            elif kind == ADAGRAD:
-                _step_adagrad(w, g, s1, hyper, scalars)
-            elif kind == RMSPROP:
-                _step_rmsprop(w, g, s1, s2, s3, hyper, scalars)
-            elif kind == ADAMAX:
-                _step_adamax(w, g, s1, s2, hyper, scalars)
-            else:
-                _step_flower(w, g, s1, s2, kind, hyper, scalars)
+            members = batch_members[batch_starts[s] : batch_starts[s + 1]]
+            batch = _batch_mean(mean, members, batch_coefficients[batch_starts[s] : batch_starts[s + 1]],
+                                ingredient_addresses, ingredient_kinds, scales, key, numel, start, stop, out,
+                                bits_like, scratch)
+            _step(kind, w, adaptive, fixed_pivot, batch, batch_scales[s], s1, s2, s3, hyper, step_scalars[group, s],
+                  s == 0)
+        if measure:
+            guard[c, n_measured + 1] = _squared_distance(w, soup)
