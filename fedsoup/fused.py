@@ -321,7 +321,7 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
         bool(problem.adaptive_pivot),
         plan.steps.starts, plan.steps.members, plan.coefficients.astype(np_dtype), plan.scales.astype(np_dtype),
         key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
-        step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator),
+        step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator), np_dtype(1.0),
         members, guard,
     )
     with _torch_threads(layout.chunk_keys.size):

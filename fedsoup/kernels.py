@@ -119,12 +119,16 @@ def _lerp(start, end, weight, one_minus_weight):
     return end - (end - start) * one_minus_weight
 
 
-# Each optimizer: ``_<name>_at`` updates coordinate ``i`` from its pseudogradient ``g``;
-# ``_step_<name>`` runs it over a chunk with ``g = ζ Ω_B (p − x̄_B)`` computed in the same
-# loop, never stored. The loop is written twice, for ``p = w`` (adaptive pivot) and for a
-# fixed ``p = w_0``: with one loop choosing per coordinate, or with ``p`` passed as ``w``
-# itself, the compiler no longer vectorizes the update. Constants are unpacked before
-# the loop, so its per-option branches are loop-invariant.
+# Each optimizer: ``_<name>_at`` updates coordinate ``i`` from its pseudogradient ``g``
+# (Adam: ``_adam_loop``); ``_step_<name>`` runs it over a chunk with
+# ``g = ζ Ω_B (p − x̄_B)`` computed in the same loop, never stored, and the batch mean
+# ``x̄_B = head·c_head + c_tail·tail`` too (:func:`_batch`). The loop is written twice, for
+# ``p = w`` (adaptive pivot) and for a fixed ``p = w_0``: with one loop choosing per
+# coordinate, or with ``p`` passed as ``w`` itself, the compiler no longer vectorizes the
+# update (it cannot rule out aliasing). Constants are unpacked before the loop, so its
+# per-option branches are loop-invariant; Adam's are replaced by exact arithmetic
+# (multiplying by 1, adding 0) or by a loop per case (amsgrad touches one more array,
+# which again stops the vectorizer).
 
 
 @_jit(inline="always")
@@ -142,26 +146,28 @@ def _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, l
 
 
 @_jit()
-def _step_sgd(w, adaptive, pivot, mean, scale, s1, h, scalars, first):
+def _step_sgd(w, adaptive, pivot, batch, scale, s1, h, scalars, first):
     """SGD: h = momentum, 1 − dampening, weight_decay, nesterov, maximize; scalars = lr."""
+    head, c_head, tail, c_tail = batch
     momentum, undamped, weight_decay, nesterov, maximize = h[0], h[1], h[2], h[3], h[4]
     lr = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _sgd_at(i, (w[i] - mean[i]) * scale, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr,
+            _sgd_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr,
                     first)
     else:
         for i in range(w.size):
-            _sgd_at(i, (pivot[i] - mean[i]) * scale, w, s1, momentum, undamped, weight_decay, nesterov, maximize,
+            _sgd_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, momentum, undamped, weight_decay, nesterov, maximize,
                     lr, first)
 
 
 @_jit(inline="always")
-def _adam_loop(w, adaptive, pivot, mean, scale, s1, s2, s3, constants, amsgrad):
+def _adam_loop(w, adaptive, pivot, batch, scale, s1, s2, s3, constants, amsgrad):
+    head, c_head, tail, c_tail = batch
     beta1_weight, beta1_rest, beta2, beta2_weight, eps, sign, coupled_decay, step_size, bias_correction2_sqrt, \
         decay = constants
     for i in range(w.size):
-        d = ((w[i] if adaptive else pivot[i]) - mean[i]) * scale * sign
+        d = ((w[i] if adaptive else pivot[i]) - (head[i] * c_head + c_tail * tail[i])) * scale * sign
         w[i] = w[i] * decay
         d = d + coupled_decay * w[i]
         s1[i] = _lerp(s1[i], d, beta1_weight, beta1_rest)
@@ -175,7 +181,7 @@ def _adam_loop(w, adaptive, pivot, mean, scale, s1, s2, s3, constants, amsgrad):
 
 
 @_jit()
-def _step_adam(w, adaptive, pivot, mean, scale, s1, s2, s3, h, scalars):
+def _step_adam(w, adaptive, pivot, batch, scale, s1, s2, s3, h, scalars):
     """Adam/AdamW: h = β1, 1 − β1, β2, 1 − β2, eps, coupled weight_decay (0 for AdamW),
     amsgrad, ±1 (maximize); scalars = lr / (1 − β1^k), sqrt(1 − β2^k), 1 − lr·weight_decay
     (AdamW's decoupled decay; 1 for Adam). Multiplying by 1 and adding 0·w are exact, so
@@ -184,13 +190,13 @@ def _step_adam(w, adaptive, pivot, mean, scale, s1, s2, s3, h, scalars):
     # One loop per (adaptive, amsgrad), each with both as constants (see above).
     if adaptive:
         if h[6] != 0:
-            _adam_loop(w, True, pivot, mean, scale, s1, s2, s3, constants, True)
+            _adam_loop(w, True, pivot, batch, scale, s1, s2, s3, constants, True)
         else:
-            _adam_loop(w, True, pivot, mean, scale, s1, s2, s3, constants, False)
+            _adam_loop(w, True, pivot, batch, scale, s1, s2, s3, constants, False)
     elif h[6] != 0:
-        _adam_loop(w, False, pivot, mean, scale, s1, s2, s3, constants, True)
+        _adam_loop(w, False, pivot, batch, scale, s1, s2, s3, constants, True)
     else:
-        _adam_loop(w, False, pivot, mean, scale, s1, s2, s3, constants, False)
+        _adam_loop(w, False, pivot, batch, scale, s1, s2, s3, constants, False)
 
 
 @_jit(inline="always")
@@ -203,17 +209,18 @@ def _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr):
 
 
 @_jit()
-def _step_adagrad(w, adaptive, pivot, mean, scale, s1, h, scalars):
+def _step_adagrad(w, adaptive, pivot, batch, scale, s1, h, scalars):
     """Adagrad: h = weight_decay, eps, maximize (s1 starts at initial_accumulator_value);
     scalars = lr / (1 + (k − 1)·lr_decay)."""
+    head, c_head, tail, c_tail = batch
     weight_decay, eps, maximize = h[0], h[1], h[2]
     clr = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _adagrad_at(i, (w[i] - mean[i]) * scale, w, s1, weight_decay, eps, maximize, clr)
+            _adagrad_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, weight_decay, eps, maximize, clr)
     else:
         for i in range(w.size):
-            _adagrad_at(i, (pivot[i] - mean[i]) * scale, w, s1, weight_decay, eps, maximize, clr)
+            _adagrad_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, weight_decay, eps, maximize, clr)
 
 
 @_jit(inline="always")
@@ -235,17 +242,18 @@ def _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, mom
 
 
 @_jit()
-def _step_rmsprop(w, adaptive, pivot, mean, scale, s1, s2, s3, h, scalars):
+def _step_rmsprop(w, adaptive, pivot, batch, scale, s1, s2, s3, h, scalars):
     """RMSprop: h = α, 1 − α, eps, weight_decay, momentum, centered, maximize; scalars = lr."""
+    head, c_head, tail, c_tail = batch
     alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize = h[0], h[1], h[2], h[3], h[4], h[5], h[6]
     lr = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _rmsprop_at(i, (w[i] - mean[i]) * scale, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum,
+            _rmsprop_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum,
                         centered, maximize, lr)
     else:
         for i in range(w.size):
-            _rmsprop_at(i, (pivot[i] - mean[i]) * scale, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay,
+            _rmsprop_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay,
                         momentum, centered, maximize, lr)
 
 
@@ -260,17 +268,18 @@ def _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, m
 
 
 @_jit()
-def _step_adamax(w, adaptive, pivot, mean, scale, s1, s2, h, scalars):
+def _step_adamax(w, adaptive, pivot, batch, scale, s1, s2, h, scalars):
     """Adamax: h = β1, 1 − β1, β2, eps, weight_decay, maximize; scalars = lr / (1 − β1^k)."""
+    head, c_head, tail, c_tail = batch
     beta1, beta1_weight, beta2, eps, weight_decay, maximize = h[0], h[1], h[2], h[3], h[4], h[5]
     clr = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _adamax_at(i, (w[i] - mean[i]) * scale, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay,
+            _adamax_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay,
                        maximize, clr)
     else:
         for i in range(w.size):
-            _adamax_at(i, (pivot[i] - mean[i]) * scale, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay,
+            _adamax_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay,
                        maximize, clr)
 
 
@@ -290,18 +299,19 @@ def _flower_at(i, d, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, 
 
 
 @_jit()
-def _step_flower(w, adaptive, pivot, mean, scale, s1, s2, kind, h, scalars):
+def _step_flower(w, adaptive, pivot, batch, scale, s1, s2, kind, h, scalars):
     """FedAdam / FedYogi / FedAdagrad (fedsoup.optim): h = β1, 1 − β1, β2, 1 − β2, eps;
     scalars = the step size (FedAdam: lr·sqrt(1 − β2^(t+1)) / (1 − β1^(t+1)); else lr)."""
+    head, c_head, tail, c_tail = batch
     beta1, beta1_weight, beta2, beta2_weight, eps = h[0], h[1], h[2], h[3], h[4]
     step_size = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _flower_at(i, (w[i] - mean[i]) * scale, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps,
+            _flower_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps,
                        step_size)
     else:
         for i in range(w.size):
-            _flower_at(i, (pivot[i] - mean[i]) * scale, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight,
+            _flower_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight,
                        eps, step_size)
 
 
@@ -353,39 +363,47 @@ def soup_distance_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts,
 
 
 @_jit(inline="always")
-def _batch_mean(mean, members, coefficients, addresses, kinds, scales, key, numel, start, stop, like, bits_like,
-                scratch):
-    """``x̄_B = Σ_{j∈B} (ω_j/Ω_B) x_j`` on one chunk (a batch of one: ``x_j`` itself, unscaled,
-    as the reference loop feeds it)."""
-    x = _read(addresses, kinds, scales, members[0], key, numel, start, stop, like, bits_like, scratch)
-    if members.size == 1:
-        return x
+def _batch(mean, members, coefficients, one, addresses, kinds, scales, key, numel, start, stop, like, bits_like,
+           head_scratch, tail_scratch):
+    """The batch mean ``x̄_B = Σ_{j∈B} (ω_j/Ω_B) x_j`` of one chunk as ``(head, c_head, tail, c_tail)``
+    with ``x̄_B = head·c_head + c_tail·tail``, evaluated by the optimizer's own loop: the
+    first member and its coefficient and the last (a batch of two: no pass of its own);
+    for longer batches ``head`` is the sum of all but the last, ``c_head = 1``. Exactly the
+    reference loop's ``x_1·c_1 + c_2·x_2 + ...``; a batch of one is ``x_1·1 + 0·x_1 = x_1``."""
+    last = members.size - 1
+    tail = _read(addresses, kinds, scales, members[last], key, numel, start, stop, like, bits_like, tail_scratch)
+    if last == 0:
+        return tail, one, tail, one - one
+    head = _read(addresses, kinds, scales, members[0], key, numel, start, stop, like, bits_like, head_scratch)
+    if last == 1:
+        return head, coefficients[0], tail, coefficients[1]
     size = stop - start
     for i in range(size):
-        mean[i] = x[i] * coefficients[0]
-    for b in range(1, members.size):
-        x = _read(addresses, kinds, scales, members[b], key, numel, start, stop, like, bits_like, scratch)
+        mean[i] = head[i] * coefficients[0]
+    for b in range(1, last):
+        x = _read(addresses, kinds, scales, members[b], key, numel, start, stop, like, bits_like, head_scratch)
         coefficient = coefficients[b]
         for i in range(size):
             mean[i] = mean[i] + coefficient * x[i]
-    return mean[:size]
+    return mean[:size], one, tail, coefficients[last]
 
 
 @_jit(inline="always")
-def _step(kind, w, adaptive, pivot, mean, scale, s1, s2, s3, hyper, scalars, first):
-    """One optimizer step on one chunk: ``g = scale·(p − mean)``, ``p = w`` or ``pivot``."""
+def _step(kind, w, adaptive, pivot, batch, scale, s1, s2, s3, hyper, scalars, first):
+    """One optimizer step on one chunk: ``g = scale·(p − x̄_B)``, ``p = w`` (adaptive) or ``pivot``,
+    ``x̄_B`` from :func:`_batch`."""
     if kind == SGD:
-        _step_sgd(w, adaptive, pivot, mean, scale, s1, hyper, scalars, first)
+        _step_sgd(w, adaptive, pivot, batch, scale, s1, hyper, scalars, first)
     elif kind == ADAM:
-        _step_adam(w, adaptive, pivot, mean, scale, s1, s2, s3, hyper, scalars)
+        _step_adam(w, adaptive, pivot, batch, scale, s1, s2, s3, hyper, scalars)
     elif kind == ADAGRAD:
-        _step_adagrad(w, adaptive, pivot, mean, scale, s1, hyper, scalars)
+        _step_adagrad(w, adaptive, pivot, batch, scale, s1, hyper, scalars)
     elif kind == RMSPROP:
-        _step_rmsprop(w, adaptive, pivot, mean, scale, s1, s2, s3, hyper, scalars)
+        _step_rmsprop(w, adaptive, pivot, batch, scale, s1, s2, s3, hyper, scalars)
     elif kind == ADAMAX:
-        _step_adamax(w, adaptive, pivot, mean, scale, s1, s2, hyper, scalars)
+        _step_adamax(w, adaptive, pivot, batch, scale, s1, s2, hyper, scalars)
     else:
-        _step_flower(w, adaptive, pivot, mean, scale, s1, s2, kind, hyper, scalars)
+        _step_flower(w, adaptive, pivot, batch, scale, s1, s2, kind, hyper, scalars)
 
 
 @_jit(parallel=True)
@@ -393,7 +411,7 @@ def ame_chunks(
     out, key_offsets, key_numels, chunk_keys, chunk_starts, chunk_stops,
     ingredient_addresses, ingredient_kinds, scales, bits_like, pivot_addresses, omega, adaptive,
     batch_starts, batch_members, batch_coefficients, batch_scales,
-    key_lr_groups, kind, hyper, step_scalars, initial_accumulator, guard_members, guard,
+    key_lr_groups, kind, hyper, step_scalars, initial_accumulator, one, guard_members, guard,
 ):
     """Run every AME step on every chunk; write the merged coordinates into ``out``.
 
@@ -437,6 +455,7 @@ def ame_chunks(
                           start, stop, out, bits_like, scratch)
             guard[c, n_measured] = _squared_distance(fixed_pivot, soup)
         mean = np.empty_like(w)
+        tail_scratch = np.empty_like(w)
         s1 = np.zeros_like(w)
         s2 = np.zeros_like(w)
         s3 = np.zeros_like(w)
@@ -445,9 +464,9 @@ def ame_chunks(
         group = key_lr_groups[key]
         for s in range(n_steps):
             members = batch_members[batch_starts[s] : batch_starts[s + 1]]
-            batch = _batch_mean(mean, members, batch_coefficients[batch_starts[s] : batch_starts[s + 1]],
-                                ingredient_addresses, ingredient_kinds, scales, key, numel, start, stop, out,
-                                bits_like, scratch)
+            batch = _batch(mean, members, batch_coefficients[batch_starts[s] : batch_starts[s + 1]], one,
+                           ingredient_addresses, ingredient_kinds, scales, key, numel, start, stop, out, bits_like,
+                           scratch, tail_scratch)
             _step(kind, w, adaptive, fixed_pivot, batch, batch_scales[s], s1, s2, s3, hyper, step_scalars[group, s],
                   s == 0)
         if measure:
