@@ -164,19 +164,20 @@ def _step_sgd(w, adaptive, pivot, batch, scale, s1, h, scalars, first):
 @_jit(inline="always")
 def _adam_loop(w, adaptive, pivot, batch, scale, s1, s2, s3, constants, amsgrad):
     head, c_head, tail, c_tail = batch
-    beta1_weight, beta1_rest, beta2, beta2_weight, eps, sign, coupled_decay, step_size, bias_correction2_sqrt, \
+    beta1_weight, beta1_rest, beta2, beta2_weight, eps, sign, coupled_decay, step_size, inverse_bias_correction2_sqrt, \
         decay = constants
+    signed_scale = scale * sign  # (a·ζ)·(−1) = a·(−ζ) exactly
     for i in range(w.size):
-        d = ((w[i] if adaptive else pivot[i]) - (head[i] * c_head + c_tail * tail[i])) * scale * sign
+        d = ((w[i] if adaptive else pivot[i]) - (head[i] * c_head + c_tail * tail[i])) * signed_scale
         w[i] = w[i] * decay
         d = d + coupled_decay * w[i]
         s1[i] = _lerp(s1[i], d, beta1_weight, beta1_rest)
         s2[i] = s2[i] * beta2 + beta2_weight * d * d
         if amsgrad:
             s3[i] = max(s3[i], s2[i])
-            denominator = np.sqrt(s3[i]) / bias_correction2_sqrt + eps
+            denominator = np.sqrt(s3[i]) * inverse_bias_correction2_sqrt + eps
         else:
-            denominator = np.sqrt(s2[i]) / bias_correction2_sqrt + eps
+            denominator = np.sqrt(s2[i]) * inverse_bias_correction2_sqrt + eps
         w[i] = w[i] - step_size * (s1[i] / denominator)
 
 
