@@ -23,6 +23,7 @@ import torch
 import fedsoup
 import fedsoup.ame as ame
 from fedsoup import fused
+from fedsoup.problem import Problem
 
 N = 6
 
@@ -334,6 +335,49 @@ def test_soup_and_spread(dtype):
         center = expected[key].double()
         want = [float(torch.sum((m[key].double() - center) ** 2)) for m in models]
         np.testing.assert_allclose(distances[key], want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The ball guard's distances, measured in the kernel's own pass
+# ---------------------------------------------------------------------------
+
+
+def squared_distance(a, b) -> float:
+    return float(torch.sum((a.double() - b.double()) ** 2))
+
+
+@pytest.mark.parametrize("pivot", ["soup", "given"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_measures_the_guard_distances(pivot, dtype):
+    models = make_models(5, dtype=dtype, large=True)
+    weights = [w / sum(random_weights(5)) for w in random_weights(5)]
+    start = None if pivot == "soup" else {k: v * 0.5 for k, v in models[3].items() if v.is_floating_point()}
+    problem = Problem(models, weights, list(range(5)), start, torch.optim.Adam, {}, lr=0.01, epochs=2, batch_size=2)
+    merged, distances = fused.merge_fused(problem, fused.kernel_spec(torch.optim.Adam, {}), [4, 0, 2])
+    soup = fedsoup.soup(models, weights)
+    for key in ("big", "mid"):
+        w0 = soup[key] if start is None else start[key]
+        want = [squared_distance(models[j][key], soup[key]) for j in (4, 0, 2)]
+        want += [squared_distance(w0, soup[key]), squared_distance(merged[key], soup[key])]
+        np.testing.assert_allclose(distances[key], want, rtol=1e-5 if dtype == torch.float32 else 1e-10)
+    plain, none = fused.merge_fused(problem, fused.kernel_spec(torch.optim.Adam, {}))
+    assert none == {} and all(torch.equal(plain[k], merged[k]) for k in merged)
+
+
+def test_guard_bound_falls_back_to_every_ingredient(monkeypatch, caplog):
+    # The first ingredient sits at the soup: its distance bounds nothing, the merge ends
+    # outside that small ball but inside the real one -- no warning, after a second pass.
+    models = [{"w": torch.tensor([0.01, 0.0])}, {"w": torch.tensor([10.0, 0.0])}, {"w": torch.tensor([-10.01, 0.0])}]
+    passes = []
+    measure = fedsoup.defaults.measure_spreads
+    monkeypatch.setattr(fedsoup.defaults, "measure_spreads", lambda p: passes.append(1) or measure(p))
+    with caplog.at_level("WARNING", logger="fedsoup"):
+        fedsoup.merge(models, optimizer="adam", lr=1.0, schedule="constant", _path="fused")
+        assert passes == [1] and not caplog.records
+        fedsoup.merge(models, optimizer="adam", lr=100.0, schedule="constant", _path="fused")
+        assert passes == [1, 1] and len(caplog.records) == 1
+        fedsoup.merge(models, optimizer="adam", lr=1e-4, _path="fused")  # inside the bound: one pass
+        assert passes == [1, 1] and len(caplog.records) == 1
 
 
 @pytest.mark.parametrize("cls", list(fused._SPECS), ids=lambda c: c.__name__)
