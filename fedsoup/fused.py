@@ -111,7 +111,8 @@ def _adam(o) -> KernelSpec:
     hyper = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, o["eps"], 0.0 if decoupled else weight_decay,
              _flag(o["amsgrad"]), -1.0 if o["maximize"] else 1.0)
     return KernelSpec("adam", hyper, lambda k, lr: (
-        lr / (1.0 - beta1**k), 1.0 / np.sqrt(1.0 - beta2**k), 1.0 - lr * weight_decay if decoupled else np.ones_like(lr),
+        lr / (1.0 - beta1**k), 1.0 / np.sqrt(1.0 - beta2**k),
+        1.0 - lr * weight_decay if decoupled else np.ones_like(lr),
     ))
 
 

@@ -119,6 +119,13 @@ def _lerp(start, end, weight, one_minus_weight):
     return end - (end - start) * one_minus_weight
 
 
+@_jit(inline="always")
+def _mean_at(batch, i):
+    """Coordinate ``i`` of the batch mean ``x̄_B = head·c_head + c_tail·tail`` (:func:`_batch`)."""
+    head, c_head, tail, c_tail = batch
+    return head[i] * c_head + c_tail * tail[i]
+
+
 # Each optimizer: ``_<name>_at`` updates coordinate ``i`` from its pseudogradient ``g``
 # (Adam: ``_adam_loop``); ``_step_<name>`` runs it over a chunk with
 # ``g = ζ Ω_B (p − x̄_B)`` computed in the same loop, never stored, and the batch mean
@@ -148,27 +155,25 @@ def _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, l
 @_jit()
 def _step_sgd(w, adaptive, pivot, batch, scale, s1, h, scalars, first):
     """SGD: h = momentum, 1 − dampening, weight_decay, nesterov, maximize; scalars = lr."""
-    head, c_head, tail, c_tail = batch
     momentum, undamped, weight_decay, nesterov, maximize = h[0], h[1], h[2], h[3], h[4]
     lr = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _sgd_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr,
-                    first)
+            g = (w[i] - _mean_at(batch, i)) * scale
+            _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr, first)
     else:
         for i in range(w.size):
-            _sgd_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, momentum, undamped, weight_decay, nesterov, maximize,
-                    lr, first)
+            g = (pivot[i] - _mean_at(batch, i)) * scale
+            _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr, first)
 
 
 @_jit(inline="always")
 def _adam_loop(w, adaptive, pivot, batch, scale, s1, s2, s3, constants, amsgrad):
-    head, c_head, tail, c_tail = batch
     beta1_weight, beta1_rest, beta2, beta2_weight, eps, sign, coupled_decay, step_size, inverse_bias_correction2_sqrt, \
         decay = constants
     signed_scale = scale * sign  # (a·ζ)·(−1) = a·(−ζ) exactly
     for i in range(w.size):
-        d = ((w[i] if adaptive else pivot[i]) - (head[i] * c_head + c_tail * tail[i])) * signed_scale
+        d = ((w[i] if adaptive else pivot[i]) - _mean_at(batch, i)) * signed_scale
         w[i] = w[i] * decay
         d = d + coupled_decay * w[i]
         s1[i] = _lerp(s1[i], d, beta1_weight, beta1_rest)
@@ -184,9 +189,13 @@ def _adam_loop(w, adaptive, pivot, batch, scale, s1, s2, s3, constants, amsgrad)
 @_jit()
 def _step_adam(w, adaptive, pivot, batch, scale, s1, s2, s3, h, scalars):
     """Adam/AdamW: h = β1, 1 − β1, β2, 1 − β2, eps, coupled weight_decay (0 for AdamW),
-    amsgrad, ±1 (maximize); scalars = lr / (1 − β1^k), sqrt(1 − β2^k), 1 − lr·weight_decay
-    (AdamW's decoupled decay; 1 for Adam). Multiplying by 1 and adding 0·w are exact, so
-    the options need no branch in the loop."""
+    amsgrad, ±1 (maximize); scalars = lr / (1 − β1^k), 1 / sqrt(1 − β2^k), 1 − lr·weight_decay
+    (AdamW's decoupled decay; 1 for Adam).
+
+    Multiplying by 1 and adding 0·w change no value (at most the sign of a zero), so the
+    options need no branch in the loop. ``sqrt(v)·(1/sqrt(1 − β2^k))`` stands for torch's
+    ``sqrt(v) / sqrt(1 − β2^k)``: one rounding apart, and one division fewer per
+    coordinate and step (divisions bound this loop)."""
     constants = (h[1], h[0], h[2], h[3], h[4], h[7], h[5], scalars[0], scalars[1], scalars[2])
     # One loop per (adaptive, amsgrad), each with both as constants (see above).
     if adaptive:
@@ -213,15 +222,16 @@ def _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr):
 def _step_adagrad(w, adaptive, pivot, batch, scale, s1, h, scalars):
     """Adagrad: h = weight_decay, eps, maximize (s1 starts at initial_accumulator_value);
     scalars = lr / (1 + (k − 1)·lr_decay)."""
-    head, c_head, tail, c_tail = batch
     weight_decay, eps, maximize = h[0], h[1], h[2]
     clr = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _adagrad_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, weight_decay, eps, maximize, clr)
+            g = (w[i] - _mean_at(batch, i)) * scale
+            _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr)
     else:
         for i in range(w.size):
-            _adagrad_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, weight_decay, eps, maximize, clr)
+            g = (pivot[i] - _mean_at(batch, i)) * scale
+            _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr)
 
 
 @_jit(inline="always")
@@ -245,17 +255,16 @@ def _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, mom
 @_jit()
 def _step_rmsprop(w, adaptive, pivot, batch, scale, s1, s2, s3, h, scalars):
     """RMSprop: h = α, 1 − α, eps, weight_decay, momentum, centered, maximize; scalars = lr."""
-    head, c_head, tail, c_tail = batch
     alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize = h[0], h[1], h[2], h[3], h[4], h[5], h[6]
     lr = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _rmsprop_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum,
-                        centered, maximize, lr)
+            g = (w[i] - _mean_at(batch, i)) * scale
+            _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize, lr)
     else:
         for i in range(w.size):
-            _rmsprop_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay,
-                        momentum, centered, maximize, lr)
+            g = (pivot[i] - _mean_at(batch, i)) * scale
+            _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize, lr)
 
 
 @_jit(inline="always")
@@ -271,17 +280,16 @@ def _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, m
 @_jit()
 def _step_adamax(w, adaptive, pivot, batch, scale, s1, s2, h, scalars):
     """Adamax: h = β1, 1 − β1, β2, eps, weight_decay, maximize; scalars = lr / (1 − β1^k)."""
-    head, c_head, tail, c_tail = batch
     beta1, beta1_weight, beta2, eps, weight_decay, maximize = h[0], h[1], h[2], h[3], h[4], h[5]
     clr = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _adamax_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay,
-                       maximize, clr)
+            g = (w[i] - _mean_at(batch, i)) * scale
+            _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, maximize, clr)
     else:
         for i in range(w.size):
-            _adamax_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay,
-                       maximize, clr)
+            g = (pivot[i] - _mean_at(batch, i)) * scale
+            _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, maximize, clr)
 
 
 @_jit(inline="always")
@@ -303,17 +311,16 @@ def _flower_at(i, d, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, 
 def _step_flower(w, adaptive, pivot, batch, scale, s1, s2, kind, h, scalars):
     """FedAdam / FedYogi / FedAdagrad (fedsoup.optim): h = β1, 1 − β1, β2, 1 − β2, eps;
     scalars = the step size (FedAdam: lr·sqrt(1 − β2^(t+1)) / (1 − β1^(t+1)); else lr)."""
-    head, c_head, tail, c_tail = batch
     beta1, beta1_weight, beta2, beta2_weight, eps = h[0], h[1], h[2], h[3], h[4]
     step_size = scalars[0]
     if adaptive:
         for i in range(w.size):
-            _flower_at(i, (w[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps,
-                       step_size)
+            g = (w[i] - _mean_at(batch, i)) * scale
+            _flower_at(i, g, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps, step_size)
     else:
         for i in range(w.size):
-            _flower_at(i, (pivot[i] - (head[i] * c_head + c_tail * tail[i])) * scale, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight,
-                       eps, step_size)
+            g = (pivot[i] - _mean_at(batch, i)) * scale
+            _flower_at(i, g, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps, step_size)
 
 
 @_jit()
@@ -360,7 +367,8 @@ def soup_distance_chunks(out, key_offsets, key_numels, chunk_keys, chunk_starts,
         w = out[key_offsets[key] + start : key_offsets[key] + stop]
         scratch = np.empty_like(w)
         _soup_into(w, addresses, kinds, scales, key, numel, start, stop, omega, out, bits_like, scratch)
-        _distances_to(w, partial[c], np.arange(omega.size), addresses, kinds, scales, key, numel, start, stop, out, bits_like, scratch)
+        _distances_to(w, partial[c], np.arange(omega.size), addresses, kinds, scales, key, numel, start, stop, out,
+                      bits_like, scratch)
 
 
 @_jit(inline="always")
