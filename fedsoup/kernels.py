@@ -126,20 +126,32 @@ def _mean_at(batch, i):
     return head[i] * c_head + c_tail * tail[i]
 
 
-# Each optimizer: ``_<name>_at`` updates coordinate ``i`` from its pseudogradient ``g``
-# (Adam: ``_adam_loop``); ``_step_<name>`` runs it over a chunk with
-# ``g = ζ Ω_B (p − x̄_B)`` computed in the same loop, never stored, and the batch mean
-# ``x̄_B = head·c_head + c_tail·tail`` too (:func:`_batch`). The loop is written twice, for
-# ``p = w`` (adaptive pivot) and for a fixed ``p = w_0``: with one loop choosing per
-# coordinate, or with ``p`` passed as ``w`` itself, the compiler no longer vectorizes the
-# update (it cannot rule out aliasing). Constants are unpacked before the loop, so its
-# per-option branches are loop-invariant; Adam's are replaced by exact arithmetic
-# (multiplying by 1, adding 0) or by a loop per case (amsgrad touches one more array,
-# which again stops the vectorizer).
+# Each optimizer: ``_<name>_at(i, g, w, state, constants)`` updates coordinate ``i`` from its
+# pseudogradient ``g``; ``_step_<name>`` unpacks the optimizer's constants once and runs it
+# over the chunk with :func:`_each_coordinate`, which computes ``g = ζ Ω_B (p − x̄_B)`` and
+# the batch mean ``x̄_B = head·c_head + c_tail·tail`` (:func:`_batch`) in the same loop,
+# never stored. That loop is written twice, for ``p = w`` (adaptive pivot) and for a fixed
+# ``p = w_0``: with one loop choosing per coordinate, or with ``p`` passed as ``w`` itself,
+# the compiler no longer vectorizes the update (it cannot rule out aliasing). For the same
+# reason an option that touches one more array (amsgrad) has an update of its own, and
+# Adam's other options are exact arithmetic (multiplying by 1, adding 0) instead of branches.
 
 
 @_jit(inline="always")
-def _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr, first):
+def _each_coordinate(update_at, w, adaptive, pivot, batch, scale, state, constants):
+    """``update_at(i, g_i, w, state, constants)`` for every coordinate ``i`` of the chunk."""
+    if adaptive:
+        for i in range(w.size):
+            update_at(i, (w[i] - _mean_at(batch, i)) * scale, w, state, constants)
+    else:
+        for i in range(w.size):
+            update_at(i, (pivot[i] - _mean_at(batch, i)) * scale, w, state, constants)
+
+
+@_jit(inline="always")
+def _sgd_at(i, g, w, state, constants):
+    s1 = state[0]
+    momentum, undamped, weight_decay, nesterov, maximize, lr, first = constants
     d = -g if maximize != 0 else g
     if weight_decay != 0:
         d = d + weight_decay * w[i]
@@ -155,35 +167,36 @@ def _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, l
 @_jit()
 def _step_sgd(w, adaptive, pivot, batch, scale, s1, h, scalars, first):
     """SGD: h = momentum, 1 − dampening, weight_decay, nesterov, maximize; scalars = lr."""
-    momentum, undamped, weight_decay, nesterov, maximize = h[0], h[1], h[2], h[3], h[4]
-    lr = scalars[0]
-    if adaptive:
-        for i in range(w.size):
-            g = (w[i] - _mean_at(batch, i)) * scale
-            _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr, first)
-    else:
-        for i in range(w.size):
-            g = (pivot[i] - _mean_at(batch, i)) * scale
-            _sgd_at(i, g, w, s1, momentum, undamped, weight_decay, nesterov, maximize, lr, first)
+    constants = (h[0], h[1], h[2], h[3], h[4], scalars[0], first)
+    _each_coordinate(_sgd_at, w, adaptive, pivot, batch, scale, (s1,), constants)
 
 
 @_jit(inline="always")
-def _adam_loop(w, adaptive, pivot, batch, scale, s1, s2, s3, constants, amsgrad):
-    beta1_weight, beta1_rest, beta2, beta2_weight, eps, sign, coupled_decay, step_size, inverse_bias_correction2_sqrt, \
-        decay = constants
-    signed_scale = scale * sign  # (a·ζ)·(−1) = a·(−ζ) exactly
-    for i in range(w.size):
-        d = ((w[i] if adaptive else pivot[i]) - _mean_at(batch, i)) * signed_scale
-        w[i] = w[i] * decay
-        d = d + coupled_decay * w[i]
-        s1[i] = _lerp(s1[i], d, beta1_weight, beta1_rest)
-        s2[i] = s2[i] * beta2 + beta2_weight * d * d
-        if amsgrad:
-            s3[i] = max(s3[i], s2[i])
-            denominator = np.sqrt(s3[i]) * inverse_bias_correction2_sqrt + eps
-        else:
-            denominator = np.sqrt(s2[i]) * inverse_bias_correction2_sqrt + eps
-        w[i] = w[i] - step_size * (s1[i] / denominator)
+def _adam_moments(i, d, w, s1, s2, constants):
+    """Adam's shared part: (decoupled) weight decay of ``w``, then the two moments."""
+    beta1_weight, beta1_rest, beta2, beta2_weight, eps, coupled_decay, step_size, inverse_sqrt_bias2, decay = \
+        constants
+    w[i] = w[i] * decay
+    d = d + coupled_decay * w[i]
+    s1[i] = _lerp(s1[i], d, beta1_weight, beta1_rest)
+    s2[i] = s2[i] * beta2 + beta2_weight * d * d
+
+
+@_jit(inline="always")
+def _adam_at(i, g, w, state, constants):
+    s1, s2 = state[0], state[1]
+    eps, step_size, inverse_sqrt_bias2 = constants[4], constants[6], constants[7]
+    _adam_moments(i, g, w, s1, s2, constants)
+    w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s2[i]) * inverse_sqrt_bias2 + eps))
+
+
+@_jit(inline="always")
+def _amsgrad_at(i, g, w, state, constants):
+    s1, s2, s3 = state
+    eps, step_size, inverse_sqrt_bias2 = constants[4], constants[6], constants[7]
+    _adam_moments(i, g, w, s1, s2, constants)
+    s3[i] = max(s3[i], s2[i])
+    w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s3[i]) * inverse_sqrt_bias2 + eps))
 
 
 @_jit()
@@ -192,25 +205,22 @@ def _step_adam(w, adaptive, pivot, batch, scale, s1, s2, s3, h, scalars):
     amsgrad, ±1 (maximize); scalars = lr / (1 − β1^k), 1 / sqrt(1 − β2^k), 1 − lr·weight_decay
     (AdamW's decoupled decay; 1 for Adam).
 
-    Multiplying by 1 and adding 0·w change no value (at most the sign of a zero), so the
-    options need no branch in the loop. ``sqrt(v)·(1/sqrt(1 − β2^k))`` stands for torch's
-    ``sqrt(v) / sqrt(1 − β2^k)``: one rounding apart, and one division fewer per
-    coordinate and step (divisions bound this loop)."""
-    constants = (h[1], h[0], h[2], h[3], h[4], h[7], h[5], scalars[0], scalars[1], scalars[2])
-    # One loop per (adaptive, amsgrad), each with both as constants (see above).
-    if adaptive:
-        if h[6] != 0:
-            _adam_loop(w, True, pivot, batch, scale, s1, s2, s3, constants, True)
-        else:
-            _adam_loop(w, True, pivot, batch, scale, s1, s2, s3, constants, False)
-    elif h[6] != 0:
-        _adam_loop(w, False, pivot, batch, scale, s1, s2, s3, constants, True)
+    Multiplying by 1 and adding 0·w change no value (at most the sign of a zero), and
+    ``(a·ζ)·(−1) = a·(−ζ)``: the options need no branch in the loop. ``sqrt(v)·(1/sqrt(1 − β2^k))``
+    stands for torch's ``sqrt(v) / sqrt(1 − β2^k)``: one rounding apart, and one division
+    fewer per coordinate and step (divisions bound this loop)."""
+    constants = (h[1], h[0], h[2], h[3], h[4], h[5], scalars[0], scalars[1], scalars[2])
+    signed_scale = scale * h[7]
+    if h[6] != 0:
+        _each_coordinate(_amsgrad_at, w, adaptive, pivot, batch, signed_scale, (s1, s2, s3), constants)
     else:
-        _adam_loop(w, False, pivot, batch, scale, s1, s2, s3, constants, False)
+        _each_coordinate(_adam_at, w, adaptive, pivot, batch, signed_scale, (s1, s2), constants)
 
 
 @_jit(inline="always")
-def _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr):
+def _adagrad_at(i, g, w, state, constants):
+    s1 = state[0]
+    weight_decay, eps, maximize, clr = constants
     d = -g if maximize != 0 else g
     if weight_decay != 0:
         d = d + weight_decay * w[i]
@@ -222,20 +232,13 @@ def _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr):
 def _step_adagrad(w, adaptive, pivot, batch, scale, s1, h, scalars):
     """Adagrad: h = weight_decay, eps, maximize (s1 starts at initial_accumulator_value);
     scalars = lr / (1 + (k − 1)·lr_decay)."""
-    weight_decay, eps, maximize = h[0], h[1], h[2]
-    clr = scalars[0]
-    if adaptive:
-        for i in range(w.size):
-            g = (w[i] - _mean_at(batch, i)) * scale
-            _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr)
-    else:
-        for i in range(w.size):
-            g = (pivot[i] - _mean_at(batch, i)) * scale
-            _adagrad_at(i, g, w, s1, weight_decay, eps, maximize, clr)
+    _each_coordinate(_adagrad_at, w, adaptive, pivot, batch, scale, (s1,), (h[0], h[1], h[2], scalars[0]))
 
 
 @_jit(inline="always")
-def _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize, lr):
+def _rmsprop_at(i, g, w, state, constants):
+    s1, s2, s3 = state
+    alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize, lr = constants
     d = -g if maximize != 0 else g
     if weight_decay != 0:
         d = d + weight_decay * w[i]
@@ -255,20 +258,14 @@ def _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, mom
 @_jit()
 def _step_rmsprop(w, adaptive, pivot, batch, scale, s1, s2, s3, h, scalars):
     """RMSprop: h = α, 1 − α, eps, weight_decay, momentum, centered, maximize; scalars = lr."""
-    alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize = h[0], h[1], h[2], h[3], h[4], h[5], h[6]
-    lr = scalars[0]
-    if adaptive:
-        for i in range(w.size):
-            g = (w[i] - _mean_at(batch, i)) * scale
-            _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize, lr)
-    else:
-        for i in range(w.size):
-            g = (pivot[i] - _mean_at(batch, i)) * scale
-            _rmsprop_at(i, g, w, s1, s2, s3, alpha, alpha_weight, eps, weight_decay, momentum, centered, maximize, lr)
+    constants = (h[0], h[1], h[2], h[3], h[4], h[5], h[6], scalars[0])
+    _each_coordinate(_rmsprop_at, w, adaptive, pivot, batch, scale, (s1, s2, s3), constants)
 
 
 @_jit(inline="always")
-def _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, maximize, clr):
+def _adamax_at(i, g, w, state, constants):
+    s1, s2 = state
+    beta1, beta1_weight, beta2, eps, weight_decay, maximize, clr = constants
     d = -g if maximize != 0 else g
     if weight_decay != 0:
         d = d + weight_decay * w[i]
@@ -280,20 +277,14 @@ def _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, m
 @_jit()
 def _step_adamax(w, adaptive, pivot, batch, scale, s1, s2, h, scalars):
     """Adamax: h = β1, 1 − β1, β2, eps, weight_decay, maximize; scalars = lr / (1 − β1^k)."""
-    beta1, beta1_weight, beta2, eps, weight_decay, maximize = h[0], h[1], h[2], h[3], h[4], h[5]
-    clr = scalars[0]
-    if adaptive:
-        for i in range(w.size):
-            g = (w[i] - _mean_at(batch, i)) * scale
-            _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, maximize, clr)
-    else:
-        for i in range(w.size):
-            g = (pivot[i] - _mean_at(batch, i)) * scale
-            _adamax_at(i, g, w, s1, s2, beta1, beta1_weight, beta2, eps, weight_decay, maximize, clr)
+    constants = (h[0], h[1], h[2], h[3], h[4], h[5], scalars[0])
+    _each_coordinate(_adamax_at, w, adaptive, pivot, batch, scale, (s1, s2), constants)
 
 
 @_jit(inline="always")
-def _flower_at(i, d, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps, step_size):
+def _flower_at(i, d, w, state, constants):
+    s1, s2 = state
+    kind, beta1, beta1_weight, beta2, beta2_weight, eps, step_size = constants
     if kind == FEDADAGRAD:
         s2[i] = s2[i] + d * d
         w[i] = w[i] - step_size * (d / (np.sqrt(s2[i]) + eps))
@@ -311,16 +302,8 @@ def _flower_at(i, d, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, 
 def _step_flower(w, adaptive, pivot, batch, scale, s1, s2, kind, h, scalars):
     """FedAdam / FedYogi / FedAdagrad (fedsoup.optim): h = β1, 1 − β1, β2, 1 − β2, eps;
     scalars = the step size (FedAdam: lr·sqrt(1 − β2^(t+1)) / (1 − β1^(t+1)); else lr)."""
-    beta1, beta1_weight, beta2, beta2_weight, eps = h[0], h[1], h[2], h[3], h[4]
-    step_size = scalars[0]
-    if adaptive:
-        for i in range(w.size):
-            g = (w[i] - _mean_at(batch, i)) * scale
-            _flower_at(i, g, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps, step_size)
-    else:
-        for i in range(w.size):
-            g = (pivot[i] - _mean_at(batch, i)) * scale
-            _flower_at(i, g, w, s1, s2, kind, beta1, beta1_weight, beta2, beta2_weight, eps, step_size)
+    constants = (kind, h[0], h[1], h[2], h[3], h[4], scalars[0])
+    _each_coordinate(_flower_at, w, adaptive, pivot, batch, scale, (s1, s2), constants)
 
 
 @_jit()
