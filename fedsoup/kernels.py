@@ -459,16 +459,19 @@ def ame_chunks(
         else:
             _soup_into(w, ingredient_addresses, ingredient_kinds, scales, key, numel, start, stop, omega, out,
                        bits_like, scratch)
-        fixed_pivot[:] = w
+        if measure or not adaptive:
+            fixed_pivot[:] = w
         if measure:
             _distances_to(soup, guard[c], guard_members, ingredient_addresses, ingredient_kinds, scales, key, numel,
                           start, stop, out, bits_like, scratch)
-            guard[c, n_measured] = _squared_distance(fixed_pivot, soup)
+            # w_0 is the soup unless a pivot was given.
+            guard[c, n_measured] = _squared_distance(fixed_pivot, soup) if pivot_addresses[key] != 0 else 0.0
         mean = np.empty_like(w)
         tail_scratch = np.empty_like(w)
         s1 = np.zeros_like(w)
         s2 = np.zeros_like(w)
-        s3 = np.zeros_like(w)
+        # A third state array only for the optimizers that use one (zeroing costs a pass).
+        s3 = np.zeros(w.size if kind == RMSPROP or (kind == ADAM and hyper[6] != 0) else 0, w.dtype)
         if kind == ADAGRAD:
             s1[:] = initial_accumulator
         group = key_lr_groups[key]
