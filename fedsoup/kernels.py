@@ -378,8 +378,9 @@ def _batch(mean, members, coefficients, one, addresses, kinds, scales, key, nume
     """The batch mean ``x̄_B = Σ_{j∈B} (ω_j/Ω_B) x_j`` of one chunk as ``(head, c_head, tail, c_tail)``
     with ``x̄_B = head·c_head + c_tail·tail``, evaluated by the optimizer's own loop: the
     first member and its coefficient and the last (a batch of two: no pass of its own);
-    for longer batches ``head`` is the sum of all but the last, ``c_head = 1``. Exactly the
-    reference loop's ``x_1·c_1 + c_2·x_2 + ...``; a batch of one is ``x_1·1 + 0·x_1 = x_1``."""
+    for longer batches ``head`` is the sum of all but the last, ``c_head = 1``. Either way the
+    operations of ``x_1·c_1 + c_2·x_2 + ...`` in member order; a batch of one is
+    ``x_1·1 + 0·x_1 = x_1``."""
     last = members.size - 1
     tail = _read(addresses, kinds, scales, members[last], key, numel, start, stop, like, bits_like, tail_scratch)
     if last == 0:
