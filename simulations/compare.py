@@ -477,7 +477,7 @@ def _sweep_pairs(pairs: Sequence[tuple[str, str]] | None, labels: Sequence[str])
 
 def sweep_table(key: str, points: Sequence[SweepPoint], labels: Sequence[str]) -> str:
     """Final test accuracy, mean ± std over seeds: one row per strategy, one column per swept value."""
-    lines = [f"| strategy | " + " | ".join(f"{key} {p.value:g}" for p in points) + " |",
+    lines = ["| strategy | " + " | ".join(f"{key} {p.value:g}" for p in points) + " |",
              "|---|" + "---:|" * len(points)]
     for label in labels:
         lines.append(f"| {label} | " + " | ".join(Spread.of(p.finals(label)).text(".4f") for p in points) + " |")
