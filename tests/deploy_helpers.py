@@ -1,9 +1,11 @@
-"""Shared by the loopback deployment tests: waiting on deploy-local.sh and checking its teardown."""
+"""Shared by the deployment tests: waiting on deploy-local.sh, checking its teardown, loading scripts."""
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,3 +66,12 @@ def stop_script(script: subprocess.Popen, started: list[int]) -> None:
                 lf.signal_group(pid, signal.SIGKILL)
             script.wait()
     assert_all_gone(started)
+
+
+def load_module(name: str, path: Path):
+    """Import a script that is not in a package (the deployment scripts, the stand-in builder)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

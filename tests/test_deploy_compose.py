@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import importlib.util
 import re
 import shutil
 import stat
@@ -23,6 +22,8 @@ import pytest
 import yaml
 
 from simulations import local_federation
+
+from deploy_helpers import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -39,14 +40,6 @@ PATH_FLAGS = ("--database", "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfil
 SECRET_FLAGS = ("--auth-supernode-private-key", "--superexec-auth-secret-file")
 SECRETS_DIR = PurePosixPath("/run/secrets")  # where compose mounts a service's secrets
 ADDRESS_FLAGS = ("--superlink", "--runtime-api-address")
-
-
-def load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 scale = load_module("scale_supernodes", SCRIPTS / "scale-supernodes.py")

@@ -28,12 +28,10 @@ The ``[docker e2e]`` lines give the wall time of every step (``pytest -s``).
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -43,7 +41,7 @@ from safetensors.torch import load_file
 
 from simulations import local_federation as lf
 
-from deploy_helpers import NUM_SUPERNODES, RUN_CONFIG
+from deploy_helpers import NUM_SUPERNODES, RUN_CONFIG, load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 FLWR_VERSION = importlib.metadata.version("flwr")
@@ -51,15 +49,7 @@ FLWR_VERSION = importlib.metadata.version("flwr")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-standins = _load("build_flower_standins", ROOT / "tests" / "docker_standins" / "build_flower_standins.py")
+standins = load_module("build_flower_standins", ROOT / "tests" / "docker_standins" / "build_flower_standins.py")
 
 OVERLAYS = {"plain": [], "tls": ["docker-compose.tls.yml"],
             "auth": ["docker-compose.tls.yml", "docker-compose.auth.yml"]}
