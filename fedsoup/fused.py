@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsoup.inputs import StateDict
+from fedsoup.inputs import StateDict, compute_dtype
 from fedsoup.optim import FedAdagrad, FedAdam, FedYogi
 from fedsoup.problem import Problem
 from fedsoup.schedules import StepPlan, plan_steps
 
-__all__ = ["KernelSpec", "kernel_spec", "merge_fused", "soup_and_spread", "soup_and_distances", "CHUNK",
+__all__ = ["KernelSpec", "kernel_spec", "merge_fused", "soup_and_distances", "CHUNK",
            "available"]
 
 # Coordinates per chunk. The N ingredient slices of a chunk (16 x 32 KiB in float32) stay
@@ -337,27 +337,18 @@ def soup_and_distances(state_dicts: list[StateDict], omega: list[float]) -> tupl
     (chunk by chunk; each chunk's distances while its slices are still in cache).
 
     Keys are computed in float32 (float64 if an input is) and returned in that dtype;
-    the result does not depend on the thread count. Without numba: the same in torch.
+    the result does not depend on the thread count. Needs numba (:func:`available`);
+    :func:`fedsoup.defaults.measure_spreads` has the torch equivalent.
     """
+    from fedsoup import kernels
+
     keys_by_dtype: dict[torch.dtype, list[str]] = {}
     for key, tensor in state_dicts[0].items():
         if tensor.is_floating_point():
-            dtype = torch.float64 if any(sd[key].dtype == torch.float64 for sd in state_dicts) else torch.float32
-            keys_by_dtype.setdefault(dtype, []).append(key)
+            keys_by_dtype.setdefault(compute_dtype([sd[key] for sd in state_dicts]), []).append(key)
     soup: StateDict = {}
     distances: dict[str, np.ndarray] = {}
     for dtype, keys in keys_by_dtype.items():
-        if not available():
-            for key in keys:
-                xs = [sd[key].to(dtype) for sd in state_dicts]
-                center = xs[0] * omega[0]
-                for weight, x in zip(omega[1:], xs[1:]):
-                    center.add_(x, alpha=weight)
-                soup[key] = center
-                distances[key] = np.array([float(torch.sum((x.double() - center.double()) ** 2)) for x in xs])
-            continue
-        from fedsoup import kernels
-
         layout = _layout(state_dicts, keys, dtype)
         out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
         partial = np.zeros((layout.chunk_keys.size, len(state_dicts)))
@@ -371,10 +362,3 @@ def soup_and_distances(state_dicts: list[StateDict], omega: list[float]) -> tupl
         soup.update(layout.split(out))
         distances.update(layout.sum_by_key(partial))
     return soup, distances
-
-
-def soup_and_spread(state_dicts: list[StateDict], omega: list[float]) -> tuple[StateDict, dict[str, float]]:
-    """The weighted soup and, per floating key, the spread ``Σ_i ω_i ‖x_i − s‖²``
-    (see :func:`soup_and_distances`)."""
-    soup, distances = soup_and_distances(state_dicts, omega)
-    return soup, {key: math.fsum(w * d for w, d in zip(omega, values.tolist())) for key, values in distances.items()}

@@ -213,7 +213,7 @@ def test_half_precision_values_upcast_exactly_in_the_kernel(dtype):
     options = dict(optimizer="sgd", lr=1.0, schedule="constant", pivot="first", _path="fused")
     merged = fedsoup.merge(models, **options)
     assert merged["w"].dtype == dtype and torch.equal(merged["w"], values)
-    soup, _ = fused.soup_and_spread(models, [0.5, 0.5])
+    soup, _ = fused.soup_and_distances(models, [0.5, 0.5])
     assert torch.equal(soup["w"], values.float())
 
 
@@ -316,25 +316,23 @@ def test_numpy_inputs_default_to_cpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_soup_and_spread(dtype):
+def test_soup_and_distances(dtype):
     models = make_models(5, dtype=dtype, large=True)
     weights = [w / sum(random_weights(5)) for w in random_weights(5)]
-    soup, spread = fused.soup_and_spread(models, weights)
+    soup, distances = fused.soup_and_distances(models, weights)
     expected = fedsoup.soup(models, weights)
     for key in ("big", "mid"):
         assert soup[key].dtype == dtype
         torch.testing.assert_close(soup[key], expected[key], atol=1e-6, rtol=1e-6)
         center = expected[key].double()
-        want = sum(w * float(torch.sum((m[key].double() - center) ** 2)) for w, m in zip(weights, models))
-        assert spread[key] == pytest.approx(want, rel=1e-5)
-    assert "count" not in spread
-    again = fused.soup_and_spread(models, weights)
-    assert again[1] == spread and all(torch.equal(again[0][k], soup[k]) for k in soup)
-    _, distances = fused.soup_and_distances(models, weights)
-    for key in ("big", "mid"):
-        center = expected[key].double()
         want = [float(torch.sum((m[key].double() - center) ** 2)) for m in models]
         np.testing.assert_allclose(distances[key], want, rtol=1e-5)
+        spread = sum(w * d for w, d in zip(weights, distances[key]))
+        assert spread == pytest.approx(sum(w * d for w, d in zip(weights, want)), rel=1e-5)
+    assert "count" not in distances
+    again = fused.soup_and_distances(models, weights)
+    assert all(np.array_equal(again[1][k], distances[k]) for k in distances)
+    assert all(torch.equal(again[0][k], soup[k]) for k in soup)
 
 
 # ---------------------------------------------------------------------------
