@@ -172,10 +172,9 @@ def _step_sgd(w, adaptive, pivot, batch, scale, s1, h, scalars, first):
 
 
 @_jit(inline="always")
-def _adam_moments(i, d, w, s1, s2, constants):
+def _adam_moments(i, d, w, s1, s2, moments):
     """Adam's shared part: (decoupled) weight decay of ``w``, then the two moments."""
-    beta1_weight, beta1_rest, beta2, beta2_weight, eps, coupled_decay, step_size, inverse_sqrt_bias2, decay = \
-        constants
+    beta1_weight, beta1_rest, beta2, beta2_weight, coupled_decay, decay = moments
     w[i] = w[i] * decay
     d = d + coupled_decay * w[i]
     s1[i] = _lerp(s1[i], d, beta1_weight, beta1_rest)
@@ -184,17 +183,17 @@ def _adam_moments(i, d, w, s1, s2, constants):
 
 @_jit(inline="always")
 def _adam_at(i, g, w, state, constants):
-    s1, s2 = state[0], state[1]
-    eps, step_size, inverse_sqrt_bias2 = constants[4], constants[6], constants[7]
-    _adam_moments(i, g, w, s1, s2, constants)
+    s1, s2 = state
+    moments, (eps, step_size, inverse_sqrt_bias2) = constants
+    _adam_moments(i, g, w, s1, s2, moments)
     w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s2[i]) * inverse_sqrt_bias2 + eps))
 
 
 @_jit(inline="always")
 def _amsgrad_at(i, g, w, state, constants):
     s1, s2, s3 = state
-    eps, step_size, inverse_sqrt_bias2 = constants[4], constants[6], constants[7]
-    _adam_moments(i, g, w, s1, s2, constants)
+    moments, (eps, step_size, inverse_sqrt_bias2) = constants
+    _adam_moments(i, g, w, s1, s2, moments)
     s3[i] = max(s3[i], s2[i])
     w[i] = w[i] - step_size * (s1[i] / (np.sqrt(s3[i]) * inverse_sqrt_bias2 + eps))
 
@@ -209,7 +208,7 @@ def _step_adam(w, adaptive, pivot, batch, scale, s1, s2, s3, h, scalars):
     ``(a·ζ)·(−1) = a·(−ζ)``: the options need no branch in the loop. ``sqrt(v)·(1/sqrt(1 − β2^k))``
     stands for torch's ``sqrt(v) / sqrt(1 − β2^k)``: one rounding apart, and one division
     fewer per coordinate and step (divisions bound this loop)."""
-    constants = (h[1], h[0], h[2], h[3], h[4], h[5], scalars[0], scalars[1], scalars[2])
+    constants = ((h[1], h[0], h[2], h[3], h[5], scalars[2]), (h[4], scalars[0], scalars[1]))
     signed_scale = scale * h[7]
     if h[6] != 0:
         _each_coordinate(_amsgrad_at, w, adaptive, pivot, batch, signed_scale, (s1, s2, s3), constants)
