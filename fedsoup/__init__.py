@@ -9,7 +9,14 @@ typed and carry their culprit as attributes (``fedsoup.MergeInputError``).
 """
 
 from fedsoup.ame import merge, soup
-from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExistsError, UnknownOptionError
+from fedsoup.errors import (
+    MergeInputError,
+    MergeWarning,
+    OptionError,
+    OutputExistsError,
+    StateError,
+    UnknownOptionError,
+)
 from fedsoup.inputs import find_non_finite  # noqa: F401 - internal helper, used by strategies/
 from fedsoup.offline import inspect_files, merge_files
 from fedsoup.optim import (  # noqa: F401 - is_plain_sgd, make_optimizer: internal helpers, used by strategies/
@@ -36,6 +43,7 @@ __all__ = [
     "OptionError",
     "UnknownOptionError",
     "OutputExistsError",
+    "StateError",
     "MergeWarning",
     "OPTIMIZERS",
     "FedAdam",

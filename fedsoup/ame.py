@@ -30,6 +30,7 @@ import torch
 
 from fedsoup import fused
 from fedsoup import defaults
+from fedsoup.errors import OptionError, closest_name
 from fedsoup.flat import STACK_MAX_NUMEL, merge_flat
 from fedsoup.inputs import (
     StateDict,
@@ -176,7 +177,8 @@ def merge(
     )
     path = _path or choose_path(problem)
     if path not in PATHS:
-        raise ValueError(f"unknown merge path {path!r}; one of {', '.join(PATHS)}")
+        raise OptionError("_path", path, f"unknown merge path {path!r}; one of {', '.join(PATHS)}",
+                          suggestion=closest_name(str(path), PATHS))
     # Safe defaults (fedsoup.defaults): a scale-aware lr for adaptive optimizers, and the
     # ball guard of Prop. 2. The soup identities need neither; the fused kernel measures
     # the guard's distances itself unless a spread pass is needed anyway (for the lr).
@@ -216,7 +218,7 @@ def _merge_fused(problem: Problem, *, guard: bool) -> tuple[StateDict, defaults.
     """
     spec = fused.kernel_spec(problem.optimizer, problem.optimizer_kwargs)
     if spec is None or problem.device.type != "cpu" or problem.greedy or problem.project:
-        raise ValueError(f"the fused kernel cannot run this merge ({problem.optimizer.__name__})")
+        raise OptionError("_path", "fused", f"the fused kernel cannot run this merge ({problem.optimizer.__name__})")
     if not guard:
         return fused.merge_fused(problem, spec)[0], None
     every = list(range(len(problem.state_dicts)))
@@ -258,7 +260,7 @@ def _check_lr(lr: LearningRate, reference: StateDict) -> LearningRate:
     per_key = {str(k): float(v) for k, v in lr.items()}
     for key, tensor in reference.items():
         if tensor.is_floating_point() and key not in per_key:
-            raise ValueError(f"lr: no learning rate for tensor {key!r}")
+            raise OptionError("lr", lr, f"lr: no learning rate for tensor {key!r}")
     return per_key
 
 

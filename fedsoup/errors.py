@@ -4,6 +4,9 @@
 - :class:`OptionError` (a ``ValueError``): a bad option value; :class:`UnknownOptionError`
   (also a ``TypeError``, as Python raises for an unexpected keyword) an option name that
   does not exist, with the closest valid name.
+- :class:`StateError` (a ``ValueError``): a saved state or checkpoint that cannot be
+  restored (a strategy's ``load_state_dict``, a checkpoint directory), naming the file and
+  the tensor or entry where known.
 - :class:`OutputExistsError` (a ``FileExistsError``): the output is there and ``force`` is off.
 
 The command line exits with status 2 on any of them (1 on anything else).
@@ -15,7 +18,8 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
-    "MergeInputError", "OptionError", "UnknownOptionError", "OutputExistsError", "MergeWarning", "closest_name",
+    "MergeInputError", "OptionError", "UnknownOptionError", "StateError", "OutputExistsError", "MergeWarning",
+    "closest_name",
 ]
 
 
@@ -128,6 +132,35 @@ class UnknownOptionError(OptionError, TypeError):
 
 def _rebuild_unknown_option(option, choices, optimizer, arguments, what) -> UnknownOptionError:
     return UnknownOptionError(option, choices, optimizer=optimizer, optimizer_arguments=arguments, what=what)
+
+
+class StateError(ValueError):
+    """A saved state that cannot be restored: not a FedSoup state, another optimizer's, or
+    arrays that do not match the model they are restored into.
+
+    Attributes:
+        reason: what is wrong, without the location.
+        path: the file (or checkpoint directory), or ``None`` for an in-memory state dict.
+        key: the tensor or entry at fault, or ``None``.
+    """
+
+    def __init__(self, reason: str, *, path: str | None = None, key: str | None = None) -> None:
+        self.reason = reason
+        self.path = None if path is None else str(path)
+        self.key = key
+        where = [part for part in (self.path, None if key is None else f"tensor {key!r}") if part is not None]
+        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
+
+    def at(self, path: str) -> StateError:
+        """A copy located at ``path`` (where it was unknown)."""
+        return StateError(self.reason, path=path if self.path is None else self.path, key=self.key)
+
+    def __reduce__(self):
+        return _rebuild_state_error, (self.reason, self.path, self.key)
+
+
+def _rebuild_state_error(reason, path, key) -> StateError:
+    return StateError(reason, path=path, key=key)
 
 
 class OutputExistsError(FileExistsError):

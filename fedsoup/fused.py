@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedsoup.errors import OptionError
 from fedsoup.inputs import StateDict, compute_dtype
 from fedsoup.optim import FedAdagrad, FedAdam, FedYogi
 from fedsoup.problem import Problem
@@ -74,7 +75,7 @@ def kernel_spec(optimizer: type[torch.optim.Optimizer], kwargs: dict) -> KernelS
     try:
         bound = inspect.signature(optimizer.__init__).bind(None, None, **kwargs)
     except TypeError as error:
-        raise ValueError(f"cannot build optimizer {optimizer.__name__} with {kwargs}: {error}") from None
+        raise OptionError("optimizer_kwargs", kwargs, f"cannot build optimizer {optimizer.__name__} with {kwargs}: {error}") from None
     bound.apply_defaults()
     options = dict(bound.arguments)
     if options.get("capturable") or options.get("differentiable"):
@@ -92,7 +93,7 @@ def _check_values(optimizer: type, options: dict, kwargs: dict) -> None:
     if options.get("nesterov") and (options["momentum"] <= 0 or options["dampening"] != 0):
         problems.append("Nesterov momentum requires a momentum and zero dampening")
     if problems:
-        raise ValueError(f"cannot build optimizer {optimizer.__name__} with {kwargs}: {'; '.join(problems)}")
+        raise OptionError("optimizer_kwargs", kwargs, f"cannot build optimizer {optimizer.__name__} with {kwargs}: {'; '.join(problems)}")
 
 
 def _flag(value) -> float:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from fedsoup.errors import OptionError, closest_name
+
 __all__ = [
     "FedAdam",
     "FedYogi",
@@ -282,12 +284,14 @@ def resolve_optimizer(optimizer: str | type[Optimizer]) -> type[Optimizer]:
             return OPTIMIZERS[optimizer.lower()]
         except KeyError:
             known = ", ".join(sorted(OPTIMIZERS))
-            raise ValueError(f"unknown optimizer {optimizer!r}; known: {known}") from None
+            raise OptionError("optimizer", optimizer, f"unknown optimizer {optimizer!r}; known: {known}",
+                              suggestion=closest_name(optimizer.lower(), OPTIMIZERS)) from None
     if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
         return optimizer
-    raise ValueError(
+    raise OptionError(
+        "optimizer", optimizer,
         f"optimizer must be a name ({', '.join(sorted(OPTIMIZERS))}) or a "
-        f"torch.optim.Optimizer subclass, got {optimizer!r}"
+        f"torch.optim.Optimizer subclass, got {optimizer!r}",
     )
 
 
@@ -320,7 +324,7 @@ def make_optimizer(
 
     Unless ``fused``/``foreach`` is given: ``fused=True`` where torch has a fused CPU
     kernel, else ``foreach=True`` where the optimizer takes it (torch picks neither on
-    CPU by default). A constructor that rejects ``kwargs`` raises ``ValueError``.
+    CPU by default). A constructor that rejects ``kwargs`` raises :class:`~fedsoup.errors.OptionError`.
     """
     cls = resolve_optimizer(optimizer)
     if "fused" not in kwargs and "foreach" not in kwargs:
@@ -334,13 +338,13 @@ def make_optimizer(
 
 def build_optimizer(optimizer: str | type[Optimizer], params, **kwargs: Any) -> Optimizer:
     """``optimizer(params, **kwargs)`` as the class itself defaults it (the reference path);
-    a constructor that rejects ``kwargs`` raises ``ValueError``."""
+    a constructor that rejects ``kwargs`` raises :class:`~fedsoup.errors.OptionError`."""
     cls = resolve_optimizer(optimizer)
     try:
         return cls(params, **kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         shown = {k: v for k, v in kwargs.items() if k != "lr"}
-        raise ValueError(f"cannot build optimizer {cls.__name__} with {shown}: {error}") from None
+        raise OptionError("optimizer_kwargs", shown, f"cannot build optimizer {cls.__name__} with {shown}: {error}") from None
 
 
 def _init_parameters(cls: type) -> set[str]:

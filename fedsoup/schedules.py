@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedsoup.errors import OptionError, closest_name
+
 Schedule = Callable[[int, float], float]
 
 SCHEDULES = ("constant", "harmonic", "poly")
@@ -35,17 +37,18 @@ def make_schedule(
         user_schedule = schedule
         return lambda k, visited: float(user_schedule(k))
     if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise ValueError(
-            f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)} or a callable k -> lr"
+        raise OptionError(
+            "schedule", schedule, f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)} or a callable k -> lr",
+            suggestion=closest_name(str(schedule), SCHEDULES),
         )
     if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        raise OptionError("lr", lr, f"lr must be a finite number >= 0, got {lr!r}")
     if schedule == "constant":
         return lambda k, visited: lr
     if schedule == "harmonic":
         return lambda k, visited: lr / visited
     if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha!r}")
+        raise OptionError("alpha", alpha, f"alpha must be finite, got {alpha!r}")
     return lambda k, visited: lr * float(k) ** alpha
 
 

@@ -17,7 +17,7 @@ import torch
 from flwr.common import log
 
 import fedsoup
-from fedsoup.errors import MergeInputError
+from fedsoup.errors import MergeInputError, OptionError, closest_name
 from fedsoup.options import MergeOptions
 from strategies._shared import check_optimizer_builds, format_kwargs, model_distance
 from strategies.replies import UsableReply
@@ -56,9 +56,10 @@ class ClientSoup:
 
     def __init__(self, soup: Mapping[str, Any] | None = None, pivot: str = "soup", seed: int = 0) -> None:
         if pivot not in PIVOTS:
-            raise ValueError(f"soup_pivot must be 'global' or 'soup', got {pivot!r}")
+            raise OptionError("soup_pivot", pivot, f"soup_pivot must be 'global' or 'soup', got {pivot!r}",
+                              suggestion=closest_name(str(pivot), PIVOTS))
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+            raise OptionError("seed", seed, f"seed must be an int, got {seed!r}")
         self.options = None if soup is None else MergeOptions.from_dict(soup, reserved=_RESERVED)
         if self.options is not None:
             lr = self.options.lr if isinstance(self.options.lr, float) else 1.0

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg, Result
 
+from fedsoup.errors import OptionError, StateError
 from strategies.client_soup import ClientSoup
 from strategies.replies import ReplyChecker, UsableReply, log_received, to_array_record, to_tensor_dict
 from strategies.server_stew import ServerStew
@@ -111,7 +112,7 @@ class FedSoup(FedAvg):
         super().__init__(*fedavg_args, **fedavg_kwargs)
         for name, value in (("order_by", order_by), ("tie_break_key", tie_break_key)):
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must name a client metric (a str), got {value!r}")
+                raise OptionError(name, value, f"{name} must name a client metric (a str), got {value!r}")
         self.client_soup = ClientSoup(soup, pivot=soup_pivot, seed=seed)
         self.server_stew = ServerStew.from_settings(stew)
         self.order_by = order_by
@@ -301,16 +302,17 @@ class FedSoup(FedAvg):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the next round is ``state["round"] + 1``.
 
-        Raises ``ValueError`` if the state is not a FedSoup state or its ServerStew
-        optimizer differs from this FedSoup's (its moments would be meaningless).
+        Raises :class:`fedsoup.errors.StateError` (a ``ValueError``) if the state is not a
+        FedSoup state or its ServerStew optimizer differs from this FedSoup's (its moments
+        would be meaningless).
         """
         self._apply_state(RunState.from_dict(state))
 
     def _apply_state(self, state: RunState) -> None:
         try:
             self.server_stew.load_state_dict(state.stew or {"optimizer": self.server_stew.name, "state": None})
-        except ValueError as error:
-            raise ValueError(f"FedSoup state: {error}") from None
+        except StateError as error:
+            raise StateError(f"FedSoup state: {error.reason}", path=error.path, key=error.key) from None
         self._round = state.round
         self.client_soup.seed = state.seed
         self._current = state.global_model

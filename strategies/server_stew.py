@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import fedsoup
+from fedsoup.errors import StateError
 from fedsoup.options import OptimizerOptions
 from strategies._shared import check_optimizer_builds, format_kwargs, model_distance, optimizer_name
 
@@ -65,8 +66,9 @@ class ServerStew:
     ) -> tuple[dict[str, torch.Tensor], float]:
         """``(x_t, ‖g_t‖)`` from ``x_{t-1}`` (``current``) and the ClientSoup ``w_t`` (``merged``).
 
-        Raises ``ValueError`` if the floating arrays differ from those the optimizer
-        was built for (its moments would be meaningless).
+        Raises :class:`~fedsoup.errors.StateError` (a ``ValueError``) naming the first
+        differing array if the floating arrays differ from those the optimizer was built
+        for (its moments would be meaningless).
         """
         dtypes = {k: t.dtype for k, t in current.items()}
         if self.is_identity:
@@ -103,10 +105,12 @@ class ServerStew:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output. ``ValueError`` if it is another optimizer's."""
+        """Restore :meth:`state_dict` output; :class:`~fedsoup.errors.StateError` if it is another optimizer's
+        or its parameter description is broken."""
         if state.get("optimizer") != self.name:
-            raise ValueError(
-                f"its ServerStew optimizer is {state.get('optimizer')!r}, this ServerStew uses {self.name!r}"
+            raise StateError(
+                f"its ServerStew optimizer is {state.get('optimizer')!r}, this ServerStew uses {self.name!r}",
+                key="optimizer",
             )
         self.parameters, self.optimizer = {}, None
         if state.get("state") is None:
@@ -117,7 +121,7 @@ class ServerStew:
                 for key, shape, dtype in zip(state["keys"], state["shapes"], state["dtypes"], strict=True)
             }
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise ValueError(f"ServerStew state: bad parameter description ({error!r})") from None
+            raise StateError(f"ServerStew state: bad parameter description ({error!r})", key="keys") from None
         self._build(specs)
         self.optimizer.load_state_dict(state["state"])
 
@@ -135,8 +139,9 @@ class ServerStew:
         expected = {k: tuple(p.shape) for k, p in self.parameters.items()}
         if floating != expected:
             changed = sorted(set(floating.items()) ^ set(expected.items()))
-            raise ValueError(
+            raise StateError(
                 "the global model's floating arrays changed since the ServerStew was created "
-                f"(first difference: array {changed[0][0]!r})"
+                f"(first difference: array {changed[0][0]!r})",
+                key=changed[0][0],
             )
 

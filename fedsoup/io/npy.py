@@ -13,6 +13,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from fedsoup.errors import MergeInputError
+
 __all__ = ["read_npy_header", "npy_view"]
 
 # Enough bytes for any header numpy writes for a plain array (it pads to 64 bytes).
@@ -22,7 +24,7 @@ _HEADER_PEEK = 4096
 def read_npy_header(stream: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     """``(shape, fortran_order, dtype)`` of the ``.npy`` data at ``stream``, which is left at the data.
 
-    Raises ``ValueError`` for anything but a version 1.0/2.0 header of a non-object dtype.
+    Raises :class:`~fedsoup.errors.MergeInputError` (a ``ValueError``) for anything but a version 1.0/2.0 header of a non-object dtype.
     """
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
@@ -30,9 +32,9 @@ def read_npy_header(stream: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     elif version == (2, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
     else:
-        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+        raise MergeInputError(f".npy format version {version[0]}.{version[1]} is not supported")
     if dtype.hasobject:
-        raise ValueError(f"dtype {dtype} holds Python objects (would need pickle)")
+        raise MergeInputError(f"dtype {dtype} holds Python objects (would need pickle)")
     return tuple(int(size) for size in shape), bool(fortran_order), dtype
 
 
