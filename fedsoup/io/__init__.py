@@ -3,7 +3,9 @@
 - :mod:`~fedsoup.io.formats`: suffixes, dtype codes, :class:`TensorInfo`.
 - :mod:`~fedsoup.io.npy`: the ``.npy`` header reader and zero-copy view (also used by the strategy).
 - :mod:`~fedsoup.io.readers`: lazy readers for safetensors (single or sharded), ``.pt``
-  (``torch.load(weights_only=True)`` only), ``.npz``; :func:`open_checkpoint`.
+  (``torch.load(weights_only=True)`` only), ``.npz``.
+- :mod:`~fedsoup.io.resolve`: what an input path means (directory, index, weights file) and
+  the Hugging Face directory beside it; :func:`open_checkpoint`.
 - :mod:`~fedsoup.io.checks`: structure checks across opened checkpoints, from headers.
 - :mod:`~fedsoup.io.layout`: the output's file names (single file, shards + index, directory).
 - :mod:`~fedsoup.io.writer`: the streaming, atomic writer :func:`write_checkpoint`.
@@ -23,11 +25,9 @@ from fedsoup.io.readers import (
     NpzCheckpoint,
     SafetensorsCheckpoint,
     ShardedCheckpoint,
-    expand_inputs,
-    load_state_dict,
-    open_checkpoint,
     unwrap_state_dict,
 )
+from fedsoup.io.resolve import ResolvedInput, expand_inputs, load_state_dict, open_checkpoint, resolve_input
 from fedsoup.io.writer import parse_size, plan_shards, write_checkpoint
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "NpzCheckpoint",
     "ShardedCheckpoint",
     "open_checkpoint",
+    "resolve_input",
+    "ResolvedInput",
     "load_state_dict",
     "unwrap_state_dict",
     "expand_inputs",

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import torch
 
 from fedsoup.errors import MergeInputError
+from fedsoup.io.quantized import DEQUANTIZE_HINT, quantized_layout
 from fedsoup.io.readers import Checkpoint
 from fedsoup.structure import check_structure, structure_differences
 
-__all__ = ["check_compatible", "differences", "check_finite"]
+__all__ = ["check_compatible", "check_unquantized", "differences", "check_finite"]
 
 
 def differences(reference: Checkpoint, other: Checkpoint, limit: int | None = None) -> list[str]:
@@ -35,6 +36,18 @@ def check_compatible(checkpoints: Sequence[Checkpoint], reference: Checkpoint | 
         if checkpoint is not reference:
             check_structure(reference.infos, checkpoint.infos, ingredient=index, path=checkpoint.name,
                             reference_name=reference.name)
+
+
+def check_unquantized(checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse checkpoints holding a quantized layout (:mod:`fedsoup.io.quantized`), from headers."""
+    for index, checkpoint in enumerate(checkpoints):
+        found = quantized_layout(checkpoint.infos)
+        if found is not None:
+            key, kind = found
+            raise MergeInputError(
+                f"holds a quantized layout ({kind}): its tensors cannot be averaged one by one; {DEQUANTIZE_HINT}",
+                ingredient=index, key=key, path=checkpoint.name,
+            )
 
 
 def check_finite(tensor: torch.Tensor, name: str, key: str) -> torch.Tensor:

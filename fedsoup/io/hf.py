@@ -1,12 +1,14 @@
 """Hugging Face model directories: a ``config.json`` beside the weights.
 
-A merge of model directories into a directory gives a directory that
-``AutoModel.from_pretrained`` loads: the first input's configuration and tokenizer
-files are carried over (the weights keep Hugging Face's names, see
-:class:`fedsoup.io.layout.OutputLayout`). When the inputs' ``config.json`` differ
-beyond bookkeeping fields, a :class:`~fedsoup.errors.MergeWarning` names the first
-input that differs and the fields. The config's ``torch_dtype`` is set to the dtype the
-weights are written in.
+Inputs are resolved (:func:`fedsoup.io.resolve.resolve_input`) to the directory their
+weights sit in, whichever form the user named (directory, index, weights file). Before
+any tensor is read, :func:`check_model_inputs` refuses what cannot be merged: models
+beside PEFT adapters, models of different ``model_type``, quantized models. A merge into
+a directory then gives a directory that ``AutoModel.from_pretrained`` loads: the first
+input's configuration, generation config and tokenizer files are carried over
+(:func:`model_directory_files`), the config's dtype set to the dtype the weights are
+written in. When the inputs' ``config.json`` differ beyond bookkeeping fields, a
+:class:`~fedsoup.errors.MergeWarning` names the first input that differs and the fields.
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ import torch
 
 from fedsoup.errors import MergeInputError, MergeWarning
 from fedsoup.io.formats import dtype_str, one_line
+from fedsoup.io.quantized import DEQUANTIZE_HINT, declared_quantization
+from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
 
-__all__ = ["CONFIG_NAME", "CARRIED_FILES", "is_model_directory", "model_directory_files"]
+__all__ = [
+    "CONFIG_NAME", "CARRIED_FILES", "is_model_directory", "read_config", "check_model_inputs",
+    "model_directory_files", "uncarried_files",
+]
 
-CONFIG_NAME = "config.json"
+CONFIG_NAME = MODEL_CONFIG
+
 # What transformers' save_pretrained writes beside the weights for a model, its
 # generation defaults, tokenizer (fast and slow, BPE/WordPiece/SentencePiece) and processor.
 CARRIED_FILES = (
@@ -54,14 +62,14 @@ def is_model_directory(path: str | os.PathLike[str]) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
 
 
-def _read_config(directory: str) -> dict:
-    path = Path(directory) / CONFIG_NAME
+def read_config(path: Path) -> dict:
+    """A JSON object from ``path`` (``config.json``, ``adapter_config.json``)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MergeInputError(f"unreadable {CONFIG_NAME} ({one_line(error)})", path=str(path)) from None
+        raise MergeInputError(f"unreadable {Path(path).name} ({one_line(error)})", path=str(path)) from None
     if not isinstance(config, dict):
-        raise MergeInputError(f"{CONFIG_NAME} is not a JSON object", path=str(path))
+        raise MergeInputError(f"{Path(path).name} is not a JSON object", path=str(path))
     return config
 
 
@@ -70,40 +78,98 @@ def _differing_fields(reference: dict, other: dict) -> list[str]:
     return sorted(key for key in keys if reference.get(key) != other.get(key))
 
 
-def model_directory_files(inputs: Sequence[str], weights_dtype: torch.dtype | None) -> dict[str, bytes]:
-    """The files to write beside the merged weights when ``inputs[0]`` is a model directory.
+def check_model_inputs(inputs: Sequence[ResolvedInput]) -> None:
+    """Refuse, from configuration files alone, inputs that cannot be merged with each other.
 
-    Returns ``{file name: bytes}`` (empty when ``inputs[0]`` is no model directory). The
-    first input's files are kept byte for byte, except ``config.json`` whose
-    ``torch_dtype`` (or ``dtype``) is set to ``weights_dtype`` when given.
+    - full models beside PEFT adapters (an adapter holds deltas of a few layers, not a model);
+    - models whose ``config.json`` declares another ``model_type`` than the first model's;
+    - a ``config.json`` that declares quantization (:mod:`fedsoup.io.quantized`).
+
+    Raises :class:`~fedsoup.errors.MergeInputError` with ``path`` (the input) and
+    ``ingredient`` (its position).
+    """
+    kinds = {item.kind for item in inputs}
+    if MODEL in kinds and ADAPTER in kinds:
+        first_model = next(item for item in inputs if item.kind == MODEL)
+        index, adapter = next((i, item) for i, item in enumerate(inputs) if item.kind == ADAPTER)
+        raise MergeInputError(
+            f"is a PEFT adapter ({adapter.config_path.name}) while {first_model.name} is a full model; "
+            f"merge adapters with adapters and models with models",
+            ingredient=index, path=adapter.name,
+        )
+    reference = None
+    for index, item in enumerate(inputs):
+        if item.kind != MODEL:
+            continue
+        config = read_config(item.config_path)
+        declared = declared_quantization(config)
+        if declared is not None:
+            raise MergeInputError(
+                f"{item.config_path} declares {declared}: quantized weights cannot be averaged; {DEQUANTIZE_HINT}",
+                ingredient=index, path=item.name,
+            )
+        if reference is None:
+            reference = (item, config)
+        elif config.get("model_type") != reference[1].get("model_type"):
+            raise MergeInputError(
+                f"model_type {config.get('model_type')!r} ({item.config_path}), not "
+                f"{reference[1].get('model_type')!r} as {reference[0].name}: models of different "
+                f"architectures cannot be merged",
+                ingredient=index, path=item.name,
+            )
+
+
+def _dtype_key(config: dict) -> list[str]:
+    """The config fields naming the weights' dtype (the one transformers reads when none is there)."""
+    present = [key for key in ("torch_dtype", "dtype") if key in config]
+    if present:
+        return present
+    major = str(config.get("transformers_version", "0")).split(".")[0]
+    return ["dtype"] if major.isdigit() and int(major) >= 5 else ["torch_dtype"]
+
+
+def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.dtype | None) -> dict[str, bytes]:
+    """The files to write beside the merged weights when ``inputs[0]`` is in a model directory.
+
+    Returns ``{file name: bytes}`` (empty when ``inputs[0]`` has no ``config.json`` beside
+    it). The first input's files (:data:`CARRIED_FILES`) are kept byte for byte, except
+    ``config.json`` whose ``dtype`` (or ``torch_dtype``) is set to ``weights_dtype`` when given.
     """
     first = inputs[0]
-    if not is_model_directory(first):
+    if first.kind != MODEL:
         return {}
-    config = _read_config(first)
+    config = read_config(first.config_path)
     for other in inputs[1:]:
-        if not is_model_directory(other):
+        if other.kind != MODEL:
             continue
-        fields = _differing_fields(config, _read_config(other))
+        fields = _differing_fields(config, read_config(other.config_path))
         if fields:
             shown = ", ".join(fields[:5]) + (f" and {len(fields) - 5} more" if len(fields) > 5 else "")
             warnings.warn(
-                f"{other}/{CONFIG_NAME} differs from {first}/{CONFIG_NAME} ({shown}); "
-                f"the output carries the configuration of {first}",
+                f"{other.config_path} differs from {first.config_path} ({shown}); "
+                f"the output carries the configuration of {first.name}",
                 MergeWarning, stacklevel=4,  # at the caller of merge_files
             )
             break
     files = {}
     for name in CARRIED_FILES:
-        path = Path(first) / name
+        path = first.directory / name
         if path.is_file():
             try:
                 files[name] = path.read_bytes()
             except OSError as error:
                 raise MergeInputError(f"cannot read ({one_line(error)})", path=str(path)) from None
-    dtype_keys = [key for key in ("torch_dtype", "dtype") if key in config]
-    if weights_dtype is not None and any(config[key] != dtype_str(weights_dtype) for key in dtype_keys):
-        for key in dtype_keys:
+    keys = _dtype_key(config)
+    if weights_dtype is not None and any(config.get(key) != dtype_str(weights_dtype) for key in keys):
+        for key in keys:
             config[key] = dtype_str(weights_dtype)
         files[CONFIG_NAME] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
     return files
+
+
+def uncarried_files(first: ResolvedInput) -> list[str]:
+    """The files a directory output would carry from ``first``'s model directory (for a warning
+    when the output is a single file, which cannot carry them)."""
+    if first.kind != MODEL:
+        return []
+    return [name for name in CARRIED_FILES if (first.directory / name).is_file()]

@@ -5,19 +5,21 @@ Readers never unpickle arbitrary objects: ``.pt``/``.pth``/``.bin``/``.ckpt`` go
 Safetensors files (single, or sharded with a ``*.index.json``) are read lazily, tensor
 by tensor (``safe_open``), so a merge can visit one tensor at a time. Every failure is a
 :class:`~fedsoup.errors.MergeInputError` whose ``path`` is the file as the user spelled it.
+
+This module opens one weights file (or index) whose path is known; which file a user's
+path means (a model directory, a missing ``model.safetensors`` beside its index) is
+:mod:`fedsoup.io.resolve`.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import pickle
 import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +45,8 @@ __all__ = [
     "InMemoryCheckpoint",
     "NpzCheckpoint",
     "ShardedCheckpoint",
-    "open_checkpoint",
-    "load_state_dict",
+    "open_weights_file",
     "unwrap_state_dict",
-    "expand_inputs",
 ]
 
 
@@ -245,7 +245,7 @@ class ShardedCheckpoint(Checkpoint):
                     raise MergeInputError(f"shard {shard_name!r} is outside the checkpoint folder", path=name)
                 if not shard_path.is_file():
                     raise MergeInputError(f"shard file {shard_name!r} is missing", path=name)
-                self._shards[shard_name] = open_checkpoint(shard_path, name=f"{name} -> {shard_name}")
+                self._shards[shard_name] = open_weights_file(shard_path, f"{name} -> {shard_name}")
             infos: dict[str, TensorInfo] = {}
             for key, shard_name in weight_map.items():
                 shard = self._shards[shard_name]
@@ -325,41 +325,9 @@ def unwrap_state_dict(obj, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _find_in_directory(folder: Path, name: str) -> Path:
-    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
-    if len(indexes) > 1:
-        safetensors_indexes = [p for p in indexes if p.name.endswith(SAFETENSORS_SUFFIX + INDEX_SUFFIX)]
-        indexes = safetensors_indexes if len(safetensors_indexes) == 1 else indexes
-    if len(indexes) == 1:
-        return indexes[0]
-    if len(indexes) > 1:
-        raise MergeInputError(f"several index files ({', '.join(p.name for p in indexes)}); name one", path=name)
-    for suffixes in ((SAFETENSORS_SUFFIX,), TORCH_SUFFIXES, (NUMPY_SUFFIX,)):
-        found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
-        # Hugging Face saves training arguments beside the weights: not a checkpoint.
-        found = [p for p in found if p.name != "training_args.bin"]
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise MergeInputError(f"several checkpoint files ({', '.join(p.name for p in found)}); name one", path=name)
-    raise MergeInputError("directory holds no checkpoint (.safetensors, *.index.json, .pt, .bin, .npz)", path=name)
-
-
-def open_checkpoint(path: str | os.PathLike[str], *, name: str | None = None) -> Checkpoint:
-    """Open a checkpoint file or directory for reading; raise :class:`MergeInputError` if unusable.
-
-    ``model.safetensors`` also finds a sharded ``model.safetensors.index.json`` next to it.
-    """
+def open_weights_file(path: Path, name: str) -> Checkpoint:
+    """Open one weights file or index by its suffix (``path`` exists; ``name`` is shown in errors)."""
     path = Path(path)
-    name = name or str(path)
-    if path.is_dir():
-        path = _find_in_directory(path, name)
-    elif not path.exists():
-        sharded = path.with_name(path.name + INDEX_SUFFIX)
-        if path.suffix == SAFETENSORS_SUFFIX and sharded.is_file():
-            path = sharded
-        else:
-            raise MergeInputError("no such file or directory", path=name)
     if path.name.endswith(INDEX_SUFFIX):
         return ShardedCheckpoint(path, name)
     suffix = path.suffix.lower()
@@ -374,28 +342,3 @@ def open_checkpoint(path: str | os.PathLike[str], *, name: str | None = None) ->
         f"expected .safetensors, .pt, .pth, .bin, .ckpt, .npz, *.index.json or a directory",
         path=name,
     )
-
-
-def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a whole checkpoint (any supported format) into memory."""
-    with open_checkpoint(path) as checkpoint:
-        return checkpoint.load_all()
-
-
-def expand_inputs(patterns: Iterable[str | os.PathLike[str]]) -> list[str]:
-    """Expand shell-style globs (``ckpt/*.safetensors``, ``runs/**/model.pt``), sorted per pattern.
-
-    A pattern without wildcards is kept as given (its absence is reported when opened);
-    a glob that matches nothing is an error, so a typo never silently drops inputs.
-    """
-    paths: list[str] = []
-    for pattern in patterns:
-        pattern = os.fspath(pattern)
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise MergeInputError("no file matches this pattern", path=pattern)
-            paths.extend(matches)
-        else:
-            paths.append(pattern)
-    return paths

@@ -24,11 +24,12 @@ import torch
 
 from fedsoup.defaults import ball_guard_over_tensors
 from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
-from fedsoup.io.checks import check_compatible
+from fedsoup.io.checks import check_compatible, check_unquantized
 from fedsoup.io.formats import DTYPE_NAMES, TensorInfo, dtype_str
-from fedsoup.io.hf import model_directory_files
+from fedsoup.io.hf import check_model_inputs, model_directory_files, uncarried_files
 from fedsoup.io.layout import OutputLayout
-from fedsoup.io.readers import Checkpoint, expand_inputs, open_checkpoint
+from fedsoup.io.readers import Checkpoint, open_weights_file
+from fedsoup.io.resolve import ResolvedInput, expand_inputs, open_checkpoint, resolve_input
 from fedsoup.io.writer import parse_size, write_checkpoint
 from fedsoup.offline.producers import Progress, choose_low_memory, in_memory_producer, low_memory_producer
 from fedsoup.offline.tables import FILE_SETTINGS, per_input_values
@@ -185,6 +186,18 @@ def _warn_mixed_dtypes(checkpoints: Sequence[Checkpoint], first: int) -> None:
     )
 
 
+def _warn_not_carried(first: ResolvedInput, output) -> None:
+    """A single-file output cannot carry the model directory's files: say which, and how to get them."""
+    files = uncarried_files(first)
+    if files:
+        warnings.warn(
+            f"the output {output} is a single weights file: {', '.join(files)} of {first.directory} "
+            f"are not carried, and from_pretrained needs them; give a directory as the output "
+            f"(-o {Path(output).with_suffix('')}/) to write a model directory that loads",
+            MergeWarning, stacklevel=4,  # at the caller of merge_files
+        )
+
+
 def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=None, device=None, dtype=None,
                     metrics=None, copy_config=True, progress=False, **merge_options: Any) -> MergeReport:
     """:func:`merge_files`, returning a :class:`MergeReport` (same arguments)."""
@@ -209,9 +222,13 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         raise OptionError("inputs", inputs, "no inputs: give checkpoint files or directories (or 'inputs' in the config)")
     metrics = None if metrics is None else os.fspath(metrics)
 
+    resolved = [resolve_input(item) for item in names]
+    check_model_inputs(resolved)
+
     with contextlib.ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(item)) for item in names]
+        checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
         check_compatible(checkpoints)
+        check_unquantized(checkpoints)
         options = dataclasses.replace(
             options,
             weights=per_input_values("weights", weights, names, metrics) if weights is not None else None,
@@ -226,7 +243,9 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         float_dtypes = {info.dtype for info in infos.values() if info.is_floating}
         extra_files = {}
         if copy_config and layout.is_directory:
-            extra_files = model_directory_files(names, float_dtypes.pop() if len(float_dtypes) == 1 else None)
+            extra_files = model_directory_files(resolved, float_dtypes.pop() if len(float_dtypes) == 1 else None)
+        elif copy_config:
+            _warn_not_carried(resolved[0], output)
         metadata = {
             "fedsoup.version": _version(),
             "fedsoup.inputs": json.dumps(names),

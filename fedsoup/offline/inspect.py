@@ -9,7 +9,7 @@ from typing import Any
 
 from fedsoup.io.checks import differences
 from fedsoup.io.formats import dtype_str
-from fedsoup.io.readers import expand_inputs, open_checkpoint
+from fedsoup.io.resolve import expand_inputs, open_checkpoint
 
 __all__ = ["inspect_files"]
 

@@ -1,0 +1,179 @@
+"""Language models saved by transformers, in every Hugging Face form, merged into models that load.
+
+Tiny GPT-2 and Llama models are built from configs with random weights (no hub).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import fedsoup
+from fedsoup import cli
+from fedsoup import io as fio
+from fedsoup.errors import MergeInputError, MergeWarning
+from tests.hf_helpers import byte_tokenizer, correctly_rounded_mean, logits, save_in_form, tiny_model
+
+IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+FORMS = ("dir", "safetensors", "sharded", "index", "bin", "bin-index")
+
+
+def save_clients(tmp_path: Path, arch: str, form: str, dtype=torch.bfloat16, n=3, tokenizer=True):
+    models, inputs = [], []
+    for i in range(n):
+        model = tiny_model(arch, seed=i, dtype=dtype)
+        inputs.append(save_in_form(model, tmp_path / f"client{i}", form, byte_tokenizer() if tokenizer and i == 0 else None))
+        models.append(model)
+    return models, inputs
+
+
+def reference_model(arch_model, states: list[dict[str, torch.Tensor]]):
+    """A model holding the hand-computed, correctly rounded soup of ``states``."""
+    reference = transformers.AutoModelForCausalLM.from_config(arch_model.config).to(arch_model.dtype).eval()
+    merged = {key: correctly_rounded_mean([state[key] for state in states]) for key in states[0]}
+    missing, unexpected = reference.load_state_dict(merged, strict=False)
+    assert not unexpected and all(key in ("lm_head.weight",) for key in missing)
+    reference.tie_weights()
+    return reference
+
+
+@pytest.mark.parametrize(("arch", "form"), [("gpt2", form) for form in FORMS] + [("llama", "dir"), ("llama", "index"),
+                                                                                 ("llama", "bin")])
+def test_every_input_form_merges_into_a_model_directory_that_loads(tmp_path, arch, form):
+    models, inputs = save_clients(tmp_path, arch, form)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        out = fedsoup.merge_files(inputs, tmp_path / "out")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer("hi")["input_ids"] == byte_tokenizer()("hi")["input_ids"]
+    states = [fio.load_state_dict(path) for path in inputs]
+    soup = fedsoup.soup(states)
+    assert all(torch.equal(merged.state_dict()[key], soup[key]) for key in soup)
+
+
+def test_weights_files_given_and_a_single_file_output_warns_what_is_not_carried(tmp_path):
+    _, inputs = save_clients(tmp_path, "gpt2", "safetensors")
+    with pytest.warns(MergeWarning, match=r"single weights file: config.json, generation_config.json, tokenizer.json"
+                                          r".* give a directory as the output"):
+        fedsoup.merge_files(inputs, tmp_path / "soup.safetensors")
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_one_shard_named_alone_is_refused(tmp_path):
+    _, inputs = save_clients(tmp_path, "gpt2", "sharded", n=2)
+    shard = Path(inputs[0]) / "model-00001-of-00002.safetensors"
+    if not shard.is_file():
+        shard = sorted(Path(inputs[0]).glob("model-00001-of-*.safetensors"))[0]
+    with pytest.raises(MergeInputError, match="one shard of .*model.safetensors.index.json") as caught:
+        fedsoup.merge_files([str(shard), inputs[1]], tmp_path / "out")
+    assert caught.value.path == str(shard)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resolve_input_maps_every_form_to_its_model_directory(tmp_path):
+    for form in FORMS:
+        model = tiny_model("gpt2", seed=0)
+        path = save_in_form(model, tmp_path / form, form)
+        resolved = fio.resolve_input(path)
+        assert resolved.kind == "model" and resolved.directory == tmp_path / form, form
+        assert resolved.weights.name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                         "pytorch_model.bin.index.json"), form
+    bare = tmp_path / "bare.safetensors"
+    fio.write_checkpoint(bare, {"w": fio.TensorInfo((2,), torch.float32)}, {"w": torch.ones(2)}.__getitem__)
+    assert fio.resolve_input(bare).kind == "weights" and fio.resolve_input(bare).directory is None
+
+
+# ------------------------------------------------------------------------- refused inputs
+
+
+def _cli_refuses(inputs, out: Path, capsys, match: str) -> None:
+    capsys.readouterr()  # what saving the models printed
+    assert cli.main(["merge", *inputs, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err
+    assert not out.exists()
+
+
+def test_models_of_different_architectures_are_refused(tmp_path, capsys):
+    gpt2 = save_in_form(tiny_model("gpt2", 0), tmp_path / "gpt2", "dir")
+    llama = save_in_form(tiny_model("llama", 1), tmp_path / "llama", "dir")
+    with pytest.raises(MergeInputError, match=r"model_type 'llama'.* not 'gpt2'") as caught:
+        fedsoup.merge_files([gpt2, llama], tmp_path / "out")
+    assert caught.value.path == llama and caught.value.ingredient == 1
+    _cli_refuses([gpt2, llama], tmp_path / "out", capsys, r"model_type 'llama'")
+
+
+def test_a_model_beside_an_adapter_is_refused(tmp_path, capsys):
+    model = save_in_form(tiny_model("gpt2", 0), tmp_path / "model", "dir")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    fio.write_checkpoint(adapter / "adapter_model.safetensors", {"a": fio.TensorInfo((2, 2), torch.float32)},
+                         {"a": torch.ones(2, 2)}.__getitem__)
+    with pytest.raises(MergeInputError, match="is a PEFT adapter") as caught:
+        fedsoup.merge_files([model, str(adapter)], tmp_path / "out")
+    assert caught.value.path == str(adapter)
+    _cli_refuses([model, str(adapter)], tmp_path / "out", capsys, "is a PEFT adapter")
+
+
+def test_a_directory_without_weights_is_refused(tmp_path, capsys):
+    model = save_in_form(tiny_model("gpt2", 0), tmp_path / "model", "dir")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    _cli_refuses([model, str(empty)], tmp_path / "out", capsys, r"empty: directory holds no checkpoint")
+
+
+def _gptq_like(folder: Path, seed: int, config: dict | None) -> str:
+    """A GPTQ/AWQ-style layout: packed int32 qweight/qzeros beside fp16 scales."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "model.layers.0.mlp.down_proj.qweight": torch.randint(0, 2**31 - 1, (4, 16), generator=generator, dtype=torch.int32),
+        "model.layers.0.mlp.down_proj.qzeros": torch.randint(0, 2**31 - 1, (1, 2), generator=generator, dtype=torch.int32),
+        "model.layers.0.mlp.down_proj.scales": torch.rand(1, 16, generator=generator).half(),
+        "model.norm.weight": torch.ones(16, dtype=torch.float16),
+    }
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    infos = {k: fio.TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    fio.write_checkpoint(folder / "model.safetensors", infos, tensors.__getitem__)
+    return str(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["config", "layout-only"])
+def test_quantized_checkpoints_are_refused(tmp_path, capsys, declared):
+    config = {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}} if declared else None
+    inputs = [_gptq_like(tmp_path / f"q{i}", i, config) for i in range(2)]
+    match = r"declares quantization_config 'gptq'" if declared else r"quantized layout \(GPTQ/AWQ\)"
+    with pytest.raises(MergeInputError, match=match + ".*dequantize first") as caught:
+        fedsoup.merge_files(inputs, tmp_path / "out")
+    assert caught.value.path == inputs[0] and caught.value.ingredient == 0
+    if not declared:
+        assert caught.value.key == "model.layers.0.mlp.down_proj.qweight"
+    _cli_refuses(inputs, tmp_path / "out", capsys, match)
+
+
+def test_fp8_with_scales_is_refused(tmp_path):
+    inputs = []
+    for i in range(2):
+        tensors = {"layer.weight": (torch.randn(4, 4) * (i + 1)).to(torch.float8_e4m3fn),
+                   "layer.weight_scale_inv": torch.ones(1, 1)}
+        path = tmp_path / f"fp8_{i}.safetensors"
+        fio.write_checkpoint(path, {k: fio.TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()},
+                             tensors.__getitem__)
+        inputs.append(str(path))
+    with pytest.raises(MergeInputError, match=r"quantized layout \(FP8\)") as caught:
+        fedsoup.merge_files(inputs, tmp_path / "out")
+    assert caught.value.key == "layer.weight_scale_inv"
