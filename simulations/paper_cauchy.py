@@ -35,6 +35,7 @@ import torch
 import fedsoup
 from fedsoup.atomic import atomic_write_text
 from simulations.figures import save_png
+from simulations.run_dirs import fresh_run_dir, link_latest
 
 START = (10.0, 10.0)
 
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distributions", nargs="+", choices=("cauchy", "gaussian"), default=["cauchy", "gaussian"])
-    p.add_argument("--out", type=Path, default=Path("results/paper_cauchy"))
+    p.add_argument("--out", type=Path, default=Path("results/paper_cauchy"),
+                   help="each run writes a fresh OUT/<date>T<time>/ and links OUT/latest to it")
     args = p.parse_args(argv)
     if args.ingredients > args.population:
         print("error: --ingredients must not exceed --population", file=sys.stderr)
@@ -156,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
                f"AME from {START}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}. "
                "Distance = Euclidean distance to the population median.")
     table = markdown(results, setting)
-    atomic_write_text(args.out / "cauchy.md", table)
-    atomic_write_text(args.out / "results.json", json.dumps(
+    out = fresh_run_dir(args.out)  # never over an earlier run's files
+    atomic_write_text(out / "cauchy.md", table)
+    atomic_write_text(out / "results.json", json.dumps(
         {"setting": setting, **{d: r["summary"] for d, r in results.items()}}, indent=2))
-    plot(args.out / "cauchy.png", results)
+    plot(out / "cauchy.png", results)
+    link_latest(out)
     print(table)
-    print(f"wrote {args.out}/cauchy.md, results.json, cauchy.png")
+    print(f"wrote {out}/cauchy.md, results.json, cauchy.png")
     return 0
 
 

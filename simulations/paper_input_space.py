@@ -47,6 +47,7 @@ import fedsoup
 from fedsoup.atomic import atomic_write_text
 from simulations.data import ArrayDataset, load_arrays
 from simulations.figures import save_png
+from simulations.run_dirs import fresh_run_dir, link_latest
 from simulations.models import make_model
 from simulations.task import evaluate, seed_for, train
 
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--columns", type=int, default=8, help="AME images shown per class in the PNG")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("results/paper_input_space"))
+    p.add_argument("--out", type=Path, default=Path("results/paper_input_space"),
+                   help="each run writes a fresh OUT/<date>T<time>/ and links OUT/latest to it")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -254,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
                f"real training data: test accuracy {test_acc:.2%}. RMS = root-mean-square pixel distance "
                "(pixels in [0, 1]).")
     table = markdown(rows, setting)
-    atomic_write_text(args.out / "input_space.md", table)
-    atomic_write_text(args.out / "results.json", json.dumps(
+    out = fresh_run_dir(args.out)  # never over an earlier run's files
+    atomic_write_text(out / "input_space.md", table)
+    atomic_write_text(out / "results.json", json.dumps(
         {"setting": setting, "classifier_test_accuracy": test_acc, "seconds": seconds,
          "ame": {k: list(v) if isinstance(v, tuple) else v for k, v in ame.items()},
          "classes": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}, indent=2))
-    plot_grid(args.out / "input_space.png", rows, args.columns)
-    print(f"\n{table}\nwall time {seconds} s; wrote {args.out}/input_space.md, results.json, input_space.png")
+    plot_grid(out / "input_space.png", rows, args.columns)
+    link_latest(out)
+    print(f"\n{table}\nwall time {seconds} s; wrote {out}/input_space.md, results.json, input_space.png")
     return 0
 
 

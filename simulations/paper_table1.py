@@ -52,6 +52,7 @@ from datasets import Dataset
 import fedsoup
 from fedsoup.atomic import atomic_write_text
 from simulations.figures import save_png
+from simulations.run_dirs import fresh_run_dir, link_latest
 from simulations.data import ArrayDataset, load_arrays
 from simulations.models import make_model
 from simulations.partitioning import ClassExclusionPartitioner
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="repeat the whole protocol (split, initialisation, experts, selection) per seed")
     p.add_argument("--quick", action="store_true", help="a small AME grid (for tests and smoke runs)")
-    p.add_argument("--out", type=Path, default=Path("results/paper_table1"))
+    p.add_argument("--out", type=Path, default=Path("results/paper_table1"),
+                   help="each run writes a fresh OUT/<date>T<time>/ and links OUT/latest to it")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: threads cost more than they give
     epochs = args.epochs or (10 if args.dataset == "digits" else 5)
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = QUICK_GRID if args.quick else AME_GRID
     start = time.perf_counter()
     per_seed = []
+    out = None
     for seed in args.seeds:
         try:
             splits = make_splits(args.dataset, args.data_dir, val_size, seed)
@@ -341,10 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         per_seed.append({"seed": seed, "val_size": len(splits.val), "levels": rows})
         # Written after every seed, so a long run that is stopped keeps the seeds it finished.
-        text = write_outputs(args.out, per_seed, setting_of(args, epochs, lr, per_seed),
+        out = out or fresh_run_dir(args.out)  # never over an earlier run's files
+        text = write_outputs(out, per_seed, setting_of(args, epochs, lr, per_seed),
                              round(time.perf_counter() - start, 1))
+    link_latest(out)
     seconds = round(time.perf_counter() - start, 1)
-    print(f"\n{text}\nwall time {seconds} s; wrote {args.out}/table1.md, table2.md, results.json, table1.png")
+    print(f"\n{text}\nwall time {seconds} s; wrote {out}/table1.md, table2.md, results.json, table1.png")
     return 0
 
 

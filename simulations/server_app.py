@@ -60,8 +60,12 @@ def rounds_table(result: Any, seconds: Mapping[int, float]) -> list[dict[str, An
     return rows
 
 
-def run_server(grid: Grid, cfg: SimConfig, sink: RoundsSink | None = None) -> list[dict[str, Any]]:
-    """Run ``cfg.strategy`` for ``cfg.num_server_rounds`` rounds; return the per-round rows."""
+def run_server(grid: Grid, cfg: SimConfig, sink: RoundsSink | None = None, *,
+               on_round: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Run ``cfg.strategy`` for ``cfg.num_server_rounds`` rounds; return the per-round rows.
+
+    ``on_round`` is called after each round's evaluation (a progress bar's step).
+    """
     torch.set_num_threads(1)
     strategy = build_strategy(cfg, cfg.num_partitions)
     initial = ArrayRecord(make_model(cfg.dataset, seed=cfg.seed).state_dict())
@@ -71,7 +75,10 @@ def run_server(grid: Grid, cfg: SimConfig, sink: RoundsSink | None = None) -> li
 
     def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         seconds[server_round] = time.perf_counter() - start
-        return evaluate_fn(server_round, arrays)
+        metrics = evaluate_fn(server_round, arrays)
+        if on_round is not None and server_round > 0:
+            on_round()
+        return metrics
 
     result = strategy.start(
         grid=grid,

@@ -58,8 +58,14 @@ class _LeftOut(Exception):
 
 
 def log_received(stage: str, replies: Iterable[Message]) -> list[Message]:
-    """Log results and failures as Flower's strategies do; return the replies as a list."""
+    """Log results and failures as Flower's strategies do; return the replies as a list.
+
+    As Flower's ``FedAvg``, nothing is logged for a round without replies (e.g. every
+    ``aggregate_evaluate`` of a run with ``fraction_evaluate=0``).
+    """
     replies = list(replies)
+    if not replies:
+        return replies
     num_errors = sum(1 for msg in replies if msg.has_error())
     log(INFO, "%s: Received %s results and %s failures", stage, len(replies) - num_errors, num_errors)
     return replies

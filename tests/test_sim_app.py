@@ -89,14 +89,17 @@ def test_compare_writes_table_csv_json_and_plot(tmp_path, capsys):
     args += ["--strategy", "fedavg label=FedAvg", "--strategy", "fedmedian label=FedMedian"]
     assert compare_main(args) == 0
     printed = capsys.readouterr().out
-    table = (tmp_path / "table.md").read_text()
+    run = tmp_path / "latest"
+    table = (run / "table.md").read_text()
     assert "| FedAvg |" in table and "| FedMedian |" in table and "| FedAvg |" in printed
-    data = json.loads((tmp_path / "results.json").read_text())
+    assert "rounds (s)" in table and "Set-up before the first strategy" in table
+    data = json.loads((run / "results.json").read_text())
     assert [s["label"] for s in data["strategies"]] == ["FedAvg", "FedMedian"]
     assert len(data["strategies"][0]["rounds"]) == 3
-    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert data["setup-seconds"] >= 0 and all(s["seconds"] > 0 for s in data["strategies"])
+    csv_lines = (run / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("strategy,round,") and len(csv_lines) == 1 + 2 * 3
-    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 AME_SPEC = "fedsoup soup-optimizer=adam soup-lr=0.01 soup-epochs=2 soup-shuffle=true order-by=val-acc label=AME"
@@ -112,7 +115,11 @@ def test_ray_simulation_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| fedavg |" in proc.stdout and "| AME |" in proc.stdout
-    strategies = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]
+    # quiet logs: no deprecation of run_simulation, no Ray FutureWarning, no empty evaluate lines
+    output = proc.stdout + proc.stderr
+    assert "DEPRECATED" not in output and "FutureWarning" not in output, output[-3000:]
+    assert "aggregate_evaluate: Received 0 results" not in output
+    strategies = json.loads((tmp_path / "out" / "latest" / "results.json").read_text())["strategies"]
     # the Ray run gives the same numbers as the in-process run of the same clients, also for
     # an order-sensitive AME soup: clients are ordered by val-acc, ties broken by the partition id
     # they report (not by Ray's random node ids)

@@ -17,14 +17,15 @@ def test_cauchy_adam_ame_beats_the_soup_on_heavy_tails(tmp_path):
     rc = paper_cauchy.main(["--trials", "40", "--ingredients", "100", "--population", "5000",
                             "--epochs", "200", "--out", str(tmp_path)])
     assert rc == 0
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     cauchy = res["cauchy"]["estimators"]
     assert cauchy["Adam-AME (lr 0.1)"]["median distance"] < cauchy["Soup (mean)"]["median distance"]
     assert cauchy["Adam-AME (lr 0.1)"]["closer than soup"] > 0.6
     gauss = res["gaussian"]["estimators"]
     # no heavy tails: constant-lr GD-AME lands where the soup does
     assert gauss["GD-AME (lr 0.1)"]["median distance"] == pytest.approx(gauss["Soup (mean)"]["median distance"], rel=0.2)
-    assert (tmp_path / "cauchy.png").exists() and "| cauchy | Soup (mean) |" in (tmp_path / "cauchy.md").read_text()
+    assert (tmp_path / "latest" / "cauchy.png").exists()
+    assert "| cauchy | Soup (mean) |" in (tmp_path / "latest" / "cauchy.md").read_text()
 
 
 def test_batched_trials_equal_separate_merges():
@@ -53,7 +54,7 @@ def test_table1_protocol_quick_over_two_seeds(tmp_path, capsys):
     rc = paper_table1.main(["--ood", "0.5", "0.9", "--experts-per-loader", "1", "--epochs", "3", "--quick",
                             "--seeds", "0", "1", "--val-size", "150", "--out", str(tmp_path)])
     assert rc == 0
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["seeds"] == [0, 1] and res["seconds"] > 0
     assert [run["seed"] for run in res["per_seed"]] == [0, 1]
     assert all(run["val_size"] == 150 for run in res["per_seed"])
@@ -71,9 +72,9 @@ def test_table1_protocol_quick_over_two_seeds(tmp_path, capsys):
         assert diff["wins"] + diff["ties"] + diff["losses"] == 2
         assert diff["values"] == pytest.approx([a - s for a, s in zip(entry["AME-AdamW"]["test"]["values"],
                                                                      entry["Soup"]["test"]["values"])])
-    table = (tmp_path / "table1.md").read_text()
+    table = (tmp_path / "latest" / "table1.md").read_text()
     assert "| 50% |" in table and "| 90% |" in table and " ± " in table and "AME-AdamW − soup" in table
-    assert (tmp_path / "table1.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "latest" / "table1.png").read_bytes()[:4] == b"\x89PNG"
     assert "wall time" in capsys.readouterr().out
 
 
@@ -102,7 +103,7 @@ def test_table1_protocol_runs_on_cifar10_binary_files(tmp_path):
     rc = paper_table1.main(["--dataset", "cifar10", "--data-dir", str(data), "--ood", "0.9",
                             "--experts-per-loader", "1", "--epochs", "1", "--quick", "--out", str(tmp_path / "out")])
     assert rc == 0
-    level = json.loads((tmp_path / "out" / "results.json").read_text())["per_seed"][0]["levels"][0]
+    level = json.loads((tmp_path / "out" / "latest" / "results.json").read_text())["per_seed"][0]["levels"][0]
     # an expert trained on a single class predicts that class: 10% of a balanced test set
     assert level["Best ingredient"]["test"] == pytest.approx(0.1)
 
@@ -129,7 +130,7 @@ def test_input_space_quick(tmp_path, capsys):
     rc = paper_input_space.main(["--classes", "0", "7", "--trials", "6", "--orders", "2", "--epochs", "3",
                                  "--columns", "4", "--out", str(tmp_path)])
     assert rc == 0
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["classifier_test_accuracy"] > 0.9
     assert [c["class"] for c in res["classes"]] == [0, 7]
     for c in res["classes"]:
@@ -137,7 +138,7 @@ def test_input_space_quick(tmp_path, capsys):
         assert 0.0 <= c["ame_accuracy"] <= 1.0 and isinstance(c["soup_correct"], bool)
         # AME moves the random pivots most of the way to the class's images
         assert c["rms_ame_to_mean"] < c["rms_pivot_to_mean"] / 2
-    table = (tmp_path / "input_space.md").read_text()
+    table = (tmp_path / "latest" / "input_space.md").read_text()
     assert "| 0 |" in table and "| 7 |" in table and "| all |" in table
-    assert (tmp_path / "input_space.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "latest" / "input_space.png").read_bytes()[:4] == b"\x89PNG"
     assert paper_input_space.main(["--classes", "12", "--out", str(tmp_path)]) == 2

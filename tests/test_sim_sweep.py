@@ -23,7 +23,9 @@ def test_ood_sweep_tiny_writes_tables_json_and_plot(tmp_path, capsys):
             "--set", "num-partitions=4", "--set", "num-server-rounds=1", "--set", "local-epochs=1",
             "--out", str(tmp_path)]
     assert compare_main(args) == 0
-    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert "strategy × seed × round" not in capsys.readouterr().err  # no bar in captured output
+    run = tmp_path / "latest"
+    res = json.loads((run / "sweep.json").read_text())
     assert res["key"] == "ood-fraction" and [p["value"] for p in res["points"]] == [0.5, 0.8]
     preset_labels = [s["label"] for s in PRESETS["ood-sweep"]["strategies"]]
     for point in res["points"]:
@@ -33,12 +35,12 @@ def test_ood_sweep_tiny_writes_tables_json_and_plot(tmp_path, capsys):
             [tuple(p) for p in PRESETS["ood-sweep"]["pairs"]]
         for d in point["differences"]:
             assert d["low"] <= d["mean"] <= d["high"] and d["verdict"] in ("gain", "tie", "loss")
-    md = (tmp_path / "sweep.md").read_text()
+    md = (run / "sweep.md").read_text()
     assert md.count("| FedSoup (AME ClientSoup) |") == 1 and "| 0.8 |" in md and "95% t-interval" in md
-    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     for value in ("0.5", "0.8"):
-        assert (tmp_path / f"ood-fraction-{value}" / "table.md").exists()
-        assert (tmp_path / f"ood-fraction-{value}" / "seed-1" / "results.json").exists()
+        assert (run / f"ood-fraction-{value}" / "table.md").exists()
+        assert (run / f"ood-fraction-{value}" / "seed-1" / "results.json").exists()
 
 
 def test_sweep_rejects_bad_specs(capsys):

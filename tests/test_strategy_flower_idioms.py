@@ -105,6 +105,17 @@ def test_bad_mock_reply_is_left_out_by_its_position(caplog):
     assert "left out reply from reply 1: weight 'num-examples' = -1 is not positive" in caplog.text
 
 
+def test_round_without_evaluate_replies_logs_no_line_as_fedavg(caplog):
+    """fraction_evaluate=0: no "aggregate_evaluate: Received 0 results" every round (FedAvg logs none)."""
+    with caplog.at_level("INFO", logger="flwr"):
+        assert FedSoup().aggregate_evaluate(1, []) is None
+        assert FedAvg().aggregate_evaluate(1, []) is None
+    assert "Received" not in caplog.text
+    with caplog.at_level("INFO", logger="flwr"):
+        FedSoup().aggregate_evaluate(1, mock_replies(2))
+    assert "aggregate_evaluate: Received 2 results and 0 failures" in caplog.text
+
+
 def test_current_arrays_set_by_hand_as_in_fedavgm_test():
     """fedavgm_test.py's idiom: set current_arrays, aggregate twice without configure_train."""
     initial = [np.zeros((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
