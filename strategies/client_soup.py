@@ -7,6 +7,7 @@ soup ``Σ ω_i x_i`` (FedAvg's aggregate).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import WARNING
@@ -22,7 +23,7 @@ from fedsoup.options import MergeOptions
 from strategies._shared import check_optimizer_builds, format_kwargs, model_distance
 from strategies.replies import UsableReply
 
-__all__ = ["ClientSoup", "SoupResult", "PIVOTS", "round_seed"]
+__all__ = ["ClientSoup", "SoupResult", "PIVOTS", "round_seed", "capped_shares", "non_floating_rule"]
 
 PIVOTS = ("global", "soup")
 
@@ -52,14 +53,30 @@ class ClientSoup:
     the weighted soup of the replies, ``"global"`` at the model sent this round
     (``x_{t-1}``); without a known ``x_{t-1}`` (``aggregate_train`` without
     ``configure_train``) the soup is used. ``seed``: round ``t`` shuffles with a seed derived from ``(seed, t)``.
+    ``max_weight_share``: the largest share ``ω_i / Σ ω`` one reply may have (``None``: no cap).
     """
 
-    def __init__(self, soup: Mapping[str, Any] | None = None, pivot: str = "soup", seed: int = 0) -> None:
+    def __init__(
+        self,
+        soup: Mapping[str, Any] | None = None,
+        pivot: str = "soup",
+        seed: int = 0,
+        max_weight_share: float | None = None,
+    ) -> None:
         if pivot not in PIVOTS:
             raise OptionError("soup_pivot", pivot, f"soup_pivot must be 'global' or 'soup', got {pivot!r}",
                               suggestion=closest_name(str(pivot), PIVOTS))
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise OptionError("seed", seed, f"seed must be an int, got {seed!r}")
+        if max_weight_share is not None and (
+            isinstance(max_weight_share, bool)
+            or not isinstance(max_weight_share, (int, float))
+            or not 0.0 < max_weight_share <= 1.0
+        ):
+            raise OptionError(
+                "max_weight_share", max_weight_share, f"max_weight_share must be a number in (0, 1], got {max_weight_share!r}"
+            )
+        self.max_weight_share = None if max_weight_share is None else float(max_weight_share)
         self.options = None if soup is None else MergeOptions.from_dict(soup, reserved=_RESERVED)
         if self.options is not None:
             lr = self.options.lr if isinstance(self.options.lr, float) else 1.0
@@ -73,38 +90,59 @@ class ClientSoup:
             return "plain weighted soup (FedAvg)"
         return f"fedsoup.merge({format_kwargs(self.settings)})"
 
+    @property
+    def is_plain(self) -> bool:
+        """True for the plain weighted soup ``Σ ω_i x_i`` (``soup=None``): linear in the replies."""
+        return self.options is None
+
     def merge(
         self, replies: list[UsableReply], server_round: int, current: Mapping[str, torch.Tensor] | None
     ) -> SoupResult | None:
-        """``w_t`` of the replies; ``None`` if no reply can be merged.
+        """``w_t`` of the replies; ``None`` if no reply is left to merge.
 
-        A reply holding NaN/Inf is left out with one WARNING and the merge is redone
-        without it (the merge's own check finds non-finite inputs cheaply, on its result).
+        An input error the merge raises naming an ingredient leaves that reply out (one
+        WARNING) and the merge is redone without it; any other error is a merge failure,
+        not a bad reply, and is raised for the caller's fallback (:meth:`soup`).
+        Non-floating arrays follow :func:`non_floating_rule`.
         """
         kwargs = self._merge_kwargs(server_round, current)
         replies = list(replies)
         while replies:
             models = [r.arrays for r in replies]
-            weights = [r.weight for r in replies]
+            weights = self.weights(replies)
             scores = [r.score for r in replies] if replies[0].score is not None else None
             try:
                 merged = fedsoup.merge(models, weights=weights, order_by=scores, **kwargs)
             except MergeInputError as error:
-                if error.ingredient is None or error.key is None:
-                    log(WARNING, "aggregate_train: ClientSoup failed (%s); global model unchanged", error)
-                    return None
-                log(
-                    WARNING,
-                    "aggregate_train: left out reply from %s: array '%s' contains NaN or Inf",
-                    replies[error.ingredient].label,
-                    error.key,
-                )
+                if error.ingredient is None or not 0 <= error.ingredient < len(replies):
+                    raise
+                log(WARNING, "aggregate_train: left out reply from %s: %s", replies[error.ingredient].label, _where(error))
                 del replies[error.ingredient]
                 continue
             merged = {k: t.cpu() for k, t in merged.items()}
             distance = 0.0 if self.options is None else model_distance(merged, fedsoup.soup(models, weights))
-            return SoupResult(merged, distance, replies)
+            return SoupResult(non_floating_rule(merged, models, current), distance, replies)
         return None
+
+    def soup(self, replies: list[UsableReply], current: Mapping[str, torch.Tensor] | None) -> SoupResult:
+        """The plain weighted soup of the replies: the fallback when :meth:`merge` fails."""
+        models = [r.arrays for r in replies]
+        merged = {k: t.cpu() for k, t in fedsoup.soup(models, self.weights(replies)).items()}
+        return SoupResult(non_floating_rule(merged, models, current), 0.0, list(replies))
+
+    def weights(self, replies: list[UsableReply]) -> list[float]:
+        """The replies' weights ``ω_i``, scaled so that their sum cannot overflow, then capped.
+
+        Every weight is divided by the same power of two (``2^e`` with ``max ω < 2^e``):
+        exact in binary floating point, so the normalised weights, and ``FedSoup()``'s
+        equality with FedAvg, are unchanged, and ``Σ ω_i ≤ n`` for any finite weights up
+        to the float maximum. With ``max_weight_share`` no reply gets a larger share
+        (:func:`capped_shares`).
+        """
+        raw = [r.weight for r in replies]
+        exponent = math.frexp(max(raw))[1]
+        scaled = [math.ldexp(w, -exponent) for w in raw]
+        return scaled if self.max_weight_share is None else capped_shares(scaled, self.max_weight_share)
 
     def _merge_kwargs(self, server_round: int, current: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
         if self.options is None:
@@ -114,6 +152,55 @@ class ClientSoup:
         kwargs["seed"] = round_seed(self.seed, server_round)
         kwargs["pivot"] = current if self.pivot == "global" and current is not None else "soup"
         return kwargs
+
+
+def _where(error: MergeInputError) -> str:
+    return f"array {error.key!r} {error.reason}" if error.key is not None else error.reason
+
+
+def capped_shares(weights: list[float], max_share: float) -> list[float]:
+    """Normalised weights with no share above ``max_share``; the excess goes to the others pro rata.
+
+    Water-filling: shares above the cap are set to it and the rest renormalised among
+    the uncapped, until none exceeds it. If ``n · max_share < 1`` no assignment fits and
+    every reply gets ``1/n``.
+    """
+    n = len(weights)
+    if n * max_share <= 1.0:
+        return [1.0 / n] * n
+    total = math.fsum(weights)
+    shares = [w / total for w in weights]
+    capped: set[int] = set()
+    while True:
+        over = {i for i, share in enumerate(shares) if i not in capped and share > max_share}
+        if not over:
+            return shares
+        capped |= over
+        free = math.fsum(weights[i] for i in range(n) if i not in capped)
+        left = 1.0 - max_share * len(capped)
+        shares = [max_share if i in capped else left * weights[i] / free for i in range(n)]
+
+
+def non_floating_rule(
+    merged: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], current: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """Non-floating arrays (counters such as ``num_batches_tracked``, masks, ids): no single client decides.
+
+    With a global model they keep its value ``x_{t-1}``; without one (no
+    ``configure_train``), the element-wise median of the replies (the lower one for an
+    even count), which a minority of replies cannot move outside the others' range.
+    docs/design.md §2.3 argues the rule.
+    """
+    out = dict(merged)
+    for key, value in merged.items():
+        if value.is_floating_point():
+            continue
+        if current is not None:
+            out[key] = current[key].to(value.dtype)
+        else:
+            stacked = torch.stack([m[key].to(torch.int64) if m[key].dtype == torch.bool else m[key] for m in models])
+            out[key] = stacked.median(dim=0).values.to(value.dtype)
+    return out
 
 
 def round_seed(seed: int, server_round: int) -> int:

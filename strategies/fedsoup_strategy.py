@@ -28,12 +28,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedsoup.errors import OptionError, StateError
 from strategies.client_soup import ClientSoup
-from strategies.replies import ReplyChecker, UsableReply, log_received, to_array_record, to_tensor_dict
+from strategies.replies import ReplyChecker, log_received, to_array_record, to_tensor_dict
+from strategies.rounds import (
+    METRIC_AME_SOUP_DISTANCE,
+    METRIC_CLIENTS_LEFT_OUT,
+    METRIC_CLIENTS_USED,
+    METRIC_FALLBACK,
+    METRIC_STEW_GRAD_NORM,
+    aggregate_metrics,
+    train_round,
+)
 from strategies.server_stew import ServerStew
 from strategies.state import RunState, read_checkpoint, write_checkpoint
 
@@ -43,15 +51,9 @@ __all__ = [
     "METRIC_CLIENTS_LEFT_OUT",
     "METRIC_STEW_GRAD_NORM",
     "METRIC_AME_SOUP_DISTANCE",
+    "METRIC_FALLBACK",
 ]
 
-#: Keys FedSoup adds to the aggregated train MetricRecord of every round.
-METRIC_CLIENTS_USED = "fedsoup-clients-used"
-METRIC_CLIENTS_LEFT_OUT = "fedsoup-clients-left-out"
-#: ‖g_t‖ = ‖x_{t-1} − w_t‖ over the floating arrays: how far the round moved the model.
-METRIC_STEW_GRAD_NORM = "fedsoup-stew-grad-norm"
-#: ‖AME merge − plain soup‖ of the same replies: what AME changed (0 for the plain soup).
-METRIC_AME_SOUP_DISTANCE = "fedsoup-ame-soup-distance"
 
 
 class FedSoup(FedAvg):
@@ -95,6 +97,11 @@ class FedSoup(FedAvg):
         next round.
     seed : int
         Seeds AME shuffling; round ``t`` uses a seed derived from ``(seed, t)``.
+    max_weight_share : float, optional
+        The largest share ``ω_i / Σ ω`` of the round one reply may get (e.g. ``0.2``);
+        the excess goes to the others pro rata. ``None`` (default): weights as claimed,
+        as FedAvg takes them. Recommended where clients are not trusted
+        (docs/deployment.md, threat model).
     """
 
     def __init__(
@@ -107,13 +114,14 @@ class FedSoup(FedAvg):
         tie_break_key: str | None = "partition-id",
         checkpoint_dir: str | Path | None = None,
         seed: int = 0,
+        max_weight_share: float | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(*fedavg_args, **fedavg_kwargs)
         for name, value in (("order_by", order_by), ("tie_break_key", tie_break_key)):
             if value is not None and not isinstance(value, str):
                 raise OptionError(name, value, f"{name} must name a client metric (a str), got {value!r}")
-        self.client_soup = ClientSoup(soup, pivot=soup_pivot, seed=seed)
+        self.client_soup = ClientSoup(soup, pivot=soup_pivot, seed=seed, max_weight_share=max_weight_share)
         self.server_stew = ServerStew.from_settings(stew)
         self.order_by = order_by
         self.tie_break_key = tie_break_key
@@ -159,6 +167,14 @@ class FedSoup(FedAvg):
         super().summary()
 
     @property
+    def mean_aggregate(self) -> bool:
+        """True when each round's model is the weighted mean of the round's replies, as Flower's
+        DP wrappers assume when they calibrate their noise (docs/strategy.md, "Differential
+        privacy"): a plain soup (``soup=None``), no ``order_by``, and the identity stew
+        (SGD, lr 1, no momentum). Read-only."""
+        return self.client_soup.is_plain and self.order_by is None and self.server_stew.is_identity
+
+    @property
     def current_arrays(self) -> ArrayRecord | None:
         """The global model as FedSoup knows it: ``x_{t-1}`` once sent, ``x_t`` once aggregated.
 
@@ -200,30 +216,31 @@ class FedSoup(FedAvg):
         server_round += self._round_offset
         replies = log_received("aggregate_train", replies)
         usable = self._checker().check("aggregate_train", replies, reference=self._current, train=True)
-        soup = self.client_soup.merge(usable, server_round, self._current) if usable else None
+        outcome = train_round(self.client_soup, self.server_stew, usable, server_round, self._current)
 
         arrays: ArrayRecord | None = None
-        if soup is None:
-            metrics = MetricRecord({METRIC_CLIENTS_USED: 0, METRIC_CLIENTS_LEFT_OUT: len(replies)})
-            if replies:
+        if outcome.model is None:
+            metrics = MetricRecord()
+            if replies and not outcome.used:
                 log(WARNING, "aggregate_train: no usable reply in round %d; global model unchanged", server_round)
         else:
-            new_global, grad_norm = self._stew_step(soup.model)
-            arrays = self._to_arrays(new_global)
-            self._current = new_global
-            metrics = _aggregate_metrics(self.train_metrics_aggr_fn, soup.used, self.weighted_by_key, "aggregate_train")
-            metrics[METRIC_CLIENTS_USED] = len(soup.used)
-            metrics[METRIC_CLIENTS_LEFT_OUT] = len(replies) - len(soup.used)
-            if grad_norm is not None:
-                metrics[METRIC_STEW_GRAD_NORM] = grad_norm
-            metrics[METRIC_AME_SOUP_DISTANCE] = soup.ame_distance
+            arrays = self._to_arrays(outcome.model)
+            self._current = outcome.model
+            metrics = aggregate_metrics(self.train_metrics_aggr_fn, outcome.used, self.weighted_by_key, "aggregate_train")
+            if outcome.grad_norm is not None:
+                metrics[METRIC_STEW_GRAD_NORM] = outcome.grad_norm
+            metrics[METRIC_AME_SOUP_DISTANCE] = outcome.ame_distance
             log(
                 INFO,
                 "aggregate_train: FedSoup merged %d replies (%d left out), ‖g_t‖ = %s",
-                len(soup.used),
-                len(replies) - len(soup.used),
-                "n/a" if grad_norm is None else f"{grad_norm:.6g}",
+                len(outcome.used),
+                len(replies) - len(outcome.used),
+                "n/a" if outcome.grad_norm is None else f"{outcome.grad_norm:.6g}",
             )
+        used = 0 if outcome.model is None else len(outcome.used)
+        metrics[METRIC_CLIENTS_USED] = used
+        metrics[METRIC_CLIENTS_LEFT_OUT] = len(replies) - used
+        metrics[METRIC_FALLBACK] = outcome.fallback
 
         self._round = server_round
         if self.checkpoint_dir is not None:
@@ -240,7 +257,7 @@ class FedSoup(FedAvg):
         usable = self._checker().check("aggregate_evaluate", replies, train=False)
         if not usable:
             return None
-        return _aggregate_metrics(self.evaluate_metrics_aggr_fn, usable, self.weighted_by_key, "aggregate_evaluate")
+        return aggregate_metrics(self.evaluate_metrics_aggr_fn, usable, self.weighted_by_key, "aggregate_evaluate")
 
     def start(self, *args: Any, **kwargs: Any) -> Result:
         """Flower's ``Strategy.start``; after a restore, it continues at the next round.
@@ -325,17 +342,6 @@ class FedSoup(FedAvg):
     def _checker(self) -> ReplyChecker:
         return ReplyChecker(self.weighted_by_key, self.order_by, self.tie_break_key)
 
-    def _stew_step(self, merged: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
-        """``(x_t, ‖g_t‖)``; without a known ``x_{t-1}`` the identity stew gives ``x_t = w_t``."""
-        if self._current is not None:
-            return self.server_stew.step(self._current, merged)
-        if not self.server_stew.is_identity:
-            raise AggregationError(
-                "The ServerStew needs the global model x_{t-1}: call configure_train before "
-                "aggregate_train, or set current_arrays"
-            )
-        return merged, None
-
     def _to_tensors(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         output = self._output
         if (
@@ -373,16 +379,6 @@ FedSoup.__init__.__signature__ = _signature_with_fedavgs_arguments()  # type: ig
 # ----------------------------------------------------------------------
 # Helpers (pure functions)
 # ----------------------------------------------------------------------
-
-
-def _aggregate_metrics(aggregate: Callable, replies: list[UsableReply], weighted_by_key: str, stage: str) -> MetricRecord:
-    """The metrics aggregation function on the usable replies; a failure costs the metrics, not the round."""
-    try:
-        metrics = aggregate([r.content for r in replies], weighted_by_key)
-    except Exception as error:  # noqa: BLE001 - e.g. list metrics of different lengths
-        log(WARNING, "%s: could not aggregate the client metrics (%r); reporting FedSoup's only", stage, error)
-        return MetricRecord()
-    return MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
 
 
 def _structure(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:

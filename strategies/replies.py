@@ -14,6 +14,7 @@ tests) keep their given position among equals.
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections import Counter
@@ -29,8 +30,12 @@ from flwr.common import log
 from flwr.common.constant import SType
 
 from fedsoup.errors import MergeInputError
-from fedsoup.io.npy import npy_view
+from fedsoup.inputs import find_non_finite
+from fedsoup.io.npy import npy_view, read_npy_header
 from fedsoup.structure import check_structure
+
+# Enough bytes for any header numpy writes for a plain array (it pads to 64 bytes).
+_HEADER_PEEK = 4096
 
 __all__ = [
     "UsableReply",
@@ -112,10 +117,12 @@ class ReplyChecker:
         labelled = [(_sort_key(msg, position, self.tie_break_key), msg) for position, msg in enumerate(replies)]
         labelled.sort(key=lambda item: item[0])
 
+        replies_per_node = Counter(node for node in map(_node_id, replies) if node is not None)
         candidates: list[tuple[str, Message]] = []
         for key, msg in labelled:
             label = key[-1]
-            reason = _envelope_problem(msg, train)
+            count = replies_per_node.get(_node_id(msg), 1)
+            reason = _envelope_problem(msg, train) if count == 1 else _duplicate_problem(count)
             if reason is None:
                 candidates.append((label, msg))
             else:
@@ -188,6 +195,16 @@ def _tie_value(msg: Message, key: str | None) -> float | str | None:
     return None
 
 
+def _duplicate_problem(count: int) -> str:
+    """One node, one reply: a node id seen more than once leaves all its replies out.
+
+    The SuperLink sets ``src_node_id`` from the node's authenticated session, and each
+    node gets one instruction per round, so a second reply is a replay or a bug; the
+    server cannot tell which one is meant, and keeping any would let the node choose.
+    """
+    return f"its node sent {count} replies this round (one node, one reply: all are left out)"
+
+
 def _envelope_problem(msg: Message, train: bool) -> str | None:
     """Why the reply cannot be used at all (error, no content, wrong record counts), or ``None``."""
     if msg.has_error():
@@ -244,37 +261,97 @@ def _key_diff(keys: Iterable[str], expected: Iterable[str], what: str) -> str:
 
 
 # ----------------------------------------------------------------------
-# Zero-copy Array reading
+# Zero-copy Array reading: what a reply's arrays *are*, not what their metadata says
 # ----------------------------------------------------------------------
 
 
 def read_arrays(
     record: ArrayRecord, reference: Mapping[str, Any] | None, reference_name: str = "the global model"
 ) -> dict[str, torch.Tensor]:
-    """A reply's arrays as tensors viewing the message bytes, after checking their structure.
+    """A reply's arrays as tensors viewing the message bytes, each checked against ``reference``.
 
-    The structure (keys, shapes, floating or not) is checked on the arrays' metadata
-    before any data is read (``fedsoup.structure``, the check ``fedsoup.merge`` uses);
-    then each array's own ``.npy`` header must agree with its metadata.
+    1. Structure, on the metadata, before any data is read: the keys and shapes of
+       ``reference`` (``fedsoup.structure``, the check ``fedsoup.merge`` uses) and the
+       same dtype *kind* (float, int, unsigned, bool, complex) per array.
+    2. Each array's bytes: its ``.npy`` header must equal its metadata (dtype, shape,
+       C or Fortran order aside) and the byte length must be exactly header + data.
+    3. Values: floating arrays must be finite *in the reference's dtype* (a float64
+       1e300 sent for a float32 array is not).
+
+    ``reference`` is the global model (or, without one, the structure most replies have);
+    no reply is ever judged against another reply.
     """
     if reference is not None:
         try:
             check_structure(reference, dict(record.items()), reference_name=reference_name)
         except MergeInputError as error:
             raise _LeftOut(f"array {error.key!r} {error.reason}") from None
+        for key, array in record.items():
+            got, expected = _kind(array.dtype), _kind(reference[key].dtype)
+            if got != expected:
+                raise _LeftOut(
+                    f"array {key!r} is {_KIND_NAMES.get(got, got)} ({array.dtype}), "
+                    f"but {reference_name} has {_KIND_NAMES.get(expected, expected)} ({_dtype_name(reference[key].dtype)})"
+                )
     tensors = {}
     for key, array in record.items():
-        try:
-            value = _array_view(array)
-        except Exception as error:  # noqa: BLE001 - any decoding failure means a bad reply
-            raise _LeftOut(f"array {key!r} cannot be read ({error})") from None
-        if reference is not None and tuple(value.shape) != tuple(reference[key].shape):
-            raise _LeftOut(f"array {key!r} holds shape {tuple(value.shape)}, expected {tuple(reference[key].shape)}")
-        try:
-            tensors[key] = _to_tensor(value)
-        except TypeError as error:
-            raise _LeftOut(f"array {key!r} has an unsupported dtype ({error})") from None
+        tensors[key] = _to_tensor(_checked_view(key, array))
+        if reference is not None and tensors[key].is_floating_point():
+            target = _torch_dtype(reference[key].dtype)
+            value = tensors[key] if tensors[key].dtype == target else tensors[key].to(target)
+            if find_non_finite({key: value}) is not None:
+                where = "" if value is tensors[key] else f" in {_dtype_name(target)}"
+                raise _LeftOut(f"array {key!r} contains NaN or Inf{where}")
     return tensors
+
+
+def _checked_view(key: str, array: Array) -> np.ndarray:
+    """A read-only view of ``array``'s bytes after checking that its header agrees with its metadata."""
+    if array.stype != SType.NUMPY:
+        raise _LeftOut(f"array {key!r} has serialisation type {array.stype!r}, not {SType.NUMPY!r}")
+    data = memoryview(array.data)
+    head = io.BytesIO(bytes(data[:_HEADER_PEEK]))
+    try:
+        shape, fortran_order, dtype = read_npy_header(head)
+        declared = np.dtype(array.dtype)
+    except Exception as error:  # noqa: BLE001 - any decoding failure means a bad reply
+        raise _LeftOut(f"array {key!r} cannot be read ({error})") from None
+    if dtype != declared:
+        raise _LeftOut(f"array {key!r} holds {dtype.name} data, but its metadata says {declared.name}")
+    if shape != tuple(int(n) for n in array.shape):
+        raise _LeftOut(f"array {key!r} holds shape {shape}, but its metadata says {tuple(array.shape)}")
+    expected_bytes = head.tell() + dtype.itemsize * math.prod(shape)
+    if data.nbytes != expected_bytes:
+        raise _LeftOut(f"array {key!r} cannot be read (it has {data.nbytes} bytes, its header needs {expected_bytes})")
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=head.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+_KIND_NAMES = {"f": "floating", "i": "signed integer", "u": "unsigned integer", "b": "bool", "c": "complex"}
+
+
+def _kind(dtype: Any) -> str:
+    """NumPy's dtype kind letter for a torch or NumPy dtype (or dtype string); ``"?"`` if unknown."""
+    if isinstance(dtype, torch.dtype):
+        if dtype.is_floating_point:
+            return "f"
+        if dtype.is_complex:
+            return "c"
+        if dtype == torch.bool:
+            return "b"
+        return "i" if dtype.is_signed else "u"
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:
+        return "?"
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else np.dtype(dtype).name
 
 
 def to_tensor_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:

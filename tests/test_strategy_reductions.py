@@ -189,7 +189,8 @@ def test_soup_pivot_and_order_by_reach_the_merge(monkeypatch):
     arrays = initial_arrays()
     run_rounds(strategy, arrays, rounds=2)
     first = calls[0]
-    assert first["weights"] == [10 + n for n in sorted(NODES)]  # node-id order, num-examples weights
+    weights, expected = first["weights"], [10 + n for n in sorted(NODES)]  # node-id order, num-examples weights
+    assert [w / sum(weights) for w in weights] == pytest.approx([w / sum(expected) for w in expected])
     assert first["order_by"] == [float(n) for n in sorted(NODES)]  # the 'loss' metric of each reply
     assert set(first["pivot"]) == set(arrays.keys())  # the global model sent this round
     for key, tensor in first["pivot"].items():

@@ -246,10 +246,18 @@ def test_dtypes_are_kept_and_integer_buffers_never_optimised(strategy_name):
     for key, value in global_model().items():
         assert arrays[key].numpy().dtype == value.dtype, key
         assert arrays[key].numpy().shape == value.shape, key
-    # Non-floating arrays come unchanged from the first reply in visiting order
-    # (node-id order, or by 'acc' descending when ordered) -- never averaged or stepped.
-    first = max(GOOD_NODES) if strategy_name == "momentum-ordered" else min(GOOD_NODES)
-    assert arrays["bn.num_batches_tracked"].numpy() == client_arrays(first)["bn.num_batches_tracked"]
+    # Non-floating arrays keep the global model's value (no single client decides them,
+    # docs/design.md §2.3): never averaged, stepped, or copied from one reply.
+    assert all(client_arrays(n)["bn.num_batches_tracked"] != global_model()["bn.num_batches_tracked"] for n in GOOD_NODES)
+    assert arrays["bn.num_batches_tracked"].numpy() == global_model()["bn.num_batches_tracked"]
+
+
+def test_without_a_global_model_non_floating_arrays_are_the_median_of_the_replies():
+    contents = {n: good_content(n) for n in GOOD_NODES}
+    contents[BAD_NODE] = with_arrays(bad_arrays(_set("bn.num_batches_tracked", np.array(10**12, np.int64))))
+    arrays, _ = aggregate(FedSoup(), contents, configure=False)
+    counters = sorted(int(client_arrays(n)["bn.num_batches_tracked"]) for n in GOOD_NODES) + [10**12]
+    assert arrays["bn.num_batches_tracked"].numpy() == sorted(counters)[1]  # the lower median of 4
 
 
 def test_flower_changes_dtypes_fedsoup_does_not():

@@ -1,0 +1,320 @@
+"""Hostile replies (issue 21): no malformed reply can take over a round or crash the server.
+
+A table of replies an attacker can send, each driven through ``strategies.inprocess``
+(the project's in-process Flower grid) in three ways, for FedSoup's defaults and for an
+AME-Adam ClientSoup with a FedAdam stew:
+
+- *first*: the hostile reply reports ``partition-id`` −1, so it is visited before the
+  3 honest replies; the round's model must equal the round of the honest replies alone
+  (or, where a documented rule keeps the reply, that rule's result);
+- *alone*: the round receives only the hostile reply (replies);
+- *start*: a 3-round ``Strategy.start()`` with the hostile node in every round completes,
+  and ends where the honest nodes alone would have.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SType
+
+from strategies import METRIC_CLIENTS_LEFT_OUT, METRIC_CLIENTS_USED, FedSoup
+from strategies.inprocess import InProcessGrid, reply, serverapp_identity
+
+HONEST = {3: 0, 8: 1, 5: 2}  # node id -> the partition id it reports
+HOSTILE = 6
+SECOND_HOSTILE = 7
+ROUNDS = 3
+
+STRATEGIES = {
+    "default": lambda **kw: FedSoup(**kw),
+    "ame-adam+fedadam": lambda **kw: FedSoup(
+        soup={"optimizer": "adam", "lr": 0.05, "epochs": 2, "batch_size": 2, "shuffle": True},
+        stew={"optimizer": "fedadam", "lr": 0.1},
+        **kw,
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _serverapp():
+    with serverapp_identity():
+        yield
+
+
+def initial_model() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "fc.weight": rng.normal(size=(6, 4)).astype(np.float32),
+        "fc.bias": rng.normal(size=(6,)).astype(np.float32),
+        "emb.weight": rng.normal(size=(3, 2)).astype(np.float16),
+        "bn.num_batches_tracked": np.array(7, dtype=np.int64),
+    }
+
+
+def honest_arrays(node: int, server_round: int, model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A local training step: floats move by a (node, round) perturbation, counters advance."""
+    rng = np.random.default_rng([node, server_round])
+    out = {}
+    for key, value in model.items():
+        if np.issubdtype(value.dtype, np.floating):
+            out[key] = (value + rng.normal(scale=0.3, size=value.shape)).astype(value.dtype)
+        else:
+            out[key] = np.asarray(value + 10 * node, dtype=value.dtype)
+    return out
+
+
+def content(arrays: dict[str, np.ndarray | Array], num_examples: float, partition: int) -> RecordDict:
+    record = ArrayRecord({k: v if isinstance(v, Array) else Array(np.asarray(v)) for k, v in arrays.items()})
+    metrics = MetricRecord({"num-examples": num_examples, "acc": 0.5, "partition-id": partition})
+    return RecordDict({"arrays": record, "metrics": metrics})
+
+
+def honest_content(node: int, server_round: int, model: dict[str, np.ndarray]) -> RecordDict:
+    return content(honest_arrays(node, server_round, model), 10 * node, HONEST[node])
+
+
+def npy_bytes(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def lying_array(metadata_like: np.ndarray, data: bytes) -> Array:
+    """An Array whose metadata describes ``metadata_like`` but whose bytes are ``data``."""
+    return Array(dtype=str(metadata_like.dtype), shape=tuple(metadata_like.shape), stype=SType.NUMPY, data=data)
+
+
+# ----------------------------------------------------------------------
+# The table. Each maker gets (server_round, global model) and returns the hostile
+# replies as (node whose instruction it answers, content).
+# ----------------------------------------------------------------------
+
+Maker = Callable[[int, dict[str, np.ndarray]], list[tuple[int, RecordDict]]]
+
+
+@dataclass(frozen=True)
+class Case:
+    make: Maker
+    outcome: str = "left out"  # or "dominates" (kept by the weight rule), "duplicate" (node 3 counts for nothing)
+
+
+def _with_bias(make_array: Callable[[np.ndarray], Array | np.ndarray], **kwargs) -> Maker:
+    def make(server_round, model):
+        arrays: dict = honest_arrays(HOSTILE, server_round, model)
+        arrays["fc.bias"] = make_array(arrays["fc.bias"])
+        return [(HOSTILE, content(arrays, kwargs.get("num_examples", 60), -1))]
+
+    return make
+
+
+def _with(key: str, change: Callable[[np.ndarray], np.ndarray]) -> Maker:
+    def make(server_round, model):
+        arrays = honest_arrays(HOSTILE, server_round, model)
+        arrays[key] = change(arrays[key].copy())
+        return [(HOSTILE, content(arrays, 60, -1))]
+
+    return make
+
+
+def _weights(*values: float) -> Maker:
+    def make(server_round, model):
+        nodes = (HOSTILE, SECOND_HOSTILE)[: len(values)]
+        return [(n, content(honest_arrays(n, server_round, model), w, -1 - i)) for i, (n, w) in enumerate(zip(nodes, values))]
+
+    return make
+
+
+def _duplicate(server_round, model):
+    """A second reply under node 3's id (its instruction), visited first, pulling far away."""
+    arrays = {k: (v * 100 if np.issubdtype(v.dtype, np.floating) else v) for k, v in honest_arrays(3, server_round, model).items()}
+    return [(3, content(arrays, 10_000, -1))]
+
+
+def _nan(value):
+    value[0, 0] = np.nan
+    return value
+
+
+CASES = {
+    "int64 under float32 metadata": Case(_with_bias(lambda b: lying_array(b, npy_bytes(np.full(b.shape, 10000, np.int64))))),
+    "complex under float32 metadata": Case(
+        _with_bias(lambda b: lying_array(b, npy_bytes(np.full(b.shape, 10000 + 1j, np.complex64))))
+    ),
+    "bool under float32 metadata": Case(_with_bias(lambda b: lying_array(b, npy_bytes(np.ones(b.shape, bool))))),
+    "header shape differs from metadata": Case(
+        _with_bias(lambda b: lying_array(b, npy_bytes(np.full((2, 3), 10000, np.float32))))
+    ),
+    "bytes short": Case(_with_bias(lambda b: lying_array(b, npy_bytes(np.full(b.shape, 10000, np.float32))[:-4]))),
+    "bytes long": Case(
+        _with_bias(lambda b: lying_array(b, npy_bytes(np.full(b.shape, 10000, np.float32)) + b"\x00" * 16))
+    ),
+    "float64 1e300 to a float32 model": Case(_with_bias(lambda b: np.full(b.shape, 1e300, np.float64))),
+    "float32 1e5 to a float16 array": Case(_with("emb.weight", lambda v: np.full(v.shape, 1e5, np.float32))),
+    "NaN": Case(_with("fc.weight", _nan)),
+    "negative num-examples": Case(_weights(-5.0)),
+    "num-examples 1e308 x2": Case(_weights(1e308, 1e308), outcome="dominates"),
+    "duplicate node id": Case(_duplicate, outcome="duplicate"),
+}
+
+
+# ----------------------------------------------------------------------
+# Driving rounds
+# ----------------------------------------------------------------------
+
+
+def round_replies(instructions: list[Message], case: Case | None, server_round: int, honest: bool = True) -> list[Message]:
+    """The replies of one round: the honest nodes' (if ``honest``), then the hostile ones."""
+    by_node = {m.metadata.dst_node_id: m for m in instructions}
+    model = {k: a.numpy() for k, a in instructions[0].content.array_records["arrays"].items()}
+    replies = []
+    if honest:
+        replies += [reply(by_node[n], honest_content(n, server_round, model)) for n in HONEST if n in by_node]
+    if case is not None:
+        for node, hostile in case.make(server_round, model):
+            replies.append(reply(by_node[node], hostile))
+            if case.outcome == "duplicate" and not honest:
+                replies.append(reply(by_node[node], honest_content(node, server_round, model)))
+    return replies
+
+
+def nodes_for(case: Case | None) -> list[int]:
+    nodes = list(HONEST)
+    if case is not None and case.outcome != "duplicate":
+        nodes += sorted({n for n, _ in case.make(1, initial_model())})
+    return nodes
+
+
+def one_round(strategy: FedSoup, case: Case | None, honest: bool = True, nodes: list[int] | None = None):
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    grid = InProcessGrid(nodes if nodes is not None else nodes_for(case))
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    return strategy.aggregate_train(1, round_replies(instructions, case, 1, honest))
+
+
+def honest_only_round(strategy_name: str, without: tuple[int, ...] = ()):
+    nodes = [n for n in HONEST if n not in without]
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    strategy = STRATEGIES[strategy_name]()
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid(nodes)))
+    return strategy.aggregate_train(1, round_replies(instructions, None, 1))
+
+
+def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+def assert_same_model(got: ArrayRecord, expected: ArrayRecord) -> None:
+    got, expected = as_numpy(got), as_numpy(expected)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype, key
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def dominating_round(strategy_name: str) -> ArrayRecord:
+    """The documented result of two replies claiming 1e308 examples each: their equal-weight round."""
+    strategy = STRATEGIES[strategy_name]()
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid(nodes_for(CASES["num-examples 1e308 x2"]))))
+    replies = round_replies(instructions, Case(_weights(1.0, 1.0)), 1, honest=False)
+    out, _ = strategy.aggregate_train(1, replies)
+    return out
+
+
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_hostile_reply_visited_first_cannot_take_over_the_round(case_name, strategy_name):
+    case = CASES[case_name]
+    got, metrics = one_round(STRATEGIES[strategy_name](), case)
+    assert got is not None
+    if case.outcome == "left out":
+        expected, _ = honest_only_round(strategy_name)
+        assert_same_model(got, expected)
+        assert metrics[METRIC_CLIENTS_USED] == len(HONEST)
+        assert metrics[METRIC_CLIENTS_LEFT_OUT] == 1
+    elif case.outcome == "duplicate":
+        expected, _ = honest_only_round(strategy_name, without=(3,))
+        assert_same_model(got, expected)
+        assert metrics[METRIC_CLIENTS_USED] == len(HONEST) - 1
+        assert metrics[METRIC_CLIENTS_LEFT_OUT] == 2
+    else:  # a claimed weight is honoured, as in FedAvg: the claimants dominate
+        dominant = as_numpy(dominating_round(strategy_name))
+        honest = as_numpy(honest_only_round(strategy_name)[0])
+        values = as_numpy(got)
+        assert all(np.isfinite(v).all() for v in values.values())
+        if strategy_name == "default":
+            assert_same_model(got, dominating_round(strategy_name))
+        else:
+            for key in ("fc.weight", "fc.bias"):
+                assert np.linalg.norm(values[key] - dominant[key]) < 0.1 * np.linalg.norm(values[key] - honest[key])
+        assert metrics[METRIC_CLIENTS_USED] == len(HONEST) + 2
+    model = initial_model()
+    assert got["bn.num_batches_tracked"].numpy() == model["bn.num_batches_tracked"]
+
+
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_hostile_reply_alone_keeps_or_sets_the_model_without_raising(case_name, strategy_name):
+    case = CASES[case_name]
+    strategy = STRATEGIES[strategy_name]()
+    got, metrics = one_round(strategy, case, honest=False)
+    if case.outcome == "dominates":
+        assert_same_model(got, dominating_round(strategy_name))
+    else:
+        assert got is None  # no usable reply: the global model stays as it was
+        assert metrics[METRIC_CLIENTS_USED] == 0
+        for key, value in initial_model().items():
+            np.testing.assert_array_equal(strategy.state_dict()["global"][key].numpy(), value)
+
+
+class Clients:
+    """Honest nodes train; the hostile node(s) answer with the case's replies (and evaluate honestly)."""
+
+    def __init__(self, case: Case | None) -> None:
+        self.case = case
+
+    def __call__(self, msg: Message) -> Message:
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            return reply(msg, RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.25})}))
+        raise AssertionError("train messages are answered by HostileGrid")
+
+
+class HostileGrid(InProcessGrid):
+    """An in-process grid whose train rounds are answered by :func:`round_replies` (duplicates included)."""
+
+    def __init__(self, case: Case | None) -> None:
+        super().__init__(nodes_for(case), Clients(case))
+        self.case = case
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return super().send_and_receive(messages, timeout=timeout)
+        server_round = int(messages[0].content["config"]["server-round"])
+        return round_replies(messages, self.case, server_round)
+
+
+def run(strategy_name: str, case: Case | None):
+    strategy = STRATEGIES[strategy_name]()
+    initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    return strategy.start(HostileGrid(case), initial, num_rounds=ROUNDS)
+
+
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_three_round_start_completes_with_a_hostile_node(case_name, strategy_name):
+    case = CASES[case_name]
+    result = run(strategy_name, case)
+    assert sorted(result.train_metrics_clientapp) == list(range(1, ROUNDS + 1))
+    got = as_numpy(result.arrays)
+    assert all(np.isfinite(v).all() for v in got.values() if v.dtype.kind == "f")
+    if case.outcome == "left out":
+        assert_same_model(result.arrays, run(strategy_name, None).arrays)
+        assert all(m[METRIC_CLIENTS_LEFT_OUT] == 1 for m in result.train_metrics_clientapp.values())
