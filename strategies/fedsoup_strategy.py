@@ -268,7 +268,9 @@ class FedSoup(FedAvg):
         (``initial_arrays`` is then only used if the checkpoint has none), numbered
         4..10 in the messages, the checkpoints, the ``[ROUND r/10]`` log lines and the
         returned ``Result``. ``evaluate_fn`` sees the run's round numbers; its
-        "initial" evaluation is the restored model's, as round 3.
+        "initial" evaluation is the restored model's, as round 3. A run already
+        complete (restored at or past ``num_rounds``) runs nothing: it logs so and
+        returns a ``Result`` holding the saved model.
         """
         done = self._round
         if done == 0 or self._current is None:
@@ -277,9 +279,13 @@ class FedSoup(FedAvg):
         call.apply_defaults()
         given = call.arguments
         restored = self._to_arrays(self._current)
+        if done >= given["num_rounds"]:
+            log(INFO, "FedSoup: run already complete at round %d/%d; pass a larger num_rounds to continue, "
+                "or a new checkpoint_dir (checkpoint: '%s')", done, given["num_rounds"], self.checkpoint_dir)
+            return Result(arrays=restored)
         if _structure(given["initial_arrays"]) != _structure(restored):
             log(WARNING, "FedSoup: the checkpointed model has other arrays than initial_arrays; using the checkpoint")
-        remaining = max(given["num_rounds"] - done, 0)
+        remaining = given["num_rounds"] - done
         log(INFO, "Resuming at round %d/%d from the FedSoup checkpoint in '%s'", done + 1, given["num_rounds"], self.checkpoint_dir)
         renumber = _RoundLogLines(done, given["num_rounds"])
         given["initial_arrays"], given["num_rounds"] = restored, remaining

@@ -135,11 +135,41 @@ def test_checkpoint_dir_restart_after_kill_equals_uninterrupted_run(tmp_path):
     assert document["tensors"] == "state-round-00005.safetensors"
 
 
-def test_checkpoint_of_a_finished_run_runs_no_more_rounds(tmp_path):
-    done = start(FedSoup(checkpoint_dir=tmp_path), num_rounds=2)
-    again = start(FedSoup(checkpoint_dir=tmp_path), num_rounds=2)
-    assert again.train_metrics_clientapp == {}
+def test_checkpoint_of_a_finished_run_runs_no_more_rounds(tmp_path, caplog):
+    done = start(FedSoup(soup=SOUP, stew=STEW, checkpoint_dir=tmp_path), num_rounds=2)
+    clients = Clients()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="flwr"):
+        again = start(FedSoup(soup=SOUP, stew=STEW, checkpoint_dir=tmp_path), num_rounds=2, clients=clients)
+    assert ("run already complete at round 2/2; pass a larger num_rounds to continue, "
+            "or a new checkpoint_dir") in caplog.text
+    assert "Resuming" not in caplog.text and "[ROUND" not in caplog.text
+    assert clients.rounds_seen == [] and again.train_metrics_clientapp == {}
     assert_arrays_equal(again.arrays, done.arrays)
+
+
+def test_state_claiming_a_huge_round_is_reported_complete(caplog):
+    first = FedSoup(soup=SOUP, stew=STEW)
+    start(first, num_rounds=1)
+    state = first.state_dict()
+    state["round"] = 10**6
+    claimed = FedSoup(soup=SOUP, stew=STEW)
+    claimed.load_state_dict(state)
+    clients = Clients()
+    with caplog.at_level("INFO", logger="flwr"):
+        result = start(claimed, num_rounds=20, clients=clients)
+    assert "run already complete at round 1000000/20" in caplog.text and "1000001" not in caplog.text
+    assert clients.rounds_seen == [] and result.train_metrics_clientapp == {}
+
+
+def test_a_finished_run_continues_to_more_rounds(tmp_path):
+    reference = start(FedSoup(soup=SOUP, stew=STEW), num_rounds=4)
+    start(FedSoup(soup=SOUP, stew=STEW, checkpoint_dir=tmp_path), num_rounds=2)
+    start(FedSoup(soup=SOUP, stew=STEW, checkpoint_dir=tmp_path), num_rounds=2)  # complete: nothing runs
+    more = start(FedSoup(soup=SOUP, stew=STEW, checkpoint_dir=tmp_path), num_rounds=4)
+    assert sorted(more.train_metrics_clientapp) == [3, 4]
+    assert_arrays_equal(more.arrays, reference.arrays)
+    assert load_checkpoint(tmp_path)["round"] == 4
 
 
 def test_restoring_into_a_different_stew_is_refused(tmp_path):
