@@ -245,10 +245,22 @@ def choose_path(problem: Problem) -> str:
 
 def _reduces_to_soup(problem: Problem) -> bool:
     """One epoch of plain GD with lr 1 *is* the soup (docs/design.md §1 identities, paper §3.1)."""
-    p = problem
+    return _is_soup_identity(problem, problem.lr)
+
+
+def options_reduce_to_soup(options: MergeOptions) -> bool:
+    """True when ``merge(models, **options.to_kwargs())`` is the weighted soup (an identity of §1).
+
+    For callers that can compute the soup in another form (the LoRA soup of products
+    as stacked factors, :mod:`fedsoup.lora`) without running the merge.
+    """
+    return _is_soup_identity(options, 1.0 if options.lr is None else options.lr)
+
+
+def _is_soup_identity(p: Problem | MergeOptions, lr: LearningRate) -> bool:
     if not (is_plain_sgd(p.optimizer, p.optimizer_kwargs) and p.epochs == 1 and not p.greedy and not p.project):
         return False
-    if isinstance(p.lr, Mapping) or p.lr != 1.0 or callable(p.amplification) or p.amplification != 1.0:
+    if isinstance(lr, Mapping) or lr != 1.0 or callable(p.amplification) or p.amplification != 1.0:
         return False
     return (p.schedule == "harmonic" and p.adaptive_pivot) or (p.schedule == "constant" and not p.adaptive_pivot)
 

@@ -1,0 +1,49 @@
+"""LoRA adapters merged on purpose (docs/design.md §2.6): PEFT adapter files in and out,
+merged as factors or as the products ``s·B·A`` they stand for, the error always measured.
+
+Pure functions over ``dict[str, Tensor]``; no PEFT import: adapter files are read by
+PEFT's documented format (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``).
+
+- :mod:`fedsoup.lora.config`: ``adapter_config.json`` → :class:`LoraSettings` (scales, refusals).
+- :mod:`fedsoup.lora.pairs`: a state dict ↔ LoRA pairs per module.
+- :mod:`fedsoup.lora.linalg`: norms and SVDs of products held as factors.
+- :mod:`fedsoup.lora.modes`: the ``factors`` and ``products`` merges, into the base too.
+- :mod:`fedsoup.lora.files`: adapter directories read and written.
+"""
+
+from fedsoup.lora.config import ADAPTER_CONFIG_NAME, LoraSettings, parse_adapter_config
+from fedsoup.lora.files import is_adapter, load_adapter, read_adapter, write_adapter, write_model
+from fedsoup.lora.modes import (
+    LORA_MODES,
+    AdapterMerge,
+    LoraReport,
+    check_adapters,
+    factor_product_errors,
+    merge_adapters,
+    merge_into_base,
+    merged_deltas,
+)
+from fedsoup.lora.pairs import Adapter, LoraPair, join_adapter, split_adapter
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "LORA_MODES",
+    "Adapter",
+    "AdapterMerge",
+    "LoraPair",
+    "LoraReport",
+    "LoraSettings",
+    "check_adapters",
+    "factor_product_errors",
+    "is_adapter",
+    "load_adapter",
+    "read_adapter",
+    "write_adapter",
+    "write_model",
+    "join_adapter",
+    "merge_adapters",
+    "merge_into_base",
+    "merged_deltas",
+    "parse_adapter_config",
+    "split_adapter",
+]

@@ -1,0 +1,405 @@
+"""LoRA adapters merged on purpose (fedsoup.lora): against the hand computation Σ ω_i s_i B_i A_i
+in plain torch, and against PEFT (loading, add_weighted_adapter's cat, merge_and_unload)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from fedsoup import MergeInputError, MergeOptions, MergeWarning, OptionError
+from fedsoup.lora import (
+    factor_product_errors,
+    load_adapter,
+    merge_adapters,
+    merge_into_base,
+    parse_adapter_config,
+    split_adapter,
+    write_adapter,
+    write_model,
+)
+from fedsoup.lora.linalg import factored_svd, randomized_svd
+
+from tests.lora_helpers import (
+    hand_products,
+    llama_base,
+    gpt2_base,
+    make_adapter,
+    peft_deltas,
+    products_of,
+    read,
+    relative_error,
+)
+
+from peft import PeftModel  # noqa: E402  (lora_helpers skipped the module if peft is missing)
+
+
+def _merged_products(merged, directory):
+    """``{path: s·B·A}`` of a merged adapter, computed by hand from the tensors and config written."""
+    write_adapter(directory, merged.state_dict, merged.config)
+    return products_of(directory)
+
+
+def _close(products, expected, tol):
+    assert products.keys() == expected.keys()
+    for path in expected:
+        assert relative_error(products[path], expected[path]) < tol, path
+
+
+@pytest.fixture(scope="module")
+def gpt2_adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt2")
+    return [make_adapter(root / f"a{i}", "gpt2", seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def llama_adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    return [make_adapter(root / f"a{i}", "llama", seed=10 + i) for i in range(3)]
+
+
+def _load(directories):
+    return [load_adapter(d, ingredient=i) for i, d in enumerate(directories)]
+
+
+# --- the modes against the hand computation -----------------------------------------------------
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_products_cat_is_the_soup_of_products(family, gpt2_adapters, llama_adapters, tmp_path):
+    directories = gpt2_adapters if family == "gpt2" else llama_adapters
+    weights = [1.0, 2.0, 5.0]
+    merged = merge_adapters(_load(directories), mode="products", options=MergeOptions(weights=weights))
+    assert merged.report.how == "cat" and set(merged.report.ranks.values()) == {12}
+    assert merged.config["r"] == 12 and merged.config["rank_pattern"] == {}
+    _close(_merged_products(merged, tmp_path / "out"), hand_products(directories, weights), 1e-6)
+
+
+def test_products_with_mixed_ranks_alphas_and_rslora(tmp_path):
+    directories = [
+        make_adapter(tmp_path / "a", seed=1, r=2, lora_alpha=4),
+        make_adapter(tmp_path / "b", seed=2, r=4, lora_alpha=32),
+        make_adapter(tmp_path / "c", seed=3, r=8, lora_alpha=8, use_rslora=True),
+    ]
+    merged = merge_adapters(_load(directories), mode="products")
+    assert merged.config["r"] == 14
+    _close(_merged_products(merged, tmp_path / "out"), hand_products(directories), 1e-6)
+    # the soup of factors is not defined across ranks: said, not guessed
+    assert merged.report.max_error is None
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_factors_fold_each_scale_into_b(tmp_path, rslora):
+    """Different alphas: B_i is scaled by s_i/s before averaging; the output keeps adapter 0's scale.
+    The target is the soup of factors, s·(Σ ω_i (s_i/s) B_i)(Σ ω_i A_i), computed by hand."""
+    directories = [make_adapter(tmp_path / f"a{i}", seed=i, r=4, lora_alpha=alpha, use_rslora=rslora)
+                   for i, alpha in enumerate([8, 16, 64])]
+    weights = [3.0, 1.0, 1.0]
+    merged = merge_adapters(_load(directories), mode="factors", options=MergeOptions(weights=weights))
+    omega = [w / sum(weights) for w in weights]
+    configs_tensors = [read(d) for d in directories]
+    s = [c["lora_alpha"] / (2.0 if rslora else 4.0) for c, _ in configs_tensors]
+    products = _merged_products(merged, tmp_path / "out")
+    assert merged.config["lora_alpha"] == 8 and merged.config["use_rslora"] is rslora
+    for path in products:
+        a = sum(w * t[path + ".lora_A.weight"].double() for w, (_, t) in zip(omega, configs_tensors))
+        b = sum(w * (si / s[0]) * t[path + ".lora_B.weight"].double() for w, si, (_, t) in zip(omega, s, configs_tensors))
+        assert relative_error(products[path], s[0] * b @ a) < 1e-6
+
+
+def test_factors_of_equal_scale_are_fedavg_bit_for_bit(gpt2_adapters):
+    adapters = _load(gpt2_adapters)
+    merged = merge_adapters(adapters, mode="factors")
+    tensors = [read(d)[1] for d in gpt2_adapters]
+    for key, value in merged.state_dict.items():
+        expected = (tensors[0][key] / 3 + tensors[1][key] / 3 + tensors[2][key] / 3)
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+    assert merged.config == {**read(gpt2_adapters[0])[0]}
+
+
+def test_factors_refuse_mixed_ranks_naming_the_ingredient(tmp_path):
+    directories = [make_adapter(tmp_path / "a", seed=1, r=4), make_adapter(tmp_path / "b", seed=2, r=2)]
+    with pytest.raises(MergeInputError) as info:
+        merge_adapters(_load(directories), mode="factors")
+    assert info.value.ingredient == 1 and info.value.key.endswith(".lora_A.weight")
+
+
+def test_factor_product_error_measured(tmp_path, gpt2_adapters):
+    """0 for one adapter; small for clients drifting 10% from one adapter; large for independent ones."""
+    alone = _load(gpt2_adapters[:1])
+    assert max(factor_product_errors(alone, [1.0]).values()) < 1e-7
+    drifted = [make_adapter(tmp_path / f"d{i}", seed=100 + i, drift_from=gpt2_adapters[0]) for i in range(3)]
+    small = merge_adapters(_load(drifted), mode="factors").report
+    independent = merge_adapters(_load(gpt2_adapters), mode="factors").report
+    assert 0 < small.max_error < 0.05
+    assert independent.mean_error > 0.5
+    # the measure itself, by hand on one module with dense matrices
+    adapters = _load(gpt2_adapters)
+    path = sorted(adapters[0].pairs)[0]
+    pairs = [a.pairs[path] for a in adapters]
+    soup_b = sum(p.B.double() for p in pairs) / 3
+    soup_a = sum(p.A.double() for p in pairs) / 3
+    target = sum(p.scale * p.B.double() @ p.A.double() for p in pairs) / 3
+    expected = relative_error(pairs[0].scale * soup_b @ soup_a, target)
+    assert independent.errors[path] == pytest.approx(expected, rel=1e-9)
+
+
+# --- SVD ---------------------------------------------------------------------------------------
+
+def test_svd_at_full_rank_is_exact_and_below_it_optimal(gpt2_adapters, tmp_path):
+    adapters = _load(gpt2_adapters)
+    expected = hand_products(gpt2_adapters)
+    full = merge_adapters(adapters, mode="products", rank=12)
+    assert full.report.how == "svd" and full.report.min_energy == pytest.approx(1.0, abs=1e-12)
+    _close(_merged_products(full, tmp_path / "full"), expected, 1e-6)
+    low = merge_adapters(adapters, mode="products", rank=3)
+    products = _merged_products(low, tmp_path / "low")
+    for path, target in expected.items():
+        u, s, vh = torch.linalg.svd(target)
+        best = (u[:, :3] * s[:3]) @ vh[:3]  # Eckart–Young: the optimal rank-3 approximation
+        assert relative_error(products[path], best) < 1e-6
+        energy = float((s[:3] ** 2).sum() / (s ** 2).sum())
+        assert low.report.energies[path] == pytest.approx(energy, rel=1e-6)  # float32 inputs
+        error = relative_error(products[path], target)
+        assert error == pytest.approx((1 - energy) ** 0.5, rel=1e-6)
+
+
+def test_factored_svd_equals_dense_svd():
+    torch.manual_seed(0)
+    b, a = torch.randn(40, 12, dtype=torch.float64), torch.randn(12, 30, dtype=torch.float64)
+    u, s, vh = factored_svd(b, a)
+    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[:12])
+    torch.testing.assert_close((u * s) @ vh, b @ a)
+
+
+def test_randomized_svd_is_seeded_and_accurate():
+    torch.manual_seed(0)
+    m = torch.randn(200, 8, dtype=torch.float64) @ torch.randn(8, 150, dtype=torch.float64)
+    m += 1e-3 * torch.randn(200, 150, dtype=torch.float64)
+    first = randomized_svd(m, 8, seed=3)
+    again = randomized_svd(m, 8, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    torch.testing.assert_close(first[1], torch.linalg.svdvals(m)[:8], rtol=1e-8, atol=0)
+
+
+def test_ame_over_products_is_dense_then_truncated(gpt2_adapters, tmp_path):
+    """AME with another optimizer merges the dense ΔW_i; the written adapter is its seeded SVD."""
+    adapters = _load(gpt2_adapters)
+    options = MergeOptions(optimizer="sgd", lr=0.5, schedule="constant", epochs=2)
+    merged = merge_adapters(adapters, mode="products", rank=12, options=options)
+    from fedsoup import merge
+    dense = merge([{p: (pair.scale * pair.B.double() @ pair.A.double()) for p, pair in a.pairs.items()}
+                   for a in adapters], **options.to_kwargs())
+    products = _merged_products(merged, tmp_path / "out")
+    for path, delta in dense.items():
+        u, s, vh = torch.linalg.svd(delta)
+        best = (u[:, :12] * s[:12]) @ vh[:12]
+        assert relative_error(products[path], best) < 1e-5
+    assert 0.5 < merged.report.min_energy <= 1.0
+
+
+# --- PEFT as the anchor --------------------------------------------------------------------------
+
+def _peft_load(directory, family="gpt2"):
+    base = gpt2_base() if family == "gpt2" else llama_base()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, str(directory))
+    complaints = [str(w.message) for w in caught if "missing" in str(w.message).lower()
+                  or "unexpected" in str(w.message).lower()]
+    assert not complaints, complaints
+    return model
+
+
+@pytest.mark.parametrize("mode,rank", [("factors", None), ("products", None), ("products", 5)])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_peft_loads_every_output_with_its_scale(family, mode, rank, gpt2_adapters, llama_adapters, tmp_path):
+    directories = gpt2_adapters if family == "gpt2" else llama_adapters
+    merged = merge_adapters(_load(directories), mode=mode, rank=rank)
+    write_adapter(tmp_path / "out", merged.state_dict, merged.config)
+    model = _peft_load(tmp_path / "out", family)
+    from peft import get_peft_model_state_dict
+    loaded = get_peft_model_state_dict(model)
+    assert loaded.keys() == merged.state_dict.keys()
+    for key, value in loaded.items():
+        assert torch.equal(value, merged.state_dict[key]), key
+    # PEFT's own delta weights are what we claim to have written
+    _close(peft_deltas(model), products_of(tmp_path / "out"), 1e-6)
+
+
+def test_peft_loads_mixed_rank_rslora_output(tmp_path):
+    directories = [make_adapter(tmp_path / "a", seed=1, r=2, lora_alpha=4, use_rslora=True,
+                                rank_pattern={"h.1.attn.c_attn": 3}),
+                   make_adapter(tmp_path / "b", seed=2, r=4, lora_alpha=32, use_rslora=True)]
+    merged = merge_adapters(_load(directories), mode="products")
+    assert sorted(merged.report.ranks.values()) == [6, 7]
+    write_adapter(tmp_path / "out", merged.state_dict, merged.config)
+    model = _peft_load(tmp_path / "out")
+    _close(peft_deltas(model), hand_products(directories), 1e-6)
+
+
+def test_cat_equals_peft_add_weighted_adapter(gpt2_adapters, tmp_path):
+    weights = [0.5, 0.3, 0.2]
+    merged = merge_adapters(_load(gpt2_adapters), mode="products", options=MergeOptions(weights=weights))
+    model = PeftModel.from_pretrained(gpt2_base(), str(gpt2_adapters[0]), adapter_name="a0")
+    for i, directory in enumerate(gpt2_adapters[1:], start=1):
+        model.load_adapter(str(directory), adapter_name=f"a{i}")
+    model.add_weighted_adapter(["a0", "a1", "a2"], weights, "cat", combination_type="cat")
+    theirs = peft_deltas(model, "cat")
+    ours = _merged_products(merged, tmp_path / "out")
+    _close(ours, theirs, 1e-6)
+
+
+# --- into the base model -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_merged_into_base_gives_the_logits_of_the_hand_merge(family, gpt2_adapters, llama_adapters, tmp_path):
+    directories = gpt2_adapters if family == "gpt2" else llama_adapters
+    factory = gpt2_base if family == "gpt2" else llama_base
+    base_dir = tmp_path / "base"
+    factory().save_pretrained(str(base_dir))
+    from fedsoup.io.readers import load_state_dict
+    base = load_state_dict(base_dir)
+    result, report = merge_into_base(_load(directories), base, mode="products")
+    write_model(tmp_path / "merged", result, base_dir)
+    model = type(factory()).from_pretrained(str(tmp_path / "merged")).eval()
+    # by hand: W + ΔW, with GPT-2's Conv1D weights stored transposed (d_in, d_out)
+    hand = factory()
+    with torch.no_grad():
+        for path, delta in hand_products(directories).items():
+            name = path.removeprefix("base_model.model.") + ".weight"
+            weight = dict(hand.named_parameters())[name]
+            weight += (delta.T if family == "gpt2" else delta).to(weight.dtype)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hand(ids).logits, rtol=1e-5, atol=1e-5)
+        # and PEFT's own merge of our cat adapter agrees
+        merged = merge_adapters(_load(directories), mode="products")
+        write_adapter(tmp_path / "cat", merged.state_dict, merged.config)
+        peft_merged = PeftModel.from_pretrained(factory(), str(tmp_path / "cat")).merge_and_unload()
+        torch.testing.assert_close(model(ids).logits, peft_merged(ids).logits, rtol=1e-5, atol=1e-5)
+    assert report.how == "base"
+
+
+# --- configs, pairing and refusals -----------------------------------------------------------------
+
+def _config(**fields):
+    return {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], **fields}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_dora", True), ("lora_bias", True), ("use_qalora", True), ("target_parameters", ["w"]),
+    ("layer_replication", [[0, 1]]), ("bias", "all"),
+])
+def test_variants_are_refused_by_name(field, value):
+    with pytest.raises(MergeInputError) as info:
+        parse_adapter_config(_config(**{field: value}), ingredient=2, path="x")
+    assert info.value.ingredient == 2 and field in info.value.reason
+
+
+def test_other_peft_methods_are_refused():
+    with pytest.raises(MergeInputError, match="peft_type"):
+        parse_adapter_config(_config(peft_type="IA3"))
+
+
+def test_scales_follow_patterns_and_rslora():
+    settings = parse_adapter_config(_config(rank_pattern={"layers.1.q": 2}, alpha_pattern={"q": 32},
+                                            use_rslora=True))
+    assert settings.rank("model.layers.0.q") == 4 and settings.rank("model.layers.1.q") == 2
+    assert settings.scale("model.layers.1.q") == pytest.approx(32 / 2 ** 0.5)
+    assert parse_adapter_config(_config()).scale("x.q") == 2.0
+
+
+@pytest.mark.parametrize("key,reason", [
+    ("base_model.model.emb.lora_embedding_A", "embedding"),
+    ("base_model.model.q.lora_magnitude_vector", "DoRA"),
+    ("base_model.model.q.lora_B.bias", "bias"),
+    ("base_model.model.other.weight", "modules_to_save"),
+])
+def test_variant_keys_are_refused(key, reason):
+    tensors = {"base_model.model.q.lora_A.weight": torch.ones(4, 3), "base_model.model.q.lora_B.weight": torch.ones(5, 4),
+               key: torch.ones(4, 3)}
+    with pytest.raises(MergeInputError, match=reason) as info:
+        split_adapter(tensors, parse_adapter_config(_config()), ingredient=1)
+    assert info.value.key == key and info.value.ingredient == 1
+
+
+def test_a_without_b_and_a_lying_config_are_refused():
+    settings = parse_adapter_config(_config())
+    with pytest.raises(MergeInputError, match="without its pair"):
+        split_adapter({"base_model.model.q.lora_A.weight": torch.ones(4, 3)}, settings)
+    with pytest.raises(MergeInputError, match="rank 2 in the tensors") as info:
+        split_adapter({"base_model.model.q.lora_A.weight": torch.ones(2, 3),
+                       "base_model.model.q.lora_B.weight": torch.ones(5, 2)}, settings)
+    assert info.value.key == "base_model.model.q.lora_A.weight"
+
+
+def test_modules_to_save_are_merged_as_full_tensors(tmp_path):
+    directories = [make_adapter(tmp_path / f"a{i}", seed=i, modules_to_save=["lm_head"]) for i in range(2)]
+    tensors = [read(d)[1] for d in directories]
+    full_keys = [k for k in tensors[0] if "lora_" not in k]
+    assert full_keys
+    for mode in ("factors", "products"):
+        merged = merge_adapters(_load(directories), mode=mode, options=MergeOptions(weights=[1, 3]))
+        for key in full_keys:
+            torch.testing.assert_close(merged.state_dict[key], tensors[0][key] / 4 + 3 * tensors[1][key] / 4)
+
+
+def test_incompatible_adapters_are_refused(tmp_path):
+    a = make_adapter(tmp_path / "a", seed=1)
+    b = make_adapter(tmp_path / "b", seed=2, target_modules=["c_attn", "c_proj"])
+    with pytest.raises(MergeInputError, match="target_modules") as info:
+        merge_adapters(_load([a, b]))
+    assert info.value.ingredient == 1
+    c = make_adapter(tmp_path / "c", seed=3, modules_to_save=["lm_head"])
+    with pytest.raises(MergeInputError, match="modules_to_save"):
+        merge_adapters(_load([a, c]))
+
+
+def test_non_finite_adapter_is_refused(tmp_path):
+    a, b = make_adapter(tmp_path / "a", seed=1), make_adapter(tmp_path / "b", seed=2)
+    config, tensors = read(b)
+    key = sorted(tensors)[1]
+    tensors[key][0, 0] = float("nan")
+    adapters = _load([a]) + [split_adapter(tensors, parse_adapter_config(config), ingredient=1)]
+    with pytest.raises(MergeInputError, match="NaN") as info:
+        merge_adapters(adapters)
+    assert info.value.ingredient == 1 and info.value.key == key
+
+
+def test_differing_base_model_warns(tmp_path):
+    a = make_adapter(tmp_path / "a", seed=1)
+    b = make_adapter(tmp_path / "b", seed=2)
+    config = json.loads((b / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/somewhere/else"
+    (b / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(MergeWarning, match="base_model_name_or_path"):
+        merge_adapters(_load([a, b]))
+
+
+def test_bad_options_are_refused(gpt2_adapters):
+    with pytest.raises(OptionError) as info:
+        merge_adapters(_load(gpt2_adapters), mode="product")
+    assert info.value.suggestion == "products"
+    with pytest.raises(OptionError):
+        merge_adapters(_load(gpt2_adapters), mode="factors", rank=4)
+
+
+def test_directory_without_weights_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "adapter_config.json").write_text(json.dumps(_config()))
+    with pytest.raises(MergeInputError, match="no weights") as info:
+        load_adapter(tmp_path / "empty", ingredient=0)
+    assert info.value.path == str(tmp_path / "empty")
+
+
+def test_weights_file_and_bin_format_are_read(gpt2_adapters, tmp_path):
+    config, tensors = read(gpt2_adapters[0])
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "adapter_config.json").write_text(json.dumps(config))
+    torch.save(tensors, tmp_path / "bin" / "adapter_model.bin")
+    from_bin = load_adapter(tmp_path / "bin")
+    from_file = load_adapter(gpt2_adapters[0] / "adapter_model.safetensors")
+    for path, pair in from_file.pairs.items():
+        assert torch.equal(pair.A, from_bin.pairs[path].A) and pair.scale == from_bin.pairs[path].scale
