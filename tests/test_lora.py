@@ -259,7 +259,7 @@ def test_merged_into_base_gives_the_logits_of_the_hand_merge(family, gpt2_adapte
     factory = gpt2_base if family == "gpt2" else llama_base
     base_dir = tmp_path / "base"
     factory().save_pretrained(str(base_dir))
-    from fedsoup.io.readers import load_state_dict
+    from fedsoup.io.resolve import load_state_dict
     base = load_state_dict(base_dir)
     result, report = merge_into_base(_load(directories), base, mode="products")
     write_model(tmp_path / "merged", result, base_dir)

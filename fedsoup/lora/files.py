@@ -11,7 +11,6 @@ output is a model directory with the base's ``config.json`` and tokenizer files.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,16 +18,16 @@ from pathlib import Path
 import torch
 
 from fedsoup.errors import MergeInputError
-from fedsoup.io.formats import TensorInfo, one_line
-from fedsoup.io.hf import model_directory_files
-from fedsoup.io.readers import load_state_dict
+from fedsoup.io.formats import TensorInfo
+from fedsoup.io.hf import model_directory_files, read_config
+from fedsoup.io.readers import open_weights_file
+from fedsoup.io.resolve import ADAPTER, MODEL, resolve_input
 from fedsoup.io.writer import write_checkpoint
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, config_bytes, parse_adapter_config
 from fedsoup.lora.pairs import Adapter, split_adapter
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAMES",
-    "adapter_directory",
     "is_adapter",
     "read_adapter",
     "load_adapter",
@@ -39,52 +38,38 @@ __all__ = [
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def adapter_directory(path: str | os.PathLike[str]) -> Path | None:
-    """The adapter directory ``path`` names (the directory, or its weights file), else ``None``."""
-    path = Path(path)
-    if path.is_dir():
-        return path if (path / ADAPTER_CONFIG_NAME).is_file() else None
-    if path.name in ADAPTER_WEIGHTS_NAMES and (path.parent / ADAPTER_CONFIG_NAME).is_file():
-        return path.parent
-    return None
-
-
 def is_adapter(path: str | os.PathLike[str]) -> bool:
     """True for a PEFT adapter directory or its weights file (``adapter_config.json`` beside it)."""
-    return adapter_directory(path) is not None
+    try:
+        return resolve_input(path).kind == ADAPTER
+    except MergeInputError:
+        return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG_NAME).is_file()
 
 
 def read_adapter(path: str | os.PathLike[str], *, ingredient: int | None = None,
                  ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config, state_dict)`` of the adapter at ``path`` (a directory or its weights file).
 
-    The weights are ``adapter_model.safetensors``, else ``adapter_model.bin`` (read with
-    ``torch.load(weights_only=True)`` only), or the weights file named. Raises
-    :class:`~fedsoup.errors.MergeInputError` naming the file.
+    The input forms are :func:`fedsoup.io.resolve.resolve_input`'s: the directory (its
+    ``adapter_model.safetensors``, else ``adapter_model.bin``, read with
+    ``torch.load(weights_only=True)`` only) or the weights file. Raises
+    :class:`~fedsoup.errors.MergeInputError` naming the input as given.
     """
     name = os.fspath(path)
-    directory = adapter_directory(path)
-    if directory is None:
-        raise MergeInputError(f"not a PEFT adapter (no {ADAPTER_CONFIG_NAME} beside it)", path=name,
-                              ingredient=ingredient)
-    config_path = directory / ADAPTER_CONFIG_NAME
+    folder = Path(path)
+    if folder.is_dir() and (folder / ADAPTER_CONFIG_NAME).is_file() \
+            and not any((folder / w).is_file() for w in ADAPTER_WEIGHTS_NAMES):
+        raise MergeInputError(f"adapter directory holds {ADAPTER_CONFIG_NAME} but no weights "
+                              f"({' or '.join(ADAPTER_WEIGHTS_NAMES)})", path=name, ingredient=ingredient)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MergeInputError(f"unreadable {ADAPTER_CONFIG_NAME} ({one_line(error)})", path=str(config_path),
-                              ingredient=ingredient) from None
-    if Path(path).is_file():
-        weights = Path(path)
-    else:
-        found = [directory / w for w in ADAPTER_WEIGHTS_NAMES if (directory / w).is_file()]
-        if not found:
-            raise MergeInputError(f"adapter directory holds {ADAPTER_CONFIG_NAME} but no weights "
-                                  f"({' or '.join(ADAPTER_WEIGHTS_NAMES)})", path=name, ingredient=ingredient)
-        weights = found[0]
-    try:
-        state_dict = load_state_dict(weights)
+        resolved = resolve_input(path, name=name)
+        if resolved.kind != ADAPTER:
+            raise MergeInputError(f"not a PEFT adapter (no {ADAPTER_CONFIG_NAME} beside adapter_model.*)", path=name)
+        config = read_config(resolved.config_path)
+        with open_weights_file(resolved.weights, name) as checkpoint:
+            state_dict = checkpoint.load_all()
     except MergeInputError as error:
-        raise error.at(path=str(weights), ingredient=ingredient) from None
+        raise error.at(ingredient=ingredient) from None
     return config, state_dict
 
 
@@ -120,7 +105,11 @@ def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.T
                 base: str | os.PathLike[str], *, force: bool = False, metadata: Mapping[str, str] | None = None,
                 max_shard_bytes: int = 5 * 10**9) -> list[Path]:
     """Write a model directory: the weights under Hugging Face's names, ``base``'s config and tokenizer."""
-    extra = model_directory_files([os.fspath(base)], None)
+    resolved = resolve_input(base)
+    if resolved.kind != MODEL:
+        raise MergeInputError("the base model is not a model directory (no config.json beside its weights)",
+                              path=os.fspath(base))
+    extra = model_directory_files([resolved], None)
     return write_checkpoint(
         os.path.join(os.fspath(output), ""), _infos(state_dict), lambda key: state_dict[key], metadata=metadata, force=force,
         extra_files=extra, max_shard_bytes=max_shard_bytes,
