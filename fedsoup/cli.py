@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import fedsoup
-from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExistsError
+from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExistsError, closest_name
 from fedsoup.offline import DEFAULT_SHARD_SIZE, inspect_files, load_config, run_merge_files
 from fedsoup.offline.producers import human_bytes
 from fedsoup.offline.tables import import_object
@@ -78,7 +78,7 @@ def _pivot(value: Any) -> Any:
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     """The ``merge_files`` arguments: the config file's, overridden by the flags given."""
     settings = load_config(args.config) if getattr(args, "config", None) else {}
-    flags = {key: value for key, value in vars(args).items() if key not in ("config", "handler", "command", "quiet")}
+    flags = {key: value for key, value in vars(args).items() if key not in ("config", "handler", "command", "quiet", "subparser")}
     optimizer_kwargs = dict(settings.pop("optimizer_kwargs", {}))
     optimizer_kwargs.update(flags.pop("optimizer_kwargs", None) or [])
     optimizer_kwargs.update({key: flags.pop(key) for key in OPTIMIZER_FLAGS if key in flags})
@@ -111,10 +111,11 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    """Exit status 0 when the files can be merged together, 1 when they cannot (saying why)."""
     report = inspect_files(args.files)
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return 0 if report["mergeable"] else 1
     checkpoints, mismatches = report["checkpoints"], report["differences"]
     for checkpoint in checkpoints:
         print(f"{checkpoint['file']}: {checkpoint['tensors']} tensors, {checkpoint['parameters']:,} parameters, "
@@ -126,17 +127,18 @@ def run_inspect(args: argparse.Namespace) -> int:
                 print(f"  {key:<{width}}  {info['dtype']:<9} {shape:<20} {math.prod(info['shape']):>14,}")
         for key, value in checkpoint["metadata"].items():
             print(f"  metadata {key} = {value}")
-    if len(checkpoints) > 1:
-        if mismatches:
-            print(f"not mergeable: {len(mismatches)} differences with {checkpoints[0]['file']}")
-            limit = None if args.all else 20
-            for line in mismatches[:limit]:
-                print(f"  {line}")
-            if limit is not None and len(mismatches) > limit:
-                print(f"  ... and {len(mismatches) - limit} more (--all shows them)")
-        else:
-            print(f"mergeable: {len(checkpoints)} checkpoints with the same tensor names and shapes")
-    return 0
+    for refusal in report["refusals"]:
+        print(f"not mergeable: {refusal}")
+    if mismatches:
+        print(f"not mergeable: {len(mismatches)} differences with {checkpoints[0]['file']}")
+        limit = None if args.all else 20
+        for line in mismatches[:limit]:
+            print(f"  {line}")
+        if limit is not None and len(mismatches) > limit:
+            print(f"  ... and {len(mismatches) - limit} more (--all shows them)")
+    elif len(checkpoints) > 1 and report["mergeable"]:
+        print(f"mergeable: {len(checkpoints)} checkpoints with the same tensor names and shapes")
+    return 0 if report["mergeable"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,24 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
                "  fedsoup merge runs/*/model.pt -o soup/ --metrics metrics.csv --weights num_examples \\\n"
                "      --order-by val_acc --low-memory --shard-size 2GB",
     )
-    merge.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoint files, model directories or globs")
-    merge.add_argument("-o", "--output", metavar="PATH", help="output .safetensors, .pt, or a directory (model.safetensors)")
-    merge.add_argument("--config", metavar="FILE", help="TOML/JSON/YAML file with the same settings (flags override it)")
-    merge.add_argument("--metrics", metavar="FILE", help="CSV/JSON with one row per input; --weights/--order-by may name a column")
-    merge.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
-    merge.add_argument("--shard-size", dest="shard_size", metavar="SIZE", help=f"largest safetensors shard (default {DEFAULT_SHARD_SIZE})")
-    merge.add_argument("--dtype", metavar="DTYPE", help="dtype of the output's floating tensors (fp32, fp16, bf16, fp64)")
-    merge.add_argument("--device", metavar="DEVICE", help="where the merge runs (cpu, cuda, cuda:1, mps)")
-    merge.add_argument("--no-copy-config", dest="copy_config", action="store_false",
+    files = merge.add_argument_group("inputs and outputs")
+    files.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoint files, model directories or globs")
+    files.add_argument("-o", "--output", metavar="PATH", help="output .safetensors, .pt, or a directory (model.safetensors)")
+    files.add_argument("--config", metavar="FILE", help="TOML/JSON/YAML file with the same settings (flags override it)")
+    files.add_argument("--metrics", metavar="FILE", help="CSV/JSON with one row per input; --weights/--order-by may name a column")
+    files.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
+    files.add_argument("--shard-size", dest="shard_size", metavar="SIZE", help=f"largest safetensors shard (default {DEFAULT_SHARD_SIZE})")
+    files.add_argument("--dtype", metavar="DTYPE", help="dtype of the output's floating tensors (fp32, fp16, bf16, fp64)")
+    files.add_argument("--no-copy-config", dest="copy_config", action="store_false",
                        help="do not carry a model directory's config.json and tokenizer files over")
-    mode = merge.add_mutually_exclusive_group()
-    mode.add_argument("--low-memory", dest="low_memory", action="store_const", const=True,
-                      help="merge tensor by tensor (element-wise optimizers; default: automatic when memory is short)")
-    mode.add_argument("--in-memory", dest="low_memory", action="store_const", const=False,
-                      help="load every input at once, never tensor by tensor")
-    merge.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar, notes or warnings")
+    files.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar, notes or warnings")
 
-    ame = merge.add_argument_group("AME options (fedsoup.merge)")
+    ame = merge.add_argument_group("merge options (fedsoup.merge)")
     ame.add_argument("--weights", type=_numbers_or_column, metavar="W", help="one weight per input (3,1,2) or a --metrics column")
     ame.add_argument("--optimizer", metavar="NAME", help=f"{', '.join(fedsoup.OPTIMIZERS)} or module:Class (default sgd)")
     ame.add_argument("--lr", type=float, help="learning rate eta_0 (default: 1.0 for SGD; for adaptive "
@@ -200,23 +197,70 @@ def build_parser() -> argparse.ArgumentParser:
     ame.add_argument("--greedy", action=argparse.BooleanOptionalAction, help="keep a step only if --evaluate improves")
     ame.add_argument("--evaluate", metavar="FN", help="MODULE:FUNCTION or file.py:FUNCTION, state_dict -> score (for --greedy)")
     ame.add_argument("--project", action=argparse.BooleanOptionalAction, help="project onto the ingredients' ball")
-    ame.add_argument("--momentum", type=float, help="optimizer argument momentum")
-    ame.add_argument("--betas", type=_literal, help="optimizer argument betas, e.g. 0.9,0.999")
-    ame.add_argument("--eps", type=float, help="optimizer argument eps")
-    ame.add_argument("--weight-decay", dest="weight_decay", type=float, help="optimizer argument weight_decay")
-    ame.add_argument("--opt", dest="optimizer_kwargs", action="append", type=_optimizer_kwarg, metavar="KEY=VALUE",
+
+    opt = merge.add_argument_group("optimizer arguments")
+    opt.add_argument("--momentum", type=float, help="optimizer argument momentum")
+    opt.add_argument("--betas", type=_literal, help="optimizer argument betas, e.g. 0.9,0.999")
+    opt.add_argument("--eps", type=float, help="optimizer argument eps")
+    opt.add_argument("--weight-decay", dest="weight_decay", type=float, help="optimizer argument weight_decay")
+    opt.add_argument("--opt", dest="optimizer_kwargs", action="append", type=_optimizer_kwarg, metavar="KEY=VALUE",
                      help="any other optimizer argument (repeatable), e.g. --opt amsgrad=true")
-    merge.set_defaults(handler=run_merge)
+
+    memory = merge.add_argument_group("memory and device")
+    mode = memory.add_mutually_exclusive_group()
+    mode.add_argument("--low-memory", dest="low_memory", action="store_const", const=True,
+                      help="merge tensor by tensor (element-wise optimizers; default: automatic when memory is short)")
+    mode.add_argument("--in-memory", dest="low_memory", action="store_const", const=False,
+                      help="load every input at once, never tensor by tensor")
+    memory.add_argument("--device", metavar="DEVICE", help="where the merge runs (cpu, cuda, cuda:1, mps)")
+    merge.set_defaults(handler=run_merge, subparser=merge)
 
     inspect_cmd = commands.add_parser("inspect", help="list tensor names, shapes, dtypes and parameter counts",
                                       description="Show what checkpoints hold and, for several, why they cannot be "
-                                                  "merged (fedsoup.inspect_files in Python).")
+                                                  "merged (fedsoup.inspect_files in Python). Exit status: 0 when "
+                                                  "the files can be merged together, 1 when they cannot, 2 on "
+                                                  "usage or read errors.")
     inspect_cmd.add_argument("files", nargs="+", metavar="FILE", help="checkpoint files, directories or globs")
     inspect_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     inspect_cmd.add_argument("--summary", action="store_true", help="totals only, no per-tensor lines")
     inspect_cmd.add_argument("--all", action="store_true", help="list every difference, not just the first 20")
-    inspect_cmd.set_defaults(handler=run_inspect, quiet=False)
+    inspect_cmd.set_defaults(handler=run_inspect, quiet=False, subparser=inspect_cmd)
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommand parsers by name (argparse keeps them in its subparsers action)."""
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public accessor
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return dict(action.choices)
+    return {}
+
+
+def _refuse(parser: argparse.ArgumentParser, what: str, word: str, choices: Sequence[str]) -> None:
+    """Exit 2 with ``PARSER: error: unknown WHAT 'word'; did you mean 'closest'?`` and the usage."""
+    suggestion = closest_name(word, choices)
+    hint = f"; did you mean '{suggestion}'?" if suggestion else f" (valid: {', '.join(choices)})" if len(choices) <= 8 else ""
+    parser.error(f"unknown {what} '{word}'{hint}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """argparse, refusing a misspelt subcommand or flag with the closest valid name (exit 2)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _subcommands(parser)
+    first = next((word for word in argv if not word.startswith("-")), None)
+    if first is not None and argv.index(first) == 0 and first not in commands:
+        _refuse(parser, "command", first, sorted(commands))
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subparser = getattr(args, "subparser", parser)
+        flags = [option for action in subparser._actions for option in action.option_strings  # noqa: SLF001
+                 if option.startswith("--")]
+        flag = next((word for word in extra if word.startswith("-")), None)
+        if flag is not None:
+            _refuse(subparser, "flag", flag.split("=", 1)[0], flags)
+        subparser.error(f"unexpected argument '{extra[0]}'")
+    return args
 
 
 class _Terminated(BaseException):
@@ -256,7 +300,7 @@ def _messages(quiet: bool):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsoup`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)  # usage errors exit with status 2
+    args = parse_args(argv)  # usage errors exit with status 2
     previous_handler = None
     with contextlib.suppress(ValueError):  # (only possible in the main thread)
         # `kill` unwinds like Ctrl-C, so temporary files are removed and nothing partial is left.

@@ -360,7 +360,7 @@ def test_inspect_lists_tensors_and_differences(tmp_path, capsys):
     del other["fc.bias"]
     save_file(other, tmp_path / "other.safetensors")
     code, out, _ = run("inspect", *inputs, tmp_path / "other.safetensors", capsys=capsys)
-    assert code == 0
+    assert code == 1  # cannot be merged
     assert "client0.safetensors: 5 tensors, 110 parameters" in out
     assert "conv.weight" in out and "(4, 2, 3, 3)" in out and "bfloat16" in out
     assert "not mergeable: 2 differences" in out

@@ -320,5 +320,6 @@ def test_inspect_files_is_the_library_side_of_fedsoup_inspect(tmp_path, capsys):
     assert report["differences"] == [
         f"{tmp_path / 'other.safetensors'}, tensor 'layer.0.bias': has shape (7,), but {inputs[0]} has (6,)"
     ]
-    assert cli.main(["inspect", "--json", *inputs, str(tmp_path / "other.safetensors")]) == 0
+    assert report["mergeable"] is False and report["refusals"] == []
+    assert cli.main(["inspect", "--json", *inputs, str(tmp_path / "other.safetensors")]) == 1  # not mergeable
     assert json.loads(capsys.readouterr().out) == report

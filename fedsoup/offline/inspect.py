@@ -7,9 +7,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from fedsoup.io.checks import differences
+from fedsoup.errors import MergeInputError
+from fedsoup.io.checks import check_unquantized, differences
 from fedsoup.io.formats import dtype_str
-from fedsoup.io.resolve import expand_inputs, open_checkpoint
+from fedsoup.io.hf import check_model_inputs
+from fedsoup.io.resolve import expand_inputs, open_checkpoint, resolve_input
 
 __all__ = ["inspect_files"]
 
@@ -18,15 +20,29 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     """Describe checkpoints from their headers (no tensor data is read for safetensors and ``.npz``).
 
     Returns ``{"checkpoints": [{"file", "format", "tensors", "parameters", "bytes",
-    "metadata", "keys": {key: {"dtype", "shape"}}}, ...], "differences": [line, ...]}``,
-    where ``differences`` lists every tensor that keeps an input from being merged with
-    the first. Raises :class:`~fedsoup.errors.MergeInputError` for an unreadable file.
+    "metadata", "keys": {key: {"dtype", "shape"}}}, ...], "differences": [line, ...],
+    "refusals": [line, ...], "mergeable": bool}``, where ``differences`` lists every
+    tensor that keeps an input from being merged with the first, ``refusals`` what else
+    :func:`~fedsoup.merge_files` would refuse (a model mixed with an adapter, differing
+    ``model_type``, a quantized layout), and ``mergeable`` is true when both are empty.
+    Raises :class:`~fedsoup.errors.MergeInputError` for an unreadable file.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    names = expand_inputs(inputs)
+    refusals = []
     reports = []
     with contextlib.ExitStack() as stack:
-        checkpoints = [stack.enter_context(open_checkpoint(item)) for item in expand_inputs(inputs)]
+        checkpoints = [stack.enter_context(open_checkpoint(item)) for item in names]
+        # the checks merge_files runs before it reads tensor data
+        try:
+            check_model_inputs([resolve_input(item) for item in names])
+        except MergeInputError as error:
+            refusals.append(" ".join(str(error).split()))
+        try:
+            check_unquantized(checkpoints)
+        except MergeInputError as error:
+            refusals.append(" ".join(str(error).split()))
         for checkpoint in checkpoints:
             reports.append({
                 "file": checkpoint.name,
@@ -39,4 +55,5 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                          for key, info in checkpoint.infos.items()},
             })
         mismatches = [line for other in checkpoints[1:] for line in differences(checkpoints[0], other)]
-    return {"checkpoints": reports, "differences": mismatches}
+    return {"checkpoints": reports, "differences": mismatches, "refusals": refusals,
+            "mergeable": not mismatches and not refusals}
