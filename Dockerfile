@@ -14,7 +14,7 @@
 # the image's user writes in is made first by a RUN as that user, inside /app, which
 # Flower's images give to it. No `# syntax=` line: the builder's own Dockerfile
 # frontend suffices, and an offline BuildKit could not pull another one.
-ARG FLWR_VERSION=1.41.0
+ARG FLWR_VERSION=1.42.0
 
 FROM flwr/superlink:${FLWR_VERSION} AS superlink
 # Flower's images run as the unprivileged user `app` (uid 49999) in /app.

@@ -78,7 +78,7 @@ def overlay(num_supernodes: int, tls: bool = False, auth: bool = False) -> str:
     for i in range(1, num_supernodes + 1):
         out.append(
             f"  supernode-{i}:\n"
-            '    image: "flwr/supernode:${FLWR_VERSION:-1.41.0}"\n'
+            '    image: "flwr/supernode:${FLWR_VERSION:-1.42.0}"\n'
             f"{env}"
             "    depends_on: [superlink]\n"
             "    restart: unless-stopped\n"
@@ -98,8 +98,8 @@ def overlay(num_supernodes: int, tls: bool = False, auth: bool = False) -> str:
             "      dockerfile: Dockerfile\n"
             "      target: superexec\n"
             "      args:\n"
-            '        FLWR_VERSION: "${FLWR_VERSION:-1.41.0}"\n'
-            '    image: "fedsoup-superexec:${FLWR_VERSION:-1.41.0}"\n'
+            '        FLWR_VERSION: "${FLWR_VERSION:-1.42.0}"\n'
+            '    image: "fedsoup-superexec:${FLWR_VERSION:-1.42.0}"\n'
             f"{env}"
             f"    depends_on: [supernode-{i}]\n"
             "    restart: unless-stopped\n"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import inspect
+import os
 import re
 import shutil
 import stat
@@ -63,10 +65,13 @@ def volume_target(entry: str) -> str:
 
 def merge_service(base: dict, over: dict) -> dict:
     """Compose's merge rules for the keys used here: command/image/build/profiles replace,
-    environment merges by name, volumes merge by container path."""
+    environment merges by name, volumes merge by container path, and `ports` lists are
+    appended (docker-compose 1.29: an overlay cannot take a published port back)."""
     merged = copy.deepcopy(base)
     for key, value in over.items():
-        if key == "environment":
+        if key == "ports":
+            merged[key] = [*merged.get(key, []), *value]
+        elif key == "environment":
             merged[key] = {**merged.get(key, {}), **value}
         elif key == "volumes":
             by_target = {volume_target(v): v for v in merged.get(key, [])}
@@ -94,8 +99,42 @@ def read(name: str) -> str:
     return (ROOT / name).read_text()
 
 
+# The reverse proxy of docker-compose.public.yml: the only service that is not Flower's.
+PROXY = "fleet-proxy"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def flower_services(project: dict) -> dict[str, dict]:
+    """The project's Flower services (everything but the reverse proxy)."""
+    return {n: s for n, s in project["services"].items() if n != PROXY}
+
+
+def published(mapping) -> tuple[str, str, str]:
+    """(host address, host port, container port) of one `ports` entry, short or long syntax;
+    the address is '0.0.0.0' where the entry names none (Docker then binds every interface)."""
+    if isinstance(mapping, dict):
+        return str(mapping.get("host_ip", "0.0.0.0")), str(mapping["published"]), str(mapping["target"])
+    text = str(mapping).split("/")[0]
+    if text.startswith("["):  # [::1]:9093:9093
+        address, _, rest = text[1:].partition("]:")
+        host_port, _, container_port = rest.partition(":")
+        return address, host_port, container_port
+    parts = text.split(":")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2:
+        return "0.0.0.0", parts[0], parts[1]
+    return "0.0.0.0", "", parts[0]  # a container port only: Docker picks a host port on every interface
+
+
 VARIANTS = {
     "base": lambda: [read("docker-compose.yml")],
+    "tls-public": lambda: [read("docker-compose.yml"), read("docker-compose.tls.yml"), read("docker-compose.public.yml")],
+    "tls-auth-public": lambda: [read("docker-compose.yml"), read("docker-compose.tls.yml"),
+                                read("docker-compose.auth.yml"), read("docker-compose.public.yml")],
+    "tls-auth-scaled-5-public": lambda: [read("docker-compose.yml"), read("docker-compose.tls.yml"),
+                                         read("docker-compose.auth.yml"), scale.overlay(5, tls=True, auth=True),
+                                         read("docker-compose.public.yml")],
     "tls": lambda: [read("docker-compose.yml"), read("docker-compose.tls.yml")],
     "scaled-1": lambda: [read("docker-compose.yml"), scale.overlay(1)],
     "scaled-5": lambda: [read("docker-compose.yml"), scale.overlay(5)],
@@ -107,7 +146,8 @@ VARIANTS = {
                                   read("docker-compose.auth.yml"), scale.overlay(5, tls=True, auth=True)],
 }
 EXPECTED_SUPERNODES = {"base": 3, "tls": 3, "scaled-1": 1, "scaled-5": 5, "tls-scaled-5": 5, "tls-auth": 3,
-                       "tls-auth-scaled-2": 2, "tls-auth-scaled-5": 5}
+                       "tls-auth-scaled-2": 2, "tls-auth-scaled-5": 5, "tls-public": 3, "tls-auth-public": 3,
+                       "tls-auth-scaled-5-public": 5}
 
 
 @pytest.fixture(params=sorted(VARIANTS))
@@ -174,13 +214,13 @@ def test_every_command_is_accepted_by_the_installed_flower(variant):
 
 
 def check_commands(label: str, project: dict) -> None:
-    for name, service in project["services"].items():
+    for name, service in flower_services(project).items():
         assert_command_accepted(f"{label}/{name}", flower_command(name, service), service["command"])
 
 
 def test_each_service_either_uses_tls_or_says_insecure(variant):
     label, project = variant
-    for name, service in project["services"].items():
+    for name, service in flower_services(project).items():
         flags = flag_values(service["command"])
         tls = {"--ssl-certfile", "--root-certificates"} & set(flags)
         assert ("--insecure" in flags) != bool(tls), f"{label}/{name}: --insecure xor TLS flags"
@@ -194,7 +234,7 @@ def test_every_address_points_at_a_declared_service_and_its_port(variant):
 
 
 def check_addresses(label: str, project: dict) -> None:
-    services = project["services"]
+    services = flower_services(project)
     for name, service in services.items():
         for flag, value in flag_values(service["command"]).items():
             if flag not in ADDRESS_FLAGS:
@@ -206,7 +246,7 @@ def check_addresses(label: str, project: dict) -> None:
         for dependency in service.get("depends_on", []):
             assert dependency in services, f"{label}/{name}: depends_on '{dependency}' is not a service"
         for mapping in service.get("ports", []):
-            container_port = str(mapping).rsplit(":", 1)[-1]
+            container_port = published(mapping)[2]
             assert flag_values(service["command"]).get("--port") == container_port, (
                 f"{label}/{name}: publishes {mapping} but listens on another port")
 
@@ -233,7 +273,7 @@ def check_volumes(label: str, project: dict) -> None:
             assert PurePosixPath(project["secrets"][secret]["file"]).parent == PurePosixPath("./keys"), (
                 f"{label}/{name}: secret '{secret}' is not a file in ./keys")
             mounts.append(SECRETS_DIR / secret)
-        for flag, value in flag_values(service["command"]).items():
+        for flag, value in flag_values(service.get("command", [])).items():
             if flag in PATH_FLAGS:
                 path = PurePosixPath(value)
                 assert any(path == m or m in path.parents for m in mounts), (
@@ -253,7 +293,7 @@ def test_state_and_checkpoints_live_on_volumes(variant):
 
 def test_supernodes_have_partitions_and_a_clientapp_superexec_each(variant):
     label, project = variant
-    services = project["services"]
+    services = flower_services(project)
     supernodes = sorted(n for n in services if n.startswith("supernode-"))
     n = EXPECTED_SUPERNODES[label]
     assert len(supernodes) == n, f"{label}: {supernodes}"
@@ -271,7 +311,7 @@ def test_supernodes_have_partitions_and_a_clientapp_superexec_each(variant):
 
 def test_runtime_dependency_installation_is_off_everywhere(variant):
     label, project = variant
-    for name, service in project["services"].items():
+    for name, service in flower_services(project).items():
         assert service["environment"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1", f"{label}/{name}"
         assert "--allow-runtime-dependency-installation" not in service["command"], f"{label}/{name}"
     assert "--disable-runtime-dependency-installation" in project["services"]["superlink"]["command"]
@@ -279,9 +319,169 @@ def test_runtime_dependency_installation_is_off_everywhere(variant):
 
 def test_app_code_runs_only_in_images_built_from_this_project(variant):
     label, project = variant
-    for name, service in project["services"].items():
+    for name, service in flower_services(project).items():
         if flower_command(name, service) == "flower-superexec":
             assert service["build"]["target"] == "superexec", f"{label}/{name}"
+
+
+# --------------------------------------------------------------------------- closed by default
+def check_exposure(label: str, project: dict) -> None:
+    """What a file combination publishes on the host: nothing that runs `--insecure` beyond
+    loopback, nothing but the reverse proxy beyond loopback (the SuperLink's port serves the
+    Control API, which has no user authentication), and no host port twice."""
+    seen: dict[str, str] = {}
+    for name, service in project["services"].items():
+        insecure = "--insecure" in service.get("command", [])
+        for mapping in service.get("ports", []):
+            address, host_port, _ = published(mapping)
+            beyond_loopback = address not in LOOPBACK
+            assert not (insecure and beyond_loopback), (
+                f"{label}/{name}: runs --insecure and publishes {mapping} beyond loopback")
+            assert not beyond_loopback or name == PROXY, f"{label}/{name}: publishes {mapping} beyond loopback"
+            assert host_port not in seen, f"{label}/{name}: publishes host port {host_port} again ({seen[host_port]})"
+            seen[host_port] = f"{name} {mapping}"
+
+
+def test_no_insecure_service_publishes_a_port_beyond_loopback(variant):
+    label, project = variant
+    for name, service in project["services"].items():
+        if "--insecure" in service.get("command", []):
+            for mapping in service.get("ports", []):
+                assert published(mapping)[0] in LOOPBACK, (
+                    f"{label}/{name}: runs --insecure and publishes {mapping} beyond loopback")
+
+
+def test_only_the_fleet_proxy_publishes_beyond_loopback_and_no_port_twice(variant):
+    label, project = variant
+    check_exposure(label, project)
+    superlink_ports = project["services"]["superlink"].get("ports", [])
+    assert superlink_ports and all(published(m)[0] in LOOPBACK for m in superlink_ports), (
+        f"{label}: the SuperLink (Fleet + Control API) is not on loopback only: {superlink_ports}")
+    assert (PROXY in project["services"]) == label.endswith("public"), label
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        # The overlays, in an order and a combination an operator might try: each publishes its own port.
+        ([], None),
+        (["docker-compose.tls.yml", "docker-compose.public.yml"], None),
+        # What docker-compose 1.29 does with a port restated by an overlay: it is published twice.
+        ([("superlink", "      - \"127.0.0.1:${SUPERLINK_PORT:-9093}:9093\"\n")], "again"),
+        ([("superlink", "      - \"0.0.0.0:9093:9093\"\n")], "beyond loopback"),
+    ],
+)
+def test_the_exposure_check_catches_ports_published_again_or_on_every_interface(files, message):
+    texts = [read("docker-compose.yml")]
+    for item in files:
+        if isinstance(item, str):
+            texts.append(read(item))
+        else:
+            service, port = item
+            texts.append(f"services:\n  {service}:\n    ports:\n{port}")
+    project = load_compose(*texts)
+    if message is None:
+        check_exposure("ok", project)
+    else:
+        with pytest.raises(AssertionError, match=message):
+            check_exposure("broken", project)
+
+
+def nginx_conf() -> str:
+    return read("proxy/nginx.conf")
+
+
+def proxied_path_pattern() -> re.Pattern:
+    """The one `location ~ ^...$` of proxy/nginx.conf that forwards to the SuperLink."""
+    text = nginx_conf()
+    assert text.count("proxy_pass") == 1, "proxy/nginx.conf must forward from exactly one location"
+    found = re.findall(r"location\s+~\s+(\^\S+\$)\s*\{", text)
+    assert len(found) == 1, f"proxy/nginx.conf: one regex location expected, found {found}"
+    return re.compile(found[0])
+
+
+def superlink_routes() -> dict[str, set[str]]:
+    """Every path the installed Flower's SuperLink serves (its routers, as flwr.superlink.main
+    mounts them, in one FastAPI app), by API."""
+    from fastapi import FastAPI
+    from fastapi.routing import iter_route_contexts
+    from flwr.supercore.routers import health
+    from flwr.supercore.routers.runtime import create_runtime_router, responses_router
+    from flwr.superlink.routers.control.router import router as control
+    from flwr.superlink.routers.fleet.router import router as fleet
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    app = FastAPI()
+    for router in (health.router, control, fleet, create_runtime_router("SuperLink"), responses_router):
+        app.include_router(router)
+    routes: dict[str, set[str]] = {"fleet": set(), "control": set(), "runtime": set(), "other": {"/"}}
+    for context in iter_route_contexts(app.routes):
+        api = next((a for a in ("fleet", "control", "runtime") if context.path.startswith(f"/v1/{a}/")), "other")
+        routes[api].add(context.path)
+    # What a SuperNode of the installed Flower calls: the Fleet routes, nothing else.
+    called = set(re.findall(r'path="(/v1/[^"]+)"', Path(inspect.getsourcefile(FleetHttpClient)).read_text()))
+    assert called and called <= routes["fleet"], sorted(called - routes["fleet"])
+    return routes
+
+
+def test_the_proxy_forwards_exactly_the_fleet_api_of_the_installed_flower():
+    pattern = proxied_path_pattern()
+    routes = superlink_routes()
+    assert all(path.startswith("/v1/fleet/") for path in routes["fleet"]) and len(routes["fleet"]) >= 10
+    assert {p for p in routes["fleet"] if not pattern.fullmatch(p)} == set(), "Fleet routes the proxy refuses"
+    for api in ("control", "runtime", "other"):
+        leaked = {p for p in routes[api] if pattern.fullmatch(p)}
+        assert not leaked, f"the proxy forwards {api} paths: {sorted(leaked)}"
+    for probe in ("/v1/fleet/", "/v1/fleet/../control/start-run", "/v1/fleet/register-node/x", "/v1/fleetx/get-run",
+                  "/v1/control/register-node", "/v1/control/start-run"):
+        assert not pattern.fullmatch(probe), probe
+    text = nginx_conf()
+    # Only POST, forwarded as the normalised path ($uri, which the regex pins to a Fleet route),
+    # to the SuperLink over TLS, its certificate checked against the CA; everything else 404.
+    assert re.search(r"limit_except\s+POST\s*\{\s*deny\s+all;\s*\}", text)
+    assert re.search(r"proxy_pass\s+https://\$superlink\$uri;", text)
+    assert re.search(r"proxy_ssl_verify\s+on;", text) and "proxy_ssl_trusted_certificate" in text
+    assert re.search(r"location\s+/\s*\{\s*return\s+404;\s*\}", text)
+
+
+def check_public(label: str, project: dict) -> None:
+    """The reverse proxy of docker-compose.public.yml: TLS on its public port, and TLS to a
+    SuperLink that serves TLS (the TLS overlay), at the SuperLink's own port."""
+    services = project["services"]
+    proxy = services[PROXY]
+    superlink = flag_values(services["superlink"]["command"])
+    assert "--ssl-certfile" in superlink, f"{label}: the proxy needs the TLS overlay (the SuperLink runs without TLS)"
+    text = nginx_conf()
+    listen = re.findall(r"^\s*listen\s+(\d+)\s+ssl;", text, flags=re.M)
+    assert [published(m)[2] for m in proxy["ports"]] == listen, f"{label}: publishes {proxy['ports']}, listens {listen}"
+    upstream = re.search(r"set\s+\$superlink\s+(\S+):(\d+);", text)
+    assert upstream and upstream.group(1) == "superlink" and upstream.group(2) == superlink["--port"], (
+        f"{label}: the proxy forwards to {upstream and upstream.group(0)}")
+    mounted = {volume_target(v) for v in proxy["volumes"]}
+    for path in re.findall(r"(?:ssl_certificate|ssl_certificate_key|proxy_ssl_trusted_certificate)\s+(\S+);", text):
+        assert path in mounted, f"{label}: {path} is not mounted into {PROXY}"
+    assert "superlink" in proxy.get("depends_on", [])
+    assert proxy["build"]["context"] == "./proxy" and "command" not in proxy
+
+
+def test_public_overlays_proxy_over_tls_to_a_tls_superlink(variant):
+    label, project = variant
+    if PROXY in project["services"]:
+        check_public(label, project)
+
+
+def test_the_public_check_refuses_the_proxy_without_the_tls_overlay():
+    project = load_compose(read("docker-compose.yml"), read("docker-compose.public.yml"))
+    with pytest.raises(AssertionError, match="needs the TLS overlay"):
+        check_public("base-public", project)
+
+
+def test_the_proxy_image_is_nginx_from_debian_packages_run_unprivileged():
+    dockerfile = read("proxy/Dockerfile")
+    assert re.search(r"^FROM debian:bookworm-slim$", dockerfile, flags=re.M)
+    assert re.search(r"apt-get install .*nginx-light", dockerfile)
+    assert re.search(r"^USER 49999", dockerfile, flags=re.M), "the proxy runs as uid 49999, like Flower's images"
+    assert "COPY nginx.conf" in dockerfile
 
 
 # --------------------------------------------------------------------------- SuperNode authentication
@@ -298,7 +498,7 @@ def secret_source(project: dict, service: str, flag: str) -> str | None:
 
 def check_auth(label: str, project: dict) -> None:
     """Only registered SuperNodes get in; every SuperExec proves itself with its partner's secret."""
-    services = project["services"]
+    services = flower_services(project)
     superlink = flag_values(services["superlink"]["command"])
     assert "--enable-supernode-auth" in superlink, f"{label}: the SuperLink admits any SuperNode"
     assert "--ssl-certfile" in superlink, f"{label}: SuperNode authentication without TLS"
@@ -321,7 +521,7 @@ def test_auth_overlays_admit_only_registered_supernodes(variant):
     if "auth" in label:
         check_auth(label, project)
     else:  # the other variants stay as they were: no key material anywhere
-        for name, service in project["services"].items():
+        for name, service in flower_services(project).items():
             used = set(flag_values(service["command"])) & {*SECRET_FLAGS, "--enable-supernode-auth"}
             assert not used and not service.get("secrets"), f"{label}/{name}: {used}"
 
@@ -402,11 +602,15 @@ def test_the_checks_catch_broken_compose_files(mistake, fix, check, message):
         check("broken", broken)
 
 
-def test_the_documented_connection_reaches_the_published_superlink_port():
-    published = load_compose(read("docker-compose.yml"))["services"]["superlink"]["ports"][0].split(":")[0]
+def test_the_documented_connections_reach_the_published_ports():
+    """`flwr` on the host talks to the SuperLink's loopback port; remote SuperNodes to the proxy's."""
+    project = load_compose(*VARIANTS["tls-public"]())
+    address, port, _ = published(project["services"]["superlink"]["ports"][0])
+    public_port = published(project["services"][PROXY]["ports"][0])[1]
     docs = read("docs/deployment.md")
-    assert f'address = "127.0.0.1:{published}"' in docs
-    assert f"--superlink superlink.example.org:{published}" in docs
+    assert f'address = "{address}:{port}"' in docs
+    assert f"--superlink superlink.example.org:{public_port}" in docs
+    assert f"--superlink superlink.example.org:{port}" not in docs, "a remote SuperNode cannot reach the loopback port"
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -469,13 +673,27 @@ def _docker_compose() -> list[str] | None:
 COMPOSE = _docker_compose()
 
 
+SHIPPED_COMBINATIONS = (
+    ["docker-compose.yml"],
+    ["docker-compose.yml", "docker-compose.tls.yml"],
+    ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.auth.yml"],
+    ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.public.yml"],
+    ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.auth.yml", "docker-compose.public.yml"],
+)
+
+
 @pytest.mark.skipif(COMPOSE is None, reason="neither `docker compose` nor `docker-compose` here")
-def test_docker_compose_config_accepts_the_files(tmp_path):
-    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"],
-                  ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.auth.yml"]):
-        args = [x for f in files for x in ("-f", str(ROOT / f))]
-        result = subprocess.run([*COMPOSE, *args, "config", "-q"], capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, result.stderr
+@pytest.mark.parametrize("files", SHIPPED_COMBINATIONS, ids=lambda files: "+".join(f[15:-4] or "base" for f in files))
+def test_docker_compose_config_accepts_the_files_and_publishes_nothing_open(files):
+    """The project as Compose itself merges it (its own `ports` rules): the exposure check."""
+    args = [x for f in files for x in ("-f", str(ROOT / f))]
+    result = subprocess.run([*COMPOSE, *args, "config"], capture_output=True, text=True, cwd=ROOT,
+                            env={k: v for k, v in os.environ.items() if k not in ("SUPERLINK_PORT", "FLEET_PUBLIC_PORT")})
+    assert result.returncode == 0, result.stderr
+    project = yaml.safe_load(result.stdout)
+    check_exposure("+".join(files), project)
+    proxies = [n for n, s in project["services"].items() if any(published(m)[0] not in LOOPBACK for m in s.get("ports", []))]
+    assert proxies == ([PROXY] if "docker-compose.public.yml" in files else [])
 
 
 # --------------------------------------------------------------------------- scripts

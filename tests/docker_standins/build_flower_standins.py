@@ -19,17 +19,25 @@ so that ``docker-compose build`` and ``up`` run unchanged:
   the host does (the build isolation of ``pip install .`` fetches setuptools);
 * the label ``org.fedsoup.test-standin=1``, and one ENTRYPOINT per role.
 
+And ``debian:bookworm-slim``, the base of the reverse proxy's image (``proxy/Dockerfile``):
+``debootstrap --variant=minbase bookworm``, imported under that tag with the same label;
+the proxy's Dockerfile then installs nginx from Debian's mirror as it would on Debian's
+real image.
+
 Usage (root, a running Docker engine, ``debootstrap`` installed)::
 
-    tests/docker_standins/build_flower_standins.py [--flwr-version 1.41.0] [--force]
+    tests/docker_standins/build_flower_standins.py [--flwr-version X.Y.Z] [--force]
 
-Prints the wall time of each step. Exit code 0 when the three images exist afterwards.
+``--flwr-version`` defaults to the Dockerfile's ``ARG FLWR_VERSION`` (the pinned version).
+
+Prints the wall time of each step. Exit code 0 when the four images exist afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +59,8 @@ PROJECT_REQUIREMENTS = [
 ]
 BUILD_REQUIREMENTS = ["setuptools>=77", "wheel"]
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_TAG = "debian:bookworm-slim"  # the base of proxy/Dockerfile
+DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
 
 
 class StandinError(RuntimeError):
@@ -59,6 +69,14 @@ class StandinError(RuntimeError):
     def __init__(self, step: str, detail: str):
         super().__init__(f"{step}: {detail}")
         self.step = step
+
+
+def pinned_flwr_version(dockerfile: Path = DOCKERFILE) -> str:
+    """The Flower version the product's Dockerfile builds on (its ``ARG FLWR_VERSION=``)."""
+    found = re.search(r"^ARG FLWR_VERSION=(\S+)$", dockerfile.read_text(), flags=re.M)
+    if found is None:
+        raise StandinError("Dockerfile", f"no `ARG FLWR_VERSION=` line in {dockerfile}")
+    return found.group(1)
 
 
 def image_tags(version: str) -> dict[str, str]:
@@ -128,12 +146,16 @@ def make_rootfs(rootfs: Path, version: str, wheels: Path) -> None:
 
 
 def import_base(rootfs: Path, tag: str) -> None:
-    changes = [
+    import_rootfs(rootfs, tag, [
         "ENV PATH=/python/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "ENV HOME=/app", "ENV LANG=C.UTF-8",
         "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt", "ENV PIP_FIND_LINKS=/python/wheels",
         "USER app", "WORKDIR /app", f"LABEL {STANDIN_LABEL}=1",
-    ]
+    ])
+
+
+def import_rootfs(rootfs: Path, tag: str, changes: list[str]) -> None:
+    """``docker import`` of a root file system (a tar stream of it) with Dockerfile `changes`."""
     argv = ["docker", "import", *[x for c in changes for x in ("--change", c)], "-", tag]
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
     try:
@@ -180,17 +202,39 @@ def build_standins(version: str, force: bool = False, log=print) -> dict[str, fl
     return times
 
 
+def build_debian_standin(tag: str = DEBIAN_TAG, log=print) -> float:
+    """A stand-in for Debian's ``debian:bookworm-slim`` (the base of ``proxy/Dockerfile``),
+    where Docker Hub is out of reach: ``debootstrap --variant=minbase bookworm`` imported
+    under that tag, its APT sources pointing at the Debian mirror, so that the proxy
+    image's own ``apt-get install nginx-light`` runs unchanged. Returns the wall time."""
+    if shutil.which("debootstrap") is None:
+        raise StandinError("debootstrap", "not installed (apt-get install debootstrap)")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="debian-standin-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        run("debootstrap", ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR])
+        shutil.rmtree(rootfs / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+        (rootfs / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+        import_rootfs(rootfs, tag, ["ENV LANG=C.UTF-8", 'CMD ["bash"]', f"LABEL {STANDIN_LABEL}=1"])
+    seconds = time.perf_counter() - start
+    log(f"[standins] debootstrap bookworm (minbase) imported as {tag}: {seconds:.1f}s")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flwr-version", default="1.41.0")
+    parser.add_argument("--flwr-version", default=None, help="default: the Dockerfile's pin")
     parser.add_argument("--force", action="store_true", help="rebuild the base even if it exists")
     args = parser.parse_args(argv)
+    args.flwr_version = args.flwr_version or pinned_flwr_version()
     tags = list(image_tags(args.flwr_version).values())
-    if not args.force and all(image_exists(t) for t in tags):
+    if not args.force and all(image_exists(t) for t in [*tags, DEBIAN_TAG]):
         print(f"[standins] present already: {', '.join(tags)}")
         return 0
     try:
         build_standins(args.flwr_version, force=args.force)
+        if args.force or not (image_exists(DEBIAN_TAG) or try_pull([DEBIAN_TAG])):
+            build_debian_standin()
     except StandinError as error:
         print(f"[standins] failed at {error}", file=sys.stderr)
         return 1
