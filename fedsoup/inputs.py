@@ -11,6 +11,7 @@ bad option values :class:`~fedsoup.errors.OptionError`.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -68,9 +69,27 @@ def as_state_dicts(models) -> list[StateDict]:
 
 
 def check_structures(state_dicts: list[StateDict]) -> None:
-    """Same keys, shapes and kinds as ingredient 0 (:func:`fedsoup.structure.check_structure`)."""
-    for index, state_dict in enumerate(state_dicts[1:], start=1):
-        check_structure(state_dicts[0], state_dict, ingredient=index)
+    """Same keys, shapes and kinds for all (:func:`fedsoup.structure.check_structure`).
+
+    The error blames the ingredient that differs: the reference is the structure most
+    ingredients share (the earliest such ingredient names it), so one odd ingredient is
+    named whatever its position, even first. Without a majority (e.g. two ingredients
+    that differ) the earliest structure is the reference.
+    """
+    signatures = [
+        frozenset((key, tuple(t.shape), t.is_floating_point()) for key, t in state_dict.items())
+        for state_dict in state_dicts
+    ]
+    counts = Counter(signatures)
+    top = max(counts.values())
+    reference = next(i for i, signature in enumerate(signatures) if counts[signature] == top)
+    if 2 * top <= len(signatures):  # no strict majority: the first structure is the reference
+        reference = 0
+    for index, state_dict in enumerate(state_dicts):
+        if index != reference and signatures[index] != signatures[reference]:
+            check_structure(
+                state_dicts[reference], state_dict, ingredient=index, reference_name=f"ingredient {reference}"
+            )
 
 
 def normalised_weights(weights, n: int) -> list[float]:

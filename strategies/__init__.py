@@ -2,7 +2,9 @@
 
 Module map: ``fedsoup_strategy`` (the Flower Strategy API), ``client_soup`` (the
 per-round ``fedsoup.merge``), ``server_stew`` (the server optimizer kept across
-rounds), ``replies`` (reply checking, visiting order, zero-copy Array reading),
+rounds), ``rounds`` (one round with its fallbacks), ``threads`` (the aggregation's
+thread count), ``replies`` (reply checking, visiting order, zero-copy Array reading),
+``resume`` (continuing a run in Flower's loop),
 ``state`` (state dict and checkpoints), ``inprocess`` (a Grid that runs ClientApps
 in this process, for tests, notebooks and quick comparisons).
 """
@@ -12,6 +14,7 @@ from strategies.fedsoup_strategy import (
     METRIC_AME_SOUP_DISTANCE,
     METRIC_CLIENTS_LEFT_OUT,
     METRIC_CLIENTS_USED,
+    METRIC_FALLBACK,
     METRIC_STEW_GRAD_NORM,
     FedSoup,
 )
@@ -25,4 +28,5 @@ __all__ = [
     "METRIC_CLIENTS_LEFT_OUT",
     "METRIC_STEW_GRAD_NORM",
     "METRIC_AME_SOUP_DISTANCE",
+    "METRIC_FALLBACK",
 ]

@@ -9,15 +9,15 @@ Appendix D, "FedOPT as nested ensembling", Algorithm 3 "FedSoup"):
 * **ServerStew** (:mod:`strategies.server_stew`) steps one optimizer kept across
   rounds on ``g_t = x_{t-1} − w_t``: ``x_t = x_{t-1} − lr · Optimizer(g_t)``.
 
-Replies are checked in :mod:`strategies.replies`; state and checkpoints live in
-:mod:`strategies.state`. This module is the Flower Strategy API only.
+Replies are checked in :mod:`strategies.replies`; a round with its fallbacks runs in
+:mod:`strategies.rounds`; state and checkpoints live in :mod:`strategies.state`, resuming
+in :mod:`strategies.resume`. This module is the Flower Strategy API only.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from fedsoup.errors import OptionError, StateError
 from strategies.client_soup import ClientSoup
 from strategies.replies import ReplyChecker, log_received, to_array_record, to_tensor_dict
+from strategies.resume import RoundLogLines, array_shapes, shift_result, shift_rounds
 from strategies.rounds import (
     METRIC_AME_SOUP_DISTANCE,
     METRIC_CLIENTS_LEFT_OUT,
@@ -283,14 +284,14 @@ class FedSoup(FedAvg):
             log(INFO, "FedSoup: run already complete at round %d/%d; pass a larger num_rounds to continue, "
                 "or a new checkpoint_dir (checkpoint: '%s')", done, given["num_rounds"], self.checkpoint_dir)
             return Result(arrays=restored)
-        if _structure(given["initial_arrays"]) != _structure(restored):
+        if array_shapes(given["initial_arrays"]) != array_shapes(restored):
             log(WARNING, "FedSoup: the checkpointed model has other arrays than initial_arrays; using the checkpoint")
         remaining = given["num_rounds"] - done
         log(INFO, "Resuming at round %d/%d from the FedSoup checkpoint in '%s'", done + 1, given["num_rounds"], self.checkpoint_dir)
-        renumber = _RoundLogLines(done, given["num_rounds"])
+        renumber = RoundLogLines(done, given["num_rounds"])
         given["initial_arrays"], given["num_rounds"] = restored, remaining
         if given["evaluate_fn"] is not None:
-            given["evaluate_fn"] = _shift_rounds(given["evaluate_fn"], done)
+            given["evaluate_fn"] = shift_rounds(given["evaluate_fn"], done)
         self._round_offset = done
         FLOWER_LOGGER.addFilter(renumber)
         try:
@@ -298,7 +299,7 @@ class FedSoup(FedAvg):
         finally:
             FLOWER_LOGGER.removeFilter(renumber)
             self._round_offset = 0
-        return _shift_result(result, done, restored)
+        return shift_result(result, done, restored)
 
     # ------------------------------------------------------------------
     # State
@@ -380,45 +381,3 @@ def _signature_with_fedavgs_arguments() -> inspect.Signature:
 
 
 FedSoup.__init__.__signature__ = _signature_with_fedavgs_arguments()  # type: ignore[attr-defined]
-
-
-# ----------------------------------------------------------------------
-# Helpers (pure functions)
-# ----------------------------------------------------------------------
-
-
-def _structure(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(a.shape) for k, a in arrays.items()}
-
-
-class _RoundLogLines(logging.Filter):
-    """Shows Flower's ``[ROUND r/n]`` lines of a resumed run with the run's numbers, ``[ROUND done+r/T]``.
-
-    Only rewrites that one message (matched by its format string); anything else, or
-    another format in a later Flower, passes unchanged.
-    """
-
-    def __init__(self, done: int, total: int) -> None:
-        super().__init__()
-        self.done, self.total = done, total
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "[ROUND %s/%s]" and isinstance(record.args, tuple) and len(record.args) == 2:
-            record.args = (record.args[0] + self.done, self.total)
-        return True
-
-
-def _shift_rounds(evaluate_fn: Callable[[int, ArrayRecord], Any], offset: int) -> Callable[[int, ArrayRecord], Any]:
-    def evaluate(server_round: int, arrays: ArrayRecord) -> Any:
-        return evaluate_fn(server_round + offset, arrays)
-
-    return evaluate
-
-
-def _shift_result(result: Result, offset: int, restored: ArrayRecord) -> Result:
-    """Flower's Result of the remaining rounds, keyed by the run's round numbers."""
-    for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
-        setattr(result, name, {r + offset: m for r, m in getattr(result, name).items()})
-    if not result.arrays:  # no round produced a model: the restored one is the result
-        result.arrays = restored
-    return result

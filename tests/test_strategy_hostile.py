@@ -15,6 +15,7 @@ AME-Adam ClientSoup with a FedAdam stew:
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from strategies import METRIC_CLIENTS_LEFT_OUT, METRIC_CLIENTS_USED, FedSoup
+from fedsoup.errors import MergeInputError, OptionError
+from strategies import METRIC_CLIENTS_LEFT_OUT, METRIC_CLIENTS_USED, METRIC_FALLBACK, FedSoup, threads
+from strategies.client_soup import capped_shares
 from strategies.inprocess import InProcessGrid, reply, serverapp_identity
+from strategies.rounds import FALLBACK_MERGE, FALLBACK_PREVIOUS, FALLBACK_SOUP
 
 HONEST = {3: 0, 8: 1, 5: 2}  # node id -> the partition id it reports
 HOSTILE = 6
@@ -318,3 +322,199 @@ def test_three_round_start_completes_with_a_hostile_node(case_name, strategy_nam
     if case.outcome == "left out":
         assert_same_model(result.arrays, run(strategy_name, None).arrays)
         assert all(m[METRIC_CLIENTS_LEFT_OUT] == 1 for m in result.train_metrics_clientapp.values())
+
+
+# ----------------------------------------------------------------------
+# The rules behind the table
+# ----------------------------------------------------------------------
+
+
+def test_a_normal_round_reports_fallback_0():
+    _, metrics = one_round(FedSoup(), None)
+    assert metrics[METRIC_FALLBACK] == FALLBACK_MERGE
+
+
+def test_a_diverging_merge_falls_back_to_the_plain_soup(caplog):
+    diverging = {"optimizer": "sgd", "lr": 1e30, "schedule": "constant", "epochs": 3}
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        got, metrics = one_round(FedSoup(soup=diverging), None)
+    expected, _ = one_round(FedSoup(), None)
+    assert_same_model(got, expected)
+    assert metrics[METRIC_FALLBACK] == FALLBACK_SOUP and metrics[METRIC_CLIENTS_USED] == len(HONEST)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "the ClientSoup merge failed in round 1" in warnings[0]
+    assert "using the plain soup of the same replies" in warnings[0]
+
+
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+def test_when_the_soup_fails_too_the_previous_model_is_kept(strategy_name, monkeypatch, caplog):
+    import fedsoup
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(fedsoup, "merge", broken)
+    monkeypatch.setattr(fedsoup, "soup", broken)
+    strategy = STRATEGIES[strategy_name]()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        got, metrics = one_round(strategy, None)
+    assert got is None and metrics[METRIC_FALLBACK] == FALLBACK_PREVIOUS
+    assert "using the previous model" in caplog.text
+    for key, value in initial_model().items():
+        np.testing.assert_array_equal(strategy.state_dict()["global"][key].numpy(), value)
+
+
+def test_a_diverging_stew_keeps_the_previous_model_and_its_state(caplog):
+    """x_{t-1} = -3e38, replies +3e38 (finite float32): SGD with lr 2 would step to 9e38 = Inf."""
+    strategy = FedSoup(stew={"optimizer": "sgd", "lr": 2.0})
+    model = {"w": np.full(4, -3e38, np.float32)}
+    grid = InProcessGrid(list(HONEST))
+    instructions = list(strategy.configure_train(1, ArrayRecord({"w": Array(model["w"])}), ConfigRecord(), grid))
+    replies = [reply(m, content({"w": np.full(4, 3e38, np.float32)}, 10, HONEST[m.metadata.dst_node_id])) for m in instructions]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        got, metrics = strategy.aggregate_train(1, replies)
+    assert got is None and metrics[METRIC_FALLBACK] == FALLBACK_PREVIOUS
+    assert "x_t is NaN or Inf" in caplog.text
+    assert strategy.server_stew.optimizer is None  # the failed step left no state behind
+
+
+def test_an_input_error_naming_an_ingredient_leaves_only_that_reply_out(monkeypatch, caplog):
+    import fedsoup
+
+    real_merge, calls = fedsoup.merge, []
+
+    def merge(models, **kwargs):
+        calls.append(len(models))
+        if len(calls) == 1:
+            raise MergeInputError("is poisoned", ingredient=1, key="fc.bias")
+        return real_merge(models, **kwargs)
+
+    monkeypatch.setattr(fedsoup, "merge", merge)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        got, metrics = one_round(FedSoup(), None)
+    assert calls == [3, 2]
+    # Visiting order is by partition id: node 3, node 8, node 5; ingredient 1 is node 8.
+    assert "left out reply from node 8: array 'fc.bias' is poisoned" in caplog.text
+    assert metrics[METRIC_CLIENTS_USED] == 2 and metrics[METRIC_FALLBACK] == FALLBACK_MERGE
+
+
+def test_an_input_error_naming_no_ingredient_is_a_merge_failure_not_a_bad_reply(monkeypatch, caplog):
+    import fedsoup
+
+    def merge(models, **kwargs):
+        raise MergeInputError("pivot contains NaN or Inf values", key="fc.bias")
+
+    monkeypatch.setattr(fedsoup, "merge", merge)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        got, metrics = one_round(STRATEGIES["ame-adam+fedadam"](), None)
+    assert metrics[METRIC_CLIENTS_USED] == len(HONEST) and metrics[METRIC_FALLBACK] == FALLBACK_SOUP
+    assert "left out" not in caplog.text
+
+
+@pytest.mark.parametrize("odd", [0, 1, 2])
+def test_merge_blames_the_odd_ingredient_wherever_it_is(odd):
+    import fedsoup
+
+    models = [{"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)} for _ in range(3)]
+    models[odd]["a"] = np.zeros(4, np.float32)
+    with pytest.raises(MergeInputError) as info:
+        fedsoup.merge(models)
+    assert (info.value.ingredient, info.value.key) == (odd, "a")
+
+
+@pytest.mark.parametrize(
+    "weights, cap, expected",
+    [
+        ([1.0, 1.0, 1.0, 1.0], 0.5, [0.25] * 4),  # no one above the cap: unchanged
+        ([1e308, 1e308, 30, 80, 50], 0.25, [0.25, 0.25, 0.5 * 30 / 160, 0.5 * 80 / 160, 0.5 * 50 / 160]),
+        ([8.0, 1.0, 1.0], 0.5, [0.5, 0.25, 0.25]),
+        ([8.0, 4.0, 1.0, 1.0], 0.4, [0.4, 0.4, 0.1, 0.1]),  # capping one pushes the next over: capped too
+        ([5.0, 1.0, 1.0], 0.2, [1 / 3] * 3),  # n * cap < 1: nothing fits, equal shares
+    ],
+)
+def test_capped_shares(weights, cap, expected):
+    exponent = math.frexp(max(weights))[1]
+    shares = capped_shares([math.ldexp(w, -exponent) for w in weights], cap)
+    assert shares == pytest.approx(expected)
+    assert math.fsum(shares) == pytest.approx(1.0)
+
+
+def test_max_weight_share_bounds_a_client_claiming_a_huge_weight():
+    case = CASES["num-examples 1e308 x2"]
+    got, _ = one_round(FedSoup(max_weight_share=0.25), case)
+    model = initial_model()
+    arrays = {n: honest_arrays(n, 1, model) for n in (*HONEST, HOSTILE, SECOND_HOSTILE)}
+    weights = {HOSTILE: 0.25, SECOND_HOSTILE: 0.25} | {n: 0.5 * 10 * n / (10 * sum(HONEST)) for n in HONEST}
+    for key in ("fc.weight", "fc.bias"):
+        expected = sum(weights[n] * arrays[n][key].astype(np.float64) for n in weights)
+        np.testing.assert_allclose(got[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(OptionError):
+        FedSoup(max_weight_share=0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, mean",
+    [
+        ({}, True),
+        ({"max_weight_share": 0.6}, True),  # a weighted mean still (of capped weights; none reaches 0.6 here)
+        ({"stew": {"optimizer": "sgd", "lr": 1.0}}, True),
+        ({"soup": {"optimizer": "adam", "lr": 0.05}}, False),
+        ({"order_by": "acc"}, False),
+        ({"stew": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.9}}, False),
+        ({"stew": {"optimizer": "sgd", "lr": 0.5}}, False),
+        ({"stew": {"optimizer": "fedadam", "lr": 0.1}}, False),
+        ({"stew": {"optimizer": "fedyogi", "lr": 0.1}}, False),
+        ({"stew": {"optimizer": "fedadagrad", "lr": 0.1}}, False),
+    ],
+)
+def test_mean_aggregate_says_whether_the_round_is_the_weighted_mean(kwargs, mean):
+    strategy = FedSoup(**kwargs)
+    assert strategy.mean_aggregate is mean
+    with pytest.raises(AttributeError):
+        strategy.mean_aggregate = True  # read-only
+    if mean:  # and it is: the round equals the weighted mean of the replies
+        got, _ = one_round(strategy, None)
+        arrays = {n: honest_arrays(n, 1, initial_model()) for n in HONEST}
+        total = sum(10 * n for n in HONEST)
+        for key in ("fc.weight", "fc.bias"):
+            expected = sum(10 * n / total * arrays[n][key].astype(np.float64) for n in HONEST)
+            np.testing.assert_allclose(got[key].numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------
+# Threads
+# ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cores, busy, limit, expected",
+    [(2, 0.1, 2, 2), (2, 1.0, 2, 1), (2, 0.6, 2, 1), (2, 7.9, 2, 1), (8, 2.2, 8, 6), (8, 0.0, 4, 4), (1, 0.0, 1, 1)],
+)
+def test_choose_threads(cores, busy, limit, expected):
+    assert threads.choose_threads(cores, busy, limit) == expected
+
+
+def test_the_aggregation_uses_the_idle_cores_and_restores_the_thread_counts(monkeypatch):
+    import fedsoup
+    import torch
+
+    seen = []
+    real_merge = fedsoup.merge
+    monkeypatch.setattr(fedsoup, "merge", lambda models, **kw: seen.append(torch.get_num_threads()) or real_merge(models, **kw))
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1.0)  # another process keeps one core busy
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one_round(FedSoup(), None)
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "busy_cores", lambda: 0.0)
+        one_round(FedSoup(), None)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_reads_the_host_load():
+    assert 0.0 <= threads.busy_cores() < 10_000
+    assert threads.available_cores() >= 1
