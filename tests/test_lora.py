@@ -403,3 +403,55 @@ def test_weights_file_and_bin_format_are_read(gpt2_adapters, tmp_path):
     from_file = load_adapter(gpt2_adapters[0] / "adapter_model.safetensors")
     for path, pair in from_file.pairs.items():
         assert torch.equal(pair.A, from_bin.pairs[path].A) and pair.scale == from_bin.pairs[path].scale
+
+
+# --- files in, directory out (fedsoup.lora.driver) ------------------------------------------------
+
+def test_adapter_files_merge_writes_a_loadable_adapter_and_records_the_report(gpt2_adapters, tmp_path):
+    from fedsoup.lora.driver import merge_adapter_files
+    from safetensors import safe_open
+    report = merge_adapter_files([str(d / "adapter_model.safetensors") for d in gpt2_adapters],
+                                 tmp_path / "out", mode="products", rank=6)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as handle:
+        recorded = json.loads(handle.metadata()["fedsoup.lora"])
+    assert recorded["lora_mode"] == "products" and recorded["lora_rank"] == 6
+    assert recorded["factor_product_error_max"] == pytest.approx(report.lora.max_error)
+    _peft_load(tmp_path / "out")
+
+
+def test_adapter_files_merge_into_base_loads_with_from_pretrained(llama_adapters, tmp_path):
+    from fedsoup.lora.driver import merge_adapter_files
+    llama_base().save_pretrained(str(tmp_path / "base"))
+    merge_adapter_files(llama_adapters, tmp_path / "merged", base=tmp_path / "base")
+    model = type(llama_base()).from_pretrained(str(tmp_path / "merged")).eval()
+    merge_adapter_files(llama_adapters, tmp_path / "cat")
+    peft_merged = PeftModel.from_pretrained(llama_base(), str(tmp_path / "cat")).merge_and_unload()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, peft_merged(ids).logits, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "merged" / "config.json").read_bytes() == (tmp_path / "base" / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["nan", "other_targets", "no_weights", "model"])
+def test_bad_adapter_inputs_write_nothing(bad, gpt2_adapters, tmp_path):
+    from fedsoup.lora.driver import merge_adapter_files
+    inputs = [str(gpt2_adapters[0]), str(tmp_path / "bad")]
+    if bad == "nan":
+        config, tensors = read(gpt2_adapters[1])
+        key = sorted(tensors)[0]
+        tensors[key][1, 1] = float("inf")
+        (tmp_path / "bad").mkdir()
+        from safetensors.torch import save_file
+        save_file(tensors, str(tmp_path / "bad" / "adapter_model.safetensors"))
+        (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(config))
+    elif bad == "other_targets":
+        make_adapter(tmp_path / "bad", seed=5, target_modules=["c_proj"])
+    elif bad == "no_weights":
+        (tmp_path / "bad").mkdir()
+    else:
+        gpt2_base().save_pretrained(str(tmp_path / "bad"))
+    with pytest.raises(MergeInputError) as info:
+        merge_adapter_files(inputs, tmp_path / "out")
+    assert info.value.path == str(tmp_path / "bad") and info.value.ingredient == 1
+    assert not (tmp_path / "out").exists()

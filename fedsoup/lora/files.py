@@ -21,7 +21,7 @@ from fedsoup.errors import MergeInputError
 from fedsoup.io.formats import TensorInfo
 from fedsoup.io.hf import model_directory_files, read_config
 from fedsoup.io.readers import open_weights_file
-from fedsoup.io.resolve import ADAPTER, MODEL, resolve_input
+from fedsoup.io.resolve import ADAPTER, MODEL, ResolvedInput, resolve_input
 from fedsoup.io.writer import write_checkpoint
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, config_bytes, parse_adapter_config
 from fedsoup.lora.pairs import Adapter, split_adapter
@@ -32,6 +32,7 @@ __all__ = [
     "read_adapter",
     "load_adapter",
     "write_adapter",
+    "base_model_input",
     "write_model",
 ]
 
@@ -101,15 +102,20 @@ def write_adapter(output: str | os.PathLike[str], state_dict: Mapping[str, torch
     )
 
 
-def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
-                base: str | os.PathLike[str], *, force: bool = False, metadata: Mapping[str, str] | None = None,
-                max_shard_bytes: int = 5 * 10**9) -> list[Path]:
-    """Write a model directory: the weights under Hugging Face's names, ``base``'s config and tokenizer."""
+def base_model_input(base: str | os.PathLike[str]) -> ResolvedInput:
+    """The base model of a merge into the base: a model directory (or its weights file), else refused."""
     resolved = resolve_input(base)
     if resolved.kind != MODEL:
         raise MergeInputError("the base model is not a model directory (no config.json beside its weights)",
                               path=os.fspath(base))
-    extra = model_directory_files([resolved], None)
+    return resolved
+
+
+def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
+                base: str | os.PathLike[str], *, force: bool = False, metadata: Mapping[str, str] | None = None,
+                max_shard_bytes: int = 5 * 10**9) -> list[Path]:
+    """Write a model directory: the weights under Hugging Face's names, ``base``'s config and tokenizer."""
+    extra = model_directory_files([base_model_input(base)], None)
     return write_checkpoint(
         os.path.join(os.fspath(output), ""), _infos(state_dict), lambda key: state_dict[key], metadata=metadata, force=force,
         extra_files=extra, max_shard_bytes=max_shard_bytes,

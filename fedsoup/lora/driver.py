@@ -1,0 +1,81 @@
+"""Adapter files in, adapter (or model) directory out: what ``merge_files`` does with PEFT adapters.
+
+Order of work, as for any file merge: the output is checked first (an existing one is
+kept unless ``force``), then every adapter is read and checked, then merged, and only a
+complete result is written, atomically. Adapters are small (a few MB to a few hundred
+MB), so they are read whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsoup.errors import MergeInputError, OptionError, OutputExistsError
+from fedsoup.io.layout import HF_WEIGHTS_NAME
+from fedsoup.io.readers import open_weights_file
+from fedsoup.lora.config import ADAPTER_CONFIG_NAME
+from fedsoup.lora.files import ADAPTER_WEIGHTS_NAMES, base_model_input, load_adapter, write_adapter, write_model
+from fedsoup.lora.modes import LoraReport, merge_adapters, merge_into_base
+from fedsoup.options import MergeOptions
+
+__all__ = ["AdapterFilesReport", "merge_adapter_files"]
+
+
+@dataclass(frozen=True)
+class AdapterFilesReport:
+    """What :func:`merge_adapter_files` wrote, and the LoRA report of the merge."""
+
+    output: Path
+    files: list[Path]
+    inputs: list[str]
+    lora: LoraReport
+
+
+def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
+    if force:
+        return
+    if any((output / name).exists() for name in names):
+        raise OutputExistsError(str(output))
+
+
+def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
+                        mode: str = "products", rank: int | None = None, base: str | os.PathLike[str] | None = None,
+                        options: MergeOptions | None = None, force: bool = False,
+                        metadata: dict[str, str] | None = None) -> AdapterFilesReport:
+    """Merge PEFT adapters (directories or their weights files) and write the result.
+
+    Without ``base``: an adapter directory at ``output`` (``adapter_config.json`` and
+    ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads. With ``base``
+    (a model directory): the base with the merged update added, as a model directory
+    carrying the base's config and tokenizer files. ``mode``, ``rank`` and ``options`` are
+    :func:`fedsoup.lora.merge_adapters`'. ``metadata`` goes into the weights file, with
+    the LoRA report under ``fedsoup.lora``.
+    """
+    output = Path(output)
+    names = [os.fspath(item) for item in inputs]
+    options = MergeOptions() if options is None else options
+    if output.exists() and not output.is_dir():
+        raise MergeInputError("an adapter merge writes a directory; this output is a file", path=str(output))
+    if base is not None and rank is not None:
+        raise OptionError("lora_rank", rank, "option 'lora_rank' does not apply to a merge into the base model "
+                          "(the whole merged update is added to the base weights)")
+    _refuse_existing(output, (ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES) if base is None
+                     else ("config.json", HF_WEIGHTS_NAME, HF_WEIGHTS_NAME + ".index.json"), force)
+    base_input = None if base is None else base_model_input(base)
+    adapters = [load_adapter(name, ingredient=index) for index, name in enumerate(names)]
+    record = dict(metadata or {})
+    if base_input is None:
+        merged = merge_adapters(adapters, mode=mode, rank=rank, options=options, names=names)
+        record["fedsoup.lora"] = json.dumps(merged.report.describe(), sort_keys=True)
+        files = write_adapter(output, merged.state_dict, merged.config, force=force, metadata=record)
+        return AdapterFilesReport(output, files, names, merged.report)
+    with open_weights_file(base_input.weights, base_input.name) as checkpoint:
+        weights = checkpoint.load_all()
+    state_dict, report = merge_into_base(adapters, weights, mode=mode, options=options, names=names)
+    record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
+    files = write_model(output, state_dict, base, force=force, metadata=record)
+    return AdapterFilesReport(output, files, names, report)
