@@ -70,7 +70,7 @@ def _load(directories):
 def test_products_cat_is_the_soup_of_products(family, gpt2_adapters, llama_adapters, tmp_path):
     directories = gpt2_adapters if family == "gpt2" else llama_adapters
     weights = [1.0, 2.0, 5.0]
-    merged = merge_adapters(_load(directories), mode="products", options=MergeOptions(weights=weights))
+    merged = merge_adapters(_load(directories), mode="products", weights=weights)
     assert merged.report.how == "cat" and set(merged.report.ranks.values()) == {12}
     assert merged.config["r"] == 12 and merged.config["rank_pattern"] == {}
     _close(_merged_products(merged, tmp_path / "out"), hand_products(directories, weights), 1e-6)
@@ -96,7 +96,7 @@ def test_factors_fold_each_scale_into_b(tmp_path, rslora):
     directories = [make_adapter(tmp_path / f"a{i}", seed=i, r=4, lora_alpha=alpha, use_rslora=rslora)
                    for i, alpha in enumerate([8, 16, 64])]
     weights = [3.0, 1.0, 1.0]
-    merged = merge_adapters(_load(directories), mode="factors", options=MergeOptions(weights=weights))
+    merged = merge_adapters(_load(directories), mode="factors", weights=weights)
     omega = [w / sum(weights) for w in weights]
     configs_tensors = [read(d) for d in directories]
     s = [c["lora_alpha"] / (2.0 if rslora else 4.0) for c, _ in configs_tensors]
@@ -241,7 +241,7 @@ def test_peft_loads_mixed_rank_rslora_output(tmp_path):
 
 def test_cat_equals_peft_add_weighted_adapter(gpt2_adapters, tmp_path):
     weights = [0.5, 0.3, 0.2]
-    merged = merge_adapters(_load(gpt2_adapters), mode="products", options=MergeOptions(weights=weights))
+    merged = merge_adapters(_load(gpt2_adapters), mode="products", weights=weights)
     model = PeftModel.from_pretrained(gpt2_base(), str(gpt2_adapters[0]), adapter_name="a0")
     for i, directory in enumerate(gpt2_adapters[1:], start=1):
         model.load_adapter(str(directory), adapter_name=f"a{i}")
@@ -341,7 +341,7 @@ def test_modules_to_save_are_merged_as_full_tensors(tmp_path):
     full_keys = [k for k in tensors[0] if "lora_" not in k]
     assert full_keys
     for mode in ("factors", "products"):
-        merged = merge_adapters(_load(directories), mode=mode, options=MergeOptions(weights=[1, 3]))
+        merged = merge_adapters(_load(directories), mode=mode, weights=[1, 3])
         for key in full_keys:
             torch.testing.assert_close(merged.state_dict[key], tensors[0][key] / 4 + 3 * tensors[1][key] / 4)
 

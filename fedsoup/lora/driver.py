@@ -44,15 +44,16 @@ def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
 
 def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
                         mode: str = "products", rank: int | None = None, base: str | os.PathLike[str] | None = None,
-                        options: MergeOptions | None = None, force: bool = False,
+                        options: MergeOptions | None = None, weights: Sequence[float] | None = None,
+                        force: bool = False,
                         metadata: dict[str, str] | None = None) -> AdapterFilesReport:
     """Merge PEFT adapters (directories or their weights files) and write the result.
 
     Without ``base``: an adapter directory at ``output`` (``adapter_config.json`` and
     ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads. With ``base``
     (a model directory): the base with the merged update added, as a model directory
-    carrying the base's config and tokenizer files. ``mode``, ``rank`` and ``options`` are
-    :func:`fedsoup.lora.merge_adapters`'. ``metadata`` goes into the weights file, with
+    carrying the base's config and tokenizer files. ``mode``, ``rank``, ``options`` and
+    ``weights`` are :func:`fedsoup.lora.merge_adapters`'. ``metadata`` goes into the weights file, with
     the LoRA report under ``fedsoup.lora``.
     """
     output = Path(output)
@@ -69,13 +70,13 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | 
     adapters = [load_adapter(name, ingredient=index) for index, name in enumerate(names)]
     record = dict(metadata or {})
     if base_input is None:
-        merged = merge_adapters(adapters, mode=mode, rank=rank, options=options, names=names)
+        merged = merge_adapters(adapters, mode=mode, rank=rank, options=options, weights=weights, names=names)
         record["fedsoup.lora"] = json.dumps(merged.report.describe(), sort_keys=True)
         files = write_adapter(output, merged.state_dict, merged.config, force=force, metadata=record)
         return AdapterFilesReport(output, files, names, merged.report)
     with open_weights_file(base_input.weights, base_input.name) as checkpoint:
-        weights = checkpoint.load_all()
-    state_dict, report = merge_into_base(adapters, weights, mode=mode, options=options, names=names)
+        base_weights = checkpoint.load_all()
+    state_dict, report = merge_into_base(adapters, base_weights, mode=mode, options=options, weights=weights, names=names)
     record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
     files = write_model(output, state_dict, base, force=force, metadata=record)
     return AdapterFilesReport(output, files, names, report)

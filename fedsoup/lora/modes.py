@@ -271,7 +271,44 @@ def _check_mode(mode: str, rank: int | None) -> None:
         raise OptionError("lora_rank", rank, f"option 'lora_rank' must be a positive integer, got {rank!r}")
 
 
+def _run_merge(models: Sequence[Mapping[str, torch.Tensor]], options: MergeOptions,
+               weights: Sequence[float] | None) -> dict[str, torch.Tensor]:
+    """``fedsoup.merge`` with ``options`` and this call's ``weights`` (the weights of the call win)."""
+    kwargs = options.to_kwargs()
+    kwargs["weights"] = None if weights is None else list(weights)
+    return merge(list(models), **kwargs)
+
+
+def _call_weights(options: MergeOptions, weights: Sequence[float] | None) -> Sequence[float] | None:
+    return getattr(options, "weights", None) if weights is None else weights
+
+
+def _merged_factors(adapters: Sequence[Adapter], options: MergeOptions, weights, names=None) -> dict[str, torch.Tensor]:
+    """The ``factors`` merge: AME (by default the soup) over ``A_i`` and ``(s_i/s) B_i``, and the full tensors."""
+    _check_equal_ranks(adapters, names)
+    return _run_merge(_factor_dicts(adapters, adapters[0]), options, weights)
+
+
+def _merged_full(adapters: Sequence[Adapter], options: MergeOptions, weights) -> dict[str, torch.Tensor]:
+    return _run_merge([a.full for a in adapters], options, weights) if adapters[0].full else {}
+
+
+def _ame_over_products(adapters: Sequence[Adapter], options: MergeOptions, weights):
+    """AME over the dense updates ``ΔW_i = s_i B_i A_i`` (and the full tensors): a dense ``ΔW`` per module."""
+    dense = []
+    for adapter in adapters:
+        model = {}
+        for path, pair in adapter.pairs.items():
+            dtype = compute_dtype([pair.B, pair.A])
+            model[path] = pair.scale * (pair.B.to(dtype) @ pair.A.to(dtype))
+        model.update(adapter.full)
+        dense.append(model)
+    merged = _run_merge(dense, options, weights)
+    return {path: merged[path] for path in adapters[0].pairs}, {key: merged[key] for key in adapters[0].full}
+
+
 def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", options: MergeOptions | None = None,
+                  weights: Sequence[float] | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The merged update ``ΔW`` of every module as a dense (d_out, d_in) matrix, and the full tensors.
 
@@ -280,10 +317,10 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
     What :func:`merge_into_base` adds to the base weights.
     """
     options = _options(options)
+    weights = _call_weights(options, weights)
     _check_mode(mode, None)
     if mode == "factors":
-        _check_equal_ranks(adapters)
-        merged = merge(_factor_dicts(adapters, adapters[0]), **options.to_kwargs())
+        merged = _merged_factors(adapters, options, weights)
         deltas = {}
         for path, pair in adapters[0].pairs.items():
             a = merged[path + ".lora_A.weight"].double()
@@ -291,25 +328,13 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
             deltas[path] = pair.scale * (b @ a)
         return deltas, {key: merged[key] for key in adapters[0].full}
     if options_reduce_to_soup(options):
-        omega = normalised_weights(options.weights, len(adapters))
+        omega = normalised_weights(weights, len(adapters))
         deltas = {}
         for path in adapters[0].pairs:
             b_cat, a_cat = _stacked(adapters, omega, path)
             deltas[path] = b_cat @ a_cat
-        full = merge([a.full for a in adapters], **options.to_kwargs()) if adapters[0].full else {}
-        return deltas, full
-    return _ame_over_products(adapters, options)
-
-
-def _ame_over_products(adapters: Sequence[Adapter], options: MergeOptions):
-    dense = []
-    for adapter in adapters:
-        model = {path: pair.scale * (pair.B.to(compute_dtype([pair.B, pair.A])) @ pair.A.to(compute_dtype([pair.B, pair.A])))
-                 for path, pair in adapter.pairs.items()}
-        model.update(adapter.full)
-        dense.append(model)
-    merged = merge(dense, **options.to_kwargs())
-    return ({path: merged[path] for path in adapters[0].pairs}, {key: merged[key] for key in adapters[0].full})
+        return deltas, _merged_full(adapters, options, weights)
+    return _ame_over_products(adapters, options, weights)
 
 
 def _check_equal_ranks(adapters: Sequence[Adapter], names: Sequence[str] | None = None) -> None:
@@ -323,7 +348,8 @@ def _check_equal_ranks(adapters: Sequence[Adapter], names: Sequence[str] | None 
 
 
 def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank: int | None = None,
-                   options: MergeOptions | None = None, names: Sequence[str] | None = None) -> AdapterMerge:
+                   options: MergeOptions | None = None, weights: Sequence[float] | None = None,
+                   names: Sequence[str] | None = None) -> AdapterMerge:
     """Merge adapters split by :func:`fedsoup.lora.split_adapter` into one adapter (module docstring).
 
     Args:
@@ -333,8 +359,9 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
             rank ``Σ r_i`` (``cat``); AME over products (a non-soup ``options``) then
             truncates its dense ``ΔW`` to ``Σ r_i``. A number: the truncated SVD at that
             rank (capped by ``min(d_out, d_in, Σ r_i)`` per module).
-        options: any :class:`~fedsoup.MergeOptions` (weights, optimizer...); the default
+        options: any :class:`~fedsoup.MergeOptions` (optimizer, schedule...); the default
             is the weighted soup. Its ``seed`` seeds the randomized SVD of a dense ``ΔW``.
+        weights: ``ω_i`` (normalised; uniform when ``None``).
         names: the ingredients' file names, for errors.
 
     Returns:
@@ -343,17 +370,17 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
         ``alpha_pattern`` and ``use_rslora`` are the first adapter's.
     """
     options = _options(options)
+    weights = _call_weights(options, weights)
     _check_mode(mode, rank)
     if mode == "factors" and rank is not None:
         raise OptionError("lora_rank", rank, "option 'lora_rank' applies to the 'products' mode only "
                           "(the 'factors' mode keeps the adapters' rank)")
     check_adapters(adapters, names)
-    omega = normalised_weights(options.weights, len(adapters))
+    omega = normalised_weights(weights, len(adapters))
     errors = factor_product_errors(adapters, omega)
     template = adapters[0]
     if mode == "factors":
-        _check_equal_ranks(adapters, names)
-        merged = merge(_factor_dicts(adapters, template), **options.to_kwargs())
+        merged = _merged_factors(adapters, options, weights, names)
         ranks = {path: pair.rank for path, pair in template.pairs.items()}
         config = output_adapter_config(template.settings, {module_name(p): r for p, r in ranks.items()})
         state_dict = {key: merged[key] for key in _adapter_keys(template)}
@@ -361,7 +388,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     energies: dict[str, float] = {}
     if options_reduce_to_soup(options):
-        full = merge([a.full for a in adapters], **options.to_kwargs()) if template.full else {}
+        full = _merged_full(adapters, options, weights)
         for path in template.pairs:
             b_cat, a_cat = _stacked(adapters, omega, path)
             if rank is None:
@@ -373,7 +400,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
             energies[path] = captured_energy(s, kept)
         how = "cat" if rank is None else "svd"
     else:
-        deltas, full = _ame_over_products(adapters, options)
+        deltas, full = _ame_over_products(adapters, options, weights)
         for path, delta in deltas.items():
             target = rank if rank is not None else sum(a.pairs[path].rank for a in adapters)
             kept = min(target, min(delta.shape))
@@ -431,8 +458,8 @@ def _transposed(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor], n
 
 
 def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor], *, mode: str = "products",
-                    options: MergeOptions | None = None, names: Sequence[str] | None = None,
-                    ) -> tuple[dict[str, torch.Tensor], LoraReport]:
+                    options: MergeOptions | None = None, weights: Sequence[float] | None = None,
+                    names: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], LoraReport]:
     """The base model's state dict with the merged update added: ``W + ΔW`` (``W + ΔWᵀ`` for Conv1D).
 
     ``ΔW`` is :func:`merged_deltas`' (exact soup of products, AME over products, or the
@@ -441,12 +468,12 @@ def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor
     ``base`` the adapter does not touch are returned as they are.
     """
     options = _options(options)
+    weights = _call_weights(options, weights)
     _check_mode(mode, None)
     check_adapters(adapters, names)
-    omega = normalised_weights(options.weights, len(adapters))
-    errors = factor_product_errors(adapters, omega)
+    errors = factor_product_errors(adapters, normalised_weights(weights, len(adapters)))
     transposed = _transposed(adapters, base, names)
-    deltas, full = merged_deltas(adapters, mode=mode, options=options)
+    deltas, full = merged_deltas(adapters, mode=mode, options=options, weights=weights)
     result = dict(base)
     for path, delta in deltas.items():
         key = _base_key(path, base)
