@@ -5,16 +5,27 @@ Adam ClientSoup of 5 epochs, batch 2 (the fused AME kernel), at most 2.5x (issue
 10 replies of a ~4M-parameter float32 model; runs are interleaved (A, B, C, A, B, C,
 ...) so that machine load hits all of them alike, and the median is reported.
 
+``--busy`` is the busy-host case (issue 21): the same comparison while a CPU-bound
+process keeps one core of this process's CPU set busy, with torch's default thread
+count (``--threads 0``); the targets are the same. FedSoup chooses its aggregation's
+threads from the idle cores (``strategies.threads``); the row "threads not scoped"
+is FedSoup() told that the host is idle, i.e. the behaviour before that choice.
+
     .venv/bin/python benchmarks/bench_strategy.py            # 10 replies, 4M params
     .venv/bin/python benchmarks/bench_strategy.py --repeats 9 --params 1e6
+    .venv/bin/python benchmarks/bench_strategy.py --busy --threads 0 --params 1e6
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import multiprocessing
+import os
 import statistics
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -22,6 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from strategies import FedSoup
+from strategies import threads as strategy_threads
 from strategies.inprocess import InProcessGrid, serverapp_identity, train_content, reply
 
 
@@ -77,6 +89,42 @@ def time_aggregate(strategy, arrays: ArrayRecord, contents: dict, threads: int =
     return elapsed
 
 
+def _spin(core: int | None) -> None:
+    """A CPU-bound loop, pinned to ``core`` where the OS allows it."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_core():
+    """One CPU-bound process on one core of this process's CPU set, for the block."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
+    process = multiprocessing.get_context("fork").Process(target=_spin, args=(cores[-1],), daemon=True)
+    process.start()
+    try:
+        time.sleep(0.5)  # let it reach the run queue
+        yield
+    finally:
+        process.terminate()
+        process.join()
+
+
+class _Unscoped:
+    """``FedSoup()`` as if the host were idle: the aggregation keeps every thread torch has."""
+
+    def __init__(self) -> None:
+        self.strategy = FedSoup()
+
+    def __getattr__(self, name):
+        return getattr(self.strategy, name)
+
+    def aggregate_train(self, *args, **kwargs):
+        with mock.patch.object(strategy_threads, "busy_cores", lambda: 0.0):
+            return self.strategy.aggregate_train(*args, **kwargs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=4e6, help="model size (default 4e6)")
@@ -87,6 +135,9 @@ def main() -> None:
         type=int,
         default=1,
         help="torch intra-op threads (default 1: Flower's numpy FedAvg runs on one core too; 0 = torch's default)",
+    )
+    parser.add_argument(
+        "--busy", action="store_true", help="keep one core busy with another process while timing (issue 21)"
     )
     args = parser.parse_args()
     if args.threads > 0:
@@ -103,8 +154,10 @@ def main() -> None:
         "Flower FedAdam": lambda: FedAdam(eta=0.1),
         "FedSoup(stew=fedadam)": lambda: FedSoup(stew={"optimizer": "fedadam", "lr": 0.1}),
     }
+    if args.busy:
+        candidates["FedSoup() (threads not scoped)"] = _Unscoped
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    with serverapp_identity():
+    with serverapp_identity(), (busy_core() if args.busy else contextlib.nullcontext()):
         for name, make in candidates.items():  # warm-up: imports, allocator, thread pools
             time_aggregate(make(), arrays, contents, args.threads)
         for _ in range(args.repeats):
@@ -114,7 +167,8 @@ def main() -> None:
     base = statistics.median(times["Flower FedAvg"])
     targets = {"FedSoup() (defaults)": 1.1, "FedSoup(soup=Adam, 5 epochs, batch 2)": 2.5}
     print(f"aggregate_train of {args.replies} replies, {num_params / 1e6:.2f}M params (float32), "
-          f"median of {args.repeats} interleaved runs, torch threads: {args.threads or 'default'}")
+          f"median of {args.repeats} interleaved runs, torch threads: {args.threads or 'default'}"
+          f"{', one core kept busy by another process' if args.busy else ''}, load {os.getloadavg()[0]:.2f}")
     print(f"{'strategy':<40} {'median s':>9} {'x FedAvg':>9}  target")
     for name, values in times.items():
         median = statistics.median(values)

@@ -44,6 +44,7 @@ from strategies.rounds import (
     train_round,
 )
 from strategies.server_stew import ServerStew
+from strategies.threads import aggregation_threads
 from strategies.state import RunState, read_checkpoint, write_checkpoint
 
 __all__ = [
@@ -216,8 +217,9 @@ class FedSoup(FedAvg):
         """
         server_round += self._round_offset
         replies = log_received("aggregate_train", replies)
-        usable = self._checker().check("aggregate_train", replies, reference=self._current, train=True)
-        outcome = train_round(self.client_soup, self.server_stew, usable, server_round, self._current)
+        with aggregation_threads():  # checks and merge: no more threads than idle cores
+            usable = self._checker().check("aggregate_train", replies, reference=self._current, train=True)
+            outcome = train_round(self.client_soup, self.server_stew, usable, server_round, self._current)
 
         arrays: ArrayRecord | None = None
         if outcome.model is None:

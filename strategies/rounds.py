@@ -29,7 +29,6 @@ from fedsoup.inputs import find_non_finite
 from strategies.client_soup import ClientSoup, SoupResult
 from strategies.replies import UsableReply
 from strategies.server_stew import ServerStew
-from strategies.threads import aggregation_threads
 
 __all__ = [
     "RoundOutcome",
@@ -77,7 +76,7 @@ def train_round(
     server_round: int,
     current: Mapping[str, torch.Tensor] | None,
 ) -> RoundOutcome:
-    """``x_t`` from the usable replies (docs/design.md §3), on :func:`aggregation_threads` threads."""
+    """``x_t`` from the usable replies (docs/design.md §3)."""
     if current is None and not server_stew.is_identity:
         raise AggregationError(
             "The ServerStew needs the global model x_{t-1}: call configure_train before "
@@ -92,18 +91,17 @@ def train_round(
     ]
     if client_soup.is_plain:
         attempts = attempts[:1]
-    with aggregation_threads():
-        for level, (name, attempt) in enumerate(attempts):
-            try:
-                soup = attempt()
-                if soup is None:  # every reply was left out by the merge's own checks
-                    return RoundOutcome(None, [], FALLBACK_PREVIOUS)
-                model, grad_norm = _guarded_stew_step(server_stew, current, soup.model)
-            except Exception as error:  # noqa: BLE001 - a failed merge must not end the run
-                following = "the plain soup of the same replies" if level + 1 < len(attempts) else "the previous model"
-                log(WARNING, "aggregate_train: %s failed in round %d (%r); using %s", name, server_round, error, following)
-                continue
-            return RoundOutcome(model, soup.used, level, grad_norm, soup.ame_distance)
+    for level, (name, attempt) in enumerate(attempts):
+        try:
+            soup = attempt()
+            if soup is None:  # every reply was left out by the merge's own checks
+                return RoundOutcome(None, [], FALLBACK_PREVIOUS)
+            model, grad_norm = _guarded_stew_step(server_stew, current, soup.model)
+        except Exception as error:  # noqa: BLE001 - a failed merge must not end the run
+            following = "the plain soup of the same replies" if level + 1 < len(attempts) else "the previous model"
+            log(WARNING, "aggregate_train: %s failed in round %d (%r); using %s", name, server_round, error, following)
+            continue
+        return RoundOutcome(model, soup.used, level, grad_norm, soup.ame_distance)
     return RoundOutcome(None, list(usable), FALLBACK_PREVIOUS)
 
 
