@@ -10,9 +10,11 @@ typed and carry their culprit as attributes (``fedsoup.MergeInputError``).
 
 from fedsoup.ame import merge, soup
 from fedsoup.errors import (
+    CheckpointError,
     MergeInputError,
     MergeWarning,
     OptionError,
+    OutputError,
     OutputExistsError,
     StateError,
     UnknownOptionError,
@@ -44,6 +46,8 @@ __all__ = [
     "UnknownOptionError",
     "OutputExistsError",
     "StateError",
+    "CheckpointError",
+    "OutputError",
     "MergeWarning",
     "OPTIMIZERS",
     "FedAdam",

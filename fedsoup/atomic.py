@@ -2,20 +2,123 @@
 
 A crash, a full disk or an exception in the writer never leaves a partial file at
 the destination: either the old file (or nothing) is there, or the complete new one.
+
+A process killed with SIGKILL (or by the OOM killer, or a power cut) runs no cleanup,
+so its temporary file stays. Temporary files are therefore recognisable as fedsoup's
+(``.<destination name>.fedsoup-<8 random characters>.tmp``) and their writer holds an
+exclusive ``flock`` on them while writing. The kernel drops that lock when the writer
+dies, however it dies, and it is seen across processes and container PID namespaces
+sharing the file system. :func:`remove_stale_temps` deletes the fedsoup temporary files
+of given destinations whose lock it can take: their writer is gone. Every
+:func:`atomic_path` first does so for its own destination.
+
+OS errors of the write (a folder without write permission, a full disk, a read-only
+file system) become :class:`~fedsoup.errors.OutputError`, naming the destination, not
+the hidden temporary file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from fedsoup.errors import OutputError
+
+try:  # POSIX; elsewhere temporary files are still removed on errors, but not after a kill
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "is_fedsoup_temp", "remove_stale_temps",
+           "temp_destination"]
 
 # mkstemp creates files readable by their owner only; a finished output should get the
 # mode any other new file would (0o666 minus the umask). Read once: os.umask sets too.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+_TEMP_MARK = ".fedsoup-"
+_TEMP_SUFFIX = ".tmp"
+# mkstemp's random part: 8 characters of [a-z0-9_].
+_TEMP_RE = re.compile(r"^\.(?P<destination>.+)\.fedsoup-[a-z0-9_]{8}\.tmp$")
+
+
+def is_fedsoup_temp(name: str) -> bool:
+    """True for a file name :func:`atomic_path` gives its temporary files."""
+    return _TEMP_RE.match(name) is not None
+
+
+def temp_destination(name: str) -> str | None:
+    """The destination file name a fedsoup temporary file name was written for, else ``None``."""
+    match = _TEMP_RE.match(name)
+    return match.group("destination") if match else None
+
+
+def _lock(fd: int, *, wait: bool) -> bool:
+    if fcntl is None:  # pragma: no cover
+        return not wait
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], destinations: Callable[[str], bool]) -> list[Path]:
+    """Delete fedsoup temporary files in ``folder`` written for a destination name that
+    ``destinations`` accepts and whose writer is gone (their ``flock`` is free); return them.
+
+    Links, folders and files of live writers are left alone, and so is every name that is
+    not a fedsoup temporary file.
+    """
+    if fcntl is None:  # pragma: no cover - no way to tell a live writer from a dead one
+        return []
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        destination = temp_destination(entry.name)
+        if destination is None or not destinations(destination):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        except OSError:  # a link, gone meanwhile, or not ours to open
+            continue
+        try:
+            if not os.path.samestat(os.fstat(fd), os.lstat(entry.path)) or not entry.is_file(follow_symlinks=False):
+                continue
+            if _lock(fd, wait=False):  # the writer is gone; holding the lock, nobody renames it now
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _locked_temp(destination: Path) -> tuple[int, Path]:
+    """Create ``destination``'s temporary file and take its lock; return ``(fd, path)``.
+
+    A concurrent :func:`remove_stale_temps` may delete the file between its creation and
+    the lock: then the path no longer names the locked file, and we start again.
+    """
+    while True:
+        fd, name = tempfile.mkstemp(prefix=f".{destination.name}{_TEMP_MARK}", suffix=_TEMP_SUFFIX,
+                                    dir=destination.parent)
+        _lock(fd, wait=True)
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(name)):
+                return fd, Path(name)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -23,36 +126,52 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``destination``; on success rename it into place.
 
     The temporary file lives in the same folder so that the final ``os.replace`` is
-    atomic on POSIX. On any exception the temporary file is removed and the
-    destination is left untouched.
+    atomic on POSIX, and stays locked (``flock``) until then. On any exception it is
+    removed and the destination is left untouched. An ``OSError`` of creating, syncing
+    or renaming the file, or one raised by the caller's writing with the temporary file
+    as its ``filename``, is raised as :class:`~fedsoup.errors.OutputError` naming
+    ``destination``.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
+    remove_stale_temps(destination.parent, destination.name.__eq__)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _locked_temp(destination)
+    except OSError as error:
+        raise OutputError(destination, error) from None
+    try:
         try:
-            mode = destination.stat().st_mode & 0o7777  # replacing a file keeps its mode
-        except FileNotFoundError:
-            mode = 0o666 & ~_UMASK
-        os.chmod(tmp, mode)
-        os.replace(tmp, destination)
+            yield tmp
+        except OSError as error:
+            if error.filename is not None and os.fspath(error.filename) == str(tmp):
+                raise OutputError(destination, error) from None
+            raise
+        try:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            try:
+                mode = destination.stat().st_mode & 0o7777  # replacing a file keeps its mode
+            except FileNotFoundError:
+                mode = 0o666 & ~_UMASK
+            os.chmod(tmp, mode)
+            os.replace(tmp, destination)
+        except OSError as error:
+            raise OutputError(destination, error) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    finally:
+        os.close(fd)  # releases the lock, after the rename or the removal
 
 
 def atomic_write_bytes(destination: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``destination`` atomically."""
     with atomic_path(destination) as tmp:
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except OSError as error:
+            raise OutputError(destination, error) from None
 
 
 def atomic_write_text(destination: str | os.PathLike[str], text: str) -> None:

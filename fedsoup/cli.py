@@ -7,8 +7,9 @@
 
 Settings come from a ``--config`` file (TOML, JSON or YAML), then flags; they are the
 arguments of ``fedsoup.merge_files`` (itself ``fedsoup.merge``'s options), validated there.
-Exit status: 0 success, 2 bad input or options (one line naming the file, tensor or
-option), 1 anything unexpected. No partial output is ever left behind.
+Exit status: 0 success, 2 bad input or options, or an output that cannot be written
+(permission, full disk: one line naming the file, tensor or option, and the cause),
+1 anything unexpected. No partial output is ever left behind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -27,7 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import fedsoup
-from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExistsError, closest_name
+from fedsoup.errors import (MergeInputError, MergeWarning, OptionError, OutputError, OutputExistsError, closest_name,
+                            os_reason)
 from fedsoup.offline import DEFAULT_SHARD_SIZE, inspect_files, load_config, run_merge_files
 from fedsoup.offline.producers import human_bytes
 from fedsoup.offline.tables import import_object
@@ -36,7 +39,9 @@ PROG = "fedsoup"
 # Optimizer arguments with flags of their own (any other: --opt KEY=VALUE).
 OPTIMIZER_FLAGS = ("momentum", "betas", "eps", "weight_decay")
 # Exit status 2: the user's input or options; every one names its culprit.
-BAD_INPUT = (MergeInputError, OptionError, OutputExistsError, ValueError, FileNotFoundError)
+BAD_INPUT = (MergeInputError, OptionError, OutputExistsError, OutputError, ValueError, FileNotFoundError)
+# Exit status 2 too: what the operator fixes on the machine (a file's permissions, a full disk).
+OPERATOR_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def _literal(text: str):
@@ -323,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # the one place that turns any crash into a clean exit status
         if os.environ.get("FEDSOUP_DEBUG"):
             raise
+        if isinstance(error, OSError) and error.errno in OPERATOR_ERRNOS:
+            where = f"{error.filename}: " if error.filename is not None else ""
+            print(f"{PROG}: error: {where}{os_reason(error)}", file=sys.stderr)
+            return 2
         print(f"{PROG}: unexpected error: {type(error).__name__}: {' '.join(str(error).split())} "
               f"(set FEDSOUP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

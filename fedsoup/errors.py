@@ -8,6 +8,10 @@
   restored (a strategy's ``load_state_dict``, a checkpoint directory), naming the file and
   the tensor or entry where known.
 - :class:`OutputExistsError` (a ``FileExistsError``): the output is there and ``force`` is off.
+- :class:`OutputError` (an ``OSError``): an output cannot be written (permission, full
+  disk, read-only file system, a folder or link in the way), naming the output file.
+- :class:`CheckpointError` (a :class:`StateError`): a training checkpoint is damaged or
+  incomplete (a checksum mismatch, tensor files without their ``state.json``).
 
 The command line exits with status 2 on any of them (1 on anything else).
 """
@@ -15,11 +19,13 @@ The command line exits with status 2 on any of them (1 on anything else).
 from __future__ import annotations
 
 import difflib
+import errno as errnos
+import os
 from collections.abc import Iterable
 
 __all__ = [
-    "MergeInputError", "OptionError", "UnknownOptionError", "StateError", "OutputExistsError", "MergeWarning",
-    "closest_name",
+    "MergeInputError", "OptionError", "UnknownOptionError", "StateError", "CheckpointError", "OutputExistsError",
+    "OutputError", "MergeWarning", "closest_name", "os_reason",
 ]
 
 
@@ -179,6 +185,88 @@ class OutputExistsError(FileExistsError):
 
     def __reduce__(self):
         return OutputExistsError, (self.path,)
+
+
+# What an OSError means, in words a user acts on (the rest: the system's own strerror).
+_OS_REASONS = {
+    errnos.EACCES: "permission denied",
+    errnos.EPERM: "operation not permitted",
+    errnos.ENOSPC: "no space left on device",
+    errnos.EDQUOT: "disk quota exceeded",
+    errnos.EROFS: "read-only file system",
+    errnos.ENOENT: "no such file or directory",
+    errnos.EISDIR: "is a directory",
+    errnos.ENOTDIR: "a parent is not a directory",
+    errnos.EFBIG: "file too large",
+    errnos.EIO: "input/output error",
+}
+
+
+def os_reason(error: BaseException) -> str:
+    """``"permission denied"``, ``"no space left on device"``...: an OSError's cause without its path."""
+    code = getattr(error, "errno", None)
+    if code in _OS_REASONS:
+        return _OS_REASONS[code]
+    if code is not None:
+        return os.strerror(code).lower()
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+class OutputError(OSError):
+    """An output file cannot be written; nothing was left behind.
+
+    Attributes:
+        path: the output file (never the hidden temporary file it was written to).
+        cause: the ``OSError`` (``errno`` tells permission, full disk...), or ``None``
+            when the reason is not an OS error (a folder where the file should go).
+        reason: what happened, in words (``"no space left on device"``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], cause: OSError | None = None, *, reason: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.cause = cause
+        self.reason = reason if reason is not None else os_reason(cause)
+        super().__init__(getattr(cause, "errno", None), self.reason)
+        self.filename = self.path
+
+    def __str__(self) -> str:
+        return f"{self.path}: cannot write: {self.reason}"
+
+    def __reduce__(self):
+        return _rebuild_output_error, (self.path, self.cause, self.reason)
+
+
+def _rebuild_output_error(path, cause, reason) -> OutputError:
+    return OutputError(path, cause, reason=reason)
+
+
+class CheckpointError(StateError):
+    """A training checkpoint (``state.json`` plus its tensor file) cannot be used: a checksum
+    mismatch, tensor files without their ``state.json``, an unreadable or foreign file.
+
+    Attributes (those of :class:`StateError`, plus):
+        path: the file at fault (the tensor file of a checksum mismatch, the missing
+            ``state.json``...).
+        tensor: the tensor's name inside the checkpoint where one is at fault, else ``None``
+            (the same as ``key``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, *, tensor: str | None = None) -> None:
+        super().__init__(reason, path=os.fspath(path), key=tensor)
+
+    @property
+    def tensor(self) -> str | None:
+        return self.key
+
+    def at(self, path: str) -> CheckpointError:
+        return CheckpointError(self.path or path, self.reason, tensor=self.key)
+
+    def __reduce__(self):
+        return _rebuild_checkpoint_error, (self.path, self.reason, self.key)
+
+
+def _rebuild_checkpoint_error(path, reason, tensor) -> CheckpointError:
+    return CheckpointError(path, reason, tensor=tensor)
 
 
 def closest_name(name: str, choices: Iterable[str]) -> str | None:

@@ -12,7 +12,8 @@ The state (``FedSoup.state_dict()``) is a nested dict of plain values and tensor
 
 With a checkpoint directory it is written after every round by
 :func:`fedsoup.state.save_checkpoint` (safetensors + JSON, no pickle; the JSON is
-replaced atomically, so a crash leaves the previous round's checkpoint intact).
+replaced atomically, so a crash leaves the previous round's checkpoint intact; a
+checksum per tensor file is verified when the checkpoint is read back).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 
 import torch
 
-from fedsoup.state import has_checkpoint, load_checkpoint, save_checkpoint
+from fedsoup.errors import StateError
+from fedsoup.state import STATE_JSON, has_checkpoint, load_checkpoint, orphan_tensor_files, save_checkpoint
 
 __all__ = ["STATE_FORMAT", "RunState", "read_checkpoint", "write_checkpoint"]
 
@@ -54,20 +56,20 @@ class RunState:
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> RunState:
-        """Check a state dict; ``ValueError`` naming what is wrong."""
+        """Check a state dict; :class:`~fedsoup.errors.StateError` naming what is wrong (``key``: the entry)."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a FedSoup state (missing format {STATE_FORMAT!r})")
+            raise StateError(f"not a FedSoup state (missing format {STATE_FORMAT!r})", key="format")
         round_ = state.get("round")
         if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
-            raise ValueError(f"FedSoup state: invalid round {round_!r}")
+            raise StateError(f"FedSoup state: invalid round {round_!r}", key="round")
         global_ = state.get("global")
         stew = state.get("stew")
         if stew is not None and stew.get("state") is not None:
             if global_ is None:
-                raise ValueError("FedSoup state: a stew state without a global model")
+                raise StateError("FedSoup state: a stew state without a global model", key="global")
             missing = [k for k in stew.get("keys", []) if k not in global_]
             if missing:
-                raise ValueError(f"FedSoup state: stew array {missing[0]!r} is not in the global model")
+                raise StateError(f"FedSoup state: stew array {missing[0]!r} is not in the global model", key=missing[0])
         return cls(
             round=round_,
             seed=int(state.get("rng", {}).get("seed", 0)),
@@ -78,10 +80,18 @@ class RunState:
 
 
 def read_checkpoint(directory: Path) -> RunState | None:
-    """The state in ``directory``; ``None`` if it holds no checkpoint yet."""
-    if not has_checkpoint(directory):
+    """The state in ``directory``; ``None`` if it holds no checkpoint yet.
+
+    Raises :class:`~fedsoup.errors.CheckpointError` for a damaged checkpoint (checksum
+    mismatch) and for tensor files without their ``state.json``: restarting at round 1
+    there would silently throw away a run's progress.
+    """
+    if not has_checkpoint(directory) and not orphan_tensor_files(directory):
         return None
-    return RunState.from_dict(load_checkpoint(directory))
+    try:
+        return RunState.from_dict(load_checkpoint(directory))
+    except StateError as error:
+        raise error.at(str(Path(directory) / STATE_JSON)) from None
 
 
 def write_checkpoint(directory: Path, state: Mapping[str, Any], server_round: int) -> None:

@@ -18,8 +18,7 @@ from fedsoup.errors import StateError
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = {"ValueError", "TypeError"}
-# fedsoup/state.py and strategies/state.py: typed (with checksums) by the checkpoint issue (22).
-PENDING = {"fedsoup/state.py", "strategies/state.py"}
+PENDING: set[str] = set()
 
 
 def _plain_raises(path: Path) -> list[str]:

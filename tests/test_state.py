@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 
 import fedsoup
+import fedsoup.io.writer
 from fedsoup.state import STATE_JSON, flatten_state, has_checkpoint, load_checkpoint, save_checkpoint, unflatten_state
 
 
@@ -124,10 +125,14 @@ def test_optimizer_state_round_trip_continues_identically(tmp_path, optimizer, k
 
 
 def test_unsupported_value_names_its_path():
-    with pytest.raises(TypeError, match="'opt/hook'"):
+    from fedsoup.errors import StateError
+
+    with pytest.raises(StateError, match="'opt/hook'") as info:
         flatten_state({"opt": {"hook": object()}})
-    with pytest.raises(TypeError, match="object arrays"):
+    assert info.value.key == "opt/hook"
+    with pytest.raises(StateError, match="object arrays") as info:
         flatten_state({"a": np.array([object()])})
+    assert info.value.key == "a"
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -136,7 +141,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    monkeypatch.setattr(fedsoup.io.writer, "_tensor_bytes", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, {"round": 2, "w": torch.zeros(3)}, tag="round-00002")
     monkeypatch.undo()
@@ -182,7 +187,89 @@ def test_bad_checkpoints_are_reported_with_the_file(tmp_path):
     document["tensors"] = "state-ok.safetensors"
     document["state"] = {"w": {"__tensor__": "nope"}}
     (tmp_path / STATE_JSON).write_text(json.dumps(document))
-    with pytest.raises(ValueError, match="tensor 'nope' is missing"):
+    with pytest.raises(ValueError, match="tensor 'nope': is missing"):
         load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="checkpoint tag"):
         save_checkpoint(tmp_path, {}, tag="../evil")
+
+
+# --------------------------------------------------------------------------- checksums (issue 22)
+
+
+def _tensor_file(directory) -> "Path":
+    return directory / json.loads((directory / STATE_JSON).read_text())["tensors"]
+
+
+def test_state_json_records_a_checksum_per_tensor_file(tmp_path):
+    import hashlib
+
+    save_checkpoint(tmp_path, {"w": torch.arange(4.0)}, tag="round-00001")
+    document = json.loads((tmp_path / STATE_JSON).read_text())
+    tensor_file = _tensor_file(tmp_path)
+    assert document["checksums"] == {tensor_file.name: "sha256:" + hashlib.sha256(tensor_file.read_bytes()).hexdigest()}
+
+
+def test_a_flipped_byte_is_a_checkpoint_error_naming_the_file(tmp_path):
+    from fedsoup.errors import CheckpointError
+
+    save_checkpoint(tmp_path, {"w": torch.zeros(64)}, tag="round-00001")
+    tensor_file = _tensor_file(tmp_path)
+    data = bytearray(tensor_file.read_bytes())
+    data[-5] ^= 0x01  # inside the tensor data: safetensors alone loads it without complaint
+    tensor_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path)
+    assert info.value.path == str(tensor_file) and "checksum" in str(info.value)
+    assert str(tensor_file) in str(info.value)
+
+
+def test_a_checkpoint_without_checksums_loads_with_a_warning(tmp_path, caplog):
+    save_checkpoint(tmp_path, {"round": 2, "w": torch.ones(3)}, tag="round-00002")
+    document = json.loads((tmp_path / STATE_JSON).read_text())
+    del document["checksums"]  # as written before checksums existed
+    (tmp_path / STATE_JSON).write_text(json.dumps(document))
+    with caplog.at_level("WARNING", logger="fedsoup"):
+        state = load_checkpoint(tmp_path)
+    assert state["round"] == 2 and torch.equal(state["w"], torch.ones(3))
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and "checksum" in warnings[0].getMessage()
+    assert str(tmp_path / STATE_JSON) in warnings[0].getMessage()
+
+
+def test_tensor_files_without_state_json_are_refused_saying_how_to_start_fresh(tmp_path):
+    from fedsoup.errors import CheckpointError
+    from strategies.state import read_checkpoint
+
+    assert read_checkpoint(tmp_path) is None  # an empty folder: a fresh run
+    save_checkpoint(tmp_path, {"round": 3, "w": torch.ones(3)}, tag="round-00003")
+    (tmp_path / STATE_JSON).unlink()
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(tmp_path)
+    message = str(info.value)
+    assert info.value.path == str(tmp_path / STATE_JSON)
+    assert "state-round-00003.safetensors" in message and "state.json" in message
+    assert "killed" in message and "start fresh" in message
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_write_on_a_full_disk_is_an_output_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from fedsoup.errors import OutputError
+
+    save_checkpoint(tmp_path, {"round": 1, "w": torch.ones(3)}, tag="round-00001")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError) as info:
+        save_checkpoint(tmp_path, {"round": 2, "w": torch.zeros(3)}, tag="round-00002")
+    monkeypatch.undo()
+    assert info.value.path == str(tmp_path / "state-round-00002.safetensors")
+    assert info.value.cause.errno == errno.ENOSPC and "no space left on device" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert load_checkpoint(tmp_path)["round"] == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,17 +59,6 @@ class OutputLayout:
 
     def shard_path(self, index: int, count: int) -> Path:
         return self.main.with_name(shard_file_name(self.main.name[: -len(SAFETENSORS_SUFFIX)], index, count))
-
-    def old_shards(self) -> list[Path]:
-        """Shard files named by an existing index at this destination."""
-        if self.kind != "safetensors" or not self.index.is_file():
-            return []
-        try:
-            weight_map = json.loads(self.index.read_text(encoding="utf-8")).get("weight_map", {})
-        except (OSError, ValueError, AttributeError):
-            return []
-        folder = self.index.parent
-        return [folder / name for name in dict.fromkeys(weight_map.values()) if "/" not in name and "\\" not in name]
 
 
 def output_exists(output: str | os.PathLike[str]) -> bool:

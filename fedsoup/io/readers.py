@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from fedsoup.errors import MergeInputError
+from fedsoup.errors import MergeInputError, os_reason
 from fedsoup.io.formats import (
     CODE_DTYPES,
     INDEX_SUFFIX,
@@ -99,6 +99,18 @@ class Checkpoint:
         return f"{type(self).__name__}({self.name!r}, {len(self.infos)} tensors)"
 
 
+def _check_readable(path: Path, name: str) -> None:
+    """A file that is there but cannot be opened (mode 0600 of another user) is reported as
+    such: safetensors and torch say "No such file or directory" for it."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise MergeInputError("no such file or directory", path=name) from None
+    except OSError as error:
+        raise MergeInputError(f"cannot be read: {os_reason(error)}", path=name) from None
+
+
 def _safe_open(path: Path, name: str):
     """Open a safetensors file; ``pread`` (recent safetensors; 0.8 here) keeps no mapping resident.
 
@@ -111,6 +123,7 @@ def _safe_open(path: Path, name: str):
         except TypeError:  # older safetensors: no backend argument
             return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
+        _check_readable(path, name)
         raise MergeInputError(f"not a readable safetensors file ({one_line(error)})", path=name) from None
 
 
@@ -328,6 +341,7 @@ def unwrap_state_dict(obj, name: str) -> dict[str, torch.Tensor]:
 def open_weights_file(path: Path, name: str) -> Checkpoint:
     """Open one weights file or index by its suffix (``path`` exists; ``name`` is shown in errors)."""
     path = Path(path)
+    _check_readable(path, name)
     if path.name.endswith(INDEX_SUFFIX):
         return ShardedCheckpoint(path, name)
     suffix = path.suffix.lower()

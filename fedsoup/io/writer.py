@@ -4,27 +4,40 @@ The safetensors header is computed from the shapes up front, then each tensor's 
 are appended as soon as it is produced, so writing never needs the whole model in
 memory. Every file goes to a temporary name (:func:`fedsoup.atomic.atomic_path`) and is
 renamed only after all were written, the index (or the single weights file) last: a
-failed or interrupted write never leaves a partial checkpoint behind.
+failed or interrupted write never leaves a partial checkpoint behind, and a writer killed
+outright leaves temporary files the next write of the same output removes
+(:mod:`fedsoup.atomic`).
+
+Overwriting (``force``) replaces only what fedsoup itself writes for that output: the
+weights file, its index, the shard files of the same stem
+(``<stem>-NNNNN-of-NNNNN.safetensors``) and the files it writes beside them (a model
+directory's ``config.json``...). Only regular files: links, folders and every other name
+(whatever an old index lists) are left alone, and all of it is decided before anything
+is written. OS errors of the write are :class:`~fedsoup.errors.OutputError` naming the
+output file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
+import stat
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fedsoup.atomic import atomic_path
-from fedsoup.errors import OptionError, OutputExistsError
-from fedsoup.io.formats import DTYPE_CODES, TensorInfo, dtype_str
+from fedsoup.atomic import atomic_path, remove_stale_temps
+from fedsoup.errors import OptionError, OutputError, OutputExistsError
+from fedsoup.io.formats import DTYPE_CODES, SAFETENSORS_SUFFIX, TensorInfo, dtype_str
 from fedsoup.io.layout import OutputLayout
 
-__all__ = ["write_checkpoint", "plan_shards", "parse_size"]
+__all__ = ["write_checkpoint", "write_safetensors", "plan_shards", "parse_size"]
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -108,8 +121,54 @@ def _produced(key: str, expected: TensorInfo, produce: Callable[[str], torch.Ten
     return tensor if tensor.dtype == expected.dtype else tensor.to(expected.dtype)
 
 
+class _Sink:
+    """An open output file whose OS errors name the destination, with an optional running hash."""
+
+    def __init__(self, handle, destination: Path, digest=None) -> None:
+        self._handle, self.destination, self.digest = handle, destination, digest
+        self.error: OutputError | None = None  # the first failure, for writers that hide it (torch.save)
+
+    def write(self, data) -> int:
+        try:
+            written = self._handle.write(data)
+        except OSError as error:
+            self.error = OutputError(self.destination, error)
+            raise self.error from None
+        if self.digest is not None:
+            self.digest.update(data)
+        return written
+
+    def flush(self) -> None:
+        try:
+            self._handle.flush()
+        except OSError as error:
+            self.error = OutputError(self.destination, error)
+            raise self.error from None
+
+
+@contextlib.contextmanager
+def _sink(tmp: Path, destination: Path, digest=None) -> Iterator[_Sink]:
+    """``tmp`` opened for writing; every OS error (open, write, the last flush) is an OutputError."""
+    try:
+        handle = open(tmp, "wb")
+    except OSError as error:
+        raise OutputError(destination, error) from None
+    sink = _Sink(handle, destination, digest)
+    try:
+        yield sink
+        sink.flush()  # here, not in close(), so that a full disk is reported as such
+    except BaseException:
+        with contextlib.suppress(OSError):  # the buffer cannot go anywhere either: keep the first error
+            handle.close()
+        raise
+    try:
+        handle.close()
+    except OSError as error:
+        raise OutputError(destination, error) from None
+
+
 def _write_safetensors_stream(
-    path: Path,
+    sink: _Sink,
     infos: Mapping[str, TensorInfo],
     keys: Sequence[str],
     produce: Callable[[str], torch.Tensor],
@@ -118,13 +177,101 @@ def _write_safetensors_stream(
 ) -> None:
     if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian on disk
         raise RuntimeError("the streaming safetensors writer needs a little-endian machine")
-    with open(path, "wb") as handle:
-        handle.write(_safetensors_header(infos, keys, metadata))
-        for key in keys:
-            tensor = _produced(key, infos[key], produce)
-            handle.write(_tensor_bytes(tensor))
-            del tensor
-            on_tensor(key, infos[key])
+    sink.write(_safetensors_header(infos, keys, metadata))
+    for key in keys:
+        tensor = _produced(key, infos[key], produce)
+        sink.write(_tensor_bytes(tensor))
+        del tensor
+        on_tensor(key, infos[key])
+
+
+def write_safetensors(
+    destination: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Write ``tensors`` to one safetensors file atomically; return its SHA-256 (hex).
+
+    The hash is of the bytes written, computed while writing (the file is not read back).
+    OS errors are :class:`~fedsoup.errors.OutputError` naming ``destination``.
+    """
+    destination = Path(destination)
+    infos = {key: TensorInfo(tuple(tensor.shape), tensor.dtype) for key, tensor in tensors.items()}
+    digest = hashlib.sha256()
+    with atomic_path(destination) as tmp, _sink(tmp, destination, digest) as sink:
+        _write_safetensors_stream(sink, infos, list(infos), tensors.__getitem__,
+                                  {str(k): str(v) for k, v in (metadata or {}).items()}, lambda key, info: None)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _OutputPlan:
+    """The files a write creates (commit point last) and the old files of the same output it removes."""
+
+    shards: list[list[str]] | None  # tensor names per safetensors shard; None for .pt
+    files: list[Path]  # what is written, renamed in this order, the commit point last
+    stale: list[Path]  # fedsoup's own files of this output that the new one does not replace
+
+
+def _own_shard_pattern(layout: OutputLayout) -> re.Pattern[str]:
+    stem = layout.main.name[: -len(SAFETENSORS_SUFFIX)]
+    return re.compile(rf"^{re.escape(stem)}-\d{{5}}-of-\d{{5}}{re.escape(SAFETENSORS_SUFFIX)}$")
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shard_bytes: int,
+                 extra_files: Mapping[str, bytes], force: bool) -> _OutputPlan:
+    """Decide, before anything is written, what goes where and what an overwrite removes.
+
+    Raises :class:`OutputExistsError` when any of it exists and ``force`` is off, and
+    :class:`OutputError` when something fedsoup does not write (a folder, a link) is where a
+    file goes, even with ``force``.
+    """
+    folder = layout.main.parent
+    shards = None if layout.kind == "torch" else plan_shards(infos, max_shard_bytes)
+    if shards is None or len(shards) == 1:
+        weights = [layout.main]
+    else:
+        weights = [*(layout.shard_path(i, len(shards)) for i in range(1, len(shards) + 1)), layout.index]
+    files = [*(folder / name for name in extra_files), *weights]
+    own = [layout.main, layout.index]
+    if layout.kind == "safetensors":
+        pattern = _own_shard_pattern(layout)
+        with contextlib.suppress(OSError):
+            own += sorted(folder / name for name in os.listdir(folder) if pattern.match(name))
+    stale = [path for path in dict.fromkeys(own) if path not in files and _is_regular_file(path)]
+    for path in files:
+        if os.path.lexists(path) and not _is_regular_file(path):
+            kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
+            raise OutputError(path, reason=f"{kind} is in the way (fedsoup replaces only files it writes)")
+    if not force and (stale or any(os.path.lexists(path) for path in files)):
+        raise OutputExistsError(str(layout.target))
+    return _OutputPlan(shards, files, stale)
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created, deepest last."""
+    missing = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            break
+        missing.append(parent)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(folder, error) from None
+    return missing[::-1]
+
+
+def _own_temp_names(layout: OutputLayout, extra_files: Mapping[str, bytes]) -> Callable[[str], bool]:
+    """Which destination names of a killed writer's temporary files belong to this output."""
+    names = {layout.main.name, layout.index.name, *extra_files}
+    pattern = _own_shard_pattern(layout) if layout.kind == "safetensors" else None
+    return lambda name: name in names or (pattern is not None and pattern.match(name) is not None)
 
 
 def write_checkpoint(
@@ -147,59 +294,68 @@ def write_checkpoint(
     (file name -> bytes, e.g. a model directory's ``config.json``) go beside the weights.
     Every file is written under a temporary name and renamed only after all were
     written, the weights' commit point (index, or single file) last; on any error nothing
-    is left behind. An existing checkpoint raises
-    :class:`~fedsoup.errors.OutputExistsError` unless ``force``.
+    is left behind (not even the folders it created).
+
+    Raises:
+        OutputExistsError: a file of this output exists and ``force`` is off.
+        OutputError: the output cannot be written (permission, full disk, a folder or link
+            where a file goes), naming the file; checked before writing where possible.
     """
     layout = OutputLayout.of(output)
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     extra_files = dict(extra_files or {})
     folder = layout.main.parent
-    previous = layout.existing()
-    if not force and (previous or any((folder / name).exists() for name in extra_files)):
-        raise OutputExistsError(str(layout.target))
+    plan = _plan_output(layout, infos, max_shard_bytes, extra_files, force)
     on_tensor = on_tensor or (lambda key, info: None)
-    keys = list(infos)
-    stale_shards = layout.old_shards() if force else []
-    written: list[Path] = []
-    with contextlib.ExitStack() as stack:
-        # Entered first, renamed last: readers never see an index before its shards,
-        # nor a directory's weights before its config.
-        if layout.kind == "torch":
-            commit = stack.enter_context(atomic_path(layout.main))
-        else:
-            shards = plan_shards(infos, max_shard_bytes)
-            commit = stack.enter_context(atomic_path(layout.main if len(shards) == 1 else layout.index))
-        for name, data in extra_files.items():
-            stack.enter_context(atomic_path(folder / name)).write_bytes(data)
-            written.append(folder / name)
-        if layout.kind == "torch":
-            tensors = {}
-            for key in keys:
-                tensors[key] = _produced(key, infos[key], produce)
-                on_tensor(key, infos[key])
-            torch.save(tensors, commit)
-            written.append(layout.main)
-        elif len(shards) == 1:
-            _write_safetensors_stream(commit, infos, shards[0], produce, {"format": "pt", **metadata}, on_tensor)
-            written.append(layout.main)
-        else:
-            weight_map: dict[str, str] = {}
-            for number, shard_keys in enumerate(shards, start=1):
-                shard_path = layout.shard_path(number, len(shards))
-                tmp = stack.enter_context(atomic_path(shard_path))
-                _write_safetensors_stream(tmp, infos, shard_keys, produce, {"format": "pt"}, on_tensor)
-                weight_map.update({key: shard_path.name for key in shard_keys})
-                written.append(shard_path)
-            index = {
-                "metadata": {"total_size": sum(info.nbytes for info in infos.values()), **metadata},
-                "weight_map": weight_map,
-            }
-            commit.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-            written.append(layout.index)
+    created = _make_folder(folder)
+    remove_stale_temps(folder, _own_temp_names(layout, extra_files))
+    try:
+        with contextlib.ExitStack() as stack:
+            # Entered first, renamed last: readers never see an index before its shards,
+            # nor a directory's weights before its config.
+            commit = stack.enter_context(atomic_path(plan.files[-1]))
+            for name, data in extra_files.items():
+                tmp = stack.enter_context(atomic_path(folder / name))
+                with _sink(tmp, folder / name) as sink:
+                    sink.write(data)
+            if plan.shards is None:
+                tensors = {}
+                for key in infos:
+                    tensors[key] = _produced(key, infos[key], produce)
+                    on_tensor(key, infos[key])
+                with _sink(commit, layout.main) as sink:
+                    # A file object: torch.save on a path reports a full disk as "unexpected pos",
+                    # and names its zip archive after the (random) temporary file.
+                    try:
+                        torch.save(tensors, sink)
+                    except RuntimeError:
+                        if sink.error is not None:
+                            raise sink.error from None
+                        raise
+            elif len(plan.shards) == 1:
+                with _sink(commit, layout.main) as sink:
+                    _write_safetensors_stream(sink, infos, plan.shards[0], produce, {"format": "pt", **metadata},
+                                              on_tensor)
+            else:
+                weight_map: dict[str, str] = {}
+                for shard_path, shard_keys in zip(plan.files[len(extra_files):-1], plan.shards):
+                    tmp = stack.enter_context(atomic_path(shard_path))
+                    with _sink(tmp, shard_path) as sink:
+                        _write_safetensors_stream(sink, infos, shard_keys, produce, {"format": "pt"}, on_tensor)
+                    weight_map.update({key: shard_path.name for key in shard_keys})
+                index = {
+                    "metadata": {"total_size": sum(info.nbytes for info in infos.values()), **metadata},
+                    "weight_map": weight_map,
+                }
+                with _sink(commit, layout.index) as sink:
+                    sink.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
+    except BaseException:
+        for made in reversed(created):
+            with contextlib.suppress(OSError):
+                made.rmdir()  # only if empty: never a file of anyone's
+        raise
     # Only after the new checkpoint is complete: drop what is left of the old one.
-    keep = set(written)
-    for path in [*previous, *stale_shards]:
-        if path not in keep:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    return written
+    for path in plan.stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return list(plan.files)
