@@ -300,8 +300,7 @@ def test_unreadable_input_is_not_reported_missing(shared_dir):
     os.chmod(shared_dir / "in", 0o755)
     out = shared_dir / "out"
     out.mkdir(mode=0o777)
-    result = run_unprivileged("merge", *inputs, str(shared_dir / "in" / "missing.safetensors"), "-o",
-                              out / "m.safetensors", "-q")
+    result = run_unprivileged("merge", *inputs, "-o", out / "m.safetensors", "-q")
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert inputs[1] in line and "permission denied" in line.lower() and "no such file" not in line.lower()
