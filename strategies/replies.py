@@ -56,6 +56,7 @@ class UsableReply:
     weight: float
     score: float | None  # the ``order_by`` metric, if ordered
     arrays: dict[str, torch.Tensor] | None  # train replies only
+    metrics_counted: bool = True  # False: its MetricRecord keys differ from most replies'
 
 
 class _LeftOut(Exception):
@@ -111,8 +112,10 @@ class ReplyChecker:
         Train replies need one ArrayRecord with the structure of ``reference`` (the
         global model: anything with ``.shape``/``.dtype`` per key; ``None``: the
         structure most replies have). All replies need one MetricRecord with a
-        positive weight and the metric keys most replies have (where Flower's FedAvg
-        raises on inconsistent replies, the offenders are left out).
+        positive weight. Evaluate replies need the metric keys most replies have (where
+        Flower's FedAvg raises on inconsistent replies, the offenders are left out); a
+        train reply with other keys is merged (its model is judged against the global
+        model alone) but its metrics are not aggregated (``metrics_counted``).
         """
         labelled = [(_sort_key(msg, position, self.tie_break_key), msg) for position, msg in enumerate(replies)]
         labelled.sort(key=lambda item: item[0])
@@ -140,8 +143,9 @@ class ReplyChecker:
         usable: list[UsableReply] = []
         for label, msg in candidates:
             metrics = metrics_of[id(msg)]
+            keys_differ = frozenset(metrics.keys()) != majority_keys
             try:
-                if frozenset(metrics.keys()) != majority_keys:
+                if keys_differ and not train:
                     raise _LeftOut(
                         "MetricRecord keys differ from the other replies: "
                         + _key_diff(metrics.keys(), majority_keys, "metric")
@@ -156,7 +160,14 @@ class ReplyChecker:
             except _LeftOut as reason:
                 log(WARNING, "%s: left out reply from %s: %s", stage, label, reason)
                 continue
-            usable.append(UsableReply(label, self._without_tie_key(msg.content, metrics), weight, score, arrays))
+            if keys_differ:  # train: the model is judged against the global model, never other replies
+                log(
+                    WARNING,
+                    "%s: metrics of %s not aggregated (MetricRecord keys differ from most replies': %s); its model is used",
+                    stage, label, _key_diff(metrics.keys(), majority_keys, "metric"),
+                )
+            content = self._without_tie_key(msg.content, metrics)
+            usable.append(UsableReply(label, content, weight, score, arrays, metrics_counted=not keys_differ))
         return usable
 
     def _metrics(self, msg: Message) -> MetricRecord:

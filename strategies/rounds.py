@@ -132,7 +132,11 @@ def _raise_if_not_finite(model: Mapping[str, torch.Tensor]) -> None:
 
 
 def aggregate_metrics(aggregate: Callable, replies: list[UsableReply], weighted_by_key: str, stage: str) -> MetricRecord:
-    """The metrics aggregation function on the usable replies; a failure costs the metrics, not the round."""
+    """The metrics aggregation function on the usable replies whose metric keys agree with most
+    replies'; a failure costs the metrics, not the round."""
+    replies = [r for r in replies if r.metrics_counted]
+    if not replies:
+        return MetricRecord()
     try:
         metrics = aggregate([r.content for r in replies], weighted_by_key)
     except Exception as error:  # noqa: BLE001 - e.g. list metrics of different lengths

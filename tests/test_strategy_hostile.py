@@ -518,3 +518,26 @@ def test_the_aggregation_uses_the_idle_cores_and_restores_the_thread_counts(monk
 def test_busy_cores_reads_the_host_load():
     assert 0.0 <= threads.busy_cores() < 10_000
     assert threads.available_cores() >= 1
+
+
+def test_replies_with_other_metric_keys_cannot_exclude_an_honest_reply(caplog):
+    """Two replies with an extra metric key outnumber the honest one: its model still counts."""
+    strategy = FedSoup()
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid([3, HOSTILE, SECOND_HOSTILE])))
+    replies = []
+    for msg in instructions:
+        node = msg.metadata.dst_node_id
+        reply_content = content(honest_arrays(node, 1, initial_model()), 10 * node, {3: 0, HOSTILE: 1, SECOND_HOSTILE: 2}[node])
+        if node != 3:
+            reply_content["metrics"]["exfiltrate"] = 1.0
+        replies.append(reply(msg, reply_content))
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        got, metrics = strategy.aggregate_train(1, replies)
+    assert metrics[METRIC_CLIENTS_USED] == 3 and metrics[METRIC_CLIENTS_LEFT_OUT] == 0
+    assert "metrics of node 3 not aggregated" in caplog.text and "its model is used" in caplog.text
+    assert metrics["exfiltrate"] == 1.0  # the metrics are the majority's
+    model = initial_model()
+    weights = {n: 10 * n for n in (3, HOSTILE, SECOND_HOSTILE)}
+    expected = sum(w * honest_arrays(n, 1, model)["fc.bias"].astype(np.float64) for n, w in weights.items()) / sum(weights.values())
+    np.testing.assert_allclose(got["fc.bias"].numpy(), expected, rtol=1e-5)

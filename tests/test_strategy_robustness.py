@@ -125,7 +125,7 @@ BAD_REPLIES = {
     "list weight": (lambda: with_arrays(client_arrays(BAD_NODE), num_examples=[1, 2]), "not a single number"),
     "missing weight": (
         lambda: train_content(client_arrays(BAD_NODE), acc=0.6, other=1.0),
-        "MetricRecord keys differ from the other replies: missing metric 'num-examples'",
+        "no weight 'num-examples' in its MetricRecord",
     ),
     "two ArrayRecords": (
         lambda: RecordDict(
