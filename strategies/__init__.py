@@ -3,7 +3,8 @@
 Module map: ``fedsoup_strategy`` (the Flower Strategy API), ``client_soup`` (the
 per-round ``fedsoup.merge``), ``server_stew`` (the server optimizer kept across
 rounds), ``rounds`` (one round with its fallbacks), ``threads`` (the aggregation's
-thread count), ``replies`` (reply checking, visiting order, zero-copy Array reading),
+thread count), ``replies`` (reply checking, visiting order), ``arrays`` (a reply's arrays, checked
+and read zero-copy),
 ``resume`` (continuing a run in Flower's loop),
 ``state`` (state dict and checkpoints), ``inprocess`` (a Grid that runs ClientApps
 in this process, for tests, notebooks and quick comparisons).

@@ -32,7 +32,8 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedsoup.errors import OptionError, StateError
 from strategies.client_soup import ClientSoup
-from strategies.replies import ReplyChecker, log_received, to_array_record, to_tensor_dict
+from strategies.arrays import to_array_record, to_tensor_dict
+from strategies.replies import ReplyChecker, log_received
 from strategies.resume import RoundLogLines, array_shapes, shift_result, shift_rounds
 from strategies.rounds import (
     METRIC_AME_SOUP_DISTANCE,

@@ -1,9 +1,10 @@
-"""Reply checking for FedSoup, and the zero-copy reading of Flower ``Array`` bytes.
+"""Reply checking for FedSoup: envelope, one reply per node, weights, metrics, visiting order.
 
 Every reply a round receives is either *usable* (a :class:`UsableReply`: its weight,
 its ``order_by`` score, its tie-break value and, for training, its arrays as tensors)
 or *left out* with one WARNING naming the node and the reason (docs/design.md §3,
-"Robustness"). Nothing here raises on a client's bad reply.
+"Robustness"); the arrays are read and checked by :mod:`strategies.arrays`. Nothing here
+raises on a client's bad reply.
 
 The visiting order of usable replies is: by the tie-break value the client reports
 (``tie_break_key``, e.g. ``partition-id``), then by node id. ``fedsoup.merge`` then
@@ -14,9 +15,7 @@ tests) keep their given position among equals.
 
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,23 +26,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.common.constant import SType
 
-from fedsoup.errors import MergeInputError
-from fedsoup.inputs import find_non_finite
-from fedsoup.io.npy import npy_view, read_npy_header
-from fedsoup.structure import check_structure
-
-# Enough bytes for any header numpy writes for a plain array (it pads to 64 bytes).
-_HEADER_PEEK = 4096
+from strategies.arrays import ArrayProblem, read_arrays
 
 __all__ = [
     "UsableReply",
     "ReplyChecker",
     "log_received",
-    "read_arrays",
-    "to_tensor_dict",
-    "to_array_record",
 ]
 
 
@@ -157,7 +146,7 @@ class ReplyChecker:
                 if train:
                     score = _number(metrics, self.order_by, "order_by metric") if self.order_by else None
                     arrays = read_arrays(_only_array_record(msg.content), reference, reference_name)
-            except _LeftOut as reason:
+            except (_LeftOut, ArrayProblem) as reason:
                 log(WARNING, "%s: left out reply from %s: %s", stage, label, reason)
                 continue
             if keys_differ:  # train: the model is judged against the global model, never other replies
@@ -269,132 +258,3 @@ def _key_diff(keys: Iterable[str], expected: Iterable[str], what: str) -> str:
     if extra:
         parts.append(f"unexpected {what} {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
     return ", ".join(parts)
-
-
-# ----------------------------------------------------------------------
-# Zero-copy Array reading: what a reply's arrays *are*, not what their metadata says
-# ----------------------------------------------------------------------
-
-
-def read_arrays(
-    record: ArrayRecord, reference: Mapping[str, Any] | None, reference_name: str = "the global model"
-) -> dict[str, torch.Tensor]:
-    """A reply's arrays as tensors viewing the message bytes, each checked against ``reference``.
-
-    1. Structure, on the metadata, before any data is read: the keys and shapes of
-       ``reference`` (``fedsoup.structure``, the check ``fedsoup.merge`` uses) and the
-       same dtype *kind* (float, int, unsigned, bool, complex) per array.
-    2. Each array's bytes: its ``.npy`` header must equal its metadata (dtype, shape,
-       C or Fortran order aside) and the byte length must be exactly header + data.
-    3. Values: floating arrays must be finite *in the reference's dtype* (a float64
-       1e300 sent for a float32 array is not).
-
-    ``reference`` is the global model (or, without one, the structure most replies have);
-    no reply is ever judged against another reply.
-    """
-    if reference is not None:
-        try:
-            check_structure(reference, dict(record.items()), reference_name=reference_name)
-        except MergeInputError as error:
-            raise _LeftOut(f"array {error.key!r} {error.reason}") from None
-        for key, array in record.items():
-            got, expected = _kind(array.dtype), _kind(reference[key].dtype)
-            if got != expected:
-                raise _LeftOut(
-                    f"array {key!r} is {_KIND_NAMES.get(got, got)} ({array.dtype}), "
-                    f"but {reference_name} has {_KIND_NAMES.get(expected, expected)} ({_dtype_name(reference[key].dtype)})"
-                )
-    tensors = {}
-    for key, array in record.items():
-        tensors[key] = _to_tensor(_checked_view(key, array))
-        if reference is not None and tensors[key].is_floating_point():
-            target = _torch_dtype(reference[key].dtype)
-            value = tensors[key] if tensors[key].dtype == target else tensors[key].to(target)
-            if find_non_finite({key: value}) is not None:
-                where = "" if value is tensors[key] else f" in {_dtype_name(target)}"
-                raise _LeftOut(f"array {key!r} contains NaN or Inf{where}")
-    return tensors
-
-
-def _checked_view(key: str, array: Array) -> np.ndarray:
-    """A read-only view of ``array``'s bytes after checking that its header agrees with its metadata."""
-    if array.stype != SType.NUMPY:
-        raise _LeftOut(f"array {key!r} has serialisation type {array.stype!r}, not {SType.NUMPY!r}")
-    data = memoryview(array.data)
-    head = io.BytesIO(bytes(data[:_HEADER_PEEK]))
-    try:
-        shape, fortran_order, dtype = read_npy_header(head)
-        declared = np.dtype(array.dtype)
-    except Exception as error:  # noqa: BLE001 - any decoding failure means a bad reply
-        raise _LeftOut(f"array {key!r} cannot be read ({error})") from None
-    if dtype != declared:
-        raise _LeftOut(f"array {key!r} holds {dtype.name} data, but its metadata says {declared.name}")
-    if shape != tuple(int(n) for n in array.shape):
-        raise _LeftOut(f"array {key!r} holds shape {shape}, but its metadata says {tuple(array.shape)}")
-    expected_bytes = head.tell() + dtype.itemsize * math.prod(shape)
-    if data.nbytes != expected_bytes:
-        raise _LeftOut(f"array {key!r} cannot be read (it has {data.nbytes} bytes, its header needs {expected_bytes})")
-    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=head.tell())
-    return flat.reshape(shape, order="F" if fortran_order else "C")
-
-
-_KIND_NAMES = {"f": "floating", "i": "signed integer", "u": "unsigned integer", "b": "bool", "c": "complex"}
-
-
-def _kind(dtype: Any) -> str:
-    """NumPy's dtype kind letter for a torch or NumPy dtype (or dtype string); ``"?"`` if unknown."""
-    if isinstance(dtype, torch.dtype):
-        if dtype.is_floating_point:
-            return "f"
-        if dtype.is_complex:
-            return "c"
-        if dtype == torch.bool:
-            return "b"
-        return "i" if dtype.is_signed else "u"
-    try:
-        return np.dtype(dtype).kind
-    except TypeError:
-        return "?"
-
-
-def _torch_dtype(dtype: Any) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else np.dtype(dtype).name
-
-
-def to_tensor_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord the strategy sends (no checks) as tensors viewing its bytes."""
-    return {key: _to_tensor(_array_view(array)) for key, array in record.items()}
-
-
-def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Tensors as a Flower ArrayRecord (on the CPU, dtypes kept)."""
-    return ArrayRecord({key: Array(t.detach().cpu().numpy()) for key, t in tensors.items()})
-
-
-def _array_view(array: Array) -> np.ndarray:
-    """A read-only NumPy view of a Flower ``Array``'s bytes (``Array.numpy()`` copies them).
-
-    Flower serialises arrays with ``np.save`` (no pickle); anything ``fedsoup.io.npy``
-    does not read (another serialisation type, an unknown header) goes through
-    Flower's own ``Array.numpy()``.
-    """
-    if array.stype == SType.NUMPY:
-        try:
-            return npy_view(array.data)
-        except ValueError:
-            pass
-    return array.numpy()
-
-
-def _to_tensor(array: np.ndarray) -> torch.Tensor:
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    with warnings.catch_warnings():
-        # Read-only views of a message's bytes: torch warns that it cannot mark the
-        # tensor read-only. Nothing here writes to its inputs (fedsoup.merge is pure).
-        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
-        return torch.from_numpy(array)
