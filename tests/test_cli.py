@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -418,31 +417,6 @@ def test_metrics_rows_by_position_without_a_name_column(tmp_path, capsys):
     assert code == 0, err
     expected = library_merge(inputs, order_by=[0.3, 0.6], pivot="first", optimizer="adam", lr=0.2)
     assert_same(load_file(tmp_path / "o.safetensors"), expected)
-
-
-@pytest.mark.slow
-def test_sigterm_mid_merge_leaves_nothing_behind(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    inputs = []
-    for i in range(3):
-        path = tmp_path / f"c{i}.safetensors"
-        save_file({f"t{k}": torch.randn(256, 256, generator=g) for k in range(40)}, path)
-        inputs.append(str(path))
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fedsoup", "merge", *inputs, "-o", str(out), "--low-memory", "--shard-size", "1MB",
-         "--optimizer", "adam", "--epochs", "20", "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out.is_dir() and any(out.iterdir())):
-        time.sleep(0.05)
-    assert process.poll() is None, process.communicate()
-    process.terminate()
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 143 and "terminated" in err
-    assert not out.exists()  # not even the folder it created
 
 
 @pytest.mark.parametrize("line, message", [

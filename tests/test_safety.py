@@ -169,16 +169,33 @@ def _file_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_merge_next_run_removes_the_temp_file_and_writes_the_same_output(tmp_path):
+def slow_merge(tmp_path: Path) -> list[str]:
+    """A merge that takes seconds: 3 inputs of 10 MB, Adam for 20 epochs, 1 MB shards."""
     g = torch.Generator().manual_seed(0)
     inputs = []
     for i in range(3):
         path = tmp_path / f"c{i}.safetensors"
         save_file({f"t{k}": torch.randn(256, 256, generator=g) for k in range(40)}, path)
         inputs.append(str(path))
-    command = [sys.executable, "-m", "fedsoup", "merge", *inputs, "--low-memory", "--shard-size", "1MB",
-               "--optimizer", "adam", "--epochs", "20", "-q", "-o"]
+    return [sys.executable, "-m", "fedsoup", "merge", *inputs, "--low-memory", "--shard-size", "1MB",
+            "--optimizer", "adam", "--epochs", "20", "-q", "-o"]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_merge_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([*slow_merge(tmp_path), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=ENV)
+    _wait_for(lambda: out.is_dir() and any(out.iterdir()), process)
+    process.terminate()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "terminated" in err
+    assert not out.exists()  # not even the folder it created
+
+
+@pytest.mark.slow
+def test_sigkill_mid_merge_next_run_removes_the_temp_file_and_writes_the_same_output(tmp_path):
+    command = slow_merge(tmp_path)
     reference = tmp_path / "reference"
     done = subprocess.run([*command, str(reference)], capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr
