@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fedsoup  # noqa: E402
 from bench_merge import in_place_soup, interleaved_medians, make_models  # noqa: E402
 from fedsoup import defaults, fused  # noqa: E402
-from fedsoup.problem import Problem  # noqa: E402
+from fedsoup.ball import measure_spreads  # noqa: E402
+from fedsoup.options import MergeOptions  # noqa: E402
+from fedsoup.plan import make_plan  # noqa: E402
 
 
 def main() -> None:
@@ -32,15 +34,15 @@ def main() -> None:
     args = parser.parse_args()
     models = make_models(16)
     params = sum(v.numel() for v in models[0].values())
-    problem = Problem(models, [1 / 16] * 16, list(range(16)), None, torch.optim.Adam, {})
-    spreads = defaults.measure_spreads(problem)
+    problem = make_plan(models, MergeOptions(optimizer="adam"))
+    spreads = measure_spreads(problem)
     merged = fedsoup.merge(models, optimizer="adam")
-    bare = Problem(models, [1 / 16] * 16, list(range(16)), None, torch.optim.Adam, {}, lr=1e-5)
-    spec = fused.kernel_spec(torch.optim.Adam, {})
+    bare = make_plan(models, MergeOptions(optimizer="adam", lr=1e-5), path="fused")
+    spec = bare.kernel
     cases = {
         "in-place soup": lambda: in_place_soup(models),
         "fused Adam kernel alone (no checks, no defaults)": lambda: fused.merge_fused(bare, spec)[0],
-        "measure_spreads (soup + ‖x_i − s‖²)": lambda: defaults.measure_spreads(problem),
+        "measure_spreads (soup + ‖x_i − s‖²)": lambda: measure_spreads(problem),
         "ball check (‖w − s‖)": lambda: spreads.ball(merged),
         "AME-Adam, 1 epoch, explicit lr": lambda: fedsoup.merge(models, optimizer="adam", lr=1e-5),
         "AME-Adam, 1 epoch, lr=None": lambda: fedsoup.merge(models, optimizer="adam"),

@@ -4,8 +4,10 @@
 ``w - x_i`` of a set of models (paper: "On Defining Neural Averaging", Algorithm 1);
 with the defaults it returns the plain weighted soup ``fedsoup.soup``.
 ``fedsoup.merge_files`` does the same on checkpoint files (``fedsoup merge`` on the
-command line). Options are one validated type (``fedsoup.MergeOptions``); errors are
-typed and carry their culprit as attributes (``fedsoup.MergeInputError``).
+command line). A merge goes options → plan → kernels → report: options are one type,
+validated once (``fedsoup.MergeOptions``); ``merge(..., report=True)`` also returns what
+the merge did (``fedsoup.MergeReport``); errors are typed and carry their culprit as
+attributes (``fedsoup.MergeInputError``).
 """
 
 from fedsoup.ame import merge, soup
@@ -32,6 +34,7 @@ from fedsoup.optim import (  # noqa: F401 - is_plain_sgd, make_optimizer: intern
     resolve_optimizer,
 )
 from fedsoup.options import MergeOptions, OptimizerOptions
+from fedsoup.report import MergeReport
 from fedsoup.schedules import make_schedule  # noqa: F401 - internal helper
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "inspect_files",
     "MergeOptions",
     "OptimizerOptions",
+    "MergeReport",
     "MergeInputError",
     "OptionError",
     "UnknownOptionError",

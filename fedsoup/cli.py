@@ -109,8 +109,8 @@ def run_merge(args: argparse.Namespace) -> int:
     print(
         f"{PROG}: merged {len(report.inputs)} inputs into {report.output}: {report.tensors} tensors, "
         f"{report.parameters:,} parameters, {report.seconds:.1f} s "
-        f"({'low-memory' if report.low_memory else 'in-memory'}, {report.optimizer}, "
-        f"{report.epochs} epoch{'s' if report.epochs != 1 else ''})"
+        f"({'low-memory' if report.low_memory else 'in-memory'}, {report.epochs} epoch{'s' if report.epochs != 1 else ''}; "
+        f"{report.describe()})"
     )
     return 0
 

@@ -19,7 +19,7 @@ import torch
 
 from fedsoup.inputs import StateDict
 from fedsoup.optim import make_optimizer
-from fedsoup.problem import Problem
+from fedsoup.plan import MergePlan
 from fedsoup.schedules import plan_steps
 
 __all__ = ["merge_flat", "STACK_MAX_NUMEL"]
@@ -57,17 +57,17 @@ class _Group:
         return torch.cat([state_dict[k].reshape(-1).to(self.device, self.dtype) for k in self.keys])
 
 
-def _make_groups(problem: Problem) -> list[_Group]:
+def _make_groups(plan: MergePlan) -> list[_Group]:
     by_group: dict[tuple[torch.dtype, float], list[str]] = {}
-    for key in problem.float_keys:
-        by_group.setdefault((problem.compute_dtype(key), problem.base_lr(key)), []).append(key)
+    for key in plan.float_keys:
+        by_group.setdefault((plan.compute_dtype(key), plan.base_lr(key)), []).append(key)
     groups = []
     for (dtype, base_lr), keys in by_group.items():
-        shapes = [problem.first[k].shape for k in keys]
+        shapes = [plan.first[k].shape for k in keys]
         offsets = [0]
         for shape in shapes:
             offsets.append(offsets[-1] + math.prod(shape))
-        groups.append(_Group(dtype, base_lr, keys, shapes, offsets, problem.device))
+        groups.append(_Group(dtype, base_lr, keys, shapes, offsets, plan.device))
     return groups
 
 
@@ -142,31 +142,31 @@ class _Ingredients:
             torch._foreach_add_(out_views, tensors, alpha=weight)
 
 
-def merge_flat(problem: Problem, stacked: bool) -> StateDict:
+def merge_flat(plan: MergePlan, stacked: bool) -> StateDict:
     """AME on flat buffers (``stacked=False``) or stacked ingredients (``True``).
 
     For element-wise optimizers without greedy or projection (the reference path does those).
     """
-    groups = _make_groups(problem)
+    groups = _make_groups(plan)
     if not groups:
-        return problem.result({})
-    sources = [_Ingredients(problem.state_dicts, group, stacked) for group in groups]
+        return plan.result({})
+    sources = [_Ingredients(plan.state_dicts, group, stacked) for group in groups]
     weights = [torch.empty(g.numel, dtype=g.dtype, device=g.device) for g in groups]
     for w, source in zip(weights, sources):
-        if problem.pivot is None:
-            source.soup_into(w, problem.omega)
+        if plan.pivot is None:
+            source.soup_into(w, plan.omega)
         else:
-            w.copy_(source.group.flatten(problem.pivot))
-    pivots = weights if problem.adaptive_pivot else [w.clone() for w in weights]
+            w.copy_(source.group.flatten(plan.pivot))
+    pivots = weights if plan.options.adaptive_pivot else [w.clone() for w in weights]
     grads = [torch.empty_like(w) for w in weights]  # written before every step
     for w, grad in zip(weights, grads):
         w.grad = grad
     param_groups = [{"params": [w], "base_lr": g.base_lr} for w, g in zip(weights, groups)]
-    optimizer = make_optimizer(problem.optimizer, param_groups, 1.0, **problem.optimizer_kwargs)
+    optimizer = make_optimizer(plan.optimizer, param_groups, 1.0, **plan.options.optimizer_kwargs)
 
-    omega = problem.omega
-    steps = plan_steps(problem.order, omega, problem.epochs, problem.batch_size, problem.shuffle, problem.seed)
-    batches_per_epoch = len(steps) // problem.epochs
+    omega = plan.omega
+    steps = plan_steps(plan.order, omega, plan.options.epochs, plan.options.batch_size, plan.options.shuffle, plan.seed)
+    batches_per_epoch = len(steps) // plan.options.epochs
     step_list = list(steps)
     with torch.no_grad():
         for epoch_start in range(0, len(step_list), batches_per_epoch):
@@ -177,14 +177,14 @@ def merge_flat(problem: Problem, stacked: bool) -> StateDict:
             means = [source.epoch_means([step[1] for step in epoch], coefficients) for source in sources]
             for index, (k, batch, batch_weight, visited) in enumerate(epoch):
                 for group in optimizer.param_groups:
-                    group["lr"] = problem.step_size(group["base_lr"], k, visited)
-                scale = problem.zeta(k) * batch_weight
+                    group["lr"] = plan.step_size(group["base_lr"], k, visited)
+                scale = plan.zeta(k) * batch_weight
                 for source, pivot, grad, epoch_means in zip(sources, pivots, grads, means):
                     mean = None if epoch_means is None else epoch_means[index]
                     source.write_pseudogradient(pivot, grad, batch, coefficients[index], scale, mean)
                 optimizer.step()
     for w in weights:
         w.grad = None
-    return problem.result({
+    return plan.result({
         key: view for group, w in zip(groups, weights) for key, view in zip(group.keys, group.views(w))
     })

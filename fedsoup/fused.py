@@ -17,19 +17,18 @@ first merge on a machine compiles each compute dtype once (measured by
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedsoup.errors import OptionError
 from fedsoup.inputs import StateDict, compute_dtype
 from fedsoup.optim import FedAdagrad, FedAdam, FedYogi
-from fedsoup.problem import Problem
+from fedsoup.plan import MergePlan
 from fedsoup.schedules import StepPlan, plan_steps
 
 __all__ = ["KernelSpec", "kernel_spec", "merge_fused", "soup_and_distances", "CHUNK",
@@ -62,38 +61,16 @@ def available() -> bool:
     return True
 
 
-def kernel_spec(optimizer: type[torch.optim.Optimizer], kwargs: dict) -> KernelSpec | None:
-    """How the kernel runs ``optimizer(**kwargs)``, or ``None`` if it does not know it.
+def kernel_spec(optimizer: type[torch.optim.Optimizer], settings: Mapping[str, Any]) -> KernelSpec | None:
+    """How the kernel runs ``optimizer`` with ``settings``, or ``None`` if it does not know it.
 
-    The constructor's signature fills what ``kwargs`` leaves out, and its value checks
-    are repeated here (building a first ``torch.optim`` optimizer costs a second of
-    imports, which a CLI merge or a server round should not pay for nothing).
+    ``settings`` are every constructor argument, resolved and value-checked once by
+    :class:`~fedsoup.options.MergeOptions` (``options.optimizer_settings``): trusted here.
     """
     builder = _SPECS.get(optimizer)
-    if builder is None:
+    if builder is None or settings.get("capturable") or settings.get("differentiable"):
         return None
-    try:
-        bound = inspect.signature(optimizer.__init__).bind(None, None, **kwargs)
-    except TypeError as error:
-        raise OptionError("optimizer_kwargs", kwargs, f"cannot build optimizer {optimizer.__name__} with {kwargs}: {error}") from None
-    bound.apply_defaults()
-    options = dict(bound.arguments)
-    if options.get("capturable") or options.get("differentiable"):
-        return None
-    _check_values(optimizer, options, kwargs)
-    return builder(options)
-
-
-def _check_values(optimizer: type, options: dict, kwargs: dict) -> None:
-    """The value checks of the ``torch.optim`` constructors (and fedsoup.optim's)."""
-    problems = [f"invalid {name}: {options[name]}" for name in
-                ("eps", "weight_decay", "momentum", "lr_decay", "initial_accumulator_value", "alpha")
-                if name in options and not options[name] >= 0]
-    problems += [f"invalid beta: {beta}" for beta in options.get("betas", ()) if not 0.0 <= beta < 1.0]
-    if options.get("nesterov") and (options["momentum"] <= 0 or options["dampening"] != 0):
-        problems.append("Nesterov momentum requires a momentum and zero dampening")
-    if problems:
-        raise OptionError("optimizer_kwargs", kwargs, f"cannot build optimizer {optimizer.__name__} with {kwargs}: {'; '.join(problems)}")
+    return builder(settings)
 
 
 def _flag(value) -> float:
@@ -162,7 +139,7 @@ _SPECS = {
 }
 
 
-def merge_fused(problem: Problem, spec: KernelSpec, guard_members: list[int] | None = None
+def merge_fused(plan: MergePlan, spec: KernelSpec, guard_members: list[int] | None = None
                 ) -> tuple[StateDict, dict[str, np.ndarray]]:
     """AME on CPU by the chunk-major kernel; the same update as :mod:`fedsoup.reference`.
 
@@ -174,38 +151,38 @@ def merge_fused(problem: Problem, spec: KernelSpec, guard_members: list[int] | N
     from fedsoup import kernels  # numba compiles (or loads its cache) on first use
 
     by_dtype: dict[torch.dtype, list[str]] = {}
-    for key in problem.float_keys:
-        by_dtype.setdefault(problem.compute_dtype(key), []).append(key)
-    plan = _plan(problem)
+    for key in plan.float_keys:
+        by_dtype.setdefault(plan.compute_dtype(key), []).append(key)
+    table = _step_table(plan)
     merged: StateDict = {}
     distances: dict[str, np.ndarray] = {}
     for dtype, keys in by_dtype.items():
-        part, part_distances = _run(kernels, problem, spec, plan, dtype, keys, guard_members)
+        part, part_distances = _run(kernels, plan, spec, table, dtype, keys, guard_members)
         merged.update(part)
         distances.update(part_distances)
-    return problem.result(merged), distances
+    return plan.result(merged), distances
 
 
 @dataclass
-class _Plan:
+class _StepTable:
     steps: StepPlan
     coefficients: np.ndarray  # float64, ω_j / Ω_B of every member
     scales: np.ndarray  # float64 [S], ζ_k Ω_B
 
 
-def _plan(problem: Problem) -> _Plan:
-    steps = plan_steps(problem.order, problem.omega, problem.epochs, problem.batch_size, problem.shuffle,
-                       problem.seed)
+def _step_table(plan: MergePlan) -> _StepTable:
+    steps = plan_steps(plan.order, plan.omega, plan.options.epochs, plan.options.batch_size, plan.options.shuffle,
+                       plan.seed)
     member_batch_weights = np.repeat(steps.batch_weights, np.diff(steps.starts))
     # A zero-weight batch gives g = 0 but is still a step (momentum keeps moving).
     positive = member_batch_weights > 0
-    member_weights = np.asarray(problem.omega)[steps.members]
+    member_weights = np.asarray(plan.omega)[steps.members]
     coefficients = np.where(positive, member_weights / np.where(positive, member_batch_weights, 1.0), 0.0)
-    if callable(problem.amplification):
-        zetas = np.array([problem.zeta(k) for k in range(1, len(steps) + 1)])
+    if callable(plan.options.amplification):
+        zetas = np.array([plan.zeta(k) for k in range(1, len(steps) + 1)])
     else:
-        zetas = np.full(len(steps), float(problem.amplification))
-    return _Plan(steps, coefficients, zetas * steps.batch_weights)
+        zetas = np.full(len(steps), float(plan.options.amplification))
+    return _StepTable(steps, coefficients, zetas * steps.batch_weights)
 
 
 @dataclass
@@ -299,18 +276,18 @@ def _layout(state_dicts: list[StateDict], keys: list[str], dtype: torch.dtype) -
     )
 
 
-def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.dtype, keys: list[str],
+def _run(kernels, plan: MergePlan, spec: KernelSpec, table: _StepTable, dtype: torch.dtype, keys: list[str],
          guard_members: list[int] | None):
-    layout = _layout(problem.state_dicts, keys, dtype)
+    layout = _layout(plan.state_dicts, keys, dtype)
     np_dtype = layout.np_dtype
-    pivots = [] if problem.pivot is None else [problem.pivot[key].to("cpu", dtype).contiguous() for key in keys]
+    pivots = [] if plan.pivot is None else [plan.pivot[key].to("cpu", dtype).contiguous() for key in keys]
     pivot_addresses = np.array(_addresses(pivots) if pivots else [0] * len(keys), np.int64)
 
-    base_lrs = sorted({problem.base_lr(key) for key in keys})
-    key_lr_groups = np.array([base_lrs.index(problem.base_lr(key)) for key in keys], np.int64)
-    steps = np.arange(1, len(plan.steps) + 1, dtype=np.float64)
+    base_lrs = sorted({plan.base_lr(key) for key in keys})
+    key_lr_groups = np.array([base_lrs.index(plan.base_lr(key)) for key in keys], np.int64)
+    steps = np.arange(1, len(table.steps) + 1, dtype=np.float64)
     step_scalars = np.stack([  # [group, step, scalar]
-        np.stack(np.broadcast_arrays(*spec.scalars(steps, problem.step_sizes(base_lr, plan.steps.visited))), axis=1)
+        np.stack(np.broadcast_arrays(*spec.scalars(steps, plan.step_sizes(base_lr, table.steps.visited))), axis=1)
         for base_lr in base_lrs
     ])
 
@@ -319,9 +296,9 @@ def _run(kernels, problem: Problem, spec: KernelSpec, plan: _Plan, dtype: torch.
     guard = np.zeros((0 if guard_members is None else layout.chunk_keys.size, members.size + 2))
     arguments = (
         out.numpy(), layout.offsets[:-1], layout.numels, layout.chunk_keys, layout.chunk_starts, layout.chunk_stops,
-        layout.addresses, layout.kinds, _HALF_SCALES, _BITS_LIKE, pivot_addresses, np.array(problem.omega, np_dtype),
-        bool(problem.adaptive_pivot),
-        plan.steps.starts, plan.steps.members, plan.coefficients.astype(np_dtype), plan.scales.astype(np_dtype),
+        layout.addresses, layout.kinds, _HALF_SCALES, _BITS_LIKE, pivot_addresses, np.array(plan.omega, np_dtype),
+        bool(plan.options.adaptive_pivot),
+        table.steps.starts, table.steps.members, table.coefficients.astype(np_dtype), table.scales.astype(np_dtype),
         key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
         step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator), np_dtype(1.0),
         members, guard,
@@ -339,7 +316,7 @@ def soup_and_distances(state_dicts: list[StateDict], omega: list[float]) -> tupl
 
     Keys are computed in float32 (float64 if an input is) and returned in that dtype;
     the result does not depend on the thread count. Needs numba (:func:`available`);
-    :func:`fedsoup.defaults.measure_spreads` has the torch equivalent.
+    :func:`fedsoup.ball.measure_spreads` has the torch equivalent.
     """
     from fedsoup import kernels
 

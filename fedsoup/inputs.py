@@ -11,6 +11,7 @@ bad option values :class:`~fedsoup.errors.OptionError`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -92,10 +93,22 @@ def check_structures(state_dicts: list[StateDict]) -> None:
             )
 
 
+def per_ingredient(name: str, value) -> list[float] | None:
+    """``None``, or one number per ingredient (a sequence, array or tensor), as floats."""
+    if value is None:
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence) or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in value):
+        raise OptionError(name, value, f"{name} must be a list of numbers (one per ingredient), got {value!r}")
+    return [float(v) for v in value]
+
+
 def normalised_weights(weights, n: int) -> list[float]:
     if weights is None:
         return [1.0 / n] * n
-    values = [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]
+    values = per_ingredient("weights", weights)
     if len(values) != n:
         raise OptionError("weights", weights, f"weights has {len(values)} entries for {n} ingredients")
     for index, value in enumerate(values):
@@ -110,7 +123,7 @@ def normalised_weights(weights, n: int) -> list[float]:
 def visiting_order(n: int, order_by, descending: bool) -> list[int]:
     if order_by is None:
         return list(range(n))
-    scores = [float(s) for s in (order_by.tolist() if hasattr(order_by, "tolist") else order_by)]
+    scores = per_ingredient("order_by", order_by)
     if len(scores) != n:
         raise OptionError("order_by", order_by, f"order_by has {len(scores)} scores for {n} ingredients")
     for index, score in enumerate(scores):

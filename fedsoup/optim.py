@@ -41,9 +41,9 @@ class _FlowerServerOptimizer(Optimizer):
     """Shared machinery: per-parameter state, a foreach path and a plain loop."""
 
     def __init__(self, params, defaults: dict, foreach: bool | None) -> None:
-        if defaults["lr"] < 0:
+        if not 0.0 <= defaults["lr"]:
             raise ValueError(f"invalid learning rate: {defaults['lr']}")
-        if defaults["eps"] < 0:
+        if not 0.0 <= defaults["eps"]:
             raise ValueError(f"invalid eps (Flower's tau): {defaults['eps']}")
         for beta in defaults.get("betas", ()):
             if not 0.0 <= beta < 1.0:

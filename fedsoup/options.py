@@ -11,7 +11,17 @@ fails before any tensor is read:
   valid name (``unknown option 'shufle'; did you mean 'shuffle'?``); an optimizer
   argument is checked against the chosen optimizer's constructor signature
   (``'beta'`` -> ``'betas'`` for Adam);
-- a bad value raises :class:`~fedsoup.errors.OptionError` naming the option.
+- a bad value raises :class:`~fedsoup.errors.OptionError` naming the option; an
+  optimizer's arguments are checked by :data:`OPTIMIZER_CHECKS`, one table of the
+  ``torch.optim`` constructors' own value checks (a test proves they agree for every
+  optimizer of :data:`fedsoup.OPTIMIZERS`), without building an optimizer (the first
+  ``torch.optim`` construction in a process costs about a second of imports); an
+  optimizer class of the caller's own is built once, on an empty tensor, instead.
+
+Options say *how* to merge. *What* is merged in one call (the models, their ``weights``,
+the ``order_by`` scores, a pivot state dict, a per-call ``seed``) are arguments of
+:func:`fedsoup.merge` itself (:data:`CALL_INPUTS`), checked cheaply on every call.
+Validation happens once, here: ``fedsoup.merge(models, options)`` trusts ``options``.
 """
 
 from __future__ import annotations
@@ -32,10 +42,86 @@ from fedsoup.errors import OptionError, UnknownOptionError, closest_name
 from fedsoup.optim import OPTIMIZERS
 from fedsoup.schedules import SCHEDULES
 
-__all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "resolve_optimizer_option"]
+__all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "resolve_optimizer_option", "CALL_INPUTS",
+           "OPTIMIZER_CHECKS", "check_optimizer_values"]
 
 # Constructor parameters that the merge itself sets (never user options).
 _SET_BY_MERGE = frozenset({"self", "params", "lr"})
+
+# What one ``fedsoup.merge`` call merges (its arguments, not options); ``pivot`` is one as a
+# state dict (as "soup", "first" or an index it is the option), ``seed`` overrides the option.
+CALL_INPUTS = ("weights", "order_by", "pivot", "seed")
+_NOT_OPTIONS = {
+    "weights": "weights are an input of the call: fedsoup.merge(models, options, weights=...)",
+    "order_by": "order_by scores are an input of the call: fedsoup.merge(models, options, order_by=...)",
+}
+
+
+def _at_least_zero(value: Any) -> bool:
+    return 0.0 <= value
+
+
+# The value checks of the torch.optim constructors (and fedsoup.optim's Flower optimizers), by
+# argument name, with the optimizers that check it (None: every one that takes it): one table
+# instead of a throw-away optimizer (tests/test_pipeline.py proves it agrees with every
+# constructor of fedsoup.OPTIMIZERS on valid and invalid values). One deliberate difference:
+# NaN is refused everywhere, where SGD's ``momentum < 0`` lets it through.
+OPTIMIZER_CHECKS: dict[str, tuple[Callable[[Any], bool], str, tuple[type, ...] | None]] = {
+    "eps": (_at_least_zero, ">= 0", None),
+    "weight_decay": (_at_least_zero, ">= 0", None),
+    "momentum": (_at_least_zero, ">= 0", None),
+    "lr_decay": (_at_least_zero, ">= 0", None),
+    "initial_accumulator_value": (_at_least_zero, ">= 0", None),
+    "alpha": (_at_least_zero, ">= 0", (torch.optim.RMSprop,)),  # (ASGD's alpha is an exponent)
+    "momentum_decay": (_at_least_zero, ">= 0", None),
+    "rho": (lambda rho: 0.0 <= rho <= 1.0, "in [0, 1]", None),
+    "betas": (lambda betas: len(betas) >= 2 and all(0.0 <= beta < 1.0 for beta in betas[:2]), "two numbers in [0, 1)",
+              None),
+    "etas": (lambda etas: 0.0 < etas[0] < 1.0 < etas[1], "(eta_minus, eta_plus) with 0 < eta_minus < 1 < eta_plus",
+             None),
+}
+
+
+def check_optimizer_values(cls: type, settings: Mapping[str, Any]) -> None:
+    """:data:`OPTIMIZER_CHECKS` and the constructors' joint rules on ``settings`` (defaults
+    filled in); :class:`OptionError` naming the argument."""
+    for name, value in settings.items():
+        check = OPTIMIZER_CHECKS.get(name)
+        if check is None or (check[2] is not None and not issubclass(cls, check[2])):
+            continue
+        try:
+            valid = check[0](value)
+        except (TypeError, IndexError, ValueError):
+            valid = False
+        if not valid:
+            raise OptionError(name, value, f"invalid {name} for {cls.__name__}: {value!r} (must be {check[1]})")
+    if settings.get("nesterov") and not (settings.get("momentum", 0) > 0 and settings.get("dampening", 0) == 0):
+        raise OptionError("nesterov", True, "Nesterov momentum requires a momentum and zero dampening")
+    if settings.get("fused") and settings.get("foreach"):
+        raise OptionError("fused", True, "`fused` and `foreach` cannot be `True` together")
+    if settings.get("fused") and settings.get("differentiable"):
+        raise OptionError("fused", True, "`fused` does not support `differentiable`")
+
+
+def optimizer_settings(cls: type, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every constructor argument of ``cls`` but ``params`` and ``lr``: the defaults, then
+    ``kwargs``, value-checked once. What the fused kernel and the scale-aware lr read."""
+    from fedsoup.optim import OPTIMIZERS as KNOWN
+
+    if cls not in KNOWN.values():  # a class of the caller's own: its constructor is the check
+        from fedsoup.optim import build_optimizer
+
+        build_optimizer(cls, [torch.zeros(0, requires_grad=True)], lr=0.0, **kwargs)
+        return dict(kwargs)
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    settings = {p.name: p.default for p in parameters
+                if p.default is not inspect.Parameter.empty and p.name not in _SET_BY_MERGE}
+    settings.update(kwargs)
+    check_optimizer_values(cls, settings)
+    return settings
 
 
 @functools.lru_cache(maxsize=64)
@@ -116,30 +202,23 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _numbers(name: str, value: Any) -> tuple[float, ...] | None:
-    """None, or one number per ingredient (a sequence, array or tensor; lengths are checked by the merge)."""
-    if value is None:
-        return None
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
-        value = value.tolist()
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence) \
-            or not all(_is_real(v) for v in value):
-        raise OptionError(name, value, f"option {name!r} must be a list of numbers (one per ingredient), got {value!r}")
-    return tuple(float(v) for v in value)
-
-
 @dataclass(frozen=True)
 class MergeOptions:
-    """The options of :func:`fedsoup.merge`, validated on construction.
+    """How to merge: the options of :func:`fedsoup.merge`, validated once, on construction.
 
-    Build it from keywords as ``fedsoup.merge`` takes them (names that are not merge
-    options are the optimizer's arguments): ``MergeOptions.from_kwargs(optimizer="adam",
-    lr=1e-3, betas=(0.9, 0.99))``, or from a dict (a config file, a ``soup=`` dict) with
-    :meth:`from_dict`. ``options.to_kwargs()`` gives ``fedsoup.merge``'s keywords back;
-    ``dataclasses.replace(options, ...)`` validates again.
+    The one list of merge options: ``fedsoup.merge``'s keywords, the ``fedsoup merge``
+    flags and ``--config`` keys, the strategy's ``soup=`` dict and the metadata written
+    next to an output are derived from (or tested against) these fields. Build it from
+    keywords as ``fedsoup.merge`` takes them (names that are not merge options are the
+    optimizer's arguments): ``MergeOptions.from_kwargs(optimizer="adam", lr=1e-3,
+    betas=(0.9, 0.99))``, or from a dict (a config file, a ``soup=`` dict) with
+    :meth:`from_dict`; then ``fedsoup.merge(models, options, weights=...)`` as often as
+    needed, with no validation again. ``dataclasses.replace(options, ...)`` validates again.
+
+    ``optimizer_class`` and ``optimizer_settings`` (every constructor argument, defaults
+    filled in) are resolved here, once.
     """
 
-    weights: tuple[float, ...] | None = None
     optimizer: str | type[torch.optim.Optimizer] = "sgd"
     lr: float | Mapping[str, float] | None = None  # None: the merge's default (1.0 for SGD); or one per key
     schedule: str | Callable[[int], float] = "harmonic"
@@ -147,22 +226,25 @@ class MergeOptions:
     epochs: int = 1
     batch_size: int = 1
     shuffle: bool = False
-    seed: int = 0
-    pivot: str | int | Mapping[str, Any] = "soup"
+    seed: int = 0  # of the shuffling; fedsoup.merge(..., seed=) overrides it for one call
+    pivot: str | int = "soup"  # the rule: "soup", "first" or an ingredient index (a state dict: merge's pivot=)
     adaptive_pivot: bool = True
     amplification: float | Callable[[int], float] = 1.0
-    order_by: tuple[float, ...] | None = None
     descending: bool = True
     greedy: bool = False
     evaluate: Callable[[dict[str, torch.Tensor]], float] | None = None
     project: bool = False
     device: str | torch.device | None = None
     optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    optimizer_class: type[torch.optim.Optimizer] = field(init=False, repr=False, compare=False)
+    optimizer_settings: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every check that does not need the models (the only place MergeOptions are validated)."""
         set_ = self._normalise
-        set_("weights", _numbers("weights", self.weights))
-        set_("order_by", _numbers("order_by", self.order_by))
         cls = resolve_optimizer_option(self.optimizer)
         if isinstance(self.lr, Mapping):  # one lr per floating tensor key (keys checked by the merge)
             set_("lr", {str(key): _real(f"lr[{key!r}]", value, minimum=0.0) for key, value in self.lr.items()})
@@ -196,6 +278,8 @@ class MergeOptions:
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
         set_("optimizer_kwargs", _check_optimizer_kwargs(cls, self.optimizer_kwargs, _MERGE_FIELDS))
+        set_("optimizer_class", cls)
+        set_("optimizer_settings", optimizer_settings(cls, self.optimizer_kwargs))
 
     def _normalise(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # (frozen: only while validating)
@@ -206,12 +290,11 @@ class MergeOptions:
             if pivot not in ("soup", "first"):
                 raise OptionError("pivot", pivot, f"unknown pivot {pivot!r} (use 'soup', 'first', an ingredient "
                                   "index or a state dict)", suggestion=closest_name(pivot, ("soup", "first")))
-        elif not (_is_int(pivot) or isinstance(pivot, Mapping)):
+        elif isinstance(pivot, Mapping):
+            raise OptionError("pivot", "state dict", "a pivot state dict is an input of the call, not an option: "
+                              "fedsoup.merge(models, options, pivot=state_dict)")
+        elif not _is_int(pivot):
             raise OptionError("pivot", pivot, f"pivot must be 'soup', 'first', an index or a state dict, got {pivot!r}")
-
-    @property
-    def optimizer_class(self) -> type[torch.optim.Optimizer]:
-        return resolve_optimizer_option(self.optimizer)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> MergeOptions:
@@ -238,6 +321,8 @@ class MergeOptions:
             key = str(key)
             if reserved and key in reserved:
                 raise OptionError(key, value, f"option {key!r} cannot be set here: {reserved[key]}")
+            if key in _NOT_OPTIONS:
+                raise OptionError(key, value, _NOT_OPTIONS[key])
             if key == "optimizer_kwargs":
                 if not isinstance(value, Mapping):
                     raise OptionError(key, value, "optimizer_kwargs must be a mapping of optimizer arguments")
@@ -259,13 +344,12 @@ class MergeOptions:
         """Keyword arguments for ``fedsoup.merge(models, **options.to_kwargs())``.
 
         ``lr`` and ``device`` are left out when ``None``: the merge's own defaults apply.
+        (``fedsoup.merge(models, options)`` takes the options themselves, unvalidated again.)
         """
         kwargs = {name: getattr(self, name) for name in _MERGE_FIELDS}
         for name in ("lr", "device"):
             if kwargs[name] is None:
                 del kwargs[name]
-        kwargs["weights"] = None if self.weights is None else list(self.weights)
-        kwargs["order_by"] = None if self.order_by is None else list(self.order_by)
         return {**kwargs, **self.optimizer_kwargs}
 
     def describe(self) -> dict[str, Any]:
@@ -273,16 +357,14 @@ class MergeOptions:
         record = {}
         for name in (*_MERGE_FIELDS, "optimizer_kwargs"):
             value = getattr(self, name)
-            if name == "pivot" and isinstance(value, Mapping):
-                value = "state dict"
-            elif name == "optimizer_kwargs":
+            if name == "optimizer_kwargs":
                 record.update({k: _jsonable(v) for k, v in value.items()})
                 continue
             record[name] = _jsonable(value)
         return record
 
 
-_MERGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MergeOptions) if f.name != "optimizer_kwargs")
+_MERGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MergeOptions) if f.init and f.name != "optimizer_kwargs")
 
 
 @dataclass(frozen=True)
@@ -296,18 +378,21 @@ class OptimizerOptions:
     optimizer: str | type[torch.optim.Optimizer] = "sgd"
     lr: float = 1.0
     optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    optimizer_class: type[torch.optim.Optimizer] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        """The only place OptimizerOptions are validated (values by :data:`OPTIMIZER_CHECKS`)."""
         cls = resolve_optimizer_option(self.optimizer)
         object.__setattr__(self, "lr", _real("lr", self.lr, minimum=0.0))
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
-        object.__setattr__(self, "optimizer_kwargs",
-                           _check_optimizer_kwargs(cls, self.optimizer_kwargs, ("optimizer", "lr")))
-
-    @property
-    def optimizer_class(self) -> type[torch.optim.Optimizer]:
-        return resolve_optimizer_option(self.optimizer)
+        kwargs = _check_optimizer_kwargs(cls, self.optimizer_kwargs, ("optimizer", "lr"))
+        optimizer_settings(cls, kwargs)
+        object.__setattr__(self, "optimizer_kwargs", kwargs)
+        object.__setattr__(self, "optimizer_class", cls)
 
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any] | None) -> OptimizerOptions:

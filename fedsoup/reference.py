@@ -19,7 +19,7 @@ import torch
 
 from fedsoup.inputs import StateDict, first_non_finite
 from fedsoup.optim import build_optimizer
-from fedsoup.problem import Problem
+from fedsoup.plan import MergePlan
 from fedsoup.schedules import plan_steps
 
 __all__ = ["merge_reference", "weighted_sum"]
@@ -33,45 +33,45 @@ def weighted_sum(tensors, weights, dtype: torch.dtype, device=None) -> torch.Ten
     return out
 
 
-def merge_reference(problem: Problem) -> StateDict:
+def merge_reference(plan: MergePlan) -> StateDict:
     """Merge by the plain loop of Algorithm 1 (see the module docstring)."""
-    if problem.greedy:
+    if plan.options.greedy:
         # A rejected step could hide a NaN ingredient from the result: check up front.
-        culprit = first_non_finite(problem.state_dicts)
+        culprit = first_non_finite(plan.state_dicts)
         if culprit is not None:
             raise culprit
-    keys = problem.float_keys
-    device, omega = problem.device, problem.omega
-    x = {key: [sd[key].to(device, problem.compute_dtype(key)) for sd in problem.state_dicts] for key in keys}
-    if problem.pivot is None:
+    keys = plan.float_keys
+    device, omega = plan.device, plan.omega
+    x = {key: [sd[key].to(device, plan.compute_dtype(key)) for sd in plan.state_dicts] for key in keys}
+    if plan.pivot is None:
         w0 = {key: weighted_sum(x[key], omega, x[key][0].dtype) for key in keys}
     else:
-        w0 = {key: problem.pivot[key].to(device, x[key][0].dtype) for key in keys}
+        w0 = {key: plan.pivot[key].to(device, x[key][0].dtype) for key in keys}
     w = {key: w0[key].clone() for key in keys}
     if not keys:
-        return problem.result({})
+        return plan.result({})
 
     lr_groups: dict[float, list[str]] = {}
     for key in keys:
-        lr_groups.setdefault(problem.base_lr(key), []).append(key)
+        lr_groups.setdefault(plan.base_lr(key), []).append(key)
     param_groups = [{"params": [w[key] for key in group], "base_lr": lr} for lr, group in lr_groups.items()]
-    optimizer = build_optimizer(problem.optimizer, param_groups, lr=1.0, **problem.optimizer_kwargs)
-    ball = _projection_ball(x, omega, w0) if problem.project else None
-    score = float(problem.evaluate(_snapshot(problem, w))) if problem.greedy else None
+    optimizer = build_optimizer(plan.optimizer, param_groups, lr=1.0, **plan.options.optimizer_kwargs)
+    ball = _projection_ball(x, omega, w0) if plan.options.project else None
+    score = float(plan.options.evaluate(_snapshot(plan, w))) if plan.options.greedy else None
 
     def write_pseudogradients(batch, zeta) -> None:
         for key in keys:
-            pivot = w[key] if problem.adaptive_pivot else w0[key]
+            pivot = w[key] if plan.options.adaptive_pivot else w0[key]
             w[key].grad = zeta * sum(omega[j] * (pivot - x[key][j]) for j in batch)
 
     with torch.no_grad():
         for k, batch, _batch_weight, visited in plan_steps(
-            problem.order, omega, problem.epochs, problem.batch_size, problem.shuffle, problem.seed
+            plan.order, omega, plan.options.epochs, plan.options.batch_size, plan.options.shuffle, plan.seed
         ):
             for group in optimizer.param_groups:
-                group["lr"] = problem.step_size(group["base_lr"], k, visited)
-            zeta = problem.zeta(k)
-            before = (copy.deepcopy(w), copy.deepcopy(optimizer.state_dict())) if problem.greedy else None
+                group["lr"] = plan.step_size(group["base_lr"], k, visited)
+            zeta = plan.zeta(k)
+            before = (copy.deepcopy(w), copy.deepcopy(optimizer.state_dict())) if plan.options.greedy else None
             write_pseudogradients(batch, zeta)
             if isinstance(optimizer, torch.optim.LBFGS):
                 optimizer.step(lambda: _half_squared_norm(write_pseudogradients, batch, zeta, w))
@@ -79,8 +79,8 @@ def merge_reference(problem: Problem) -> StateDict:
                 optimizer.step()
             if ball is not None:
                 _project(w, *ball)
-            if problem.greedy:
-                new_score = float(problem.evaluate(_snapshot(problem, w)))
+            if plan.options.greedy:
+                new_score = float(plan.options.evaluate(_snapshot(plan, w)))
                 if new_score > score:
                     score = new_score
                 else:
@@ -89,11 +89,11 @@ def merge_reference(problem: Problem) -> StateDict:
                     optimizer.load_state_dict(before[1])
     for param in w.values():
         param.grad = None
-    return problem.result(w)
+    return plan.result(w)
 
 
-def _snapshot(problem: Problem, w: StateDict) -> StateDict:
-    return problem.result({key: value.detach().clone() for key, value in w.items()})
+def _snapshot(plan: MergePlan, w: StateDict) -> StateDict:
+    return plan.result({key: value.detach().clone() for key, value in w.items()})
 
 
 def _half_squared_norm(write_pseudogradients, batch, zeta, w) -> torch.Tensor:

@@ -8,10 +8,7 @@ from typing import Any
 
 import torch
 
-import fedsoup
-from fedsoup.errors import OptionError
-
-__all__ = ["model_distance", "format_kwargs", "optimizer_name", "check_optimizer_builds"]
+__all__ = ["model_distance", "format_kwargs", "optimizer_name"]
 
 
 def model_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -32,13 +29,3 @@ def format_kwargs(kwargs: Mapping[str, Any]) -> str:
 
 def optimizer_name(optimizer: Any) -> str:
     return optimizer if isinstance(optimizer, str) else f"{optimizer.__module__}.{optimizer.__qualname__}"
-
-
-def check_optimizer_builds(optimizer: Any, lr: float, kwargs: Mapping[str, Any], what: str) -> None:
-    """Build the optimizer once on an empty tensor: bad argument values fail now, not in round 1."""
-    try:
-        fedsoup.make_optimizer(optimizer, [torch.zeros(0, requires_grad=True)], lr, **kwargs)
-    except Exception as error:  # noqa: BLE001 - whatever the constructor rejects
-        raise OptionError(
-            "optimizer_kwargs", dict(kwargs), f"invalid {what} settings: {optimizer_name(optimizer)} rejects them ({error!r})"
-        ) from None

@@ -20,7 +20,8 @@ from flwr.common import log
 import fedsoup
 from fedsoup.errors import MergeInputError, OptionError, closest_name
 from fedsoup.options import MergeOptions
-from strategies._shared import check_optimizer_builds, format_kwargs, model_distance
+from fedsoup.report import MergeReport
+from strategies._shared import format_kwargs, model_distance
 from strategies.replies import UsableReply
 
 __all__ = ["ClientSoup", "SoupResult", "PIVOTS", "round_seed", "capped_shares", "non_floating_rule"]
@@ -42,14 +43,15 @@ class SoupResult:
     model: dict[str, torch.Tensor]  # w_t, on the CPU
     ame_distance: float  # ‖w_t − plain soup‖ (0 for the plain soup)
     used: list[UsableReply]  # the replies merged, in visiting order
+    report: MergeReport | None = None  # what the merge did (path, lr used, steps, the ball); None: the fallback soup
 
 
 class ClientSoup:
     """Merges the usable replies of a round with :func:`fedsoup.merge`.
 
-    ``soup``: keyword arguments of ``fedsoup.merge`` (validated now as a
-    :class:`fedsoup.MergeOptions`; ``device`` runs the merge there); ``None`` is the
-    plain weighted soup. ``pivot``: ``"soup"`` (default, as FedSoup's) starts AME at
+    ``soup``: keyword arguments of ``fedsoup.merge`` (validated once, now, as a
+    :class:`fedsoup.MergeOptions`; a round validates nothing; ``device`` runs the merge
+    there); ``None`` is the plain weighted soup. ``pivot``: ``"soup"`` (default, as FedSoup's) starts AME at
     the weighted soup of the replies, ``"global"`` at the model sent this round
     (``x_{t-1}``); without a known ``x_{t-1}`` (``aggregate_train`` without
     ``configure_train``) the soup is used. ``seed``: round ``t`` shuffles with a seed derived from ``(seed, t)``.
@@ -77,10 +79,9 @@ class ClientSoup:
                 "max_weight_share", max_weight_share, f"max_weight_share must be a number in (0, 1], got {max_weight_share!r}"
             )
         self.max_weight_share = None if max_weight_share is None else float(max_weight_share)
-        self.options = None if soup is None else MergeOptions.from_dict(soup, reserved=_RESERVED)
-        if self.options is not None:
-            lr = self.options.lr if isinstance(self.options.lr, float) else 1.0
-            check_optimizer_builds(self.options.optimizer, lr, self.options.optimizer_kwargs, "soup")
+        # The strategy's own defaults for the merge's per-call inputs (weights, order_by,
+        # pivot, seed) are set here, from the replies and FedSoup's arguments (_RESERVED).
+        self.options = MergeOptions() if soup is None else MergeOptions.from_dict(soup, reserved=_RESERVED)
         self.settings = None if soup is None else dict(soup)
         self.pivot = pivot
         self.seed = int(seed)
@@ -93,7 +94,7 @@ class ClientSoup:
     @property
     def is_plain(self) -> bool:
         """True for the plain weighted soup ``Σ ω_i x_i`` (``soup=None``): linear in the replies."""
-        return self.options is None
+        return self.settings is None
 
     def merge(
         self, replies: list[UsableReply], server_round: int, current: Mapping[str, torch.Tensor] | None
@@ -105,14 +106,16 @@ class ClientSoup:
         not a bad reply, and is raised for the caller's fallback (:meth:`soup`).
         Non-floating arrays follow :func:`non_floating_rule`.
         """
-        kwargs = self._merge_kwargs(server_round, current)
+        seed = round_seed(self.seed, server_round)
+        pivot = current if self.pivot == "global" and current is not None else None  # None: the options' "soup"
         replies = list(replies)
         while replies:
             models = [r.arrays for r in replies]
             weights = self.weights(replies)
             scores = [r.score for r in replies] if replies[0].score is not None else None
             try:
-                merged = fedsoup.merge(models, weights=weights, order_by=scores, **kwargs)
+                merged, report = fedsoup.merge(models, self.options, weights=weights, order_by=scores, pivot=pivot,
+                                               seed=seed, report=True)
             except MergeInputError as error:
                 if error.ingredient is None or not 0 <= error.ingredient < len(replies):
                     raise
@@ -120,8 +123,8 @@ class ClientSoup:
                 del replies[error.ingredient]
                 continue
             merged = {k: t.cpu() for k, t in merged.items()}
-            distance = 0.0 if self.options is None else model_distance(merged, fedsoup.soup(models, weights))
-            return SoupResult(non_floating_rule(merged, models, current), distance, replies)
+            distance = self._soup_distance(report, merged, models, weights)
+            return SoupResult(non_floating_rule(merged, models, current), distance, replies, report)
         return None
 
     def soup(self, replies: list[UsableReply], current: Mapping[str, torch.Tensor] | None) -> SoupResult:
@@ -144,14 +147,14 @@ class ClientSoup:
         scaled = [math.ldexp(w, -exponent) for w in raw]
         return scaled if self.max_weight_share is None else capped_shares(scaled, self.max_weight_share)
 
-    def _merge_kwargs(self, server_round: int, current: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
-        if self.options is None:
-            return {}
-        kwargs = self.options.to_kwargs()
-        del kwargs["weights"], kwargs["order_by"]  # per round, from the replies
-        kwargs["seed"] = round_seed(self.seed, server_round)
-        kwargs["pivot"] = current if self.pivot == "global" and current is not None else "soup"
-        return kwargs
+    def _soup_distance(self, report: MergeReport, merged, models, weights) -> float:
+        """``‖w_t − Σ ω_i x_i‖``: measured by the merge's ball guard; 0 for the soup itself;
+        computed only where the merge did not measure it (``project=True``)."""
+        if report.path == "soup":
+            return 0.0
+        if report.distance is not None:
+            return report.distance
+        return model_distance(merged, fedsoup.soup(models, weights))
 
 
 def _where(error: MergeInputError) -> str:

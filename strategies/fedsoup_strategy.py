@@ -40,6 +40,7 @@ from strategies.rounds import (
     METRIC_CLIENTS_LEFT_OUT,
     METRIC_CLIENTS_USED,
     METRIC_FALLBACK,
+    METRIC_MERGE_PREFIX,
     METRIC_STEW_GRAD_NORM,
     aggregate_metrics,
     train_round,
@@ -55,8 +56,8 @@ __all__ = [
     "METRIC_STEW_GRAD_NORM",
     "METRIC_AME_SOUP_DISTANCE",
     "METRIC_FALLBACK",
+    "METRIC_MERGE_PREFIX",
 ]
-
 
 
 class FedSoup(FedAvg):
@@ -234,6 +235,10 @@ class FedSoup(FedAvg):
             if outcome.grad_norm is not None:
                 metrics[METRIC_STEW_GRAD_NORM] = outcome.grad_norm
             metrics[METRIC_AME_SOUP_DISTANCE] = outcome.ame_distance
+            if outcome.report is not None:
+                for name, value in outcome.report.figures().items():
+                    metrics[METRIC_MERGE_PREFIX + name] = value
+                log(INFO, "aggregate_train: ClientSoup merge: %s", outcome.report.describe())
             log(
                 INFO,
                 "aggregate_train: FedSoup merged %d replies (%d left out), ‖g_t‖ = %s",

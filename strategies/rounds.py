@@ -26,6 +26,7 @@ from flwr.common import log
 from flwr.serverapp.exception import AggregationError
 
 from fedsoup.inputs import find_non_finite
+from fedsoup.report import MergeReport
 from strategies.client_soup import ClientSoup, SoupResult
 from strategies.replies import UsableReply
 from strategies.server_stew import ServerStew
@@ -39,6 +40,7 @@ __all__ = [
     "METRIC_STEW_GRAD_NORM",
     "METRIC_AME_SOUP_DISTANCE",
     "METRIC_FALLBACK",
+    "METRIC_MERGE_PREFIX",
     "FALLBACK_MERGE",
     "FALLBACK_SOUP",
     "FALLBACK_PREVIOUS",
@@ -53,6 +55,9 @@ METRIC_STEW_GRAD_NORM = "fedsoup-stew-grad-norm"
 METRIC_AME_SOUP_DISTANCE = "fedsoup-ame-soup-distance"
 #: Which model the round produced: 0 the configured merge, 1 the plain soup, 2 the previous model.
 METRIC_FALLBACK = "fedsoup-fallback"
+#: Prefix of the ClientSoup's MergeReport figures (``fedsoup.MergeReport.figures``): ``-steps``,
+#: ``-lr-min``/``-lr-max`` (η_0 used), ``-soup-distance``/``-ball-radius`` (Prop. 2's ball).
+METRIC_MERGE_PREFIX = "fedsoup-merge-"
 FALLBACK_MERGE, FALLBACK_SOUP, FALLBACK_PREVIOUS = 0, 1, 2
 
 
@@ -63,6 +68,7 @@ class RoundOutcome:
     fallback: int
     grad_norm: float | None = None
     ame_distance: float | None = None
+    report: MergeReport | None = None  # what the ClientSoup's merge did (None: the plain soup fallback)
 
 
 class _Diverged(Exception):
@@ -101,7 +107,7 @@ def train_round(
             following = "the plain soup of the same replies" if level + 1 < len(attempts) else "the previous model"
             log(WARNING, "aggregate_train: %s failed in round %d (%r); using %s", name, server_round, error, following)
             continue
-        return RoundOutcome(model, soup.used, level, grad_norm, soup.ame_distance)
+        return RoundOutcome(model, soup.used, level, grad_norm, soup.ame_distance, soup.report)
     return RoundOutcome(None, list(usable), FALLBACK_PREVIOUS)
 
 

@@ -17,7 +17,7 @@ import torch
 import fedsoup
 from fedsoup.errors import StateError
 from fedsoup.options import OptimizerOptions
-from strategies._shared import check_optimizer_builds, format_kwargs, model_distance, optimizer_name
+from strategies._shared import format_kwargs, model_distance, optimizer_name
 
 __all__ = ["ServerStew"]
 
@@ -27,7 +27,8 @@ class ServerStew:
 
     ``optimizer`` is a name of :data:`fedsoup.OPTIMIZERS` or a ``torch.optim.Optimizer``
     class, ``**optimizer_kwargs`` its constructor arguments (checked now, with the
-    closest name for a misspelt one). Only floating arrays are optimised (float16 and
+    closest name for a misspelt one), or an already validated
+    :class:`~fedsoup.options.OptimizerOptions`. Only floating arrays are optimised (float16 and
     bfloat16 in float32); integer arrays are taken from ``w_t``. Every output array
     keeps the dtype of ``x_{t-1}``.
 
@@ -40,19 +41,20 @@ class ServerStew:
     """
 
     def __init__(self, optimizer: Any = "sgd", lr: float = 1.0, **optimizer_kwargs: Any) -> None:
-        self.options = OptimizerOptions(optimizer=optimizer, lr=lr, optimizer_kwargs=optimizer_kwargs)
+        if isinstance(optimizer, OptimizerOptions):  # validated already (from_settings)
+            self.options = optimizer
+        else:  # validated once, here: the optimizer's values by fedsoup.options.OPTIMIZER_CHECKS
+            self.options = OptimizerOptions(optimizer=optimizer, lr=lr, optimizer_kwargs=optimizer_kwargs)
         self.is_identity = self.options.lr == 1.0 and fedsoup.is_plain_sgd(
-            self.options.optimizer, self.options.optimizer_kwargs
+            self.options.optimizer_class, self.options.optimizer_kwargs
         )
-        check_optimizer_builds(self.options.optimizer, self.options.lr, self.options.optimizer_kwargs, "stew")
         self.parameters: dict[str, torch.Tensor] = {}
         self.optimizer: torch.optim.Optimizer | None = None
 
     @classmethod
     def from_settings(cls, stew: Mapping[str, Any] | None) -> ServerStew:
         """From FedSoup's ``stew=`` dict ``{"optimizer": ..., "lr": ..., **kwargs}``; ``None``: SGD, lr 1."""
-        options = OptimizerOptions.from_dict(stew)
-        return cls(options.optimizer, options.lr, **options.optimizer_kwargs)
+        return cls(OptimizerOptions.from_dict(stew))
 
     @property
     def name(self) -> str:

@@ -10,7 +10,10 @@ import torch
 
 import fedsoup
 from fedsoup import defaults
-from fedsoup.problem import Problem
+from fedsoup.ball import measure_spreads
+from fedsoup.options import MergeOptions
+from fedsoup.plan import make_plan
+from fedsoup.report import MergeReport
 
 ADAPTIVE = ("adam", "adamw", "adagrad", "rmsprop", "nadam", "radam", "adamax", "rprop",
             "fedadam", "fedyogi", "fedadagrad")
@@ -123,18 +126,19 @@ def test_tensor_by_tensor_guard_checks_the_whole_model_once(caplog):
     with caplog.at_level(logging.WARNING, logger="fedsoup"):
         whole = fedsoup.merge(models, optimizer="adam", lr=lr)
         in_memory_warned = bool(caplog.records)
-        with defaults.ball_guard_over_tensors() as guard:
-            for key in models[0]:
-                fedsoup.merge([{key: m[key]} for m in models], optimizer="adam", lr=lr[key])
-        assert bool(caplog.records) == in_memory_warned
+        # each part's merge measures its ball and leaves the check to the caller (_part)
+        parts = [fedsoup.merge([{key: m[key]} for m in models], optimizer="adam", lr=lr[key], report=True,
+                               _part=True)[1] for key in models[0]]
+        assert not caplog.records
+        guard = MergeReport.of_parts(parts).ball
+        assert guard.outside() == in_memory_warned
         distance, radius = ball(models, whole)
         assert guard.distance == pytest.approx(distance, rel=1e-4)
         assert guard.radius == pytest.approx(radius, rel=1e-4)
         caplog.clear()
-        with defaults.ball_guard_over_tensors():
-            for key in models[0]:
-                fedsoup.merge([{key: m[key]} for m in models], optimizer="adam", lr=1.0)
-    assert len(caplog.records) == 1
+        parts = [fedsoup.merge([{key: m[key]} for m in models], optimizer="adam", lr=1.0, report=True,
+                               _part=True)[1] for key in models[0]]
+    assert not caplog.records and MergeReport.of_parts(parts).outside_ball
 
 
 def test_a_tensor_every_input_agrees_on_gets_lr_zero_and_stays():
@@ -147,9 +151,9 @@ def test_a_tensor_every_input_agrees_on_gets_lr_zero_and_stays():
 
 def test_default_lr_formula():
     # Ingredients 0 and 2 (weights 1/4, 3/4) around the soup 1.5 on one coordinate.
-    problem = Problem([{"x": torch.tensor([0.0])}, {"x": torch.tensor([2.0])}], [0.25, 0.75], [0, 1],
-                      None, torch.optim.Adam, {})
-    spreads = defaults.measure_spreads(problem)
+    problem = make_plan([{"x": torch.tensor([0.0])}, {"x": torch.tensor([2.0])}], MergeOptions(optimizer="adam"),
+                        weights=[0.25, 0.75])
+    spreads = measure_spreads(problem)
     torch.testing.assert_close(spreads.soups["x"], torch.tensor([1.5]))
     spread = spreads.keys["x"]
     assert spread.ingredient_sq == pytest.approx((2.25, 0.25))
@@ -161,7 +165,7 @@ def test_default_lr_formula():
     assert defaults.scale_aware_lr(problem, spreads, fraction=0.5) == {"x": pytest.approx(0.5 * rho / 4)}
     # A pivot adds its squared distance to the soup (parallel-axis identity).
     problem.pivot = {"x": torch.tensor([3.5])}
-    moved = defaults.measure_spreads(problem).keys["x"]
+    moved = measure_spreads(problem).keys["x"]
     assert moved.mean_sq_to_pivot(omega) == pytest.approx(0.25 * 3.5**2 + 0.75 * 1.5**2)
 
 

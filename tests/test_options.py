@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import pickle
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 import fedsoup
 from fedsoup import cli
 from fedsoup.errors import MergeInputError, OptionError, OutputExistsError, UnknownOptionError
-from fedsoup.options import MergeOptions, OptimizerOptions
+from fedsoup.options import CALL_INPUTS, MergeOptions, OptimizerOptions
 
 
 def models(n=3):
@@ -160,19 +161,41 @@ def test_options_cover_every_merge_keyword_with_the_same_defaults():
         if p.kind is inspect.Parameter.KEYWORD_ONLY and not name.startswith("_")
     }
     defaults = MergeOptions()
-    assert set(parameters) == {f for f in MergeOptions.__dataclass_fields__ if f != "optimizer_kwargs"}
-    for name, default in parameters.items():
-        assert getattr(defaults, name) == default, name
+    fields = {f.name for f in dataclasses.fields(MergeOptions) if f.init and f.name != "optimizer_kwargs"}
+    # merge's keywords: what one call merges (CALL_INPUTS), report=, and every option
+    assert set(parameters) == fields | set(CALL_INPUTS) | {"report"}
+    for name in fields - set(CALL_INPUTS):
+        assert getattr(defaults, name) == parameters[name], name
+
+
+def test_the_call_inputs_are_not_options():
+    for name in ("weights", "order_by"):
+        with pytest.raises(OptionError, match="input of the call") as info:
+            MergeOptions.from_kwargs(**{name: [1, 2, 3]})
+        assert info.value.option == name
+    with pytest.raises(OptionError, match="input of the call"):
+        MergeOptions(pivot={"w": torch.zeros(3)})
+    with pytest.raises(OptionError, match="not both"):
+        fedsoup.merge(models(), MergeOptions(), epochs=2)
+    with pytest.raises(OptionError, match="pivot rule is an option"):
+        fedsoup.merge(models(), MergeOptions(), pivot="first")
 
 
 def test_to_kwargs_round_trips_through_merge():
     options = MergeOptions.from_kwargs(optimizer="adam", lr=0.05, epochs=2, batch_size=2, shuffle=True, seed=3,
-                                       weights=[3, 1, 2], betas=(0.8, 0.9))
+                                       betas=(0.8, 0.9))
     expected = fedsoup.merge(models(), optimizer="adam", lr=0.05, epochs=2, batch_size=2, shuffle=True, seed=3,
                              weights=[3, 1, 2], betas=(0.8, 0.9))
-    got = fedsoup.merge(models(), **options.to_kwargs())
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert_same(fedsoup.merge(models(), weights=[3, 1, 2], **options.to_kwargs()), expected)
+    assert_same(fedsoup.merge(models(), options, weights=[3, 1, 2]), expected)
+    # a per-call seed replaces the options' seed, exactly as the keyword does
+    assert_same(fedsoup.merge(models(), options, weights=[3, 1, 2], seed=7),
+                fedsoup.merge(models(), weights=[3, 1, 2], **{**options.to_kwargs(), "seed": 7}))
     assert options.describe()["betas"] == [0.8, 0.9] and options.describe()["optimizer"] == "adam"
+
+
+def assert_same(got, expected):
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_options_are_frozen_and_revalidated_on_replace():

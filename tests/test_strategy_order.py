@@ -107,7 +107,7 @@ def test_order_is_by_score_then_tie_key_then_node_id(monkeypatch):
 
     seen = []
     real_merge = fedsoup.merge
-    monkeypatch.setattr(fedsoup, "merge", lambda models, **kw: seen.append(kw) or real_merge(models, **kw))
+    monkeypatch.setattr(fedsoup, "merge", lambda models, options=None, **kw: seen.append(kw) or real_merge(models, options, **kw))
     run(NODE_IDS_RUN_B, FedSoup(soup=SOUP, order_by="val-acc", min_available_nodes=PARTITIONS), rounds=1)
     # Given to merge in tie-key (partition) order; merge sorts by score stably.
     # (FedSoup scales the weights by one power of two so that their sum cannot overflow.)

@@ -114,5 +114,5 @@ def test_bad_settings_are_typed_errors():
     assert raised.value.option == "momentun"
     with pytest.raises(OptionError, match="unknown optimizer"):
         ServerStew.from_settings({"optimizer": "sgdd"})
-    with pytest.raises(OptionError, match="invalid stew settings"):
+    with pytest.raises(OptionError, match="invalid betas for Adam"):
         ServerStew("adam", lr=0.1, betas=(0.9,))

@@ -273,10 +273,8 @@ def _check_mode(mode: str, rank: int | None) -> None:
 
 def _run_merge(models: Sequence[Mapping[str, torch.Tensor]], options: MergeOptions,
                weights: Sequence[float] | None) -> dict[str, torch.Tensor]:
-    """``fedsoup.merge`` with ``options`` and this call's ``weights`` (the weights of the call win)."""
-    kwargs = options.to_kwargs()
-    kwargs["weights"] = None if weights is None else list(weights)
-    return merge(list(models), **kwargs)
+    """``fedsoup.merge`` with ``options`` (validated once, when built: not again here) and this call's ``weights``."""
+    return merge(list(models), options, weights=None if weights is None else list(weights))
 
 
 def _call_weights(options: MergeOptions, weights: Sequence[float] | None) -> Sequence[float] | None:

@@ -16,13 +16,12 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedsoup.defaults import ball_guard_over_tensors
+from fedsoup.atomic import atomic_write_text
 from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
 from fedsoup.io.checks import check_compatible, check_unquantized
 from fedsoup.io.formats import DTYPE_NAMES, TensorInfo, dtype_str
@@ -31,29 +30,24 @@ from fedsoup.io.layout import OutputLayout
 from fedsoup.io.readers import Checkpoint, open_weights_file
 from fedsoup.io.resolve import ResolvedInput, expand_inputs, open_checkpoint, resolve_input
 from fedsoup.io.writer import parse_size, write_checkpoint
-from fedsoup.offline.producers import Progress, choose_low_memory, in_memory_producer, low_memory_producer
+from fedsoup.inputs import per_ingredient
+from fedsoup.offline.producers import LowMemoryProducer, Progress, choose_low_memory, in_memory_producer
 from fedsoup.offline.tables import FILE_SETTINGS, per_input_values
 from fedsoup.options import MergeOptions
+from fedsoup.report import MergeReport
 from fedsoup.structure import check_structure
 
-__all__ = ["merge_files", "run_merge_files", "MergeReport", "DEFAULT_SHARD_SIZE"]
+__all__ = ["merge_files", "run_merge_files", "MergeReport", "DEFAULT_SHARD_SIZE", "report_sidecar"]
 
 DEFAULT_SHARD_SIZE = "5GB"  # as Hugging Face's save_pretrained
+# Where a tensor-by-tensor merge writes its report (the header was written before it ended).
+REPORT_SIDECAR_SUFFIX = ".fedsoup.json"
 
 
-@dataclass(frozen=True)
-class MergeReport:
-    """What :func:`run_merge_files` did (the command line prints it as its summary line)."""
-
-    output: Path
-    files: list[Path]
-    inputs: list[str]
-    tensors: int
-    parameters: int
-    seconds: float
-    low_memory: bool
-    optimizer: str
-    epochs: int
+def report_sidecar(layout: OutputLayout) -> Path:
+    """``<weights file>.fedsoup.json`` beside the output: the report of a merge whose header
+    was written before the merge ended (tensor by tensor). docs/cli.md."""
+    return layout.main.with_name(layout.main.name + REPORT_SIDECAR_SUFFIX)
 
 
 def merge_files(
@@ -128,21 +122,20 @@ def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _split_file_options(merge_options: dict[str, Any]) -> tuple[MergeOptions, Any, Any, str | None]:
-    """Validate the merge options; ``weights``/``order_by`` naming a metrics column and a pivot
-    checkpoint path are kept aside (resolved once the inputs are known)."""
+    """Validate the merge options (once: the merge calls trust them); the call's inputs
+    ``weights``/``order_by`` (numbers, or a metrics column) and a pivot checkpoint path are
+    kept aside, resolved once the inputs are known."""
     settings = dict(merge_options)
     weights, order_by = settings.pop("weights", None), settings.pop("order_by", None)
+    for name, value in (("weights", weights), ("order_by", order_by)):
+        if not isinstance(value, str):
+            per_ingredient(name, value)  # a bad list fails before any file is read
     pivot = settings.get("pivot", "soup")
     pivot_path = None
     if isinstance(pivot, os.PathLike) or (isinstance(pivot, str) and pivot not in ("soup", "first")):
         pivot_path = os.fspath(pivot)
         settings["pivot"] = "soup"
-    options = MergeOptions.from_dict(
-        {**settings,
-         "weights": None if isinstance(weights, str) else weights,
-         "order_by": None if isinstance(order_by, str) else order_by},
-        also_valid=FILE_SETTINGS,
-    )
+    options = MergeOptions.from_dict(settings, also_valid=(*FILE_SETTINGS, "weights", "order_by"))
     return options, weights, order_by, pivot_path
 
 
@@ -200,7 +193,12 @@ def _warn_not_carried(first: ResolvedInput, output) -> None:
 
 def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=None, device=None, dtype=None,
                     metrics=None, copy_config=True, progress=False, **merge_options: Any) -> MergeReport:
-    """:func:`merge_files`, returning a :class:`MergeReport` (same arguments)."""
+    """:func:`merge_files`, returning the :class:`~fedsoup.report.MergeReport` (same arguments).
+
+    The report is also written with the output: in the safetensors header
+    (``fedsoup.report``) of an in-memory merge, in ``<weights file>.fedsoup.json``
+    (:func:`report_sidecar`) beside a tensor-by-tensor one, whose header was written first.
+    """
     started = time.perf_counter()
     if device is not None:
         merge_options["device"] = device
@@ -213,7 +211,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     if output is None or str(output) == "":
         raise OptionError("output", output, "no output: give -o OUTPUT (or 'output' in the config)")
     layout = OutputLayout.of(output)
-    if layout.existing() and not force:
+    if (layout.existing() or report_sidecar(layout).is_file()) and not force:
         raise OutputExistsError(str(output))
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -229,17 +227,16 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
         check_compatible(checkpoints)
         check_unquantized(checkpoints)
-        options = dataclasses.replace(
-            options,
-            weights=per_input_values("weights", weights, names, metrics) if weights is not None else None,
-            order_by=per_input_values("order_by", order_by, names, metrics) if order_by is not None else None,
-        )
+        call = {  # what this merge merges: the per-input numbers, resolved against the inputs
+            "weights": per_input_values("weights", weights, names, metrics) if weights is not None else None,
+            "order_by": per_input_values("order_by", order_by, names, metrics) if order_by is not None else None,
+        }
         pivot = None
         if pivot_path is not None:
             pivot = stack.enter_context(open_checkpoint(pivot_path))
             check_structure(checkpoints[0].infos, pivot.infos, path=pivot.name, reference_name=checkpoints[0].name)
         low = choose_low_memory(low_memory, options, checkpoints)
-        infos = _output_infos(checkpoints, _first_visited(options.order_by, options.descending, len(names)), out_dtype)
+        infos = _output_infos(checkpoints, _first_visited(call["order_by"], options.descending, len(names)), out_dtype)
         float_dtypes = {info.dtype for info in infos.values() if info.is_floating}
         extra_files = {}
         if copy_config and layout.is_directory:
@@ -250,32 +247,36 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
             "fedsoup.version": _version(),
             "fedsoup.inputs": json.dumps(names),
             "fedsoup.merge": json.dumps(
-                {**options.describe(), "pivot": pivot.name if pivot else options.describe()["pivot"],
+                {**options.describe(), **call, "pivot": pivot.name if pivot else options.describe()["pivot"],
                  "low_memory": low, "dtype": None if out_dtype is None else dtype_str(out_dtype)},
                 sort_keys=True,
             ),
         }
         total_bytes = sum(info.nbytes for info in infos.values())
         if low:
-            produce = low_memory_producer(checkpoints, options, pivot, names)
+            produce = LowMemoryProducer(checkpoints, options, call, pivot, names)
             bar = Progress(total_bytes, "merging", progress)
         else:
-            produce = in_memory_producer(checkpoints, options, pivot, names, progress)
+            produce, report = in_memory_producer(checkpoints, options, call, pivot, names, progress)
+            # The merge is done before the header is written: its report goes in the header.
+            metadata["fedsoup.report"] = json.dumps(report.to_dict(), sort_keys=True)
             bar = Progress(total_bytes, "writing", progress)
-        # Tensor by tensor, Prop. 2's ball guard sums every tensor's part and checks the
-        # whole model once, as the in-memory merge does (fedsoup.defaults).
-        guard = ball_guard_over_tensors(f" of {len(names)} inputs (tensor by tensor)") if low else contextlib.nullcontext()
         try:
-            with guard:
-                files = write_checkpoint(output, infos, produce, metadata=metadata, max_shard_bytes=max_shard_bytes,
-                                         force=force, on_tensor=bar.update, extra_files=extra_files)
+            files = write_checkpoint(output, infos, produce, metadata=metadata, max_shard_bytes=max_shard_bytes,
+                                     force=force, on_tensor=bar.update, extra_files=extra_files)
         finally:
             bar.close()
-    optimizer = options.optimizer if isinstance(options.optimizer, str) else options.optimizer.__name__
-    return MergeReport(
-        output=layout.target, files=files, inputs=names, tensors=len(infos),
+    if low:
+        # Tensor by tensor, the header was written before the merge ended: the report (Prop. 2's
+        # ball summed over every tensor and checked once, as in memory) goes to a sidecar file.
+        report = produce.report() or MergeReport("soup", options.optimizer_class.__name__, options.epochs, 0)
+        sidecar = report_sidecar(layout)
+        atomic_write_text(sidecar, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+        files = [*files, sidecar]
+    return dataclasses.replace(
+        report, output=layout.target, files=files, inputs=names, tensors=len(infos),
         parameters=sum(info.numel for info in infos.values()), seconds=time.perf_counter() - started,
-        low_memory=low, optimizer=optimizer, epochs=options.epochs,
+        low_memory=low,
     )
 
 

@@ -1,7 +1,8 @@
 """Where merged tensors come from: the whole model at once, or tensor by tensor.
 
-Both call :func:`fedsoup.merge` with the same options, so every merge option (and its
-defaults) means the same in memory, tensor by tensor, and in Python. A
+Both call :func:`fedsoup.merge` with the same :class:`~fedsoup.MergeOptions` (validated
+once, by the driver), so every merge option (and its defaults) means the same in memory,
+tensor by tensor, and in Python; both return what the merge reported. A
 :class:`~fedsoup.errors.MergeInputError` from the merge names an ingredient; it is
 re-raised with that ingredient's file as ``path``.
 """
@@ -12,18 +13,21 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from fedsoup.ball import ball_warning
 from fedsoup.errors import MergeInputError, OptionError
 from fedsoup.io.checks import check_finite
 from fedsoup.io.formats import TensorInfo
 from fedsoup.io.readers import Checkpoint
 from fedsoup.optim import is_elementwise
 from fedsoup.options import MergeOptions
+from fedsoup.report import MergeReport
 
-__all__ = ["Progress", "choose_low_memory", "low_memory_refusal", "in_memory_producer", "low_memory_producer"]
+__all__ = ["Progress", "choose_low_memory", "low_memory_refusal", "in_memory_producer", "LowMemoryProducer"]
 
 log = logging.getLogger("fedsoup")
 
@@ -119,11 +123,12 @@ def _located(names: Sequence[str]):
         raise
 
 
-def _merge(models: list[dict[str, torch.Tensor]], kwargs: dict[str, Any], names: Sequence[str]):
+def _merge(models: list[dict[str, torch.Tensor]], options: MergeOptions, call: dict[str, Any], names: Sequence[str]):
+    """``fedsoup.merge(models, options, **call, report=True)``: the options as validated once, by the driver."""
     import fedsoup  # at call time: the package's merge (which tests may replace)
 
     with _located(names):
-        return fedsoup.merge(models, **kwargs)
+        return fedsoup.merge(models, options, report=True, **call)
 
 
 def _read_pivot(checkpoint: Checkpoint, key: str) -> torch.Tensor:
@@ -132,32 +137,48 @@ def _read_pivot(checkpoint: Checkpoint, key: str) -> torch.Tensor:
     return check_finite(checkpoint.get(key), checkpoint.name, key)
 
 
-def low_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions, pivot: Checkpoint | None,
-                        names: Sequence[str]) -> Callable[[str], torch.Tensor]:
+class LowMemoryProducer:
     """Merge one tensor at a time: each input read lazily, ``fedsoup.merge`` on one-key dicts.
 
     For element-wise optimizers this is the whole-model merge (same order, seed, weights
     and options, lr=None included; every coordinate's trajectory depends on that
-    coordinate only), while peak memory is about N x the largest tensor.
+    coordinate only), while peak memory is about N x the largest tensor. Each call's
+    :class:`~fedsoup.report.MergeReport` is kept; :meth:`report` joins them, with Prop. 2's
+    ball summed over the tensors and checked once, as the in-memory merge checks it.
     """
-    kwargs = options.to_kwargs()
-    per_key_lr = kwargs.get("lr") if isinstance(kwargs.get("lr"), dict) else None
 
-    def produce(key: str) -> torch.Tensor:
-        parts = [{key: checkpoint.get(key)} for checkpoint in checkpoints]
-        call = dict(kwargs)
-        if pivot is not None:
-            call["pivot"] = {key: _read_pivot(pivot, key)}
-        if per_key_lr is not None:
-            call["lr"] = {key: per_key_lr[key]} if key in per_key_lr else {}
-        return _merge(parts, call, names)[key]
+    def __init__(self, checkpoints: Sequence[Checkpoint], options: MergeOptions, call: dict[str, Any],
+                 pivot: Checkpoint | None, names: Sequence[str]) -> None:
+        self.checkpoints, self.options, self.call, self.pivot, self.names = checkpoints, options, call, pivot, names
+        self.reports: list[MergeReport] = []
 
-    return produce
+    def __call__(self, key: str) -> torch.Tensor:
+        parts = [{key: checkpoint.get(key)} for checkpoint in self.checkpoints]
+        call = {**self.call, "_part": True}
+        if self.pivot is not None:
+            call["pivot"] = {key: _read_pivot(self.pivot, key)}
+        merged, report = _merge(parts, self.options, call, self.names)
+        self.reports.append(report)
+        return merged[key]
+
+    def report(self) -> MergeReport | None:
+        """The whole model's report; logs the ball guard's WARNING if it ended outside."""
+        if not self.reports:
+            return None
+        joined = MergeReport.of_parts(self.reports)
+        warning = None if joined.ball is None else ball_warning(
+            joined.ball, lr_given=self.options.lr is not None,
+            describe=f" of {len(self.names)} inputs (tensor by tensor)")
+        if warning is not None:
+            log.warning(warning)
+            joined = replace(joined, warnings=(*joined.warnings, warning))
+        return joined
 
 
-def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions, pivot: Checkpoint | None,
-                       names: Sequence[str], progress: bool) -> Callable[[str], torch.Tensor]:
-    """Load every input, merge the whole model once, then hand out its tensors."""
+def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions, call: dict[str, Any],
+                       pivot: Checkpoint | None, names: Sequence[str], progress: bool
+                       ) -> tuple[Callable[[str], torch.Tensor], MergeReport]:
+    """Load every input, merge the whole model once; its tensors are then handed out one by one."""
     loading = Progress(sum(checkpoint.nbytes for checkpoint in checkpoints), "loading", progress)
     models = []
     try:
@@ -169,11 +190,11 @@ def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions,
             models.append(model)
     finally:
         loading.close()
-    kwargs = options.to_kwargs()
+    call = dict(call)
     if pivot is not None:
-        kwargs["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.infos}
+        call["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.infos}
     if progress and sys.stderr.isatty():  # the one step without a progress bar
         print(f"fedsoup: merging {len(models)} inputs in memory ...", file=sys.stderr, flush=True)
-    merged = _merge(models, kwargs, names)
+    merged, report = _merge(models, options, call, names)
     del models
-    return merged.pop
+    return merged.pop, report
