@@ -383,11 +383,11 @@ def test_an_input_error_naming_an_ingredient_leaves_only_that_reply_out(monkeypa
 
     real_merge, calls = fedsoup.merge, []
 
-    def merge(models, **kwargs):
+    def merge(models, options=None, **kwargs):
         calls.append(len(models))
         if len(calls) == 1:
             raise MergeInputError("is poisoned", ingredient=1, key="fc.bias")
-        return real_merge(models, **kwargs)
+        return real_merge(models, options, **kwargs)
 
     monkeypatch.setattr(fedsoup, "merge", merge)
     with caplog.at_level(logging.WARNING, logger="flwr"):
@@ -401,7 +401,7 @@ def test_an_input_error_naming_an_ingredient_leaves_only_that_reply_out(monkeypa
 def test_an_input_error_naming_no_ingredient_is_a_merge_failure_not_a_bad_reply(monkeypatch, caplog):
     import fedsoup
 
-    def merge(models, **kwargs):
+    def merge(models, options=None, **kwargs):
         raise MergeInputError("pivot contains NaN or Inf values", key="fc.bias")
 
     monkeypatch.setattr(fedsoup, "merge", merge)
@@ -500,7 +500,7 @@ def test_the_aggregation_uses_the_idle_cores_and_restores_the_thread_counts(monk
 
     seen = []
     real_merge = fedsoup.merge
-    monkeypatch.setattr(fedsoup, "merge", lambda models, **kw: seen.append(torch.get_num_threads()) or real_merge(models, **kw))
+    monkeypatch.setattr(fedsoup, "merge", lambda models, options=None, **kw: seen.append(torch.get_num_threads()) or real_merge(models, options, **kw))
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
     monkeypatch.setattr(threads, "busy_cores", lambda: 1.0)  # another process keeps one core busy
     before = torch.get_num_threads()
