@@ -380,3 +380,15 @@ def test_injected_enospc_is_a_typed_error_naming_the_output(tmp_path, capsys, mo
     assert line.startswith(f"fedsoup: error: {out / output.rstrip('/')}")
     assert line.endswith(": cannot write: no space left on device")
     assert list(out.iterdir()) == []
+
+
+def test_files_written_beside_the_weights_are_names_not_paths(tmp_path):
+    from fedsoup import io as fio
+    from fedsoup.errors import OptionError
+
+    infos = {"w": fio.TensorInfo((2,), torch.float32)}
+    for name in ("../escape.json", "sub/config.json", ".."):
+        with pytest.raises(OptionError) as info:
+            fio.write_checkpoint(tmp_path / "out" / "", infos, lambda key: torch.ones(2), extra_files={name: b"{}"})
+        assert info.value.value == name
+    assert list(tmp_path.iterdir()) == []

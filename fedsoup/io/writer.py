@@ -232,6 +232,9 @@ def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shar
     file goes, even with ``force``.
     """
     folder = layout.main.parent
+    for name in extra_files:  # names, never paths: nothing is written outside the output folder
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise OptionError("extra_files", name, f"extra file {name!r}: a file name, not a path")
     shards = None if layout.kind == "torch" else plan_shards(infos, max_shard_bytes)
     if shards is None or len(shards) == 1:
         weights = [layout.main]
