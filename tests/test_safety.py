@@ -392,3 +392,13 @@ def test_files_written_beside_the_weights_are_names_not_paths(tmp_path):
             fio.write_checkpoint(tmp_path / "out" / "", infos, lambda key: torch.ones(2), extra_files={name: b"{}"})
         assert info.value.value == name
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pt_output_is_the_same_bytes_every_run(tmp_path):
+    # torch.save on a path names its zip archive after the file: the random temporary name
+    # made every .pt output different. Written through a file object, it is "archive".
+    inputs = write_inputs(tmp_path / "in")
+    first = fedsoup.merge_files(inputs, tmp_path / "a.pt")
+    second = fedsoup.merge_files(inputs, tmp_path / "b.pt")
+    assert first.read_bytes() == second.read_bytes()
+    assert torch.equal(torch.load(first, weights_only=True)["w"], fedsoup.soup([load_file(p) for p in inputs])["w"])

@@ -251,6 +251,10 @@ def test_tensor_files_without_state_json_are_refused_saying_how_to_start_fresh(t
     assert "killed" in message and "start fresh" in message
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path)
+    from strategies import FedSoup
+
+    with pytest.raises(CheckpointError):  # the strategy does not restart at round 1 over it
+        FedSoup(checkpoint_dir=tmp_path)
 
 
 def test_a_checkpoint_write_on_a_full_disk_is_an_output_error_and_keeps_the_previous(tmp_path, monkeypatch):
