@@ -9,8 +9,8 @@ so its temporary file stays. Temporary files are therefore recognisable as fedso
 exclusive ``flock`` on them while writing. The kernel drops that lock when the writer
 dies, however it dies, and it is seen across processes and container PID namespaces
 sharing the file system. :func:`remove_stale_temps` deletes the fedsoup temporary files
-of given destinations whose lock it can take: their writer is gone. Every
-:func:`atomic_path` first does so for its own destination.
+of a folder whose lock it can take: their writer is gone. Every :func:`atomic_path`
+first does so in its destination's folder, so the next write there cleans up.
 
 OS errors of the write (a folder without write permission, a full disk, a read-only
 file system) become :class:`~fedsoup.errors.OutputError`, naming the destination, not
@@ -23,7 +23,7 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedsoup.errors import OutputError
@@ -33,8 +33,7 @@ try:  # POSIX; elsewhere temporary files are still removed on errors, but not af
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "is_fedsoup_temp", "remove_stale_temps",
-           "temp_destination"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "is_fedsoup_temp", "remove_stale_temps"]
 
 # mkstemp creates files readable by their owner only; a finished output should get the
 # mode any other new file would (0o666 minus the umask). Read once: os.umask sets too.
@@ -44,7 +43,7 @@ os.umask(_UMASK)
 _TEMP_MARK = ".fedsoup-"
 _TEMP_SUFFIX = ".tmp"
 # mkstemp's random part: 8 characters of [a-z0-9_].
-_TEMP_RE = re.compile(r"^\.(?P<destination>.+)\.fedsoup-[a-z0-9_]{8}\.tmp$")
+_TEMP_RE = re.compile(r"^\..+\.fedsoup-[a-z0-9_]{8}\.tmp$")
 
 
 def is_fedsoup_temp(name: str) -> bool:
@@ -52,28 +51,23 @@ def is_fedsoup_temp(name: str) -> bool:
     return _TEMP_RE.match(name) is not None
 
 
-def temp_destination(name: str) -> str | None:
-    """The destination file name a fedsoup temporary file name was written for, else ``None``."""
-    match = _TEMP_RE.match(name)
-    return match.group("destination") if match else None
-
-
 def _lock(fd: int, *, wait: bool) -> bool:
+    """Take ``fd``'s exclusive ``flock``; False if another holds it or locks are not supported."""
     if fcntl is None:  # pragma: no cover
-        return not wait
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
+    except OSError:  # held elsewhere (EWOULDBLOCK), or no locks on this file system (ENOLCK...)
         return False
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike[str], destinations: Callable[[str], bool]) -> list[Path]:
-    """Delete fedsoup temporary files in ``folder`` written for a destination name that
-    ``destinations`` accepts and whose writer is gone (their ``flock`` is free); return them.
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the fedsoup temporary files in ``folder`` whose writer is gone (their ``flock``
+    is free); return them.
 
-    Links, folders and files of live writers are left alone, and so is every name that is
-    not a fedsoup temporary file.
+    Links, folders, files of live writers and every name that is not a fedsoup temporary
+    file are left alone; so is everything where the file system cannot lock.
     """
     if fcntl is None:  # pragma: no cover - no way to tell a live writer from a dead one
         return []
@@ -83,8 +77,7 @@ def remove_stale_temps(folder: str | os.PathLike[str], destinations: Callable[[s
     except OSError:
         return []
     for entry in entries:
-        destination = temp_destination(entry.name)
-        if destination is None or not destinations(destination):
+        if not is_fedsoup_temp(entry.name):
             continue
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
@@ -133,7 +126,7 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     ``destination``.
     """
     destination = Path(destination)
-    remove_stale_temps(destination.parent, destination.name.__eq__)
+    remove_stale_temps(destination.parent)
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _locked_temp(destination)

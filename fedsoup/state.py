@@ -191,10 +191,6 @@ def orphan_tensor_files(directory: str | os.PathLike[str]) -> list[str]:
     return sorted(entry.name for entry in os.scandir(directory) if _TENSOR_FILE_RE.match(entry.name))
 
 
-def _is_checkpoint_file(name: str) -> bool:
-    return name == STATE_JSON or _TENSOR_FILE_RE.match(name) is not None
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -220,7 +216,7 @@ def save_checkpoint(
     if not _TENSOR_FILE_RE.match(tensor_file):
         raise OptionError("tag", tag, f"checkpoint tag {tag!r}: use letters, digits, '_', '.', '-' only")
     tensors, skeleton = flatten_state(state)
-    remove_stale_temps(directory, _is_checkpoint_file)
+    remove_stale_temps(directory)
     digest = write_safetensors(directory / tensor_file, tensors, {"format": CHECKPOINT_FORMAT, **dict(metadata or {})})
     document = {
         "format": CHECKPOINT_FORMAT,

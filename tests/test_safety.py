@@ -142,12 +142,14 @@ def test_temp_files_are_recognisable_and_a_dead_writers_are_removed(tmp_path, ca
     alive.write_bytes(b"in progress")
     other = tmp_path / ".out.safetensors.12345.tmp"  # not recognisably fedsoup's
     other.write_bytes(b"someone else's")
+    elsewhere = tmp_path / ".older-output.pt.fedsoup-dead0002.tmp"  # a killed write of another output here
+    elsewhere.write_bytes(b"partial")
     assert is_fedsoup_temp(dead.name) and is_fedsoup_temp(alive.name) and not is_fedsoup_temp(other.name)
     with open(alive, "rb") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         code, _, err = run("merge", *inputs, "-o", out, capsys=capsys)
         assert code == 0, err
-        assert not dead.exists()
+        assert not dead.exists() and not elsewhere.exists()
         assert alive.exists() and other.exists()
     code, _, err = run("merge", *inputs, "-o", out, "--force", capsys=capsys)
     assert code == 0, err

@@ -270,13 +270,6 @@ def _make_folder(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
-def _own_temp_names(layout: OutputLayout, extra_files: Mapping[str, bytes]) -> Callable[[str], bool]:
-    """Which destination names of a killed writer's temporary files belong to this output."""
-    names = {layout.main.name, layout.index.name, *extra_files}
-    pattern = _own_shard_pattern(layout) if layout.kind == "safetensors" else None
-    return lambda name: name in names or (pattern is not None and pattern.match(name) is not None)
-
-
 def write_checkpoint(
     output: str | os.PathLike[str],
     infos: Mapping[str, TensorInfo],
@@ -311,7 +304,7 @@ def write_checkpoint(
     plan = _plan_output(layout, infos, max_shard_bytes, extra_files, force)
     on_tensor = on_tensor or (lambda key, info: None)
     created = _make_folder(folder)
-    remove_stale_temps(folder, _own_temp_names(layout, extra_files))
+    remove_stale_temps(folder)  # a killed writer's, before this write adds its own
     try:
         with contextlib.ExitStack() as stack:
             # Entered first, renamed last: readers never see an index before its shards,
