@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +84,7 @@ def merge(
     order_by: Sequence[float] | None = None,
     pivot: str | int | Mapping[str, torch.Tensor | np.ndarray] | None = None,
     seed: int | None = None,
+    adapter_config: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     report: bool = False,
     _path: str | None = None,
     _part: bool = False,
@@ -128,6 +130,10 @@ def merge(
         pivot: a state dict as ``w_0`` for this call (or, without ``options``, the
             rule: ``"soup"``, ``"first"``, an ingredient index).
         seed: the shuffling seed for this call (default: the options').
+        adapter_config: with the ``lora`` option, the models are PEFT adapter state dicts
+            and this is their ``adapter_config.json`` (one dict for all, or one per model):
+            :mod:`fedsoup.lora` merges them as ``"factors"`` or ``"products"`` and returns the
+            merged adapter's tensors (its config: ``report.lora.config``).
         report: also return a :class:`~fedsoup.report.MergeReport`: path taken, ``η_0``
             used per tensor, steps, distance to the soup and the ball's radius, warnings.
         _path: (private; tests and benchmarks) force one of :data:`PATHS`.
@@ -149,10 +155,26 @@ def merge(
         fedsoup.OptionError: (a ``ValueError``) a bad option value.
     """
     options = _options(options, pivot, option_kwargs)  # validated once, or trusted
+    if options.lora is not None:  # PEFT adapters: their factors or their products s·B·A (docs/design.md §2.6)
+        return _merge_adapters(models, options, adapter_config, weights, order_by, pivot, seed, report)
     plan = make_plan(models, options, weights=weights, order_by=order_by,
                      pivot=pivot if isinstance(pivot, Mapping) else None, seed=seed, path=_path)
     result, merge_report = run(plan, part=_part, exact_ball=report or _part)
     return (result, merge_report) if report else result
+
+
+def _merge_adapters(models, options: MergeOptions, adapter_config, weights, order_by, pivot, seed, report: bool):
+    from fedsoup.lora.modes import merge_adapter_state_dicts  # (fedsoup.lora merges its tensors with merge)
+
+    for name, value in (("order_by", order_by), ("pivot", pivot if isinstance(pivot, Mapping) else None),
+                        ("seed", seed)):
+        if value is not None:
+            raise OptionError(name, value, f"{name}= is not taken by a LoRA adapter merge (give it in the options)")
+    merged = merge_adapter_state_dicts(models, options, adapter_config, weights=weights)
+    if not report:
+        return merged.state_dict
+    return merged.state_dict, MergeReport(f"lora-{merged.report.how}", options.optimizer_class.__name__,
+                                          options.epochs, 0, lora=merged.report)
 
 
 def _options(options: MergeOptions | None, pivot, option_kwargs: dict) -> MergeOptions:

@@ -112,6 +112,8 @@ def run_merge(args: argparse.Namespace) -> int:
         f"({'low-memory' if report.low_memory else 'in-memory'}, {report.epochs} epoch{'s' if report.epochs != 1 else ''}; "
         f"{report.describe()})"
     )
+    if report.lora is not None:
+        print(f"{PROG}: {report.lora.summary()}")
     return 0
 
 
@@ -210,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight-decay", dest="weight_decay", type=float, help="optimizer argument weight_decay")
     opt.add_argument("--opt", dest="optimizer_kwargs", action="append", type=_optimizer_kwarg, metavar="KEY=VALUE",
                      help="any other optimizer argument (repeatable), e.g. --opt amsgrad=true")
+
+    lora = merge.add_argument_group("LoRA adapters (PEFT adapter directories as inputs)")
+    lora.add_argument("--lora", choices=("products", "factors"),
+                      help="merge the updates s*B*A (products, the default: exact at rank sum(r)) or A and B apart (factors)")
+    lora.add_argument("--lora-rank", dest="lora_rank", type=int, metavar="R",
+                      help="products: write rank R by the truncated SVD of the merge (its energy is reported)")
+    lora.add_argument("--base", metavar="DIR", help="add the merged update to this base model directory; write a model directory")
 
     memory = merge.add_argument_group("memory and device")
     mode = memory.add_mutually_exclusive_group()

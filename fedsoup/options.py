@@ -45,12 +45,15 @@ from fedsoup.schedules import SCHEDULES
 __all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "resolve_optimizer_option", "CALL_INPUTS",
            "OPTIMIZER_CHECKS", "check_optimizer_values"]
 
+# How PEFT LoRA adapters are merged (fedsoup.lora): their updates s·B·A, or A and B apart.
+LORA_MODES = ("products", "factors")
+
 # Constructor parameters that the merge itself sets (never user options).
 _SET_BY_MERGE = frozenset({"self", "params", "lr"})
 
 # What one ``fedsoup.merge`` call merges (its arguments, not options); ``pivot`` is one as a
 # state dict (as "soup", "first" or an index it is the option), ``seed`` overrides the option.
-CALL_INPUTS = ("weights", "order_by", "pivot", "seed")
+CALL_INPUTS = ("weights", "order_by", "pivot", "seed", "adapter_config")
 _NOT_OPTIONS = {
     "weights": "weights are an input of the call: fedsoup.merge(models, options, weights=...)",
     "order_by": "order_by scores are an input of the call: fedsoup.merge(models, options, order_by=...)",
@@ -235,6 +238,10 @@ class MergeOptions:
     evaluate: Callable[[dict[str, torch.Tensor]], float] | None = None
     project: bool = False
     device: str | torch.device | None = None
+    # PEFT LoRA adapters (fedsoup.lora): merge the updates s·B·A ("products") or A and B apart
+    # ("factors"); None: plain tensors for fedsoup.merge, "products" for adapter files (docs/api.md).
+    lora: str | None = None
+    lora_rank: int | None = None  # "products": the rank written, by a truncated SVD; None: exact (rank Σ r_i)
     optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     optimizer_class: type[torch.optim.Optimizer] = field(init=False, repr=False, compare=False)
     optimizer_settings: Mapping[str, Any] = field(init=False, repr=False, compare=False)
@@ -275,11 +282,22 @@ class MergeOptions:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as error:
                 raise OptionError("device", self.device, f"invalid device {self.device!r} ({error})") from None
+        self._check_lora()
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
         set_("optimizer_kwargs", _check_optimizer_kwargs(cls, self.optimizer_kwargs, _MERGE_FIELDS))
         set_("optimizer_class", cls)
         set_("optimizer_settings", optimizer_settings(cls, self.optimizer_kwargs))
+
+    def _check_lora(self) -> None:
+        if self.lora is not None and self.lora not in LORA_MODES:
+            raise OptionError("lora", self.lora, f"unknown LoRA mode {self.lora!r} (use {' or '.join(LORA_MODES)})",
+                              suggestion=closest_name(str(self.lora), LORA_MODES))
+        if self.lora_rank is not None:
+            self._normalise("lora_rank", _integer("lora_rank", self.lora_rank, minimum=1))
+            if self.lora == "factors":
+                raise OptionError("lora_rank", self.lora_rank, "option 'lora_rank' applies to the 'products' mode "
+                                  "only (the 'factors' mode keeps the adapters' rank)")
 
     def _normalise(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # (frozen: only while validating)

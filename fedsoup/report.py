@@ -15,9 +15,12 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsoup.ball import BallCheck
+
+if TYPE_CHECKING:
+    from fedsoup.lora.modes import LoraReport
 
 __all__ = ["MergeReport"]
 
@@ -42,6 +45,8 @@ class MergeReport:
             (:func:`fedsoup.merge_files`): the output as named, the files written, the
             inputs read, tensor and parameter counts, wall time and whether it ran tensor
             by tensor; empty for an in-memory merge.
+        lora: for PEFT LoRA adapters (:mod:`fedsoup.lora`): the mode, the factor/product
+            error per module, the SVD's captured energy and the written adapter's config.
     """
 
     path: str
@@ -59,6 +64,7 @@ class MergeReport:
     parameters: int = 0
     seconds: float = 0.0
     low_memory: bool = False
+    lora: LoraReport | None = None
 
     @property
     def lr_range(self) -> tuple[float, float] | None:
@@ -110,6 +116,8 @@ class MergeReport:
         }
         if self.ball is not None:
             record.update(soup_distance=self.distance, ball_radius=self.radius, outside_ball=self.outside_ball)
+        if self.lora is not None:
+            record.update(self.lora.describe())
         return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
                 for key, value in record.items()}
 

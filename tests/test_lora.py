@@ -455,3 +455,98 @@ def test_bad_adapter_inputs_write_nothing(bad, gpt2_adapters, tmp_path):
         merge_adapter_files(inputs, tmp_path / "out")
     assert info.value.path == str(tmp_path / "bad") and info.value.ingredient == 1
     assert not (tmp_path / "out").exists()
+
+
+# --- merge_files and the command line -----------------------------------------------------------
+
+def test_merge_files_on_adapters_writes_an_adapter_peft_loads(gpt2_adapters, tmp_path):
+    """The bug of the issue: adapters merged into a bare model.safetensors without adapter_config.json."""
+    import fedsoup
+    output = fedsoup.merge_files([str(d) for d in gpt2_adapters], tmp_path / "out")
+    assert (output / "adapter_config.json").is_file() and not (output / "model.safetensors").exists()
+    model = _peft_load(output)
+    _close(peft_deltas(model), hand_products(gpt2_adapters), 1e-6)  # the default: exact products
+
+
+def test_merge_files_lora_options_on_models_are_refused(tmp_path):
+    import fedsoup
+    from safetensors.torch import save_file
+    for i in range(2):
+        save_file({"w": torch.ones(2)}, str(tmp_path / f"m{i}.safetensors"))
+    with pytest.raises(OptionError) as info:
+        fedsoup.merge_files([str(tmp_path / "m0.safetensors"), str(tmp_path / "m1.safetensors")],
+                            tmp_path / "out.safetensors", lora="factors")
+    assert info.value.option == "lora"
+    with pytest.raises(OptionError) as info:
+        fedsoup.merge_files([str(tmp_path / "m0.safetensors")], tmp_path / "o.safetensors", lora="cat")
+    assert info.value.suggestion is None or info.value.option == "lora"
+
+
+def test_cli_merges_adapters_and_reports_the_error(gpt2_adapters, tmp_path, capsys):
+    from fedsoup import cli
+    code = cli.main(["merge", *map(str, gpt2_adapters), "-o", str(tmp_path / "out"), "--lora", "products",
+                     "--lora-rank", "4", "--weights", "1,1,2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "lora products (svd, rank 4): factor/product error max" in out and "SVD energy min" in out
+    _peft_load(tmp_path / "out")
+    code = cli.main(["merge", *map(str, gpt2_adapters), "-o", str(tmp_path / "model"), "--base", str(tmp_path / "b")])
+    assert code == 2  # no such base: one line, exit 2
+    gpt2_base().save_pretrained(str(tmp_path / "b"))
+    code = cli.main(["merge", *map(str, gpt2_adapters), "-o", str(tmp_path / "model"), "--base", str(tmp_path / "b"),
+                     "--lora", "factors"])
+    assert code == 0 and (tmp_path / "model" / "config.json").is_file()
+    assert "lora factors (base, rank 4)" in capsys.readouterr().out
+
+
+def test_cli_refuses_mixed_inputs_and_writes_nothing(gpt2_adapters, tmp_path, capsys):
+    from fedsoup import cli
+    gpt2_base().save_pretrained(str(tmp_path / "model"))
+    capsys.readouterr()  # (transformers' own progress output)
+    code = cli.main(["merge", str(gpt2_adapters[0]), str(tmp_path / "model"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "adapter" in err
+    assert not (tmp_path / "out").exists()
+    mixed = make_adapter(tmp_path / "r2", seed=7, r=2)
+    code = cli.main(["merge", str(gpt2_adapters[0]), str(mixed), "-o", str(tmp_path / "out"), "--lora", "factors"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(mixed) in err and "equal ranks" in err
+    assert not (tmp_path / "out").exists()
+
+
+# --- the lora option of MergeOptions and fedsoup.merge -----------------------------------------
+
+def test_merge_takes_the_lora_option_on_adapter_state_dicts(gpt2_adapters, tmp_path):
+    import fedsoup
+    configs, tensors = zip(*(read(d) for d in gpt2_adapters))
+    merged, report = fedsoup.merge(list(tensors), lora="products", lora_rank=5, adapter_config=configs[0],
+                                   weights=[1, 2, 3], report=True)
+    assert report.path == "lora-svd" and report.lora.config["r"] == 5
+    assert report.to_dict()["factor_product_error_max"] == report.lora.max_error
+    write_adapter(tmp_path / "out", merged, report.lora.config)
+    exact = merge_adapters(_load(gpt2_adapters), mode="products", rank=5, weights=[1, 2, 3])
+    for key, value in exact.state_dict.items():
+        assert torch.equal(merged[key], value)
+    # factors through merge equal FedAvg on the tensors, one config per model accepted too
+    options = MergeOptions(lora="factors")
+    fedavg = fedsoup.merge(list(tensors), options, adapter_config=list(configs))
+    for key in fedavg:
+        torch.testing.assert_close(fedavg[key], sum(t[key] for t in tensors) / 3)
+
+
+def test_lora_option_values_are_checked_when_built():
+    with pytest.raises(OptionError) as info:
+        MergeOptions(lora="product")
+    assert info.value.option == "lora" and info.value.suggestion == "products"
+    with pytest.raises(OptionError) as info:
+        MergeOptions(lora="factors", lora_rank=4)
+    assert info.value.option == "lora_rank"
+    with pytest.raises(OptionError):
+        MergeOptions(lora="products", lora_rank=0)
+
+
+def test_merge_with_lora_needs_the_adapter_config(gpt2_adapters):
+    import fedsoup
+    with pytest.raises(OptionError) as info:
+        fedsoup.merge([read(d)[1] for d in gpt2_adapters], lora="products")
+    assert info.value.option == "adapter_config"

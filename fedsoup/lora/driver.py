@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fedsoup.errors import MergeInputError, OptionError, OutputExistsError
 from fedsoup.io.layout import HF_WEIGHTS_NAME
 from fedsoup.io.readers import open_weights_file
@@ -33,6 +35,8 @@ class AdapterFilesReport:
     files: list[Path]
     inputs: list[str]
     lora: LoraReport
+    tensors: int
+    parameters: int
 
 
 def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
@@ -45,7 +49,7 @@ def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
 def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
                         mode: str = "products", rank: int | None = None, base: str | os.PathLike[str] | None = None,
                         options: MergeOptions | None = None, weights: Sequence[float] | None = None,
-                        force: bool = False,
+                        force: bool = False, dtype: torch.dtype | None = None,
                         metadata: dict[str, str] | None = None) -> AdapterFilesReport:
     """Merge PEFT adapters (directories or their weights files) and write the result.
 
@@ -53,8 +57,9 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | 
     ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads. With ``base``
     (a model directory): the base with the merged update added, as a model directory
     carrying the base's config and tokenizer files. ``mode``, ``rank``, ``options`` and
-    ``weights`` are :func:`fedsoup.lora.merge_adapters`'. ``metadata`` goes into the weights file, with
-    the LoRA report under ``fedsoup.lora``.
+    ``weights`` are :func:`fedsoup.lora.merge_adapters`'. ``dtype`` casts the written
+    floating tensors (default: the adapters', the base's). ``metadata`` goes into the
+    weights file, with the LoRA report under ``fedsoup.lora``.
     """
     output = Path(output)
     names = [os.fspath(item) for item in inputs]
@@ -71,12 +76,22 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | 
     record = dict(metadata or {})
     if base_input is None:
         merged = merge_adapters(adapters, mode=mode, rank=rank, options=options, weights=weights, names=names)
-        record["fedsoup.lora"] = json.dumps(merged.report.describe(), sort_keys=True)
-        files = write_adapter(output, merged.state_dict, merged.config, force=force, metadata=record)
-        return AdapterFilesReport(output, files, names, merged.report)
-    with open_weights_file(base_input.weights, base_input.name) as checkpoint:
-        base_weights = checkpoint.load_all()
-    state_dict, report = merge_into_base(adapters, base_weights, mode=mode, options=options, weights=weights, names=names)
-    record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
-    files = write_model(output, state_dict, base, force=force, metadata=record)
-    return AdapterFilesReport(output, files, names, report)
+        state_dict, report = _cast(merged.state_dict, dtype), merged.report
+        record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
+        files = write_adapter(output, state_dict, merged.config, force=force, metadata=record)
+    else:
+        with open_weights_file(base_input.weights, base_input.name) as checkpoint:
+            base_weights = checkpoint.load_all()
+        state_dict, report = merge_into_base(adapters, base_weights, mode=mode, options=options, weights=weights,
+                                             names=names)
+        state_dict = _cast(state_dict, dtype)
+        record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
+        files = write_model(output, state_dict, base, force=force, metadata=record)
+    return AdapterFilesReport(output, files, names, report, len(state_dict),
+                              sum(tensor.numel() for tensor in state_dict.values()))
+
+
+def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state_dict
+    return {key: t.to(dtype) if t.is_floating_point() else t for key, t in state_dict.items()}

@@ -28,6 +28,7 @@ differ), and the captured energy ``Σ_{j≤t} σ_j² / ‖ΔW‖_F²`` of every 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,25 +38,26 @@ from typing import Any
 import torch
 
 from fedsoup.ame import merge, options_reduce_to_soup
-from fedsoup.errors import MergeInputError, MergeWarning, OptionError
+from fedsoup.errors import MergeInputError, MergeWarning, OptionError, closest_name
 from fedsoup.inputs import compute_dtype, find_non_finite, normalised_weights
 from fedsoup.lora.config import LoraSettings, output_adapter_config, parse_adapter_config
 from fedsoup.lora.linalg import balanced_factors, captured_energy, factored_norm, factored_svd, randomized_svd
-from fedsoup.lora.pairs import Adapter, join_adapter, module_name
-from fedsoup.options import MergeOptions
+from fedsoup.lora.pairs import Adapter, join_adapter, module_name, split_adapter
+from fedsoup.options import LORA_MODES, MergeOptions
 
 __all__ = [
     "LORA_MODES",
     "AdapterMerge",
     "LoraReport",
     "check_adapters",
+    "check_lora_options",
     "factor_product_errors",
     "merge_adapters",
+    "merge_adapter_state_dicts",
     "merged_deltas",
     "merge_into_base",
 ]
 
-LORA_MODES = ("factors", "products")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class LoraReport:
     ``errors``: the factor/product error ``e_m`` (``None`` where ranks differ);
     ``energies``: the captured energy of the SVD taken per module (empty without one);
     ``how``: ``"factors"``, ``"cat"``, ``"svd"`` or ``"base"``; ``rank``: the target rank
-    asked for (``None``: the mode's own).
+    asked for (``None``: the mode's own); ``ranks``: the rank of each module written;
+    ``config``: the written adapter's ``adapter_config.json`` as a dict.
     """
 
     mode: str
@@ -74,6 +77,7 @@ class LoraReport:
     errors: Mapping[str, float | None]
     energies: Mapping[str, float] = field(default_factory=dict)
     ranks: Mapping[str, int] = field(default_factory=dict)
+    config: Mapping[str, Any] | None = None  # the merged adapter's adapter_config.json (None: into a base)
 
     @property
     def max_error(self) -> float | None:
@@ -262,9 +266,9 @@ def _as_output(adapters: Sequence[Adapter], factors: Mapping[str, tuple[torch.Te
     return join_adapter(pairs, full), config, {path: a.shape[0] for path, (b, a) in factors.items()}
 
 
-def _check_mode(mode: str, rank: int | None) -> None:
+def check_lora_options(mode: str, rank: int | None) -> None:
+    """Refuse an unknown ``mode`` (with the closest name) or a ``rank`` that is not a positive integer."""
     if mode not in LORA_MODES:
-        from fedsoup.errors import closest_name
         raise OptionError("lora", mode, f"unknown LoRA mode {mode!r} (use {' or '.join(LORA_MODES)})",
                           suggestion=closest_name(str(mode), LORA_MODES))
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -273,12 +277,14 @@ def _check_mode(mode: str, rank: int | None) -> None:
 
 def _run_merge(models: Sequence[Mapping[str, torch.Tensor]], options: MergeOptions,
                weights: Sequence[float] | None) -> dict[str, torch.Tensor]:
-    """``fedsoup.merge`` with ``options`` (validated once, when built: not again here) and this call's ``weights``."""
-    return merge(list(models), options, weights=None if weights is None else list(weights))
+    """``fedsoup.merge(models, options, weights=...)`` on tensors (factors, updates, full tensors).
 
-
-def _call_weights(options: MergeOptions, weights: Sequence[float] | None) -> Sequence[float] | None:
-    return getattr(options, "weights", None) if weights is None else weights
+    The options were validated when built; only their LoRA fields are cleared here (these
+    tensors are no adapters), which validates a copy once per call, not per tensor.
+    """
+    inner = options if options.lora is None and options.lora_rank is None else \
+        dataclasses.replace(options, lora=None, lora_rank=None)
+    return merge(list(models), inner, weights=None if weights is None else list(weights))
 
 
 def _merged_factors(adapters: Sequence[Adapter], options: MergeOptions, weights, names=None) -> dict[str, torch.Tensor]:
@@ -315,8 +321,7 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
     What :func:`merge_into_base` adds to the base weights.
     """
     options = _options(options)
-    weights = _call_weights(options, weights)
-    _check_mode(mode, None)
+    check_lora_options(mode, None)
     if mode == "factors":
         merged = _merged_factors(adapters, options, weights)
         deltas = {}
@@ -368,8 +373,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
         ``alpha_pattern`` and ``use_rslora`` are the first adapter's.
     """
     options = _options(options)
-    weights = _call_weights(options, weights)
-    _check_mode(mode, rank)
+    check_lora_options(mode, rank)
     if mode == "factors" and rank is not None:
         raise OptionError("lora_rank", rank, "option 'lora_rank' applies to the 'products' mode only "
                           "(the 'factors' mode keeps the adapters' rank)")
@@ -382,7 +386,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
         ranks = {path: pair.rank for path, pair in template.pairs.items()}
         config = output_adapter_config(template.settings, {module_name(p): r for p, r in ranks.items()})
         state_dict = {key: merged[key] for key in _adapter_keys(template)}
-        return AdapterMerge(state_dict, config, LoraReport("factors", "factors", None, errors, {}, ranks))
+        return AdapterMerge(state_dict, config, LoraReport("factors", "factors", None, errors, {}, ranks, config))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     energies: dict[str, float] = {}
     if options_reduce_to_soup(options):
@@ -407,7 +411,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
             energies[path] = captured_energy(s, kept, total=float(delta.double().square().sum()))
         how = "svd"
     state_dict, config, ranks = _as_output(adapters, factors, full)
-    return AdapterMerge(state_dict, config, LoraReport("products", how, rank, errors, energies, ranks))
+    return AdapterMerge(state_dict, config, LoraReport("products", how, rank, errors, energies, ranks, config))
 
 
 def _adapter_keys(adapter: Adapter) -> list[str]:
@@ -466,8 +470,7 @@ def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor
     ``base`` the adapter does not touch are returned as they are.
     """
     options = _options(options)
-    weights = _call_weights(options, weights)
-    _check_mode(mode, None)
+    check_lora_options(mode, None)
     check_adapters(adapters, names)
     errors = factor_product_errors(adapters, normalised_weights(weights, len(adapters)))
     transposed = _transposed(adapters, base, names)
@@ -487,3 +490,24 @@ def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor
         result[base_key] = tensor.to(base[base_key].dtype)
     ranks = {path: pair.rank for path, pair in adapters[0].pairs.items()}
     return result, LoraReport(mode, "base", None, errors, {}, ranks)
+
+
+# --- fedsoup.merge on adapter state dicts ------------------------------------------------------
+
+def merge_adapter_state_dicts(models: Sequence[Mapping[str, torch.Tensor]], options: MergeOptions,
+                              adapter_config: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None, *,
+                              weights: Sequence[float] | None = None) -> AdapterMerge:
+    """What ``fedsoup.merge(models, lora=..., adapter_config=...)`` does: ``models`` are adapter
+    state dicts under PEFT's saved key names, ``adapter_config`` their ``adapter_config.json``
+    (one for all, as a server that fixed the adapter has it, or one per model)."""
+    if adapter_config is None:
+        raise OptionError("adapter_config", None, "merging LoRA adapters needs their adapter_config.json: "
+                          "fedsoup.merge(models, lora=..., adapter_config=config)")
+    configs = [adapter_config] * len(models) if isinstance(adapter_config, Mapping) else list(adapter_config)
+    if len(configs) != len(models):
+        raise OptionError("adapter_config", f"{len(configs)} configs",
+                          f"one adapter_config for all models or one per model; got {len(configs)} for {len(models)}")
+    adapters = [split_adapter({str(k): v for k, v in model.items()}, parse_adapter_config(config, ingredient=index),
+                              ingredient=index)
+                for index, (model, config) in enumerate(zip(models, configs))]
+    return merge_adapters(adapters, mode=options.lora, rank=options.lora_rank, options=options, weights=weights)

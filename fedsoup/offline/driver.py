@@ -28,7 +28,8 @@ from fedsoup.io.formats import DTYPE_NAMES, TensorInfo, dtype_str
 from fedsoup.io.hf import check_model_inputs, model_directory_files, uncarried_files
 from fedsoup.io.layout import OutputLayout
 from fedsoup.io.readers import Checkpoint, open_weights_file
-from fedsoup.io.resolve import ResolvedInput, expand_inputs, open_checkpoint, resolve_input
+from fedsoup.io.resolve import ADAPTER, ResolvedInput, expand_inputs, open_checkpoint, resolve_input
+from fedsoup.lora.driver import merge_adapter_files
 from fedsoup.io.writer import parse_size, write_checkpoint
 from fedsoup.inputs import per_ingredient
 from fedsoup.offline.producers import LowMemoryProducer, Progress, choose_low_memory, in_memory_producer
@@ -40,6 +41,9 @@ from fedsoup.structure import check_structure
 __all__ = ["merge_files", "run_merge_files", "MergeReport", "DEFAULT_SHARD_SIZE", "report_sidecar"]
 
 DEFAULT_SHARD_SIZE = "5GB"  # as Hugging Face's save_pretrained
+# PEFT adapter inputs are merged as their products s·B·A, exactly (rank Σ r_i), unless told
+# otherwise: the measurements behind this choice are in docs/api.md, "LoRA adapters".
+DEFAULT_ADAPTER_MODE = "products"
 # Where a tensor-by-tensor merge writes its report (the header was written before it ended).
 REPORT_SIDECAR_SUFFIX = ".fedsoup.json"
 
@@ -92,6 +96,11 @@ def merge_files(
         **merge_options: the options of :func:`fedsoup.merge` and the optimizer's
             arguments (:class:`~fedsoup.options.MergeOptions`); ``pivot`` may also be
             a checkpoint path.
+        base: with PEFT adapter inputs (``adapter_config.json`` beside ``adapter_model.*``),
+            a model directory to add the merged update to (a model directory is written);
+            without it an adapter directory is written. Adapters are merged as
+            ``merge_options["lora"]`` says: ``"products"`` (default: exact, rank ``Σ r_i``,
+            or ``lora_rank`` by a truncated SVD) or ``"factors"`` (FedAvg on A and B).
 
     Raises:
         fedsoup.UnknownOptionError, fedsoup.OptionError: bad options, before any file is read.
@@ -202,6 +211,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     started = time.perf_counter()
     if device is not None:
         merge_options["device"] = device
+    base = merge_options.pop("base", None)
     options, weights, order_by, pivot_path = _split_file_options(merge_options)
     for name, value in (("force", force), ("copy_config", copy_config), ("progress", progress)):
         _check_flag(name, value)
@@ -222,6 +232,17 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
 
     resolved = [resolve_input(item) for item in names]
     check_model_inputs(resolved)
+    if any(item.kind == ADAPTER for item in resolved):  # (check_model_inputs refused a mix with models)
+        if order_by is not None or pivot_path is not None:
+            raise OptionError("order_by" if order_by is not None else "pivot", order_by or pivot_path,
+                              "PEFT adapters are merged without per-input scores or a pivot checkpoint")
+        weights = per_input_values("weights", weights, names, metrics) if weights is not None else None
+        return _merge_adapter_inputs(resolved, output, options, weights, base=base, force=force, dtype=out_dtype,
+                                     started=started)
+    for name, value in (("lora", options.lora), ("lora_rank", options.lora_rank), ("base", base)):
+        if value is not None:
+            raise OptionError(name, value, f"option {name!r} applies to PEFT adapter inputs (adapter_config.json "
+                              f"beside adapter_model.*), and {names[0]} is not one")
 
     with contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
@@ -278,6 +299,21 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         parameters=sum(info.numel for info in infos.values()), seconds=time.perf_counter() - started,
         low_memory=low,
     )
+
+
+def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: MergeOptions, weights, *, base,
+                          force: bool, dtype: torch.dtype | None, started: float) -> MergeReport:
+    """PEFT adapters, merged by :mod:`fedsoup.lora` (``options.lora``, default
+    :data:`DEFAULT_ADAPTER_MODE`) into an adapter directory, or into ``base``'s model directory."""
+    names = [item.name for item in resolved]
+    mode = options.lora or DEFAULT_ADAPTER_MODE
+    metadata = {"fedsoup.version": _version(), "fedsoup.inputs": json.dumps(names),
+                "fedsoup.merge": json.dumps({**options.describe(), "lora": mode, "weights": weights}, sort_keys=True)}
+    written = merge_adapter_files(names, output, mode=mode, rank=options.lora_rank, base=base, options=options,
+                                  weights=weights, force=force, dtype=dtype, metadata=metadata)
+    return MergeReport(f"lora-{written.lora.how}", options.optimizer_class.__name__, options.epochs, 0,
+                       output=Path(output), files=written.files, inputs=names, tensors=written.tensors,
+                       parameters=written.parameters, seconds=time.perf_counter() - started, lora=written.lora)
 
 
 def _version() -> str:

@@ -29,7 +29,8 @@ from fedsoup.io.formats import one_line
 __all__ = ["FILE_SETTINGS", "load_config", "load_metrics", "per_input_values", "import_object", "normalise_key"]
 
 # Settings of a file merge that are not merge options (merge_files' own arguments).
-FILE_SETTINGS = ("inputs", "output", "metrics", "shard_size", "low_memory", "force", "device", "dtype", "copy_config")
+FILE_SETTINGS = ("inputs", "output", "metrics", "shard_size", "low_memory", "force", "device", "dtype", "copy_config",
+                 "base")
 # Metrics-file columns that name the checkpoint a row belongs to.
 ID_COLUMNS = ("file", "path", "input", "model", "name", "checkpoint", "client")
 
