@@ -35,6 +35,11 @@ _RESERVED = {
     "pivot": "use FedSoup(soup_pivot=...)",
     "order_by": "use FedSoup(order_by='<client metric key>')",
     "seed": "use FedSoup(seed=...); each round derives its own seed from it",
+    # Until the strategy takes the adapter's configuration from the server (issue 27), a LoRA
+    # mode here would fail every round for want of it: refused when FedSoup is built instead.
+    "lora": "LoRA modes are not available in the strategy yet (adapter replies are merged as "
+            "tensors, as FedAvg does); merge adapter files with fedsoup.merge_files(lora=...)",
+    "lora_rank": "LoRA modes are not available in the strategy yet",
 }
 
 

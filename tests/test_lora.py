@@ -550,3 +550,11 @@ def test_merge_with_lora_needs_the_adapter_config(gpt2_adapters):
     with pytest.raises(OptionError) as info:
         fedsoup.merge([read(d)[1] for d in gpt2_adapters], lora="products")
     assert info.value.option == "adapter_config"
+
+
+def test_the_strategy_refuses_a_lora_mode_it_cannot_run_yet():
+    """Without the adapter's config from the server (issue 27) every round would fail: refused at build."""
+    strategies = pytest.importorskip("strategies")
+    with pytest.raises(OptionError) as info:
+        strategies.FedSoup(soup={"lora": "products"})
+    assert info.value.option == "lora"
