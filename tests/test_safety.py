@@ -96,6 +96,18 @@ def test_force_deletes_only_what_fedsoup_writes_for_that_output(tmp_path, capsys
         "model-00002-of-00002.safetensors", "model.safetensors", "notes.txt", "train.py"]
 
 
+def test_force_removes_the_report_sidecar_of_the_output_it_replaces(tmp_path, capsys):
+    inputs = write_inputs(tmp_path / "in")
+    out = tmp_path / "o.safetensors"
+    sidecar = tmp_path / "o.safetensors.fedsoup.json"  # the report of a tensor-by-tensor merge
+    (tmp_path / "notes.fedsoup.json").write_text("mine")
+    assert run("merge", *inputs, "-o", out, "--low-memory", capsys=capsys)[0] == 0 and sidecar.is_file()
+    code, _, err = run("merge", *inputs, "-o", out, "--in-memory", "--force", capsys=capsys)
+    assert code == 0, err
+    assert not sidecar.exists()  # it described the output that was replaced
+    assert (tmp_path / "notes.fedsoup.json").read_text() == "mine"
+
+
 @pytest.mark.parametrize("obstacle", ["directory", "symlink"])
 def test_force_refuses_a_destination_it_did_not_write_before_writing_anything(tmp_path, capsys, obstacle):
     inputs = write_inputs(tmp_path / "in")

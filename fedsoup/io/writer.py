@@ -224,7 +224,7 @@ def _is_regular_file(path: Path) -> bool:
 
 
 def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shard_bytes: int,
-                 extra_files: Mapping[str, bytes], force: bool) -> _OutputPlan:
+                 extra_files: Mapping[str, bytes], sidecars: Sequence[str], force: bool) -> _OutputPlan:
     """Decide, before anything is written, what goes where and what an overwrite removes.
 
     Raises :class:`OutputExistsError` when any of it exists and ``force`` is off, and
@@ -232,16 +232,17 @@ def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shar
     file goes, even with ``force``.
     """
     folder = layout.main.parent
-    for name in extra_files:  # names, never paths: nothing is written outside the output folder
-        if not name or name in (".", "..") or "/" in name or os.sep in name:
-            raise OptionError("extra_files", name, f"extra file {name!r}: a file name, not a path")
+    for option, names in (("extra_files", extra_files), ("sidecars", sidecars)):
+        for name in names:  # names, never paths: nothing is written or removed outside the output folder
+            if not name or name in (".", "..") or "/" in name or os.sep in name:
+                raise OptionError(option, name, f"{option} entry {name!r}: a file name, not a path")
     shards = None if layout.kind == "torch" else plan_shards(infos, max_shard_bytes)
     if shards is None or len(shards) == 1:
         weights = [layout.main]
     else:
         weights = [*(layout.shard_path(i, len(shards)) for i in range(1, len(shards) + 1)), layout.index]
     files = [*(folder / name for name in extra_files), *weights]
-    own = [layout.main, layout.index]
+    own = [layout.main, layout.index, *(folder / name for name in sidecars)]
     if layout.kind == "safetensors":
         pattern = _own_shard_pattern(layout)
         with contextlib.suppress(OSError):
@@ -280,6 +281,7 @@ def write_checkpoint(
     force: bool = False,
     on_tensor: Callable[[str, TensorInfo], None] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
+    sidecars: Sequence[str] = (),
 ) -> list[Path]:
     """Write the tensors ``produce(key)`` for every key of ``infos``, atomically; return the files.
 
@@ -288,7 +290,9 @@ def write_checkpoint(
     tensor. Safetensors output is sharded as ``<stem>-0000i-of-0000n.safetensors`` with
     ``<name>.index.json`` when the total exceeds ``max_shard_bytes``. ``extra_files``
     (file name -> bytes, e.g. a model directory's ``config.json``) go beside the weights.
-    Every file is written under a temporary name and renamed only after all were
+    ``sidecars`` names files the caller writes beside this output afterwards (the report
+    of a tensor-by-tensor merge): part of the output for ``force`` (an old one is removed
+    with the old output) and for the existence check. Every file is written under a temporary name and renamed only after all were
     written, the weights' commit point (index, or single file) last; on any error nothing
     is left behind (not even the folders it created).
 
@@ -301,7 +305,7 @@ def write_checkpoint(
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     extra_files = dict(extra_files or {})
     folder = layout.main.parent
-    plan = _plan_output(layout, infos, max_shard_bytes, extra_files, force)
+    plan = _plan_output(layout, infos, max_shard_bytes, extra_files, tuple(sidecars), force)
     on_tensor = on_tensor or (lambda key, info: None)
     created = _make_folder(folder)
     remove_stale_temps(folder)  # a killed writer's, before this write adds its own

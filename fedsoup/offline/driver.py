@@ -284,7 +284,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
             bar = Progress(total_bytes, "writing", progress)
         try:
             files = write_checkpoint(output, infos, produce, metadata=metadata, max_shard_bytes=max_shard_bytes,
-                                     force=force, on_tensor=bar.update, extra_files=extra_files)
+                                     force=force, on_tensor=bar.update, extra_files=extra_files,
+                                     sidecars=[report_sidecar(layout).name])
         finally:
             bar.close()
     if low:
