@@ -558,3 +558,29 @@ def test_the_strategy_refuses_a_lora_mode_it_cannot_run_yet():
     with pytest.raises(OptionError) as info:
         strategies.FedSoup(soup={"lora": "products"})
     assert info.value.option == "lora"
+
+
+def test_modules_to_save_replace_the_base_tensors_when_merged_into_the_base(tmp_path):
+    directories = [make_adapter(tmp_path / f"a{i}", "llama", seed=20 + i, modules_to_save=["lm_head"]) for i in range(2)]
+    llama_base().save_pretrained(str(tmp_path / "base"))
+    from fedsoup.io.resolve import load_state_dict
+    base = load_state_dict(tmp_path / "base")
+    result, _ = merge_into_base(_load(directories), base, mode="products", weights=[1, 3])
+    tensors = [read(d)[1] for d in directories]
+    torch.testing.assert_close(result["lm_head.weight"], tensors[0]["base_model.model.lm_head.weight"] / 4
+                               + 3 * tensors[1]["base_model.model.lm_head.weight"] / 4)
+    write_model(tmp_path / "merged", result, tmp_path / "base")
+    merged = type(llama_base()).from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged.lm_head.weight, result["lm_head.weight"])
+
+
+def test_a_tied_module_to_save_is_refused_not_dropped(tmp_path):
+    """GPT-2 ties lm_head to wte (save_pretrained writes no lm_head.weight): writing it would be
+    re-tied away on load, so the merge refuses loudly instead of exiting 0 with it lost."""
+    directories = [make_adapter(tmp_path / f"a{i}", seed=30 + i, modules_to_save=["lm_head"]) for i in range(2)]
+    gpt2_base().save_pretrained(str(tmp_path / "base"))
+    from fedsoup.io.resolve import load_state_dict
+    with pytest.raises(MergeInputError, match="modules_to_save") as info:
+        merge_into_base(_load(directories), load_state_dict(tmp_path / "base"))
+    assert info.value.key == "base_model.model.lm_head.weight"
