@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,12 +35,16 @@ class ArrayProblem(Exception):
 
 
 def read_arrays(
-    record: ArrayRecord, reference: Mapping[str, Any] | None, reference_name: str = "the global model"
+    record: ArrayRecord,
+    reference: Mapping[str, Any] | None,
+    reference_name: str = "the global model",
+    structure: Callable[..., None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A reply's arrays as tensors viewing the message bytes, each checked against ``reference``.
 
     1. Structure, on the metadata, before any data is read: the keys and shapes of
-       ``reference`` (``fedsoup.structure``, the check ``fedsoup.merge`` uses) and the
+       ``reference`` (``structure``: by default ``fedsoup.structure``, the check
+       ``fedsoup.merge`` uses; a LoRA round's allows other ranks) and the
        same dtype *kind* (float, int, unsigned, bool, complex) per array.
     2. Each array's bytes: its ``.npy`` header must equal its metadata (dtype, shape,
        C or Fortran order aside) and the byte length must be exactly header + data.
@@ -52,9 +56,9 @@ def read_arrays(
     """
     if reference is not None:
         try:
-            check_structure(reference, dict(record.items()), reference_name=reference_name)
+            (structure or check_structure)(reference, dict(record.items()), reference_name=reference_name)
         except MergeInputError as error:
-            raise ArrayProblem(f"array {error.key!r} {error.reason}") from None
+            raise ArrayProblem(f"array {error.key!r} {error.reason}" if error.key is not None else error.reason) from None
         for key, array in record.items():
             got, expected = _kind(array.dtype), _kind(reference[key].dtype)
             if got != expected:

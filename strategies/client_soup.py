@@ -35,11 +35,10 @@ _RESERVED = {
     "pivot": "use FedSoup(soup_pivot=...)",
     "order_by": "use FedSoup(order_by='<client metric key>')",
     "seed": "use FedSoup(seed=...); each round derives its own seed from it",
-    # Until the strategy takes the adapter's configuration from the server (issue 27), a LoRA
-    # mode here would fail every round for want of it: refused when FedSoup is built instead.
-    "lora": "LoRA modes are not available in the strategy yet (adapter replies are merged as "
-            "tensors, as FedAvg does); merge adapter files with fedsoup.merge_files(lora=...)",
-    "lora_rank": "LoRA modes are not available in the strategy yet",
+    # FedSoup takes soup["lora"] (and "lora_tolerance") for its LoRA round (strategies.adapters)
+    # before the rest reaches here; the rank sent back is the server's adapter_config's.
+    "lora": "FedSoup reads it with adapter_config=...: FedSoup(adapter_config=..., soup={'lora': ...})",
+    "lora_rank": "the global adapter's rank is the server's adapter_config's r (and rank_pattern)",
 }
 
 

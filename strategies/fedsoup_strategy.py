@@ -28,20 +28,36 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedsoup.errors import OptionError, StateError
-from strategies.client_soup import ClientSoup
+from strategies.adapters import (
+    GlobalAdapter,
+    adapter_structure_check,
+    array_bytes,
+    factor_product_error,
+    lora_options,
+    reply_pairs,
+    split_soup,
+)
 from strategies.arrays import to_array_record, to_tensor_dict
+from strategies.client_soup import ClientSoup, round_seed
+from strategies.products import ProductSoup, ProductStew
 from strategies.replies import ReplyChecker, log_received
 from strategies.resume import RoundLogLines, array_shapes, shift_result, shift_rounds
 from strategies.rounds import (
     METRIC_AME_SOUP_DISTANCE,
+    METRIC_BYTES_RECEIVED,
+    METRIC_BYTES_SENT,
     METRIC_CLIENTS_LEFT_OUT,
     METRIC_CLIENTS_USED,
     METRIC_FALLBACK,
+    METRIC_LORA_ERROR_MAX,
+    METRIC_LORA_ERROR_MEAN,
     METRIC_MERGE_PREFIX,
     METRIC_STEW_GRAD_NORM,
+    RoundOutcome,
     aggregate_metrics,
     train_round,
 )
@@ -57,6 +73,10 @@ __all__ = [
     "METRIC_AME_SOUP_DISTANCE",
     "METRIC_FALLBACK",
     "METRIC_MERGE_PREFIX",
+    "METRIC_BYTES_SENT",
+    "METRIC_BYTES_RECEIVED",
+    "METRIC_LORA_ERROR_MAX",
+    "METRIC_LORA_ERROR_MEAN",
 ]
 
 
@@ -79,7 +99,12 @@ class FedSoup(FedAvg):
         ``adaptive_pivot``, ``amplification``, ``descending``, ``greedy``/``evaluate``,
         ``project``, ``device`` and optimizer arguments such as ``betas``), checked now.
         ``None``: the plain weighted soup (FedAvg). ``weights``, ``pivot``,
-        ``order_by`` and ``seed`` are set by FedSoup.
+        ``order_by`` and ``seed`` are set by FedSoup. With ``adapter_config``, two more
+        keys configure the LoRA round: ``"lora"``, ``"factors"`` (default: ``A`` and ``B``
+        merged as tensors, as FedAvg does) or ``"products"`` (the updates ``s·B·A``
+        merged, sent back at the configured rank by a seeded randomized SVD), and
+        ``"lora_tolerance"`` (products: the SVD's power iterations stop when the captured
+        energy grew by at most this, relative; default 1e-3). docs/strategy.md, "LoRA adapters".
     stew : dict, optional
         The ServerStew optimizer: ``{"optimizer": name or torch.optim class, "lr": η,
         **kwargs}`` (``optimizer`` defaults to ``"sgd"``, ``lr`` to 1.0). ``None``: SGD
@@ -106,6 +131,13 @@ class FedSoup(FedAvg):
         the excess goes to the others pro rata. ``None`` (default): weights as claimed,
         as FedAvg takes them. Recommended where clients are not trusted
         (docs/deployment.md, threat model).
+    adapter_config : dict, path or peft.LoraConfig, optional
+        The server's LoRA adapter configuration (``adapter_config.json`` as a dict, its
+        path or its directory, or PEFT's ``LoraConfig``): target modules, ``r``,
+        ``lora_alpha``, rsLoRA. Given, replies are PEFT adapters
+        (``get_peft_model_state_dict``) merged by the ``soup["lora"]`` mode, scaled by this
+        configuration, never by anything a client sends; ``start()`` refuses a global
+        model that does not match it (:class:`fedsoup.OptionError`).
     """
 
     def __init__(
@@ -119,12 +151,15 @@ class FedSoup(FedAvg):
         checkpoint_dir: str | Path | None = None,
         seed: int = 0,
         max_weight_share: float | None = None,
+        adapter_config: Any = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(*fedavg_args, **fedavg_kwargs)
         for name, value in (("order_by", order_by), ("tie_break_key", tie_break_key)):
             if value is not None and not isinstance(value, str):
                 raise OptionError(name, value, f"{name} must name a client metric (a str), got {value!r}")
+        soup, soup_lora = split_soup(soup)
+        self.lora = lora_options(soup_lora, adapter_config)
         self.client_soup = ClientSoup(soup, pivot=soup_pivot, seed=seed, max_weight_share=max_weight_share)
         self.server_stew = ServerStew.from_settings(stew)
         self.order_by = order_by
@@ -135,6 +170,7 @@ class FedSoup(FedAvg):
         self._current: dict[str, torch.Tensor] | None = None  # x_{t-1} when aggregating; x_t after
         self._output: tuple[ArrayRecord, dict[str, Array], dict[str, torch.Tensor]] | None = None
         self._round_offset = 0  # rounds done before start() was called (resume)
+        self._bytes_sent = 0  # by this round's configure_train
         self._resumed = False
 
         if self.checkpoint_dir is not None:
@@ -161,6 +197,8 @@ class FedSoup(FedAvg):
             self.server_stew.describe(),
             " = FedAvg's server step" if self.server_stew.is_identity else "",
         )
+        if self.lora is not None:
+            log(INFO, "\t│\t├── Adapters: %s", self.lora.describe())
         log(INFO, "\t│\t├── Seed: %d", self.client_soup.seed)
         if self.checkpoint_dir is None:
             log(INFO, "\t│\t└── Checkpoint dir: (none)")
@@ -174,9 +212,12 @@ class FedSoup(FedAvg):
     def mean_aggregate(self) -> bool:
         """True when each round's model is the weighted mean of the round's replies, as Flower's
         DP wrappers assume when they calibrate their noise (docs/strategy.md, "Differential
-        privacy"): a plain soup (``soup=None``), no ``order_by``, and the identity stew
-        (SGD, lr 1, no momentum). Read-only."""
-        return self.client_soup.is_plain and self.order_by is None and self.server_stew.is_identity
+        privacy"): a plain soup (``soup=None``), no ``order_by``, the identity stew
+        (SGD, lr 1, no momentum), and, for adapters, the ``factors`` mode (the ``products``
+        mode's adapter is a truncated SVD of the mean of the products, not the mean of the
+        replies). Read-only."""
+        linear = self.lora is None or self.lora.mode == "factors"
+        return self.client_soup.is_plain and self.order_by is None and self.server_stew.is_identity and linear
 
     @property
     def current_arrays(self) -> ArrayRecord | None:
@@ -197,9 +238,17 @@ class FedSoup(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the model sent this round (``x_{t-1}``), then configure as FedAvg does."""
+        """Remember the model sent this round (``x_{t-1}``), then configure as FedAvg does.
+
+        With ``adapter_config``, the model must be an adapter that matches it
+        (:class:`fedsoup.OptionError` otherwise, before any message is sent).
+        """
         self._current = self._to_tensors(arrays)
-        return super().configure_train(server_round + self._round_offset, arrays, config, grid)
+        if self.lora is not None:
+            GlobalAdapter.of(self._current, self.lora)
+        messages = list(super().configure_train(server_round + self._round_offset, arrays, config, grid))
+        self._bytes_sent = array_bytes(messages)
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -219,9 +268,12 @@ class FedSoup(FedAvg):
         """
         server_round += self._round_offset
         replies = log_received("aggregate_train", replies)
+        bytes_sent, self._bytes_sent = self._bytes_sent, 0
         with aggregation_threads():  # checks and merge: no more threads than idle cores
-            usable = self._checker().check("aggregate_train", replies, reference=self._current, train=True)
-            outcome = train_round(self.client_soup, self.server_stew, usable, server_round, self._current)
+            adapter = self._global_adapter()
+            checker = self._checker(adapter)
+            usable = checker.check("aggregate_train", replies, reference=self._current, train=True)
+            outcome, lora_metrics = self._train_round(usable, server_round, adapter)
 
         arrays: ArrayRecord | None = None
         if outcome.model is None:
@@ -239,6 +291,7 @@ class FedSoup(FedAvg):
                 for name, value in outcome.report.figures().items():
                     metrics[METRIC_MERGE_PREFIX + name] = value
                 log(INFO, "aggregate_train: ClientSoup merge: %s", outcome.report.describe())
+            metrics.update(lora_metrics)
             log(
                 INFO,
                 "aggregate_train: FedSoup merged %d replies (%d left out), ‖g_t‖ = %s",
@@ -250,6 +303,8 @@ class FedSoup(FedAvg):
         metrics[METRIC_CLIENTS_USED] = used
         metrics[METRIC_CLIENTS_LEFT_OUT] = len(replies) - used
         metrics[METRIC_FALLBACK] = outcome.fallback
+        metrics[METRIC_BYTES_SENT] = bytes_sent
+        metrics[METRIC_BYTES_RECEIVED] = array_bytes(replies)
 
         self._round = server_round
         if self.checkpoint_dir is not None:
@@ -281,6 +336,11 @@ class FedSoup(FedAvg):
         complete (restored at or past ``num_rounds``) runs nothing: it logs so and
         returns a ``Result`` holding the saved model.
         """
+        if self.lora is not None:  # a LoRA mode that cannot apply is refused before round 1
+            call = inspect.signature(super().start).bind(*args, **kwargs)
+            initial = call.arguments.get("initial_arrays")
+            if isinstance(initial, ArrayRecord) and (self._round == 0 or self._current is None):
+                GlobalAdapter.of(to_tensor_dict(initial), self.lora)
         done = self._round
         if done == 0 or self._current is None:
             return super().start(*args, **kwargs)
@@ -354,8 +414,48 @@ class FedSoup(FedAvg):
     # Internals
     # ------------------------------------------------------------------
 
-    def _checker(self) -> ReplyChecker:
-        return ReplyChecker(self.weighted_by_key, self.order_by, self.tie_break_key)
+    def _checker(self, adapter: GlobalAdapter | None = None) -> ReplyChecker:
+        structure = None if adapter is None else adapter_structure_check(adapter, self.lora.mode)
+        return ReplyChecker(self.weighted_by_key, self.order_by, self.tie_break_key, structure)
+
+    def _global_adapter(self) -> GlobalAdapter | None:
+        """The global adapter's structure (LoRA runs with a known global model), else ``None``."""
+        if self.lora is None or self._current is None:
+            if self.lora is not None and self.lora.mode == "products":
+                raise AggregationError("The 'products' LoRA mode needs the global adapter x_{t-1}: call "
+                                       "configure_train before aggregate_train, or set current_arrays")
+            return None
+        return GlobalAdapter.of(self._current, self.lora)
+
+    def _train_round(self, usable: list, server_round: int,
+                     adapter: GlobalAdapter | None) -> tuple[RoundOutcome, dict[str, float]]:
+        """The round (:func:`strategies.rounds.train_round`), in product space for the ``products`` mode,
+        and its LoRA figures: the factor/product error and, for products, the SVD's energy."""
+        if adapter is None:
+            return train_round(self.client_soup, self.server_stew, usable, server_round, self._current), {}
+        seed = round_seed(self.client_soup.seed, server_round)
+        figures: list = []
+        soup, stew = self.client_soup, self.server_stew
+        if self.lora.mode == "products":
+            soup = ProductSoup(self.client_soup, self.lora, adapter, server_round, seed,
+                               truncate=self.server_stew.is_identity)
+            stew = ProductStew(self.server_stew, adapter, seed)
+            figures = [soup, stew]
+        outcome = train_round(soup, stew, usable, server_round, self._current)
+        metrics: dict[str, float] = {}
+        if outcome.model is None:
+            return outcome, metrics
+        for part in figures:
+            metrics.update(part.figures.metrics())
+        weights = self.client_soup.weights(outcome.used)
+        total = sum(weights)
+        errors = factor_product_error([reply_pairs(r.arrays, adapter) for r in outcome.used],
+                                      [w / total for w in weights], seed)
+        if errors:
+            values = list(errors.values())
+            metrics[METRIC_LORA_ERROR_MAX] = max(values)
+            metrics[METRIC_LORA_ERROR_MEAN] = sum(values) / len(values)
+        return outcome, metrics
 
     def _to_tensors(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         output = self._output

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -88,6 +88,11 @@ class ReplyChecker:
     weighted_by_key: str
     order_by: str | None = None
     tie_break_key: str | None = None
+    # The structure check of a train reply's arrays against the reference (metadata only),
+    # called as ``structure(reference, arrays, reference_name=...)`` and raising
+    # MergeInputError naming the array; ``None``: fedsoup.structure.check_structure (same
+    # keys and shapes). FedSoup's LoRA rounds pass strategies.adapters.adapter_structure_check.
+    structure: Callable[..., None] | None = None
 
     def check(
         self,
@@ -145,7 +150,7 @@ class ReplyChecker:
                 score = arrays = None
                 if train:
                     score = _number(metrics, self.order_by, "order_by metric") if self.order_by else None
-                    arrays = read_arrays(_only_array_record(msg.content), reference, reference_name)
+                    arrays = read_arrays(_only_array_record(msg.content), reference, reference_name, self.structure)
             except (_LeftOut, ArrayProblem) as reason:
                 log(WARNING, "%s: left out reply from %s: %s", stage, label, reason)
                 continue

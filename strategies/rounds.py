@@ -41,6 +41,10 @@ __all__ = [
     "METRIC_AME_SOUP_DISTANCE",
     "METRIC_FALLBACK",
     "METRIC_MERGE_PREFIX",
+    "METRIC_BYTES_SENT",
+    "METRIC_BYTES_RECEIVED",
+    "METRIC_LORA_ERROR_MAX",
+    "METRIC_LORA_ERROR_MEAN",
     "FALLBACK_MERGE",
     "FALLBACK_SOUP",
     "FALLBACK_PREVIOUS",
@@ -59,6 +63,14 @@ METRIC_FALLBACK = "fedsoup-fallback"
 #: ``-lr-min``/``-lr-max`` (η_0 used), ``-soup-distance``/``-ball-radius`` (Prop. 2's ball).
 METRIC_MERGE_PREFIX = "fedsoup-merge-"
 FALLBACK_MERGE, FALLBACK_SOUP, FALLBACK_PREVIOUS = 0, 1, 2
+#: The bytes of the ArrayRecords sent by this round's ``configure_train`` and received in its
+#: train replies (Flower's ``ArrayRecord.count_bytes``), as FlowerTune's communication tracker.
+METRIC_BYTES_SENT = "fedsoup-bytes-sent"
+METRIC_BYTES_RECEIVED = "fedsoup-bytes-received"
+#: LoRA rounds: the factor/product error ‖s·soup(B)·soup(A) − soup(s·B·A)‖/‖soup(s·B·A)‖ of
+#: the replies merged, max and mean over the modules (absent when their ranks differ).
+METRIC_LORA_ERROR_MAX = "fedsoup-lora-factor-product-error-max"
+METRIC_LORA_ERROR_MEAN = "fedsoup-lora-factor-product-error-mean"
 
 
 @dataclass

@@ -552,8 +552,8 @@ def test_merge_with_lora_needs_the_adapter_config(gpt2_adapters):
     assert info.value.option == "adapter_config"
 
 
-def test_the_strategy_refuses_a_lora_mode_it_cannot_run_yet():
-    """Without the adapter's config from the server (issue 27) every round would fail: refused at build."""
+def test_the_strategy_refuses_a_lora_mode_without_the_servers_adapter_config():
+    """Without the adapter's config from the server (FedSoup(adapter_config=...)) every round would fail."""
     strategies = pytest.importorskip("strategies")
     with pytest.raises(OptionError) as info:
         strategies.FedSoup(soup={"lora": "products"})

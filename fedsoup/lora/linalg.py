@@ -12,13 +12,26 @@ gives the exact thin SVD ``(Q_B U) S (Q_A V)ᵀ`` in ``O((d_out + d_in) k² + k�
 rank-``t`` approximation in Frobenius norm (Eckart–Young). A dense ``ΔW`` (AME over
 products) takes a seeded randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4)
 instead.
+
+A soup that is never formed densely (the federated ``products`` round,
+``strategies.adapters``) takes :func:`factored_truncated_svd`: the same range finder applied
+to ``B diag(c) A`` through its factors, power iterations run until the captured energy
+stops growing (a tolerance), and the energy outside the subspace estimated from a second
+sketch; :func:`sketched_error` estimates a relative error ``‖P − Q‖/‖Q‖`` of two factored
+products the same way.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["factored_norm", "factored_svd", "randomized_svd", "balanced_factors", "captured_energy"]
+__all__ = [
+    "factored_norm", "factored_svd", "randomized_svd", "balanced_factors", "captured_energy",
+    "TruncatedSVD", "factored_truncated_svd", "sketched_error",
+]
 
 
 def factored_norm(U: torch.Tensor, V: torch.Tensor) -> float:
@@ -92,3 +105,116 @@ def captured_energy(S: torch.Tensor, rank: int, total: float | None = None) -> f
     if whole == 0.0:
         return 1.0
     return min(1.0, float(squares[:rank].sum()) / whole)
+
+
+@dataclass(frozen=True)
+class TruncatedSVD:
+    """The leading ``t`` singular triplets of a product: ``U`` (m, t), ``S`` (t,), ``Vh`` (t, n).
+
+    ``energy``: ``Σ_{j≤t} σ_j² / ‖M‖_F²`` (1.0 for a zero ``M``), exact when ``exact``, else
+    with ``‖M‖_F²`` estimated (:func:`factored_truncated_svd`); ``iterations``: the power
+    iterations taken (0 on the exact path).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    energy: float
+    exact: bool
+    iterations: int
+
+
+def _apply(B: torch.Tensor, c: torch.Tensor, A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``B diag(c) A X`` right to left: two thin products, never the (m, n) matrix."""
+    return B @ (c[:, None] * (A @ X))
+
+
+def _apply_t(B: torch.Tensor, c: torch.Tensor, A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``(B diag(c) A)ᵀ X`` right to left."""
+    return A.T @ (c[:, None] * (B.T @ X))
+
+
+def factored_truncated_svd(B: torch.Tensor, A: torch.Tensor, rank: int, *, scale: torch.Tensor | None = None,
+                           seed: int, tolerance: float = 1e-3, oversample: int = 8, max_iterations: int = 8,
+                           probes: int = 16) -> TruncatedSVD:
+    """The best rank-``rank`` approximation of ``M = B diag(scale) A`` without forming ``M``.
+
+    ``B``: (m, k), ``A``: (k, n), ``scale``: (k,) (``None``: ones), e.g. ``B_cat``,
+    ``A_cat`` and ``ω_i s_i`` repeated ``r_i`` times for a soup of LoRA updates.
+
+    - Small ``k`` (``k ≤ 2(rank + oversample)``, or ``rank + oversample ≥ min(m, n, k)``):
+      the exact thin SVD from the factors (:func:`factored_svd`), exact energy.
+    - Otherwise Halko, Martinsson & Tropp (2011) Alg. 4.4 with every product taken
+      through the factors (``M X = B (c ∘ (A X))``, cost ``O((m + n) k ℓ)`` per product,
+      ``ℓ = rank + oversample``, Gaussian test matrix from ``torch.Generator().manual_seed(seed)``).
+      After each power iteration the singular values of ``Qᵀ M`` (those of the next
+      ``Mᵀ Q``, so the check is free) give the captured ``Σ_{j≤t} σ_j²``; iterations stop
+      when it grew by at most ``tolerance`` (relative), or after ``max_iterations``. The
+      energy's denominator ``‖M‖_F² = ‖Qᵀ M‖_F² + ‖(I − QQᵀ) M‖_F²`` takes the first term
+      exactly and the residual from ``probes`` fresh Gaussian probes (Hutchinson:
+      ``E‖(I − QQᵀ) M G‖_F² = probes · ‖(I − QQᵀ) M‖_F²``), so the estimate errs only on
+      what the subspace missed.
+
+    Computed in float32 (float64 when an input is float64); same inputs and ``seed``,
+    same bytes.
+    """
+    dtype = torch.float64 if torch.float64 in (B.dtype, A.dtype) else torch.float32
+    B, A = B.to(dtype), A.to(dtype)
+    c = torch.ones(A.shape[0], dtype=dtype) if scale is None else scale.to(dtype)
+    m, k, n = B.shape[0], A.shape[0], A.shape[1]
+    width = rank + oversample
+    if k <= 2 * width or width >= min(m, n, k):
+        u, s, vh = factored_svd(B * c, A)
+        kept = min(rank, s.numel())
+        return TruncatedSVD(u[:, :kept].to(dtype), s[:kept].to(dtype), vh[:kept].to(dtype),
+                            captured_energy(s, kept), True, 0)
+    generator = torch.Generator().manual_seed(int(seed))
+    omega = torch.randn(n, width, generator=generator, dtype=dtype)
+    q = torch.linalg.qr(_apply(B, c, A, omega)).Q
+    iterations, previous = 0, None
+    while True:
+        w = _apply_t(B, c, A, q)  # (n, ℓ) = Mᵀ Q: its singular values are those of Qᵀ M
+        u_w, s, vh_w = torch.linalg.svd(w, full_matrices=False)
+        captured = float(s[:rank].double().square().sum())
+        converged = previous is not None and captured - previous <= tolerance * captured
+        if converged or iterations >= max_iterations:
+            break
+        previous = captured
+        q = torch.linalg.qr(_apply(B, c, A, torch.linalg.qr(w).Q)).Q
+        iterations += 1
+    # Qᵀ M = wᵀ = vh_wᵀ diag(s) u_wᵀ, so M ≈ (Q vh_wᵀ) diag(s) u_wᵀ.
+    U, S, Vh = q @ vh_w[:rank].T, s[:rank], u_w[:, :rank].T
+    probe = torch.randn(n, probes, generator=generator, dtype=dtype)
+    sketch = _apply(B, c, A, probe)
+    residual = float((sketch - q @ (q.T @ sketch)).double().square().sum()) / probes
+    total = float(s.double().square().sum()) + residual
+    return TruncatedSVD(U, S, Vh, captured_energy(S, rank, total), False, iterations)
+
+
+def sketched_error(P_B: torch.Tensor, P_A: torch.Tensor, Q_B: torch.Tensor, Q_A: torch.Tensor, *,
+                   q_scale: torch.Tensor | None = None, seed: int, probes: int = 16) -> float:
+    """``‖P − Q‖_F / ‖Q‖_F`` for ``P = P_B P_A`` and ``Q = Q_B diag(q_scale) Q_A``, held as factors.
+
+    Exact (two thin QRs, :func:`factored_norm`, float64) when the stacked rank is at most
+    ``2·probes``, where that is the cheaper way; otherwise estimated from ``probes``
+    seeded Gaussian probes ``G`` as ``‖(P − Q) G‖_F / ‖Q G‖_F`` (Hutchinson: each squared
+    norm is unbiased, relative standard deviation at most ``√(2/probes)``, far less when
+    the spectrum is spread over many directions), in ``O((m + n) k · probes)``.
+    ``0.0`` when both are zero, ``inf`` when only ``Q`` is.
+    """
+    dtype = torch.float64 if torch.float64 in (P_B.dtype, P_A.dtype, Q_B.dtype, Q_A.dtype) else torch.float32
+    c = torch.ones(Q_A.shape[0], dtype=dtype) if q_scale is None else q_scale.to(dtype)
+    if P_A.shape[0] + Q_A.shape[0] <= 2 * probes:
+        q_b = Q_B.double() * c.double()
+        target = factored_norm(q_b, Q_A.double().T)
+        difference = factored_norm(torch.cat([P_B.double(), -q_b], dim=1), torch.cat([P_A.double(), Q_A.double()]).T)
+    else:
+        generator = torch.Generator().manual_seed(int(seed))
+        probe = torch.randn(P_A.shape[1], probes, generator=generator, dtype=dtype)
+        q_sketch = _apply(Q_B.to(dtype), c, Q_A.to(dtype), probe)
+        p_sketch = P_B.to(dtype) @ (P_A.to(dtype) @ probe)
+        target = float(torch.linalg.matrix_norm(q_sketch.double()))
+        difference = float(torch.linalg.matrix_norm((p_sketch - q_sketch).double()))
+    if target == 0.0:
+        return 0.0 if difference == 0.0 else math.inf
+    return difference / target

@@ -1,0 +1,233 @@
+"""The ``products`` LoRA round: the clients' updates ``ΔW_i = s_i B_i A_i`` merged, sent back at rank r.
+
+One round (docs/strategy.md "LoRA adapters"), with ``c_i = ω_i s_i`` and the global adapter
+``(B_g, A_g)`` of rank ``r`` sent this round (``ΔW_{t−1} = s B_g A_g``):
+
+    soup:   M = Σ_i ω_i s_i B_i A_i = B_cat diag(c) A_cat        (never formed per client)
+    AME:    M = fedsoup.merge([ΔW_i], ...)                       (dense ΔW_i: the optimizer's state is dense)
+    stew:   ΔW_t = ΔW_{t−1} − lr · Optimizer(ΔW_{t−1} − M)         (identity: ΔW_t = M)
+    back:   (B_t, A_t) = (U_r S_r / s, V_rᵀ),  U_r S_r V_rᵀ the rank-r truncated SVD of ΔW_t
+
+The plain soup with the identity stew never forms a dense matrix: the SVD is taken through
+the factors (:func:`fedsoup.lora.linalg.factored_truncated_svd`, seeded per round and
+module, power iterations until the captured energy grows by at most ``lora_tolerance``).
+A stateful stew needs ``ΔW`` itself: its optimizer state is dense, ``d_out × d_in`` per
+module and moment (FedAdam: two), which is the price of stepping in the space where the
+model lives; the SVD's factors are defined only up to a rotation, so a stew over them
+would follow the factorisation, not the model.
+
+The split ``A_t = V_rᵀ`` (orthonormal rows), ``B_t = U_r S_r / s`` keeps every rank slot
+trainable: where ``σ_j = 0`` the slot is LoRA's own initialisation (``A`` row non-zero,
+``B`` column zero), not a dead ``(0, 0)`` pair.
+
+:class:`ProductSoup` and :class:`ProductStew` have the interfaces of
+:class:`~strategies.client_soup.ClientSoup` and :class:`~strategies.server_stew.ServerStew`
+that :func:`strategies.rounds.train_round` uses, so the round keeps its fallbacks. Each is
+made for one round and records the round's SVD figures in ``metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import fedsoup
+from fedsoup.inputs import compute_dtype
+from fedsoup.lora import LoraPair
+from fedsoup.lora.linalg import captured_energy, factored_norm, factored_truncated_svd, randomized_svd
+from strategies.adapters import GlobalAdapter, LoraOptions, module_seed, reply_pairs
+from strategies.client_soup import ClientSoup, SoupResult, non_floating_rule
+from strategies.replies import UsableReply
+from strategies.server_stew import ServerStew
+
+__all__ = ["ProductSoup", "ProductStew", "dense_products", "adapter_factors", "METRIC_SVD_ENERGY_MIN",
+           "METRIC_SVD_ENERGY_MEAN", "METRIC_SVD_ITERATIONS"]
+
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+#: The smallest and mean captured energy ``Σ_{j≤r} σ_j² / ‖ΔW_t‖_F²`` over the modules.
+METRIC_SVD_ENERGY_MIN = "fedsoup-lora-svd-energy-min"
+METRIC_SVD_ENERGY_MEAN = "fedsoup-lora-svd-energy-mean"
+#: The most power iterations one module's randomized SVD took (0: exact SVDs only).
+METRIC_SVD_ITERATIONS = "fedsoup-lora-svd-iterations"
+
+
+def dense_products(model: Mapping[str, torch.Tensor], adapter: GlobalAdapter) -> dict[str, torch.Tensor]:
+    """``{path: s B A}`` (dense, compute dtype) for every module, and the other arrays as they are."""
+    dense: dict[str, torch.Tensor] = {}
+    for path in adapter.modules:
+        A, B = model[path + _A], model[path + _B]
+        dtype = compute_dtype([A, B])
+        dense[path] = adapter.scale(path, A.shape[0]) * (B.to(dtype) @ A.to(dtype))
+    dense.update({key: model[key] for key in adapter.full})
+    return dense
+
+
+def adapter_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, scale: float,
+                    like_a: torch.Tensor, like_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B) = (Vhᵀ rows, U S / s)`` at ``rank``, zero-padded if fewer triplets exist, in the global dtypes."""
+    kept = S.numel()
+    A = torch.zeros(rank, Vh.shape[1], dtype=torch.float64)
+    B = torch.zeros(U.shape[0], rank, dtype=torch.float64)
+    A[:kept] = Vh.double()
+    B[:, :kept] = U.double() * (S.double() / scale)
+    return A.to(like_a.dtype), B.to(like_b.dtype)
+
+
+class _Figures:
+    """The SVD figures of one round's truncations."""
+
+    def __init__(self) -> None:
+        self.energies: list[float] = []
+        self.iterations = 0
+
+    def add(self, energy: float, iterations: int) -> None:
+        self.energies.append(energy)
+        self.iterations = max(self.iterations, iterations)
+
+    def metrics(self) -> dict[str, float]:
+        if not self.energies:
+            return {}
+        return {METRIC_SVD_ENERGY_MIN: min(self.energies),
+                METRIC_SVD_ENERGY_MEAN: math.fsum(self.energies) / len(self.energies),
+                METRIC_SVD_ITERATIONS: float(self.iterations)}
+
+
+def _truncate_dense(dense: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], adapter: GlobalAdapter,
+                    seed: int, figures: _Figures) -> dict[str, torch.Tensor]:
+    """A product-space model (dense ``ΔW`` per module) back to the global adapter's factors."""
+    model: dict[str, torch.Tensor] = {}
+    for index, (path, (_, _, rank)) in enumerate(adapter.modules.items()):
+        delta = dense[path]
+        kept = min(rank, min(delta.shape))
+        u, s, vh = randomized_svd(delta, kept, seed=module_seed(seed, index))
+        figures.add(captured_energy(s, kept, total=float(delta.double().square().sum())), 0)
+        model[path + _A], model[path + _B] = adapter_factors(u, s, vh, rank, adapter.scale(path),
+                                                             current[path + _A], current[path + _B])
+    model.update({key: dense[key].to(current[key].dtype) for key in adapter.full})
+    return model
+
+
+class ProductSoup:
+    """The ClientSoup of a ``products`` round (module docstring), for :func:`strategies.rounds.train_round`.
+
+    With the identity stew its model is the round's global adapter (truncated here);
+    otherwise the product-space model ``{path: M (dense), other arrays}`` for :class:`ProductStew`.
+    """
+
+    def __init__(self, client_soup: ClientSoup, lora: LoraOptions, adapter: GlobalAdapter, server_round: int,
+                 seed: int, truncate: bool) -> None:
+        self.client_soup = client_soup
+        self.lora = lora
+        self.adapter = adapter
+        self.server_round = server_round
+        self.seed = seed
+        self.truncate = truncate
+        self.figures = _Figures()
+
+    @property
+    def is_plain(self) -> bool:
+        return self.client_soup.is_plain
+
+    def merge(self, replies: list[UsableReply], server_round: int,
+              current: Mapping[str, torch.Tensor] | None) -> SoupResult | None:
+        """The configured merge: the soup of products, or AME over the dense ``ΔW_i``."""
+        if self.client_soup.is_plain:
+            return self.soup(replies, current)
+        self.figures = _Figures()
+        dense = [dataclasses.replace(reply, arrays=dense_products(reply.arrays, self.adapter)) for reply in replies]
+        dense_current = None if current is None else dense_products(current, self.adapter)
+        result = self.client_soup.merge(dense, server_round, dense_current)
+        if result is None:
+            return None
+        by_id = {id(d): original for d, original in zip(dense, replies)}
+        used = [by_id[id(d)] for d in result.used]
+        model = result.model
+        if self.truncate:
+            model = _truncate_dense(model, current, self.adapter, self.seed, self.figures)
+        return SoupResult(model, result.ame_distance, used)
+
+    def soup(self, replies: list[UsableReply], current: Mapping[str, torch.Tensor] | None) -> SoupResult:
+        """``M = B_cat diag(ω_i s_i) A_cat`` per module (truncated through its factors, or dense for the stew)."""
+        self.figures = _Figures()
+        weights = self.client_soup.weights(replies)
+        total = math.fsum(weights)
+        omega = [w / total for w in weights]
+        pairs = [reply_pairs(reply.arrays, self.adapter) for reply in replies]
+        model: dict[str, torch.Tensor] = {}
+        for index, path in enumerate(self.adapter.modules):
+            b_cat, a_cat, c = _stacked([p[path] for p in pairs], omega)
+            if not self.truncate:
+                model[path] = (b_cat * c) @ a_cat
+                continue
+            rank = self.adapter.modules[path][2]
+            svd = factored_truncated_svd(b_cat, a_cat, rank, scale=c, seed=module_seed(self.seed, index),
+                                         tolerance=self.lora.tolerance)
+            self.figures.add(svd.energy, svd.iterations)
+            model[path + _A], model[path + _B] = adapter_factors(svd.U, svd.S, svd.Vh, rank, self.adapter.scale(path),
+                                                                 current[path + _A], current[path + _B])
+        if self.adapter.full:
+            full = [{key: reply.arrays[key] for key in self.adapter.full} for reply in replies]
+            merged = {k: t.cpu() for k, t in fedsoup.soup(full, weights).items()}
+            model.update(non_floating_rule(merged, full, current))
+        return SoupResult(model, 0.0, list(replies))
+
+
+def _stacked(pairs: list[LoraPair], omega: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B_cat, A_cat, c)`` with ``B_cat diag(c) A_cat = Σ_i ω_i s_i B_i A_i`` (ranks may differ)."""
+    dtype = compute_dtype([t for p in pairs for t in (p.A, p.B)])
+    b_cat = torch.cat([p.B.to(dtype) for p in pairs], dim=1)
+    a_cat = torch.cat([p.A.to(dtype) for p in pairs], dim=0)
+    c = torch.cat([torch.full((p.rank,), w * p.scale, dtype=dtype) for p, w in zip(pairs, omega)])
+    return b_cat, a_cat, c
+
+
+class ProductStew:
+    """The ServerStew of a ``products`` round: it steps on ``ΔW`` and sends back rank-r factors.
+
+    Wraps the run's :class:`~strategies.server_stew.ServerStew` (its state lives there, keyed
+    by module path: ``d_out × d_in`` per module and moment). The identity stew takes the
+    ClientSoup's truncated adapter as it is; its ``‖g_t‖`` is measured in product space,
+    ``(Σ_m ‖s B_g A_g − s B_t A_t‖_F²)^{1/2}``, from the factors.
+    """
+
+    def __init__(self, stew: ServerStew, adapter: GlobalAdapter, seed: int) -> None:
+        self.stew = stew
+        self.adapter = adapter
+        self.seed = seed
+        self.figures = _Figures()
+
+    @property
+    def is_identity(self) -> bool:
+        return self.stew.is_identity
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stew.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.stew.load_state_dict(state)
+
+    def step(self, current: Mapping[str, torch.Tensor],
+             merged: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """``(x_t, ‖g_t‖)``: ``x_t`` the global adapter's factors, ``g_t`` in product space."""
+        if self.stew.is_identity:
+            model = {key: merged[key].to(current[key].dtype) for key in current}
+            return model, self._product_distance(current, model)
+        self.figures = _Figures()
+        stepped, grad_norm = self.stew.step(dense_products(current, self.adapter), merged)
+        return _truncate_dense(stepped, current, self.adapter, self.seed, self.figures), grad_norm
+
+    def _product_distance(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
+        squares = []
+        for path in self.adapter.modules:
+            scale = self.adapter.scale(path)
+            b = torch.cat([scale * before[path + _B].double(), -scale * after[path + _B].double()], dim=1)
+            a = torch.cat([before[path + _A].double(), after[path + _A].double()], dim=0)
+            squares.append(factored_norm(b, a.T) ** 2)
+        for key in self.adapter.full:
+            if before[key].is_floating_point():
+                squares.append(float(torch.dist(before[key].double(), after[key].double())) ** 2)
+        return math.sqrt(math.fsum(squares))

@@ -1,0 +1,445 @@
+"""Federated LoRA in FedSoup (issue 27): adapter replies merged as factors or as products.
+
+Replies are PEFT adapter state dicts (``base_model.model.<module>.lora_{A,B}.weight``) driven
+through ``strategies.inprocess``; every merge is checked against a hand computation in
+plain torch (``Σ_i ω_i s_i B_i A_i`` and its SVD, FedAdam written out on ``ΔW``), the
+``factors`` mode against Flower's own FedAvg/FedAdam on the same replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from fedsoup.errors import OptionError
+from fedsoup.lora.linalg import factored_truncated_svd, sketched_error
+from strategies import FedSoup
+from strategies.inprocess import InProcessGrid, reply, serverapp_identity, train_content
+from strategies.products import METRIC_SVD_ENERGY_MEAN, METRIC_SVD_ENERGY_MIN
+from strategies.rounds import (
+    METRIC_BYTES_RECEIVED,
+    METRIC_BYTES_SENT,
+    METRIC_CLIENTS_LEFT_OUT,
+    METRIC_CLIENTS_USED,
+    METRIC_LORA_ERROR_MAX,
+    METRIC_LORA_ERROR_MEAN,
+)
+
+PREFIX = "base_model.model.layers.0.self_attn."
+MODULES = {"q_proj": (10, 12), "v_proj": (6, 12)}  # module -> (d_out, d_in)
+CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+NODES = [31, 4, 17, 9]
+
+
+@pytest.fixture(autouse=True)
+def _serverapp():
+    with serverapp_identity():
+        yield
+
+
+def adapter(rank: int = 4, dtype=np.float32, seed: int = 0, zero_b: bool = True,
+            modules=MODULES) -> dict[str, np.ndarray]:
+    """A global adapter as PEFT initialises one (random A, B = 0), or random B too."""
+    rng = np.random.default_rng(seed)
+    model = {}
+    for name, (d_out, d_in) in modules.items():
+        model[PREFIX + name + ".lora_A.weight"] = rng.normal(size=(rank, d_in)).astype(dtype)
+        model[PREFIX + name + ".lora_B.weight"] = (np.zeros((d_out, rank)) if zero_b
+                                                   else rng.normal(size=(d_out, rank))).astype(dtype)
+    return model
+
+
+def record(model: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in model.items()})
+
+
+def client_adapter(node: int, server_round: int, arrays: ArrayRecord, rank: int | None = None) -> dict:
+    """A fake local fine-tuning: the global factors moved by a node- and round-specific step,
+    at ``rank`` (the first ``rank`` slots of the global adapter, padded with random ones)."""
+    rng = np.random.default_rng([node, server_round])
+    out = {}
+    for key, array in arrays.items():
+        value = array.numpy()
+        if rank is not None:
+            if key.endswith("lora_A.weight"):
+                value = np.concatenate([value, rng.normal(size=(max(0, rank - value.shape[0]), value.shape[1]))])[:rank]
+            else:
+                value = np.concatenate([value, np.zeros((value.shape[0], max(0, rank - value.shape[1])))], 1)[:, :rank]
+        out[key] = (value + rng.normal(scale=0.3, size=value.shape)).astype(array.numpy().dtype)
+    return out
+
+
+def run_rounds(strategy, arrays: ArrayRecord, rounds: int = 3, nodes=NODES, ranks=None):
+    """The train half of ``Strategy.start``: the final arrays, per-round metrics and replies."""
+    grid = InProcessGrid(nodes)
+    history, sent = [], []
+    for server_round in range(1, rounds + 1):
+        instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        contents = {
+            msg.metadata.dst_node_id: client_adapter(msg.metadata.dst_node_id, server_round, arrays,
+                                                     (ranks or {}).get(msg.metadata.dst_node_id))
+            for msg in instructions
+        }
+        replies = [reply(msg, train_content(contents[msg.metadata.dst_node_id],
+                                            num_examples=10 + msg.metadata.dst_node_id)) for msg in instructions]
+        sent.append((arrays, contents))
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+        history.append(metrics)
+        if new_arrays is not None:
+            arrays = new_arrays
+    return {k: a.numpy() for k, a in arrays.items()}, history, sent
+
+
+def hand_products(contents: dict[int, dict], alpha: float = 8.0, rslora=False, modules=MODULES):
+    """``{module: Σ_i ω_i s_i B_i A_i}`` in float64 with ``ω_i ∝ 10 + node`` and the server's scale."""
+    total = sum(10 + n for n in contents)
+    rank_of = lambda a: a.shape[0]  # noqa: E731 - each reply at its own rank
+    products = {}
+    for name in modules:
+        path = PREFIX + name
+        products[path] = sum(
+            (10 + n) / total * (alpha / (math.sqrt(rank_of(c[path + ".lora_A.weight"])) if rslora
+                                         else rank_of(c[path + ".lora_A.weight"])))
+            * (torch.from_numpy(c[path + ".lora_B.weight"]).double() @ torch.from_numpy(c[path + ".lora_A.weight"]).double())
+            for n, c in contents.items()
+        )
+    return products
+
+
+def product_of(model: dict[str, np.ndarray], path: str, scale: float) -> torch.Tensor:
+    return scale * (torch.from_numpy(model[path + ".lora_B.weight"]).double()
+                    @ torch.from_numpy(model[path + ".lora_A.weight"]).double())
+
+
+# --- the factors mode: Flower's reductions on adapter replies ---------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ours, flower", [
+    pytest.param({}, FedAvg, id="FedAvg"),
+    pytest.param({"soup": {"lora": "factors"}}, FedAvg, id="FedAvg-explicit-factors"),
+    pytest.param({"stew": {"optimizer": "fedadam", "lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-2}},
+                 lambda: FedAdam(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2), id="FedAdam-on-factors"),
+])
+def test_factors_mode_is_flowers_strategy_on_adapter_replies(ours, flower, dtype):
+    initial = record(adapter(dtype=dtype))
+    expected, _, _ = run_rounds(flower(), initial)
+    got, history, _ = run_rounds(FedSoup(adapter_config=CONFIG, **ours), initial)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], err_msg=key, **tol)
+        assert got[key].dtype == dtype
+    assert np.abs(got[PREFIX + "q_proj.lora_B.weight"]).max() > 0.1  # the rounds moved the adapter
+    for metrics in history:
+        assert metrics[METRIC_CLIENTS_USED] == len(NODES)
+        assert 0.0 < metrics[METRIC_LORA_ERROR_MEAN] <= metrics[METRIC_LORA_ERROR_MAX]
+
+
+def test_factors_mode_reports_the_exact_factor_product_error():
+    initial = record(adapter(zero_b=False))
+    _, history, sent = run_rounds(FedSoup(adapter_config=CONFIG), initial, rounds=1)
+    _, contents = sent[0]
+    total = sum(10 + n for n in contents)
+    errors = []
+    for name in MODULES:
+        path = PREFIX + name
+        b = sum((10 + n) / total * torch.from_numpy(c[path + ".lora_B.weight"]).double() for n, c in contents.items())
+        a = sum((10 + n) / total * torch.from_numpy(c[path + ".lora_A.weight"]).double() for n, c in contents.items())
+        target = hand_products(contents)[path]
+        errors.append(float(torch.linalg.matrix_norm(2.0 * b @ a - target) / torch.linalg.matrix_norm(target)))
+    assert history[0][METRIC_LORA_ERROR_MAX] == pytest.approx(max(errors), rel=1e-6)  # float32 soups
+    assert history[0][METRIC_LORA_ERROR_MEAN] == pytest.approx(sum(errors) / len(errors), rel=1e-6)
+
+
+def test_bytes_sent_and_received_are_every_rounds_array_bytes():
+    initial = record(adapter())
+    _, history, sent = run_rounds(FedSoup(adapter_config=CONFIG), initial, rounds=2)
+    for metrics, (arrays, contents) in zip(history, sent):
+        assert metrics[METRIC_BYTES_SENT] == len(NODES) * arrays.count_bytes()
+        assert metrics[METRIC_BYTES_RECEIVED] == sum(record(c).count_bytes() for c in contents.values())
+    _, plain, _ = run_rounds(FedSoup(), initial, rounds=1)  # every run counts its bytes
+    assert plain[0][METRIC_BYTES_SENT] > 0 and plain[0][METRIC_BYTES_RECEIVED] > 0
+
+
+# --- the products mode: hand computations --------------------------------------------------
+
+def test_products_soup_is_the_truncated_svd_of_the_soup_of_products():
+    """Σ r_i = 16 > r = 4: the rank-4 adapter is the Eckart–Young truncation of the exact soup."""
+    initial = record(adapter(zero_b=False))
+    got, history, sent = run_rounds(FedSoup(adapter_config=CONFIG, soup={"lora": "products"}), initial, rounds=1)
+    _, contents = sent[0]
+    energies = []
+    for path, target in hand_products(contents).items():
+        u, s, vh = torch.linalg.svd(target)
+        best = (u[:, :4] * s[:4]) @ vh[:4]
+        torch.testing.assert_close(product_of(got, path, 2.0), best, rtol=1e-5, atol=1e-5)
+        a = torch.from_numpy(got[path + ".lora_A.weight"]).double()
+        torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-6)  # A = V_rᵀ
+        energies.append(float((s[:4] ** 2).sum() / (s ** 2).sum()))
+    assert history[0][METRIC_SVD_ENERGY_MIN] == pytest.approx(min(energies), rel=1e-6)
+    assert history[0][METRIC_SVD_ENERGY_MEAN] == pytest.approx(sum(energies) / 2, rel=1e-6)
+
+
+def test_products_at_full_rank_are_exact_with_heterogeneous_ranks():
+    """Ranks 1 + 1 + 1 + 1 = 4 = r: the SVD keeps everything; each reply scaled at its own rank."""
+    initial = record(adapter(zero_b=False))
+    ranks = {n: 1 for n in NODES}
+    strategy = FedSoup(adapter_config=CONFIG, soup={"lora": "products"})
+    got, history, sent = run_rounds(strategy, initial, rounds=1, ranks=ranks)
+    _, contents = sent[0]
+    for path, target in hand_products(contents).items():  # s_i = α/r_i = 8
+        torch.testing.assert_close(product_of(got, path, 2.0), target, rtol=1e-5, atol=1e-5)
+    assert history[0][METRIC_SVD_ENERGY_MIN] == pytest.approx(1.0, abs=1e-9)
+    assert METRIC_LORA_ERROR_MAX in history[0]  # equal ranks among the replies: defined
+
+
+def test_products_scale_rslora_replies_by_the_servers_config():
+    config = {**CONFIG, "use_rslora": True, "lora_alpha": 3}
+    initial = record(adapter(zero_b=False))
+    ranks = {31: 1, 4: 2, 17: 1}  # Σ r_i = 4 = r: exact
+    got, history, sent = run_rounds(FedSoup(adapter_config=config, soup={"lora": "products"}), initial,
+                                    rounds=1, nodes=[31, 4, 17], ranks=ranks)
+    _, contents = sent[0]
+    for path, target in hand_products(contents, alpha=3.0, rslora=True).items():
+        torch.testing.assert_close(product_of(got, path, 3.0 / 2.0), target, rtol=1e-5, atol=1e-5)
+    assert METRIC_LORA_ERROR_MAX not in history[0]  # ranks differ: no soup of factors exists
+
+
+def test_factored_truncated_svd_randomized_path_is_near_eckart_young_and_seeded():
+    generator = torch.Generator().manual_seed(0)
+    b = torch.randn(60, 80, generator=generator, dtype=torch.float64)
+    a = torch.randn(80, 50, generator=generator, dtype=torch.float64)
+    c = torch.rand(80, generator=generator, dtype=torch.float64)
+    dense = (b * c) @ a
+    s = torch.linalg.svdvals(dense)
+    first = factored_truncated_svd(b, a, 4, scale=c, seed=7, tolerance=1e-6)
+    assert not first.exact and first.iterations >= 1
+    best = float((s[:4] ** 2).sum() / (s ** 2).sum())
+    captured = float((first.S ** 2).sum() / (s ** 2).sum())
+    assert captured == pytest.approx(best, rel=1e-4)
+    assert first.energy == pytest.approx(best, rel=0.05)  # the residual is estimated
+    approx = (first.U * first.S) @ first.Vh
+    assert float(torch.linalg.matrix_norm(dense - approx)) == pytest.approx(float((s[4:] ** 2).sum().sqrt()), rel=1e-3)
+    again = factored_truncated_svd(b, a, 4, scale=c, seed=7, tolerance=1e-6)
+    assert torch.equal(first.U, again.U) and torch.equal(first.Vh, again.Vh)
+    loose = factored_truncated_svd(b, a, 4, scale=c, seed=7, tolerance=0.5)
+    assert loose.iterations < first.iterations  # the tolerance decides when to stop
+
+
+def test_sketched_error_estimate_is_close_to_the_exact_error():
+    generator = torch.Generator().manual_seed(1)
+    q_b, q_a = torch.randn(40, 64, generator=generator), torch.randn(64, 30, generator=generator)
+    p_b, p_a = torch.randn(40, 4, generator=generator), torch.randn(4, 30, generator=generator)
+    exact = float(torch.linalg.matrix_norm(p_b @ p_a - q_b @ q_a) / torch.linalg.matrix_norm(q_b @ q_a))
+    assert sketched_error(p_b, p_a, q_b, q_a, seed=0, probes=16) == pytest.approx(exact, rel=0.25)
+    assert sketched_error(p_b, p_a, q_b, q_a, seed=0, probes=64) == pytest.approx(exact, rel=1e-6)  # exact path
+
+
+def test_stew_in_product_space_is_fedadam_on_delta_w():
+    """r = min(d_out, d_in) so the truncation is exact: the adapter's s·B·A must be FedAdam's ΔW."""
+    config = {**CONFIG, "r": 6, "target_modules": ["v_proj"]}
+    modules = {"v_proj": (6, 12)}
+    initial = record(adapter(rank=6, dtype=np.float64, zero_b=False, modules=modules))
+    eta, b1, b2, tau = 0.05, 0.8, 0.95, 1e-2
+    strategy = FedSoup(adapter_config=config, soup={"lora": "products"},
+                       stew={"optimizer": "fedadam", "lr": eta, "betas": (b1, b2), "eps": tau})
+    got, history, sent = run_rounds(strategy, initial, rounds=3)
+    path = PREFIX + "v_proj"
+    s = 8.0 / 6
+    m = torch.zeros(6, 12, dtype=torch.float64)
+    v = torch.zeros(6, 12, dtype=torch.float64)
+    for t, (arrays, contents) in enumerate(sent, start=1):  # Flower's FedAdam, written out on ΔW
+        x = product_of({k: a.numpy() for k, a in arrays.items()}, path, s)  # ΔW_{t−1} as sent
+        delta = hand_products(contents, modules=modules)[path] - x  # Δ = mean − x
+        m = b1 * m + (1 - b1) * delta
+        v = b2 * v + (1 - b2) * delta ** 2
+        eta_t = eta * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))  # Flower's bias correction
+        x = x + eta_t * m / (v.sqrt() + tau)
+    torch.testing.assert_close(product_of(got, path, s), x, rtol=1e-9, atol=1e-9)
+    assert strategy.server_stew.state_dict()["shapes"] == [[6, 12]]  # dense state: d_out × d_in
+    assert all(h[METRIC_SVD_ENERGY_MIN] == pytest.approx(1.0) for h in history)
+
+
+def test_ame_soup_over_products_runs_and_reports_its_distance():
+    soup = {"lora": "products", "optimizer": "adam", "lr": 0.05, "epochs": 2}
+    _, history, _ = run_rounds(FedSoup(adapter_config=CONFIG, soup=soup), record(adapter(zero_b=False)), rounds=2)
+    assert all(h["fedsoup-ame-soup-distance"] > 0 and h["fedsoup-fallback"] == 0 for h in history)
+
+
+# --- bad adapter replies ---------------------------------------------------------------------
+
+def _bad(kind: str, model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    q = PREFIX + "q_proj"
+    bad = dict(model)
+    if kind == "other-rank":
+        bad[q + ".lora_A.weight"] = np.ones((2, 12), np.float32)
+        bad[q + ".lora_B.weight"] = np.ones((10, 2), np.float32)
+    elif kind == "other-module":
+        bad[PREFIX + "k_proj.lora_A.weight"] = np.ones((4, 12), np.float32)
+        bad[PREFIX + "k_proj.lora_B.weight"] = np.ones((10, 4), np.float32)
+    elif kind == "a-without-b":
+        del bad[q + ".lora_B.weight"]
+    elif kind == "missing-module":
+        del bad[q + ".lora_A.weight"], bad[q + ".lora_B.weight"]
+    elif kind == "ranks-disagree":
+        bad[q + ".lora_A.weight"] = np.ones((3, 12), np.float32)
+    elif kind == "other-shape":
+        bad[q + ".lora_A.weight"] = np.ones((4, 11), np.float32)
+    elif kind == "huge-rank":
+        bad[q + ".lora_A.weight"] = np.ones((11, 12), np.float32)
+        bad[q + ".lora_B.weight"] = np.ones((10, 11), np.float32)
+    return bad
+
+
+BAD = {  # kind -> (modes it is bad in, words of the logged reason)
+    "other-rank": (("factors",), "has rank 2, the global adapter's is 4"),
+    "other-module": (("factors", "products"), "adapts module 'layers.0.self_attn.k_proj'"),
+    "a-without-b": (("factors", "products"), "lora_A without its lora_B"),
+    "missing-module": (("factors", "products"), "no LoRA pair for module 'layers.0.self_attn.q_proj'"),
+    "ranks-disagree": (("factors", "products"), "not the factors of one rank"),
+    "other-shape": (("factors", "products"), "the global adapter's is (10, 12)"),
+    "huge-rank": (("factors", "products"), "has rank 11"),  # products: "outside 1..min(d_out, d_in) = 10"
+}
+
+
+@pytest.mark.parametrize("mode", ["factors", "products"])
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_adapter_replies_are_left_out_naming_the_node(kind, mode, caplog):
+    modes, words = BAD[kind]
+    initial = record(adapter(zero_b=False))
+    grid = InProcessGrid([3, 5, 6, 8])
+
+    def round_with(bad_node: bool):
+        strategy = FedSoup(adapter_config=CONFIG, soup={"lora": mode})
+        instructions = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+        replies = []
+        for msg in instructions:
+            node = msg.metadata.dst_node_id
+            content = client_adapter(node, 1, initial)
+            if node == 6:
+                if not bad_node:
+                    continue
+                content = _bad(kind, content)
+            replies.append(reply(msg, train_content(content, num_examples=10 + node)))
+        return strategy.aggregate_train(1, replies)
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        got, metrics = round_with(bad_node=True)
+    if mode not in modes:  # other ranks are merged by their products
+        assert metrics[METRIC_CLIENTS_USED] == 4 and "left out" not in caplog.text
+        return
+    assert f"left out reply from node 6: array '{PREFIX}" in caplog.text
+    assert words in caplog.text
+    assert metrics[METRIC_CLIENTS_LEFT_OUT] == 1
+    expected, _ = round_with(bad_node=False)
+    for key in expected:
+        np.testing.assert_array_equal(got[key].numpy(), expected[key].numpy())
+
+
+# --- configuration --------------------------------------------------------------------------
+
+def test_a_mode_that_cannot_apply_is_refused_at_start():
+    plain = record({"fc.weight": np.ones((3, 2), np.float32)})
+    strategy = FedSoup(adapter_config=CONFIG, soup={"lora": "products"})
+    with pytest.raises(OptionError) as error:
+        strategy.start(grid=InProcessGrid(NODES), initial_arrays=plain, num_rounds=1)
+    assert error.value.option == "lora" and error.value.value == "products"
+    with pytest.raises(OptionError) as error:  # the global adapter's rank is not the configuration's
+        FedSoup(adapter_config={**CONFIG, "r": 8}).start(grid=InProcessGrid(NODES), initial_arrays=record(adapter()),
+                                                         num_rounds=1)
+    assert error.value.option == "adapter_config" and "rank 4 in the tensors, 8 in adapter_config.json" in str(error.value)
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    ({"soup": {"lora": "products"}}, "lora"),  # LoRA options without the server's configuration
+    ({"soup": {"lora": "product"}, "adapter_config": CONFIG}, "lora"),
+    ({"soup": {"lora": "products", "lora_tolerance": -1}, "adapter_config": CONFIG}, "lora_tolerance"),
+    ({"soup": {"lora_tolerance": 1e-3}, "adapter_config": CONFIG}, "lora_tolerance"),  # factors takes no SVD
+    ({"adapter_config": {**CONFIG, "use_dora": True}}, "adapter_config"),
+    ({"adapter_config": "/nonexistent/adapter"}, "adapter_config"),
+])
+def test_lora_options_are_checked_when_the_strategy_is_built(kwargs, option):
+    with pytest.raises(OptionError) as error:
+        FedSoup(**kwargs)
+    assert error.value.option == option
+
+
+def test_adapter_config_from_a_directory_and_from_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, '
+                                                  '"target_modules": ["q_proj", "v_proj"]}')
+    from_dir = FedSoup(adapter_config=tmp_path).lora.settings
+    from_peft = FedSoup(adapter_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).lora
+    assert (from_dir.r, from_dir.lora_alpha) == (from_peft.settings.r, from_peft.settings.lora_alpha) == (4, 8.0)
+    assert from_peft.settings.target_set == frozenset({"q_proj", "v_proj"}) and from_peft.mode == "factors"
+
+
+@pytest.mark.parametrize("kwargs, mean", [
+    ({"adapter_config": CONFIG}, True),
+    ({"adapter_config": CONFIG, "soup": {"lora": "factors"}}, True),
+    ({"adapter_config": CONFIG, "soup": {"lora": "products"}}, False),
+    ({"adapter_config": CONFIG, "soup": {"lora": "factors"}, "stew": {"optimizer": "fedadam", "lr": 0.1}}, False),
+])
+def test_mean_aggregate_per_lora_mode(kwargs, mean):
+    assert FedSoup(**kwargs).mean_aggregate is mean
+
+
+# --- a run of PEFT clients ------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["factors", "products"])
+def test_three_round_start_result_loads_into_a_peft_model(mode):
+    """Clients fine-tune a tiny Llama's PEFT adapter for real; the run's result is a PEFT adapter state."""
+    peft = pytest.importorskip("peft")
+    from tests.lora_helpers import llama_base
+    from strategies.inprocess import InProcessGrid as Grid
+
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+    def peft_model():
+        return peft.get_peft_model(llama_base(), lora_config)
+
+    models = {}  # one PEFT model per node, as a ClientApp's process keeps its model
+
+    def client(message):
+        node, server_round = message.metadata.dst_node_id, message.content["config"]["server-round"]
+        model = models.setdefault(node, peft_model())
+        state = {k: torch.from_numpy(a.numpy()) for k, a in message.content["arrays"].items()}
+        peft.set_peft_model_state_dict(model, state)
+        torch.manual_seed(node * 100 + server_round)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(2):
+            tokens = torch.randint(0, 64, (2, 8))
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        arrays = {k: v.detach().numpy() for k, v in peft.get_peft_model_state_dict(model).items()}
+        return reply(message, train_content(arrays, num_examples=8 + node))
+
+    initial = peft.get_peft_model_state_dict(peft_model())
+    strategy = FedSoup(adapter_config=lora_config, soup={"lora": mode}, fraction_evaluate=0.0)
+    result = strategy.start(grid=Grid([1, 2, 3], client), initial_arrays=ArrayRecord(
+        {k: Array(v.numpy()) for k, v in initial.items()}), num_rounds=3)
+
+    state = {k: torch.from_numpy(a.numpy()) for k, a in result.arrays.items()}
+    assert state.keys() == initial.keys()
+    model = peft_model()
+    loaded = peft.set_peft_model_state_dict(model, state)
+    assert not loaded.unexpected_keys
+    assert not [k for k in loaded.missing_keys if "lora_" in k]
+    for key, tensor in peft.get_peft_model_state_dict(model).items():
+        torch.testing.assert_close(tensor, state[key], rtol=0, atol=0)
+    assert any(float(state[k].abs().max()) > 0 for k in state if "lora_B" in k)  # the rounds trained B
+    tokens = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        tuned, base = model(input_ids=tokens).logits, llama_base()(input_ids=tokens).logits
+    assert torch.isfinite(tuned).all() and not torch.allclose(tuned, base)
+    for server_round in (1, 2, 3):
+        metrics = result.train_metrics_clientapp[server_round]
+        assert metrics[METRIC_CLIENTS_USED] == 3 and metrics[METRIC_BYTES_RECEIVED] > 0
+        assert (METRIC_SVD_ENERGY_MIN in metrics) == (mode == "products")
