@@ -148,7 +148,7 @@ class ProductSoup:
         model = result.model
         if self.truncate:
             model = _truncate_dense(model, current, self.adapter, self.seed, self.figures)
-        return SoupResult(model, result.ame_distance, used)
+        return SoupResult(model, result.ame_distance, used, result.report)
 
     def soup(self, replies: list[UsableReply], current: Mapping[str, torch.Tensor] | None) -> SoupResult:
         """``M = B_cat diag(ω_i s_i) A_cat`` per module (truncated through its factors, or dense for the stew)."""
