@@ -147,19 +147,24 @@ class LowMemoryProducer:
     ball summed over the tensors and checked once, as the in-memory merge checks it.
     """
 
-    def __init__(self, checkpoints: Sequence[Checkpoint], options: MergeOptions, call: dict[str, Any],
-                 pivot: Checkpoint | None, names: Sequence[str]) -> None:
+    def __init__(self, checkpoints: Sequence[Checkpoint | _Loaded], options: MergeOptions, call: dict[str, Any],
+                 pivot: Checkpoint | None, names: Sequence[str], describe: str = " (tensor by tensor)") -> None:
         self.checkpoints, self.options, self.call, self.pivot, self.names = checkpoints, options, call, pivot, names
+        self.describe = describe
         self.reports: list[MergeReport] = []
 
     def __call__(self, key: str) -> torch.Tensor:
-        parts = [{key: checkpoint.get(key)} for checkpoint in self.checkpoints]
+        return self.merge_part([key])[key]
+
+    def merge_part(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """These tensors merged in one ``fedsoup.merge`` call (a part of the model)."""
+        parts = [{key: checkpoint.get(key) for key in keys} for checkpoint in self.checkpoints]
         call = {**self.call, "_part": True}
         if self.pivot is not None:
-            call["pivot"] = {key: _read_pivot(self.pivot, key)}
+            call["pivot"] = {key: _read_pivot(self.pivot, key) for key in keys}
         merged, report = _merge(parts, self.options, call, self.names)
         self.reports.append(report)
-        return merged[key]
+        return merged
 
     def report(self) -> MergeReport | None:
         """The whole model's report; logs the ball guard's WARNING if it ended outside."""
@@ -168,17 +173,54 @@ class LowMemoryProducer:
         joined = MergeReport.of_parts(self.reports)
         warning = None if joined.ball is None else ball_warning(
             joined.ball, lr_given=self.options.lr is not None,
-            describe=f" of {len(self.names)} inputs (tensor by tensor)")
+            describe=f" of {len(self.names)} inputs{self.describe}")
         if warning is not None:
             log.warning(warning)
             joined = replace(joined, warnings=(*joined.warnings, warning))
         return joined
 
 
+# An in-memory merge of a larger model runs in parts of at least this many bytes (and at most
+# ~100 parts): each fedsoup.merge call costs a few ms, so a small model stays one call.
+PART_BYTES = 64 * 2**20
+MAX_PARTS = 100
+
+
+def model_parts(infos: dict[str, TensorInfo]) -> list[list[str]]:
+    """The keys in file order, cut into runs of at least ``max(PART_BYTES, total / MAX_PARTS)`` bytes."""
+    total = sum(info.nbytes for info in infos.values())
+    least = max(PART_BYTES, total / MAX_PARTS)
+    parts, current, size = [], [], 0
+    for key, info in infos.items():
+        current.append(key)
+        size += info.nbytes
+        if size >= least:
+            parts.append(current)
+            current, size = [], 0
+    if current:
+        parts.append(current)
+    return parts
+
+
+class _Loaded:
+    """An input already in memory, read as a :class:`Checkpoint` is (``get(key)``)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.get = tensors.__getitem__
+
+
 def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions, call: dict[str, Any],
                        pivot: Checkpoint | None, names: Sequence[str], progress: bool
                        ) -> tuple[Callable[[str], torch.Tensor], MergeReport]:
-    """Load every input, merge the whole model once; its tensors are then handed out one by one."""
+    """Load every input and merge it all before anything is written; tensors are then handed out one by one.
+
+    For element-wise optimizers a large model is merged in parts of whole tensors (about
+    :data:`PART_BYTES` or a hundredth of the model each, in file order), which is exactly the
+    whole-model merge (every coordinate's trajectory is its own, as with ``--low-memory``;
+    same bytes) and lets a bar count the tensors merged; a small one is one part. Other
+    merges (greedy, projection, optimizers whose update couples tensors) run once over the
+    whole model.
+    """
     loading = Progress(sum(checkpoint.nbytes for checkpoint in checkpoints), "loading", progress)
     models = []
     try:
@@ -190,11 +232,27 @@ def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions,
             models.append(model)
     finally:
         loading.close()
+    whole_model_only = low_memory_refusal(options)
+    if whole_model_only is None:
+        in_parts = LowMemoryProducer([_Loaded(model) for model in models], options, call, pivot, names, describe="")
+        infos = checkpoints[0].infos
+        merging = Progress(sum(info.nbytes for info in infos.values()), "merging", progress)
+        merged = {}
+        try:
+            for keys in model_parts(infos):
+                merged.update(in_parts.merge_part(keys))
+                for key in keys:
+                    merging.update(key, infos[key])
+        finally:
+            merging.close()
+        del models
+        return merged.pop, in_parts.report() or MergeReport("soup", options.optimizer_class.__name__, options.epochs, 0)
     call = dict(call)
     if pivot is not None:
         call["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.infos}
-    if progress and sys.stderr.isatty():  # the one step without a progress bar
-        print(f"fedsoup: merging {len(models)} inputs in memory ...", file=sys.stderr, flush=True)
+    if progress and sys.stderr.isatty():  # a merge over the whole model at once: nothing to count
+        print(f"fedsoup: merging {len(models)} inputs as one model ({whole_model_only}) ...",
+              file=sys.stderr, flush=True)
     merged, report = _merge(models, options, call, names)
     del models
     return merged.pop, report
