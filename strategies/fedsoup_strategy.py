@@ -199,6 +199,9 @@ class FedSoup(FedAvg):
         )
         if self.lora is not None:
             log(INFO, "\t│\t├── Adapters: %s", self.lora.describe())
+        share = self.client_soup.max_weight_share
+        log(INFO, "\t│\t├── Weights: %s | mean aggregate (DP): %s",
+            "as claimed" if share is None else f"one reply's share capped at {share:g}", self.mean_aggregate)
         log(INFO, "\t│\t├── Seed: %d", self.client_soup.seed)
         if self.checkpoint_dir is None:
             log(INFO, "\t│\t└── Checkpoint dir: (none)")
