@@ -240,7 +240,7 @@ def _read_document(directory: Path) -> dict[str, Any]:
         names = ", ".join(orphans)
         raise CheckpointError(
             state_json,
-            f"missing, but {names} is there: a run was killed before it committed its first checkpoint, "
+            f"missing, but {names} {'is' if len(orphans) == 1 else 'are'} there: a run was killed before it committed its first checkpoint, "
             f"or state.json was deleted; the tensors cannot be restored without it. To start fresh, "
             f"delete {names} from {directory} (or use another checkpoint directory)",
         )
