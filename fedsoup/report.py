@@ -12,6 +12,7 @@ returns it (:func:`fedsoup.offline.run_merge_files`) and writes it beside the ou
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -92,6 +93,7 @@ class MergeReport:
         figures: dict[str, float] = {"steps": float(self.steps)}
         if self.lr_range is not None:
             figures["lr-min"], figures["lr-max"] = self.lr_range
+            figures["lr-median"] = float(statistics.median(self.lr.values()))
         if self.ball is not None:
             figures["soup-distance"], figures["ball-radius"] = self.distance, self.radius
         return figures

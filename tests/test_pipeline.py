@@ -279,5 +279,5 @@ def test_strategy_round_metrics_carry_the_report():
     assert result.report.path in ("fused", "stacked", "flat") and result.report.steps == 6
     assert result.ame_distance == pytest.approx(result.report.distance)
     figures = result.report.figures()
-    assert set(figures) == {"steps", "lr-min", "lr-max", "soup-distance", "ball-radius"}
+    assert set(figures) == {"steps", "lr-min", "lr-median", "lr-max", "soup-distance", "ball-radius"}
     assert all(isinstance(v, float) and np.isfinite(v) for v in figures.values())

@@ -44,7 +44,8 @@ DEFAULT_SHARD_SIZE = "5GB"  # as Hugging Face's save_pretrained
 # PEFT adapter inputs are merged as their products s·B·A, exactly (rank Σ r_i), unless told
 # otherwise: the measurements behind this choice are in docs/api.md, "LoRA adapters".
 DEFAULT_ADAPTER_MODE = "products"
-# Where a tensor-by-tensor merge writes its report (the header was written before it ended).
+# Where a tensor-by-tensor merge writes its report (the header was written before it ended),
+# and any merge into a .pt file (which has no header).
 REPORT_SIDECAR_SUFFIX = ".fedsoup.json"
 
 
@@ -206,7 +207,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
 
     The report is also written with the output: in the safetensors header
     (``fedsoup.report``) of an in-memory merge, in ``<weights file>.fedsoup.json``
-    (:func:`report_sidecar`) beside a tensor-by-tensor one, whose header was written first.
+    (:func:`report_sidecar`) beside a tensor-by-tensor one, whose header was written first,
+    and beside a ``.pt`` output, which has no header.
     """
     started = time.perf_counter()
     if device is not None:
@@ -288,10 +290,12 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
                                      sidecars=[report_sidecar(layout).name])
         finally:
             bar.close()
-    if low:
-        # Tensor by tensor, the header was written before the merge ended: the report (Prop. 2's
-        # ball summed over every tensor and checked once, as in memory) goes to a sidecar file.
-        report = produce.report() or MergeReport("soup", options.optimizer_class.__name__, options.epochs, 0)
+    if low or layout.kind != "safetensors":
+        # Tensor by tensor, the header was written before the merge ended (and a .pt file has
+        # no header): the report (Prop. 2's ball summed over every tensor and checked once, as
+        # in memory) goes to a sidecar file.
+        if low:
+            report = produce.report() or MergeReport("soup", options.optimizer_class.__name__, options.epochs, 0)
         sidecar = report_sidecar(layout)
         atomic_write_text(sidecar, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
         files = [*files, sidecar]
