@@ -5,7 +5,8 @@ per-round ``fedsoup.merge``), ``server_stew`` (the server optimizer kept across
 rounds), ``rounds`` (one round with its fallbacks), ``threads`` (the aggregation's
 thread count), ``replies`` (reply checking, visiting order), ``arrays`` (a reply's arrays, checked
 and read zero-copy),
-``resume`` (continuing a run in Flower's loop),
+``resume`` (continuing a run in Flower's loop), ``adapters``/``products``/``lora_round``
+(LoRA adapter rounds),
 ``state`` (state dict and checkpoints), ``inprocess`` (a Grid that runs ClientApps
 in this process, for tests, notebooks and quick comparisons).
 """

@@ -24,7 +24,7 @@ from fedsoup.inputs import find_non_finite
 from fedsoup.io.npy import npy_view, read_npy_header
 from fedsoup.structure import check_structure
 
-__all__ = ["ArrayProblem", "read_arrays", "to_tensor_dict", "to_array_record"]
+__all__ = ["ArrayProblem", "read_arrays", "to_tensor_dict", "to_array_record", "OutputCache"]
 
 # Enough bytes for any header numpy writes for a plain array (it pads to 64 bytes).
 _HEADER_PEEK = 4096
@@ -160,3 +160,35 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
         # tensor read-only. Nothing here writes to its inputs (fedsoup.merge is pure).
         warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
         return torch.from_numpy(array)
+
+
+class OutputCache:
+    """The strategy's last output ArrayRecord and the tensors it was made from.
+
+    Flower hands the strategy's own output back as the next round's ``arrays``: reading
+    it again (or serialising the same tensors twice) is avoided by identity, never by value.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[ArrayRecord, dict[str, Array], dict[str, torch.Tensor]] | None = None
+
+    def to_tensors(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """``arrays`` as tensors: our own last output's tensors if it is that record, unchanged."""
+        last = self._last
+        if (
+            last is not None
+            and last[0] is arrays
+            and arrays.keys() == last[1].keys()
+            and all(arrays[k] is last[1][k] for k in arrays)
+        ):
+            return last[2]
+        return to_tensor_dict(arrays)
+
+    def to_arrays(self, tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+        """``tensors`` as an ArrayRecord (the cached one if these are the last output's tensors)."""
+        last = self._last
+        if last is not None and last[2] is tensors:
+            return last[0]
+        record = to_array_record(tensors)
+        self._last = (record, dict(record.items()), tensors)
+        return record

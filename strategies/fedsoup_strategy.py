@@ -18,34 +18,24 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
-from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedsoup.errors import OptionError, StateError
-from strategies.adapters import (
-    GlobalAdapter,
-    adapter_structure_check,
-    array_bytes,
-    factor_product_error,
-    lora_options,
-    reply_pairs,
-    split_soup,
-)
-from strategies.arrays import to_array_record, to_tensor_dict
-from strategies.client_soup import ClientSoup, round_seed
-from strategies.products import ProductSoup, ProductStew
+from strategies.adapters import GlobalAdapter, adapter_structure_check, array_bytes, lora_options, split_soup
+from strategies.arrays import OutputCache, to_tensor_dict
+from strategies.client_soup import ClientSoup
+from strategies.lora_round import adapter_round, global_adapter
 from strategies.replies import ReplyChecker, log_received
-from strategies.resume import RoundLogLines, array_shapes, shift_result, shift_rounds
+from strategies.resume import resumed_start
 from strategies.rounds import (
     METRIC_AME_SOUP_DISTANCE,
     METRIC_BYTES_RECEIVED,
@@ -57,9 +47,8 @@ from strategies.rounds import (
     METRIC_LORA_ERROR_MEAN,
     METRIC_MERGE_PREFIX,
     METRIC_STEW_GRAD_NORM,
-    RoundOutcome,
     aggregate_metrics,
-    train_round,
+    round_metrics,
 )
 from strategies.server_stew import ServerStew
 from strategies.threads import aggregation_threads
@@ -168,7 +157,7 @@ class FedSoup(FedAvg):
 
         self._round = 0  # last completed server round
         self._current: dict[str, torch.Tensor] | None = None  # x_{t-1} when aggregating; x_t after
-        self._output: tuple[ArrayRecord, dict[str, Array], dict[str, torch.Tensor]] | None = None
+        self._cache = OutputCache()  # our last output ArrayRecord and its tensors
         self._round_offset = 0  # rounds done before start() was called (resume)
         self._bytes_sent = 0  # by this round's configure_train
         self._resumed = False
@@ -229,12 +218,12 @@ class FedSoup(FedAvg):
         Settable (an ArrayRecord or a dict of arrays), as Flower's FedAvgM/FedOpt
         ``current_arrays``, to aggregate without a prior ``configure_train``.
         """
-        return None if self._current is None else self._to_arrays(self._current)
+        return None if self._current is None else self._cache.to_arrays(self._current)
 
     @current_arrays.setter
     def current_arrays(self, arrays: ArrayRecord | Mapping[str, Any] | None) -> None:
         if arrays is None or isinstance(arrays, ArrayRecord):
-            self._current = None if arrays is None else self._to_tensors(arrays)
+            self._current = None if arrays is None else self._cache.to_tensors(arrays)
         else:
             self._current = {str(k): torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
 
@@ -246,7 +235,7 @@ class FedSoup(FedAvg):
         With ``adapter_config``, the model must be an adapter that matches it
         (:class:`fedsoup.OptionError` otherwise, before any message is sent).
         """
-        self._current = self._to_tensors(arrays)
+        self._current = self._cache.to_tensors(arrays)
         if self.lora is not None:
             GlobalAdapter.of(self._current, self.lora)
         messages = list(super().configure_train(server_round + self._round_offset, arrays, config, grid))
@@ -273,41 +262,21 @@ class FedSoup(FedAvg):
         replies = log_received("aggregate_train", replies)
         bytes_sent, self._bytes_sent = self._bytes_sent, 0
         with aggregation_threads():  # checks and merge: no more threads than idle cores
-            adapter = self._global_adapter()
+            adapter = global_adapter(self.lora, self._current)
             checker = self._checker(adapter)
             usable = checker.check("aggregate_train", replies, reference=self._current, train=True)
-            outcome, lora_metrics = self._train_round(usable, server_round, adapter)
-
-        arrays: ArrayRecord | None = None
-        if outcome.model is None:
-            metrics = MetricRecord()
-            if replies and not outcome.used:
-                log(WARNING, "aggregate_train: no usable reply in round %d; global model unchanged", server_round)
-        else:
-            arrays = self._to_arrays(outcome.model)
-            self._current = outcome.model
-            metrics = aggregate_metrics(self.train_metrics_aggr_fn, outcome.used, self.weighted_by_key, "aggregate_train")
-            if outcome.grad_norm is not None:
-                metrics[METRIC_STEW_GRAD_NORM] = outcome.grad_norm
-            metrics[METRIC_AME_SOUP_DISTANCE] = outcome.ame_distance
-            if outcome.report is not None:
-                for name, value in outcome.report.figures().items():
-                    metrics[METRIC_MERGE_PREFIX + name] = value
-                log(INFO, "aggregate_train: ClientSoup merge: %s", outcome.report.describe())
-            metrics.update(lora_metrics)
-            log(
-                INFO,
-                "aggregate_train: FedSoup merged %d replies (%d left out), ‖g_t‖ = %s",
-                len(outcome.used),
-                len(replies) - len(outcome.used),
-                "n/a" if outcome.grad_norm is None else f"{outcome.grad_norm:.6g}",
+            outcome, lora_metrics = adapter_round(
+                self.client_soup, self.server_stew, self.lora, adapter, usable, server_round, self._current
             )
-        used = 0 if outcome.model is None else len(outcome.used)
-        metrics[METRIC_CLIENTS_USED] = used
-        metrics[METRIC_CLIENTS_LEFT_OUT] = len(replies) - used
-        metrics[METRIC_FALLBACK] = outcome.fallback
+
+        metrics = round_metrics(outcome, len(replies), server_round, self.train_metrics_aggr_fn, self.weighted_by_key)
+        metrics.update(lora_metrics)
         metrics[METRIC_BYTES_SENT] = bytes_sent
         metrics[METRIC_BYTES_RECEIVED] = array_bytes(replies)
+        arrays: ArrayRecord | None = None
+        if outcome.model is not None:
+            arrays = self._cache.to_arrays(outcome.model)
+            self._current = outcome.model
 
         self._round = server_round
         if self.checkpoint_dir is not None:
@@ -344,33 +313,12 @@ class FedSoup(FedAvg):
             initial = call.arguments.get("initial_arrays")
             if isinstance(initial, ArrayRecord) and (self._round == 0 or self._current is None):
                 GlobalAdapter.of(to_tensor_dict(initial), self.lora)
-        done = self._round
-        if done == 0 or self._current is None:
+        if self._round == 0 or self._current is None:
             return super().start(*args, **kwargs)
-        call = inspect.signature(super().start).bind(*args, **kwargs)
-        call.apply_defaults()
-        given = call.arguments
-        restored = self._to_arrays(self._current)
-        if done >= given["num_rounds"]:
-            log(INFO, "FedSoup: run already complete at round %d/%d; pass a larger num_rounds to continue, "
-                "or a new checkpoint_dir (checkpoint: '%s')", done, given["num_rounds"], self.checkpoint_dir)
-            return Result(arrays=restored)
-        if array_shapes(given["initial_arrays"]) != array_shapes(restored):
-            log(WARNING, "FedSoup: the checkpointed model has other arrays than initial_arrays; using the checkpoint")
-        remaining = given["num_rounds"] - done
-        log(INFO, "Resuming at round %d/%d from the FedSoup checkpoint in '%s'", done + 1, given["num_rounds"], self.checkpoint_dir)
-        renumber = RoundLogLines(done, given["num_rounds"])
-        given["initial_arrays"], given["num_rounds"] = restored, remaining
-        if given["evaluate_fn"] is not None:
-            given["evaluate_fn"] = shift_rounds(given["evaluate_fn"], done)
-        self._round_offset = done
-        FLOWER_LOGGER.addFilter(renumber)
-        try:
-            result = super().start(*call.args, **call.kwargs)
-        finally:
-            FLOWER_LOGGER.removeFilter(renumber)
-            self._round_offset = 0
-        return shift_result(result, done, restored)
+        return resumed_start(
+            super().start, args, kwargs, done=self._round, restored=self._cache.to_arrays(self._current),
+            checkpoint_dir=self.checkpoint_dir, set_round_offset=lambda offset: setattr(self, "_round_offset", offset),
+        )
 
     # ------------------------------------------------------------------
     # State
@@ -411,7 +359,7 @@ class FedSoup(FedAvg):
         self._round = state.round
         self.client_soup.seed = state.seed
         self._current = state.global_model
-        self._output = None
+        self._cache = OutputCache()
 
     # ------------------------------------------------------------------
     # Internals
@@ -421,33 +369,6 @@ class FedSoup(FedAvg):
         structure = None if adapter is None else adapter_structure_check(adapter, self.lora.mode)
         return ReplyChecker(self.weighted_by_key, self.order_by, self.tie_break_key, structure)
 
-    def _global_adapter(self) -> GlobalAdapter | None:
-        """The global adapter's structure (LoRA runs with a known global model), else ``None``."""
-        if self.lora is None or self._current is None:
-            if self.lora is not None and self.lora.mode == "products":
-                raise AggregationError("The 'products' LoRA mode needs the global adapter x_{t-1}: call "
-                                       "configure_train before aggregate_train, or set current_arrays")
-            return None
-        return GlobalAdapter.of(self._current, self.lora)
-
-    def _train_round(self, usable: list, server_round: int,
-                     adapter: GlobalAdapter | None) -> tuple[RoundOutcome, dict[str, float]]:
-        """The round (:func:`strategies.rounds.train_round`), in product space for the ``products`` mode,
-        and its LoRA figures: the factor/product error and, for products, the SVD's energy."""
-        if adapter is None:
-            return train_round(self.client_soup, self.server_stew, usable, server_round, self._current), {}
-        seed = round_seed(self.client_soup.seed, server_round)
-        figures: list = []
-        soup, stew = self.client_soup, self.server_stew
-        if self.lora.mode == "products":
-            soup = ProductSoup(self.client_soup, self.lora, adapter, server_round, seed,
-                               truncate=self.server_stew.is_identity)
-            stew = ProductStew(self.server_stew, adapter, seed)
-            figures = [soup, stew]
-        outcome = train_round(soup, stew, usable, server_round, self._current)
-        metrics: dict[str, float] = {}
-        if outcome.model is None:
-            return outcome, metrics
         for part in figures:
             metrics.update(part.figures.metrics())
         weights = self.client_soup.weights(outcome.used)
@@ -459,25 +380,6 @@ class FedSoup(FedAvg):
             metrics[METRIC_LORA_ERROR_MAX] = max(values)
             metrics[METRIC_LORA_ERROR_MEAN] = sum(values) / len(values)
         return outcome, metrics
-
-    def _to_tensors(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        output = self._output
-        if (
-            output is not None
-            and output[0] is arrays
-            and arrays.keys() == output[1].keys()
-            and all(arrays[k] is output[1][k] for k in arrays)
-        ):
-            return output[2]  # our own last output: no need to read it again
-        return to_tensor_dict(arrays)
-
-    def _to_arrays(self, tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-        output = self._output
-        if output is not None and output[2] is tensors:
-            return output[0]
-        record = to_array_record(tensors)
-        self._output = (record, dict(record.items()), tensors)
-        return record
 
 
 def _signature_with_fedavgs_arguments() -> inspect.Signature:

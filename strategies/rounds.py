@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from logging import WARNING
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import MetricRecord
@@ -35,6 +35,7 @@ __all__ = [
     "RoundOutcome",
     "train_round",
     "aggregate_metrics",
+    "round_metrics",
     "METRIC_CLIENTS_USED",
     "METRIC_CLIENTS_LEFT_OUT",
     "METRIC_STEW_GRAD_NORM",
@@ -161,3 +162,34 @@ def aggregate_metrics(aggregate: Callable, replies: list[UsableReply], weighted_
         log(WARNING, "%s: could not aggregate the client metrics (%r); reporting FedSoup's only", stage, error)
         return MetricRecord()
     return MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+
+
+def round_metrics(
+    outcome: RoundOutcome, received: int, server_round: int, aggregate: Callable, weighted_by_key: str
+) -> MetricRecord:
+    """The round's train MetricRecord: the clients' metrics (aggregated), then FedSoup's keys; logs the round."""
+    if outcome.model is None:
+        metrics = MetricRecord()
+        if received and not outcome.used:
+            log(WARNING, "aggregate_train: no usable reply in round %d; global model unchanged", server_round)
+    else:
+        metrics = aggregate_metrics(aggregate, outcome.used, weighted_by_key, "aggregate_train")
+        if outcome.grad_norm is not None:
+            metrics[METRIC_STEW_GRAD_NORM] = outcome.grad_norm
+        metrics[METRIC_AME_SOUP_DISTANCE] = outcome.ame_distance
+        if outcome.report is not None:
+            for name, value in outcome.report.figures().items():
+                metrics[METRIC_MERGE_PREFIX + name] = value
+            log(INFO, "aggregate_train: ClientSoup merge: %s", outcome.report.describe())
+        log(
+            INFO,
+            "aggregate_train: FedSoup merged %d replies (%d left out), ‖g_t‖ = %s",
+            len(outcome.used),
+            received - len(outcome.used),
+            "n/a" if outcome.grad_norm is None else f"{outcome.grad_norm:.6g}",
+        )
+    used = 0 if outcome.model is None else len(outcome.used)
+    metrics[METRIC_CLIENTS_USED] = used
+    metrics[METRIC_CLIENTS_LEFT_OUT] = received - used
+    metrics[METRIC_FALLBACK] = outcome.fallback
+    return metrics
