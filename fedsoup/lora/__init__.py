@@ -9,6 +9,7 @@ PEFT's documented format (``adapter_config.json`` + ``adapter_model.safetensors`
 - :mod:`fedsoup.lora.linalg`: norms and SVDs of products held as factors.
 - :mod:`fedsoup.lora.modes`: the ``factors`` and ``products`` merges, into the base too.
 - :mod:`fedsoup.lora.files`: adapter directories read and written.
+- :mod:`fedsoup.lora.driver`: ``merge_files`` on adapters (files in, a directory out).
 """
 
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, LoraSettings, parse_adapter_config
@@ -18,7 +19,9 @@ from fedsoup.lora.modes import (
     AdapterMerge,
     LoraReport,
     check_adapters,
+    check_lora_options,
     factor_product_errors,
+    merge_adapter_state_dicts,
     merge_adapters,
     merge_into_base,
     merged_deltas,
@@ -34,6 +37,7 @@ __all__ = [
     "LoraReport",
     "LoraSettings",
     "check_adapters",
+    "check_lora_options",
     "factor_product_errors",
     "is_adapter",
     "load_adapter",
@@ -41,6 +45,7 @@ __all__ = [
     "write_adapter",
     "write_model",
     "join_adapter",
+    "merge_adapter_state_dicts",
     "merge_adapters",
     "merge_into_base",
     "merged_deltas",
