@@ -49,7 +49,7 @@ def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
 def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
                         mode: str = "products", rank: int | None = None, base: str | os.PathLike[str] | None = None,
                         options: MergeOptions | None = None, weights: Sequence[float] | None = None,
-                        force: bool = False, dtype: torch.dtype | None = None,
+                        force: bool = False, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9,
                         metadata: dict[str, str] | None = None) -> AdapterFilesReport:
     """Merge PEFT adapters (directories or their weights files) and write the result.
 
@@ -86,7 +86,7 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | 
                                              names=names)
         state_dict = _cast(state_dict, dtype)
         record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
-        files = write_model(output, state_dict, base, force=force, metadata=record)
+        files = write_model(output, state_dict, base, force=force, metadata=record, max_shard_bytes=max_shard_bytes)
     return AdapterFilesReport(output, files, names, report, len(state_dict),
                               sum(tensor.numel() for tensor in state_dict.values()))
 

@@ -240,7 +240,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
                               "PEFT adapters are merged without per-input scores or a pivot checkpoint")
         weights = per_input_values("weights", weights, names, metrics) if weights is not None else None
         return _merge_adapter_inputs(resolved, output, options, weights, base=base, force=force, dtype=out_dtype,
-                                     started=started)
+                                     max_shard_bytes=max_shard_bytes, started=started)
     for name, value in (("lora", options.lora), ("lora_rank", options.lora_rank), ("base", base)):
         if value is not None:
             raise OptionError(name, value, f"option {name!r} applies to PEFT adapter inputs (adapter_config.json "
@@ -307,7 +307,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
 
 
 def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: MergeOptions, weights, *, base,
-                          force: bool, dtype: torch.dtype | None, started: float) -> MergeReport:
+                          force: bool, dtype: torch.dtype | None, max_shard_bytes: int, started: float) -> MergeReport:
     """PEFT adapters, merged by :mod:`fedsoup.lora` (``options.lora``, default
     :data:`DEFAULT_ADAPTER_MODE`) into an adapter directory, or into ``base``'s model directory."""
     names = [item.name for item in resolved]
@@ -315,7 +315,8 @@ def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: Me
     metadata = {"fedsoup.version": _version(), "fedsoup.inputs": json.dumps(names),
                 "fedsoup.merge": json.dumps({**options.describe(), "lora": mode, "weights": weights}, sort_keys=True)}
     written = merge_adapter_files(names, output, mode=mode, rank=options.lora_rank, base=base, options=options,
-                                  weights=weights, force=force, dtype=dtype, metadata=metadata)
+                                  weights=weights, force=force, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                  metadata=metadata)
     return MergeReport(f"lora-{written.lora.how}", options.optimizer_class.__name__, options.epochs, 0,
                        output=Path(output), files=written.files, inputs=names, tensors=written.tensors,
                        parameters=written.parameters, seconds=time.perf_counter() - started, lora=written.lora)
