@@ -54,7 +54,8 @@ def test_help_groups_the_flags(capsys):
         cli.main(["merge", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    groups = ["inputs and outputs:", "merge options (fedsoup.merge):", "optimizer arguments:", "memory and device:"]
+    groups = ["inputs and outputs:", "merge options (fedsoup.merge):", "optimizer arguments:", "LoRA adapters",
+              "memory and device:"]
     positions = [text.index(group) for group in groups]
     assert positions == sorted(positions)
     low_memory_group = text[text.index("memory and device:"):text.index("examples:")]
