@@ -584,3 +584,34 @@ def test_a_tied_module_to_save_is_refused_not_dropped(tmp_path):
     with pytest.raises(MergeInputError, match="modules_to_save") as info:
         merge_into_base(_load(directories), load_state_dict(tmp_path / "base"))
     assert info.value.key == "base_model.model.lm_head.weight"
+
+
+def test_the_svd_of_products_never_forms_a_dense_update():
+    """products at a lower rank works on the factors only: no (d_out, d_in) tensor is ever made."""
+    from torch.overrides import TorchFunctionMode
+
+    d_out, d_in, r = 96, 80, 3
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 6, "target_modules": ["q"]}
+    generator = torch.Generator().manual_seed(0)
+    adapters = [split_adapter({"base_model.model.layer.q.lora_A.weight": torch.randn(r, d_in, generator=generator),
+                               "base_model.model.layer.q.lora_B.weight": torch.randn(d_out, r, generator=generator)},
+                              parse_adapter_config(config), ingredient=i) for i in range(4)]
+    shapes = []
+
+    class Shapes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for item in result if isinstance(result, tuple) else (result,):
+                if isinstance(item, torch.Tensor):
+                    shapes.append(tuple(item.shape))
+            return result
+
+    with Shapes():
+        merged = merge_adapters(adapters, mode="products", rank=5)
+    assert shapes and not [s for s in shapes if s in ((d_out, d_in), (d_in, d_out))]
+    # and it is the SVD of the dense soup all the same
+    dense = sum(2.0 * p.pairs["base_model.model.layer.q"].B @ p.pairs["base_model.model.layer.q"].A for p in adapters) / 4
+    u, s, vh = torch.linalg.svd(dense.double())
+    a = merged.state_dict["base_model.model.layer.q.lora_A.weight"].double()
+    b = merged.state_dict["base_model.model.layer.q.lora_B.weight"].double()
+    assert relative_error((6 / 5) * b @ a, (u[:, :5] * s[:5]) @ vh[:5]) < 1e-5
