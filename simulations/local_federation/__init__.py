@@ -11,28 +11,30 @@ Modules, one concern each (standard library only; nothing here imports torch,
   a command with every descendant);
 - ``auth``: the SuperNode key / SuperExec secret files ``scripts/make-node-keys.sh``
   writes, and the registered node ids kept beside the SuperLink's database;
-- ``federation``: :class:`LocalFederation` (the commands and flags of the compose
-  services, start/stop, registration and runs through the ``flwr`` CLI);
+- ``commands``: the argv, environment and trust flags of each compose service
+  (:class:`ServiceCommands`, pure functions of the configuration);
+- ``flwr_client``: runs, their status and SuperNode registration through the ``flwr``
+  CLI (:class:`FlwrClient`);
+- ``federation``: :class:`LocalFederation`, the processes' lifecycle (start/stop,
+  health, waiting for runs), with the two above mixed in;
 - ``__main__``: the ``deploy-local.sh`` options.
 """
 
 from simulations.local_federation.auth import NodeAuthFiles, RegisteredNodes, supernode_name
-from simulations.local_federation.federation import (
-    CONNECTION,
+from simulations.local_federation.commands import CONNECTION, FLOWER_ENV, FederationError, ServiceCommands
+from simulations.local_federation.federation import LocalFederation, checkpoint_round
+from simulations.local_federation.flwr_client import (
     FINISHED_OK,
-    FLOWER_ENV,
-    FederationError,
-    LocalFederation,
+    FlwrClient,
     RegistrationRefused,
     TomlText,
-    checkpoint_round,
     run_config_arg,
     toml_value,
 )
 from simulations.local_federation.processes import Process, descendants, free_ports, pid_alive, signal_group
 
 __all__ = [
-    "CONNECTION", "FINISHED_OK", "FLOWER_ENV", "FederationError", "LocalFederation", "NodeAuthFiles", "Process",
-    "RegisteredNodes", "RegistrationRefused", "TomlText", "checkpoint_round", "descendants", "free_ports", "pid_alive", "run_config_arg",
+    "CONNECTION", "FINISHED_OK", "FLOWER_ENV", "FederationError", "FlwrClient", "LocalFederation", "NodeAuthFiles",
+    "Process", "RegisteredNodes", "RegistrationRefused", "ServiceCommands", "TomlText", "checkpoint_round", "descendants", "free_ports", "pid_alive", "run_config_arg",
     "signal_group", "supernode_name", "toml_value",
 ]

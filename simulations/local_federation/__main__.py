@@ -33,14 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from simulations.local_federation.auth import KEYS_SCRIPT, NodeAuthFiles
-from simulations.local_federation.federation import (
-    CONNECTION,
-    FINISHED_OK,
-    FederationError,
-    LocalFederation,
-    TomlText,
-    checkpoint_round,
-)
+from simulations.local_federation.commands import CONNECTION, FederationError
+from simulations.local_federation.federation import LocalFederation, checkpoint_round
+from simulations.local_federation.flwr_client import FINISHED_OK, TomlText
 from simulations.local_federation.processes import Process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -7,16 +7,17 @@ Topology: one ``flower-superlink`` (``--isolation process``, a state database), 
 compose services. Runs are submitted and followed through the ``flwr`` CLI, and
 with SuperNode authentication the nodes are registered through it too
 (``flwr supernode register``), as an operator would.
+
+This module is the processes' lifecycle (start, stop, health, waiting for runs); the
+services' argv are :mod:`~simulations.local_federation.commands`, the ``flwr`` CLI calls
+:mod:`~simulations.local_federation.flwr_client`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import ssl
-import subprocess
 import sys
 import time
 import urllib.error
@@ -26,69 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from simulations.local_federation.auth import NodeAuthFiles, RegisteredNodes, supernode_name
+from simulations.local_federation.commands import TLS_FILES, FederationError, ServiceCommands
+from simulations.local_federation.flwr_client import CONNECTION, FlwrClient
 from simulations.local_federation.processes import Process, free_ports, tail
-
-CONNECTION = "local-deployment"
-FINISHED_OK = "finished:completed"
-TLS_FILES = ("ca.crt", "server.pem", "server.key")
-# `flwr supernode register` answers this (with exit code 0) for a key the SuperLink
-# already knows: registered before (state database kept), or unregistered since.
-KEY_ALREADY_REGISTERED = "Public key already in use"
-
-# Every process gets these: nothing is installed or looked up on the network at run time.
-FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "PYTHONUNBUFFERED": "1",
-}
-
-
-class FederationError(RuntimeError):
-    """A process of the federation failed to start, or a `flwr` command failed."""
-
-
-class RegistrationRefused(FederationError):
-    """`flwr supernode register` refused `public_key`; `reason` is the SuperLink's answer."""
-
-    def __init__(self, public_key: Path, reason: str) -> None:
-        super().__init__(f"`flwr supernode register {public_key}` refused: {reason}")
-        self.public_key = public_key
-        self.reason = reason
-
-    @property
-    def already_known(self) -> bool:
-        return KEY_ALREADY_REGISTERED in self.reason
-
-
-class TomlText(str):
-    """A run-config value that is already TOML text (as typed after `--run-config`)."""
-
-
-def toml_value(value: Any) -> str:
-    """One `--run-config` value as TOML (strings quoted, booleans lower-case)."""
-    if isinstance(value, TomlText):
-        return str(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string for any path or name
-
-
-def run_config_arg(run_config: Mapping[str, Any]) -> str:
-    return " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
-
-
-def json_output(result: subprocess.CompletedProcess) -> dict[str, Any]:
-    """The JSON object a `flwr ... --format json` command printed (after any banner)."""
-    try:
-        payload = json.loads(result.stdout[result.stdout.index("{"):])
-    except ValueError:
-        raise FederationError(f"`flwr` printed no JSON:\n{result.stdout}\n{result.stderr}") from None
-    if not isinstance(payload, dict):
-        raise FederationError(f"`flwr` printed {payload!r}, not a JSON object")
-    return payload
 
 
 def checkpoint_round(checkpoint_dir: Path) -> int | None:
@@ -99,7 +40,7 @@ def checkpoint_round(checkpoint_dir: Path) -> int | None:
         return None
 
 
-class LocalFederation:
+class LocalFederation(ServiceCommands, FlwrClient):
     """SuperLink + ServerApp SuperExec + N (SuperNode + ClientApp SuperExec) on loopback.
 
     Use as a context manager: every process is stopped on exit, whatever happened.
@@ -119,7 +60,6 @@ class LocalFederation:
     port : the SuperLink's HTTP API port (Fleet + Control + Runtime); free one if None.
     bin_dir : where the Flower commands are; default: next to this Python interpreter.
     """
-
     def __init__(
         self,
         workdir: str | Path,
@@ -163,90 +103,12 @@ class LocalFederation:
         self.log_dir = self.workdir / "logs"
         self.processes: dict[str, Process] = {}
 
-    # ----------------------------------------------------------------- plumbing
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def ca_cert(self) -> Path | None:
-        return self.tls_dir / "ca.crt" if self.tls_dir is not None else None
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(FLOWER_ENV)
-        env["FLWR_HOME"] = str(self.flwr_home)
-        # The venv's commands first: flower-superexec starts flwr-serverapp/flwr-clientapp by name.
-        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
-        return env
-
-    def command(self, name: str) -> str:
-        path = self.bin_dir / name
-        if path.exists():
-            return str(path)
-        found = shutil.which(name)
-        if found is None:
-            raise FederationError(f"'{name}' not found in {self.bin_dir} nor on PATH (is flwr installed?)")
-        return found
-
     def spawn(self, name: str, argv: list[str]) -> Process:
         """Start `argv` in its own session, output to logs/<name>.log."""
         proc = Process.start(name, argv, self.log_dir / f"{name}.log", self.env(), self.workdir)
         self.processes[name] = proc
         return proc
 
-    def write_cli_config(self) -> Path:
-        """$FLWR_HOME/config.toml with the `local-deployment` connection for the `flwr` CLI."""
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "{self.address}"']
-        lines.append(f"root-certificates = {json.dumps(str(self.ca_cert))}" if self.tls_dir else "insecure = true")
-        path = self.flwr_home / "config.toml"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return path
-
-    # ------------------------------------------------------------ commands
-    def _client_security(self) -> list[str]:
-        """How a client of the SuperLink (SuperNode, SuperExec) trusts it."""
-        return ["--root-certificates", str(self.ca_cert)] if self.tls_dir else ["--insecure"]
-
-    def superlink_argv(self) -> list[str]:
-        if self.tls_dir is not None:
-            security = ["--ssl-ca-certfile", str(self.tls_dir / "ca.crt"),
-                        "--ssl-certfile", str(self.tls_dir / "server.pem"),
-                        "--ssl-keyfile", str(self.tls_dir / "server.key")]
-        else:
-            security = ["--insecure"]
-        if self.auth is not None:
-            security += ["--enable-supernode-auth",
-                         "--superexec-auth-secret-file", str(self.auth.superlink_secret)]
-        return [self.command("flower-superlink"), *security, "--isolation", "process",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--database", str(self.state_db), "--disable-runtime-dependency-installation"]
-
-    def serverapp_superexec_argv(self) -> list[str]:
-        secret = ["--superexec-auth-secret-file", str(self.auth.superlink_secret)] if self.auth else []
-        return [self.command("flower-superexec"), *self._client_security(),
-                "--runtime-api-address", self.address, *secret]
-
-    def supernode_argv(self, index: int) -> list[str]:
-        """SuperNode `index` (1-based), partition-id index-1."""
-        auth = []
-        if self.auth is not None:
-            auth = ["--auth-supernode-private-key", str(self.auth.private_key(index)),
-                    "--superexec-auth-secret-file", str(self.auth.supernode_secret(index))]
-        return [self.command("flower-supernode"), *self._client_security(),
-                "--superlink", self.address, "--isolation", "process",
-                "--host", "127.0.0.1", "--port", str(self.supernode_ports[index - 1]),
-                "--node-config", f"partition-id={index - 1} num-partitions={self.num_supernodes}", *auth]
-
-    def clientapp_superexec_argv(self, index: int) -> list[str]:
-        # SuperNode <-> SuperExec stays on one host: plain HTTP on loopback, as in compose.
-        secret = ["--superexec-auth-secret-file", str(self.auth.supernode_secret(index))] if self.auth else []
-        return [self.command("flower-superexec"), "--insecure",
-                "--runtime-api-address", f"127.0.0.1:{self.supernode_ports[index - 1]}", *secret]
-
-    # ------------------------------------------------------------ lifecycle
     def start(self) -> LocalFederation:
         for d in (self.state_db.parent, self.checkpoint_dir, self.output_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -337,66 +199,6 @@ class LocalFederation:
         self.check_alive()
         raise FederationError(f"the SuperLink did not answer on {self.address} within {self.startup_timeout:.0f}s")
 
-    # ------------------------------------------------------------ the flwr CLI
-    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
-        """The `flwr` CLI against this federation (FLWR_HOME holds its connection)."""
-        result = subprocess.run(  # noqa: S603
-            [self.command("flwr"), *args], capture_output=True, text=True, env=self.env(),
-            timeout=timeout, cwd=self.workdir,
-        )
-        if check and result.returncode != 0:
-            raise FederationError(
-                f"`flwr {' '.join(args)}` failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-            )
-        return result
-
-    # ------------------------------------------------------------ SuperNode registration
-    def register_key(self, public_key: Path, name: str) -> int:
-        """`flwr supernode register <public_key>`; returns the new node id.
-
-        Raises RegistrationRefused if the SuperLink says no, e.g. for a key it already
-        knows (registered before, or unregistered since: such a key never comes back)."""
-        payload = json_output(self.flwr("supernode", "register", str(public_key), CONNECTION,
-                                        "--name", name, "--format", "json"))
-        if not payload.get("success"):
-            raise RegistrationRefused(Path(public_key), str(payload.get("error-message")))
-        node_id = int(payload["node-id"])
-        self.registered.save(name, node_id)
-        return node_id
-
-    def register_supernodes(self) -> dict[str, int]:
-        """Register every SuperNode's public key; name -> node id.
-
-        A key the SuperLink already knows (its database was kept) keeps the node id
-        recorded in ``state/registered-supernodes.json``."""
-        if self.auth is None:
-            raise FederationError("this federation runs without SuperNode authentication (no auth_dir)")
-        known = self.registered.load()
-        ids = {}
-        for i in range(1, self.num_supernodes + 1):
-            name = supernode_name(i)
-            try:
-                ids[name] = self.register_key(self.auth.public_key(i), name)
-            except RegistrationRefused as err:
-                if not (err.already_known and name in known):
-                    raise
-                ids[name] = known[name]
-        return ids
-
-    def unregister_supernode(self, index: int) -> int:
-        """`flwr supernode unregister <node id>` for SuperNode `index`: it is shut out for good
-        (its key cannot be registered again); returns the node id."""
-        node_id = self.registered.load()[supernode_name(index)]
-        payload = json_output(self.flwr("supernode", "unregister", str(node_id), CONNECTION, "--format", "json"))
-        if not payload.get("success"):
-            raise FederationError(f"`flwr supernode unregister {node_id}` failed: {payload.get('error-message')}")
-        return node_id
-
-    def supernodes(self) -> dict[int, str]:
-        """Node id -> status ('registered', 'online', 'offline', 'unregistered') per `flwr supernode list`."""
-        payload = json_output(self.flwr("supernode", "list", CONNECTION, "--format", "json"))
-        return {int(node["node-id"]): str(node["status"]) for node in payload.get("nodes", [])}
-
     def wait_online(self, node_ids: list[int], timeout: float | None = None) -> None:
         """Until every node in `node_ids` is online (as `flwr supernode list` says)."""
         deadline = time.monotonic() + (timeout or self.startup_timeout)
@@ -409,35 +211,9 @@ class LocalFederation:
                 raise FederationError(f"SuperNodes not online after {timeout or self.startup_timeout:.0f}s: {status}")
             time.sleep(1.0)
 
-    # ------------------------------------------------------------ runs
-    def submit(self, app_dir: str | Path, run_config: Mapping[str, Any] | None = None) -> int:
-        """`flwr run <app_dir> local-deployment --run-config ...`; returns the run id."""
-        args = ["run", str(Path(app_dir).resolve()), CONNECTION, "--format", "json"]
-        if run_config:
-            args += ["--run-config", run_config_arg(run_config)]
-        result = self.flwr(*args)
-        try:
-            return int(json_output(result)["run-id"])
-        except (FederationError, KeyError, TypeError, ValueError):
-            raise FederationError(f"`flwr run` gave no run id:\n{result.stdout}\n{result.stderr}") from None
-
     def follow(self, run_id: int, name: str | None = None) -> Process:
         """`flwr log <run_id> --stream` in the background: it returns when the run ends."""
         return self.spawn(name or f"run-{run_id}", [self.command("flwr"), "log", str(run_id), CONNECTION, "--stream"])
-
-    def status(self, run_id: int) -> str:
-        """The run's status as `flwr ls` shows it, e.g. 'running' or 'finished:completed'."""
-        payload = json_output(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json"))
-        return str(payload["runs"][0]["status"])
-
-    def final_status(self, run_id: int) -> str:
-        """The status once it is final: the log stream ends a moment before it is."""
-        for _ in range(20):
-            status = self.status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(0.5)
-        return status
 
     def wait(self, run_id: int, timeout: float = 300.0) -> str:
         """Block until the run ends (following its log), then return its final status."""
