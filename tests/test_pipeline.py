@@ -31,10 +31,9 @@ def models(n=3, seed=0, scale=1.0):
 
 
 def checkpoints(tmp_path, n=3):
-    paths = []
-    for i, model in enumerate(models(n)):
-        save_file(model, tmp_path / f"m{i}.safetensors")
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    paths = [str(tmp_path / f"m{i}.safetensors") for i in range(n)]
+    for path, model in zip(paths, models(n)):
+        save_file(model, path)
     return paths
 
 

@@ -290,15 +290,17 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
                                      sidecars=[report_sidecar(layout).name])
         finally:
             bar.close()
+    sidecar = report_sidecar(layout)
     if low or layout.kind != "safetensors":
         # Tensor by tensor, the header was written before the merge ended (and a .pt file has
         # no header): the report (Prop. 2's ball summed over every tensor and checked once, as
         # in memory) goes to a sidecar file.
         if low:
             report = produce.report() or MergeReport("soup", options.optimizer_class.__name__, options.epochs, 0)
-        sidecar = report_sidecar(layout)
         atomic_write_text(sidecar, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
         files = [*files, sidecar]
+    elif sidecar.is_file():  # (force) an earlier merge's report, ours and now wrong: the header has this one
+        sidecar.unlink()
     return dataclasses.replace(
         report, output=layout.target, files=files, inputs=names, tensors=len(infos),
         parameters=sum(info.numel for info in infos.values()), seconds=time.perf_counter() - started,
