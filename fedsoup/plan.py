@@ -134,13 +134,14 @@ def make_plan(models, options: MergeOptions, *, weights=None, order_by=None, piv
         raise OptionError("_path", path, f"unknown merge path {path!r}; one of {', '.join(PATHS)}",
                           suggestion=closest_name(str(path), PATHS))
     plan.path = path or choose_path(plan)
-    if plan.path == "fused":
+    if plan.path == "fused" and plan.kernel is None:  # forced
         plan.kernel = _kernel(plan)
     return plan
 
 
 def choose_path(plan: MergePlan) -> str:
-    """The fastest path that computes this merge exactly (see :mod:`fedsoup.ame`)."""
+    """The fastest path that computes this merge exactly (see :mod:`fedsoup.ame`); for the
+    fused path, its kernel spec is kept on the plan (built once per merge)."""
     from fedsoup import fused
     from fedsoup.flat import STACK_MAX_NUMEL
 
@@ -149,8 +150,10 @@ def choose_path(plan: MergePlan) -> str:
         return "soup"
     if options.greedy or options.project or not is_elementwise(plan.optimizer):
         return "reference"
-    if plan.device.type == "cpu" and fused.available() and fused.kernel_spec(plan.optimizer, options.optimizer_settings):
-        return "fused"
+    if plan.device.type == "cpu" and fused.available():
+        plan.kernel = fused.kernel_spec(plan.optimizer, options.optimizer_settings)
+        if plan.kernel is not None:
+            return "fused"
     numel = sum(plan.first[key].numel() for key in plan.float_keys)
     return "stacked" if numel <= STACK_MAX_NUMEL else "flat"
 
