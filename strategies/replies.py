@@ -194,10 +194,19 @@ def _tie_value(msg: Message, key: str | None) -> float | str | None:
     content = msg.content
     for record in (*content.config_records.values(), *content.metric_records.values()):
         value = record.get(key)
-        if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            if isinstance(value, str) or math.isfinite(value):
-                return value
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(_as_float(value)):
+            return value
     return None
+
+
+def _as_float(value: int | float) -> float:
+    """``float(value)``, or NaN for an int too large for a float (MetricRecord holds any Python int)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.nan
 
 
 def _duplicate_problem(count: int) -> str:
@@ -248,10 +257,10 @@ def _number(metrics: MetricRecord, key: str, what: str) -> float:
     value = metrics[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _LeftOut(f"{what} '{key}' is not a single number: {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise _LeftOut(f"{what} '{key}' is {value}")
-    return value
+    number = _as_float(value)
+    if not math.isfinite(number):
+        raise _LeftOut(f"{what} '{key}' is {value if isinstance(value, float) else 'too large for a float'}")
+    return number
 
 
 def _key_diff(keys: Iterable[str], expected: Iterable[str], what: str) -> str:

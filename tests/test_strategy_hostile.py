@@ -541,3 +541,23 @@ def test_replies_with_other_metric_keys_cannot_exclude_an_honest_reply(caplog):
     weights = {n: 10 * n for n in (3, HOSTILE, SECOND_HOSTILE)}
     expected = sum(w * honest_arrays(n, 1, model)["fc.bias"].astype(np.float64) for n, w in weights.items()) / sum(weights.values())
     np.testing.assert_allclose(got["fc.bias"].numpy(), expected, rtol=1e-5)
+
+
+def test_numbers_too_large_for_a_float_are_not_numbers():
+    """MetricRecord holds Python ints of any size in-process (the wire holds int64): 10**400
+    as a weight leaves the reply out, as a partition id counts as not reported."""
+    strategy = FedSoup()
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid([*HONEST, HOSTILE, SECOND_HOSTILE])))
+    replies = []
+    for msg in instructions:
+        node = msg.metadata.dst_node_id
+        if node == HOSTILE:
+            replies.append(reply(msg, content(honest_arrays(node, 1, initial_model()), 10**400, 3)))
+        elif node == SECOND_HOSTILE:
+            replies.append(reply(msg, content(honest_arrays(node, 1, initial_model()), 70, 10**400)))
+        else:
+            replies.append(reply(msg, honest_content(node, 1, initial_model())))
+    got, metrics = strategy.aggregate_train(1, replies)
+    assert got is not None
+    assert metrics[METRIC_CLIENTS_USED] == len(HONEST) + 1 and metrics[METRIC_CLIENTS_LEFT_OUT] == 1
