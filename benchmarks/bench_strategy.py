@@ -14,6 +14,18 @@ is FedSoup() told that the host is idle, i.e. the behaviour before that choice.
     .venv/bin/python benchmarks/bench_strategy.py            # 10 replies, 4M params
     .venv/bin/python benchmarks/bench_strategy.py --repeats 9 --params 1e6
     .venv/bin/python benchmarks/bench_strategy.py --busy --threads 0 --params 1e6
+
+``--lora`` is the federated-LoRA case (issue 27): one round of 50 PEFT adapter replies, 24
+target modules of 1024 x 1024 at r = 16 (``--replies``, ``--modules``, ``--dim``,
+``--rank``). Targets: ``FedSoup(adapter_config=...)`` (the ``factors`` mode, the default)
+at most 1.1x Flower's FedAvg on the same replies; the ``products`` mode with its randomized
+SVD back to rank 16 at most 10x. The clients either drift 10% from the global adapter (the
+default: a round's clients start from it) or are independent random adapters
+(``--clients independent``: the flattest spectrum, the SVD's slowest case). The row
+``products + stew=fedadam`` steps on the dense ``ΔW`` and prints its optimizer state.
+
+    .venv/bin/python benchmarks/bench_strategy.py --lora --repeats 3
+    .venv/bin/python benchmarks/bench_strategy.py --lora --repeats 3 --clients independent
 """
 
 from __future__ import annotations
@@ -71,7 +83,85 @@ def make_round(params: float, replies: int, seed: int = 0):
     return arrays, contents, num_params
 
 
-def time_aggregate(strategy, arrays: ArrayRecord, contents: dict, threads: int = 0) -> float:
+PEFT_PREFIX = "base_model.model.model.layers."
+
+
+def make_adapter_round(replies: int, modules: int, dim: int, rank: int, clients: str, seed: int = 0):
+    """A global PEFT adapter (``modules`` LoRA pairs on ``dim x dim`` layers) and ``replies`` client adapters."""
+    rng = np.random.default_rng(seed)
+    names = [f"{PEFT_PREFIX}{m // 4}.self_attn.{('q', 'k', 'v', 'o')[m % 4]}_proj" for m in range(modules)]
+
+    def factors() -> dict[str, np.ndarray]:
+        out = {}
+        for name in names:
+            out[name + ".lora_A.weight"] = rng.standard_normal((rank, dim), dtype=np.float32) / np.float32(dim ** 0.5)
+            out[name + ".lora_B.weight"] = rng.standard_normal((dim, rank), dtype=np.float32) * np.float32(0.01)
+        return out
+
+    global_adapter = factors()
+    arrays = ArrayRecord({k: Array(v) for k, v in global_adapter.items()})
+    contents = {}
+    for node in range(1, replies + 1):
+        if clients == "independent":
+            model = factors()
+        else:
+            model = {k: v + 0.1 * np.float32(v.std()) * rng.standard_normal(v.shape, dtype=np.float32)
+                     for k, v in global_adapter.items()}
+        contents[node] = train_content(model, num_examples=100 + node)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    return arrays, contents, config
+
+
+def stew_state_bytes(strategy) -> int:
+    """The bytes of a FedSoup ServerStew's optimizer state (0 before its first step)."""
+    optimizer = strategy.server_stew.optimizer
+    if optimizer is None:
+        return 0
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+
+
+def lora_main(args) -> None:
+    """The ``--lora`` benchmark (module docstring)."""
+    arrays, contents, config = make_adapter_round(args.replies, args.modules, args.dim, args.rank, args.clients)
+    candidates = {
+        "Flower FedAvg": lambda: FedAvg(),
+        "FedSoup factors (default)": lambda: FedSoup(adapter_config=config),
+        "FedSoup products (SVD to r)": lambda: FedSoup(adapter_config=config, soup={"lora": "products"}),
+    }
+    if not args.no_stew:
+        candidates["FedSoup products + stew=fedadam"] = lambda: FedSoup(
+            adapter_config=config, soup={"lora": "products"}, stew={"optimizer": "fedadam", "lr": 0.01})
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    metrics, state = {}, {}
+    with serverapp_identity():
+        for name, make in candidates.items():  # warm-up
+            time_aggregate(make(), arrays, contents, args.threads)
+        for _ in range(args.repeats):
+            for name, make in candidates.items():
+                strategy = make()
+                times[name].append(time_aggregate(strategy, arrays, contents, args.threads, metrics.setdefault(name, {})))
+                if isinstance(strategy, FedSoup):
+                    state[name] = stew_state_bytes(strategy)
+    base = statistics.median(times["Flower FedAvg"])
+    targets = {"FedSoup factors (default)": 1.1, "FedSoup products (SVD to r)": 10.0}
+    reply_mb = sum(c["arrays"].count_bytes() for c in contents.values()) / 1e6
+    print(f"aggregate_train of {args.replies} adapter replies ({args.clients} clients), {args.modules} modules of "
+          f"{args.dim}x{args.dim} at r={args.rank} ({reply_mb:.0f} MB of replies), median of {args.repeats} "
+          f"interleaved runs, torch threads: {args.threads or 'default'}, load {os.getloadavg()[0]:.2f}")
+    print(f"{'strategy':<34} {'median s':>9} {'x FedAvg':>9}  {'target':<13} {'stew state':>10}  round metrics")
+    for name, values in times.items():
+        median = statistics.median(values)
+        target = targets.get(name)
+        verdict = "" if target is None else f"<= {target:g}x {'OK' if median / base <= target else 'MISSED'}"
+        shown = {k.removeprefix("fedsoup-lora-"): round(v, 4) for k, v in metrics.get(name, {}).items()
+                 if k.startswith("fedsoup-lora-")}
+        stew = f"{state[name] / 1e6:.0f} MB" if name in state else ""
+        print(f"{name:<34} {median:>9.3f} {median / base:>9.2f}  {verdict:<13} {stew:>10}  {shown}")
+
+
+def time_aggregate(strategy, arrays: ArrayRecord, contents: dict, threads: int = 0, metrics: dict | None = None) -> float:
     """Seconds for one ``aggregate_train`` (``configure_train`` is done first, untimed).
 
     ``threads > 0`` sets torch's intra-op threads again first, so that no candidate
@@ -83,9 +173,11 @@ def time_aggregate(strategy, arrays: ArrayRecord, contents: dict, threads: int =
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     replies = [reply(m, contents[m.metadata.dst_node_id]) for m in instructions]
     start = time.perf_counter()
-    out, _ = strategy.aggregate_train(1, replies)
+    out, round_metrics = strategy.aggregate_train(1, replies)
     elapsed = time.perf_counter() - start
     assert out is not None
+    if metrics is not None and round_metrics is not None:
+        metrics.update(round_metrics)
     return elapsed
 
 
@@ -128,8 +220,15 @@ class _Unscoped:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=4e6, help="model size (default 4e6)")
-    parser.add_argument("--replies", type=int, default=10, help="client replies per round (default 10)")
+    parser.add_argument("--replies", type=int, default=None, help="client replies per round (default 10; --lora 50)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per strategy (median; default 7)")
+    parser.add_argument("--lora", action="store_true", help="the federated-LoRA case (issue 27)")
+    parser.add_argument("--modules", type=int, default=24, help="--lora: LoRA target modules (default 24)")
+    parser.add_argument("--dim", type=int, default=1024, help="--lora: d_out = d_in of each module (default 1024)")
+    parser.add_argument("--rank", type=int, default=16, help="--lora: r (default 16)")
+    parser.add_argument("--clients", choices=("drift", "independent"), default="drift",
+                        help="--lora: clients drift 10%% from the global adapter (default) or are independent")
+    parser.add_argument("--no-stew", action="store_true", help="--lora: skip the products + fedadam row")
     parser.add_argument(
         "--threads",
         type=int,
@@ -143,6 +242,10 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)  # per-round INFO lines would be timed too
+    if args.lora:
+        args.replies = 50 if args.replies is None else args.replies
+        return lora_main(args)
+    args.replies = 10 if args.replies is None else args.replies
 
     arrays, contents, num_params = make_round(args.params, args.replies)
     candidates = {

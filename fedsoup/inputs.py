@@ -168,9 +168,11 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
     Any NaN/Inf makes the sum non-finite, and a sum is one cheap reduction
     (``isfinite(t).all()`` writes a bool tensor first); only a non-finite sum,
-    which may also be an overflow of large values, needs the element-wise test.
+    which may also be an overflow of large values, needs the element-wise test. The
+    sum is tested as a Python float (no second kernel: a federated round tests thousands
+    of small arrays).
     """
-    if bool(torch.isfinite(tensor.sum())):
+    if math.isfinite(tensor.sum().item()):
         return True
     return bool(torch.isfinite(tensor).all())
 

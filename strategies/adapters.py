@@ -35,6 +35,7 @@ import torch
 from flwr.app import Message
 
 from fedsoup.errors import MergeInputError, OptionError
+from fedsoup.inputs import compute_dtype
 from fedsoup.lora import LoraPair, LoraSettings, parse_adapter_config, split_adapter
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME
 from fedsoup.lora.linalg import sketched_error
@@ -254,14 +255,16 @@ def module_seed(seed: int, index: int) -> int:
 
 
 def factor_product_error(replies: list[dict[str, LoraPair]], omega: list[float], seed: int,
-                         ) -> dict[str, float] | None:
+                         soup: Mapping[str, torch.Tensor] | None = None) -> dict[str, float] | None:
     """Per module ``‖s·soup(B)·soup(A) − soup(s·B·A)‖_F / ‖soup(s·B·A)‖_F`` of the round's replies.
 
-    ``soup(B) = Σ ω_i (s_i/s) B_i``, ``soup(A) = Σ ω_i A_i``, ``soup(s·B·A) = B_cat diag(ω_i s_i)
-    A_cat``: what averaging the factors costs against merging the updates (the same figure
-    as ``fedsoup.lora``'s offline merges). From the factors (:func:`fedsoup.lora.linalg.sketched_error`:
-    exact for small stacks, else a seeded 16-probe estimate). ``None`` when the replies'
-    ranks differ in some module (no soup of factors exists).
+    ``soup(B) = Σ ω_i (s_i/s) B_i``, ``soup(A) = Σ ω_i A_i``, ``soup(s·B·A) = Σ ω_i s_i B_i A_i``:
+    what averaging the factors costs against merging the updates (the same figure as
+    ``fedsoup.lora``'s offline merges), from the factors
+    (:func:`fedsoup.lora.linalg.sketched_error`: exact for small stacks, else a seeded
+    16-probe estimate). ``None`` when the replies' ranks differ in some module (no soup of
+    factors exists). ``soup``: the round's own soup of the factors (``Σ ω_i A_i``, ``Σ ω_i B_i``
+    under the adapter's keys), when it has one, instead of summing the replies again.
     """
     if not replies:
         return None
@@ -270,13 +273,17 @@ def factor_product_error(replies: list[dict[str, LoraPair]], omega: list[float],
         pairs = [reply[path] for reply in replies]
         if any(pair.rank != pairs[0].rank for pair in pairs):
             return None
-        dtype = torch.float64 if any(torch.float64 in (p.A.dtype, p.B.dtype) for p in pairs) else torch.float32
-        b_cat = torch.cat([p.B.to(dtype) for p in pairs], dim=1)
-        a_cat = torch.cat([p.A.to(dtype) for p in pairs], dim=0)
-        c = torch.cat([torch.full((p.rank,), w * p.scale, dtype=dtype) for p, w in zip(pairs, omega)])
-        b_soup = sum(w * p.scale * p.B.to(dtype) for p, w in zip(pairs, omega))
-        a_soup = sum(w * p.A.to(dtype) for p, w in zip(pairs, omega))
-        errors[path] = sketched_error(b_soup, a_soup, b_cat, a_cat, q_scale=c, seed=module_seed(seed, index))
+        if soup is not None:  # equal ranks: one scale
+            b_soup, a_soup = pairs[0].scale * soup[path + _B], soup[path + _A]
+        else:
+            dtype = compute_dtype([t for p in pairs for t in (p.A, p.B)])
+            b_soup = torch.zeros(pairs[0].B.shape, dtype=dtype)
+            a_soup = torch.zeros(pairs[0].A.shape, dtype=dtype)
+            for pair, w in zip(pairs, omega):
+                b_soup.add_(pair.B, alpha=w * pair.scale)
+                a_soup.add_(pair.A, alpha=w)
+        terms = [(pair.B, pair.A, w * pair.scale) for pair, w in zip(pairs, omega)]
+        errors[path] = sketched_error(b_soup, a_soup, terms, seed=module_seed(seed, index))
     return errors
 
 

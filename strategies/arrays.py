@@ -8,10 +8,11 @@ round (docs/design.md §3, "Robustness"); :class:`ArrayProblem` says why not.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -67,14 +68,15 @@ def read_arrays(
                     f"but {reference_name} has {_KIND_NAMES.get(expected, expected)} ({_dtype_name(reference[key].dtype)})"
                 )
     tensors = {}
-    for key, array in record.items():
-        tensors[key] = _to_tensor(_checked_view(key, array))
-        if reference is not None and tensors[key].is_floating_point():
-            target = _torch_dtype(reference[key].dtype)
-            value = tensors[key] if tensors[key].dtype == target else tensors[key].to(target)
-            if find_non_finite({key: value}) is not None:
-                where = "" if value is tensors[key] else f" in {_dtype_name(target)}"
-                raise ArrayProblem(f"array {key!r} contains NaN or Inf{where}")
+    with _read_only_views():
+        for key, array in record.items():
+            tensors[key] = _to_tensor(_checked_view(key, array))
+            if reference is not None and tensors[key].is_floating_point():
+                target = _torch_dtype(reference[key].dtype)
+                value = tensors[key] if tensors[key].dtype == target else tensors[key].to(target)
+                if find_non_finite({key: value}) is not None:
+                    where = "" if value is tensors[key] else f" in {_dtype_name(target)}"
+                    raise ArrayProblem(f"array {key!r} contains NaN or Inf{where}")
     return tensors
 
 
@@ -129,7 +131,8 @@ def _dtype_name(dtype: Any) -> str:
 
 def to_tensor_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ArrayRecord the strategy sends (no checks) as tensors viewing its bytes."""
-    return {key: _to_tensor(_array_view(array)) for key, array in record.items()}
+    with _read_only_views():
+        return {key: _to_tensor(_array_view(array)) for key, array in record.items()}
 
 
 def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -152,14 +155,21 @@ def _array_view(array: Array) -> np.ndarray:
     return array.numpy()
 
 
+@contextlib.contextmanager
+def _read_only_views() -> Iterator[None]:
+    """Read-only views of a message's bytes: torch warns that it cannot mark the tensor
+    read-only. Nothing here writes to its inputs (fedsoup.merge is pure). One filter per
+    record, not per array: a round reads thousands of arrays."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        yield
+
+
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor viewing ``array`` (in native byte order); call inside :func:`_read_only_views`."""
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    with warnings.catch_warnings():
-        # Read-only views of a message's bytes: torch warns that it cannot mark the
-        # tensor read-only. Nothing here writes to its inputs (fedsoup.merge is pure).
-        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
-        return torch.from_numpy(array)
+    return torch.from_numpy(array)
 
 
 class OutputCache:

@@ -17,7 +17,13 @@ from strategies.adapters import GlobalAdapter, factor_product_error, reply_pairs
 from strategies.client_soup import ClientSoup, round_seed
 from strategies.products import ProductSoup, ProductStew
 from strategies.replies import UsableReply
-from strategies.rounds import METRIC_LORA_ERROR_MAX, METRIC_LORA_ERROR_MEAN, RoundOutcome, train_round
+from strategies.rounds import (
+    FALLBACK_SOUP,
+    METRIC_LORA_ERROR_MAX,
+    METRIC_LORA_ERROR_MEAN,
+    RoundOutcome,
+    train_round,
+)
 from strategies.server_stew import ServerStew
 
 __all__ = ["global_adapter", "adapter_round"]
@@ -61,8 +67,11 @@ def adapter_round(
         metrics.update(part.figures.metrics())
     weights = client_soup.weights(outcome.used)
     total = sum(weights)
+    # The factors mode's plain soup through the identity stew is the soup of the factors itself.
+    plain = client_soup.is_plain or outcome.fallback == FALLBACK_SOUP
+    soup_of_factors = outcome.model if lora.mode == "factors" and plain and server_stew.is_identity else None
     errors = factor_product_error([reply_pairs(r.arrays, adapter) for r in outcome.used],
-                                  [w / total for w in weights], seed)
+                                  [w / total for w in weights], seed, soup_of_factors)
     if errors:
         values = list(errors.values())
         metrics[METRIC_LORA_ERROR_MAX] = max(values)

@@ -324,3 +324,43 @@ def test_npy_view_refuses_object_arrays():
     np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):
         fio.npy_view(buffer.getvalue())
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((16, 1024), np.float32), np.zeros((5,), np.int64), np.array(3.0), np.zeros((0, 2), ">f4"),
+    np.asfortranarray(np.zeros((3, 4))), np.zeros(2, bool), np.zeros(3, np.complex64), np.zeros((2, 3), np.uint8),
+    np.zeros(2, "<U3"), np.zeros(2, dtype=[("a", "<f4")]), np.zeros(2, "<M8[s]"),
+], ids=lambda a: f"{a.dtype.str}{a.shape}")
+def test_npy_header_fast_path_reads_what_numpy_reads(array):
+    """The plain-header pattern (fedsoup.io.npy) and NumPy's parser agree; what the pattern does
+    not match (structured, datetime dtypes) goes to NumPy's parser, leaving the stream as it was."""
+    import io
+
+    from fedsoup.io.npy import _plain_header, read_npy_header
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    stream = io.BytesIO(buffer.getvalue())
+    np.lib.format.read_magic(stream)
+    expected = np.lib.format.read_array_header_1_0(stream)
+    got_stream = io.BytesIO(buffer.getvalue())
+    assert read_npy_header(got_stream) == (tuple(expected[0]), expected[1], expected[2])
+    assert got_stream.tell() == stream.tell()  # left at the data, either way
+    fast = _plain_header(io.BytesIO(buffer.getvalue()))
+    assert (fast is None) == (array.dtype.names is not None or array.dtype.kind == "M")
+
+
+@pytest.mark.parametrize("header", [
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (16,1024), }",  # not numpy's repr: NumPy decides
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (16, 1024), 'x': 1, }",
+    "{'descr': '<O', 'fortran_order': False, 'shape': (2,), }",
+])
+def test_npy_header_fast_path_leaves_anything_unusual_to_numpy(header):
+    import io
+
+    from fedsoup.io.npy import _plain_header
+
+    text = header.encode("latin1")
+    text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
+    stream = io.BytesIO(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text)
+    assert _plain_header(stream) is None and stream.tell() == 0

@@ -236,8 +236,9 @@ def test_sketched_error_estimate_is_close_to_the_exact_error():
     q_b, q_a = torch.randn(40, 64, generator=generator), torch.randn(64, 30, generator=generator)
     p_b, p_a = torch.randn(40, 4, generator=generator), torch.randn(4, 30, generator=generator)
     exact = float(torch.linalg.matrix_norm(p_b @ p_a - q_b @ q_a) / torch.linalg.matrix_norm(q_b @ q_a))
-    assert sketched_error(p_b, p_a, q_b, q_a, seed=0, probes=16) == pytest.approx(exact, rel=0.25)
-    assert sketched_error(p_b, p_a, q_b, q_a, seed=0, probes=64) == pytest.approx(exact, rel=1e-6)  # exact path
+    terms = [(q_b[:, 8 * i:8 * i + 8], q_a[8 * i:8 * i + 8], 1.0) for i in range(8)]
+    assert sketched_error(p_b, p_a, terms, seed=0, probes=16) == pytest.approx(exact, rel=0.25)
+    assert sketched_error(p_b, p_a, terms, seed=0, probes=64) == pytest.approx(exact, rel=1e-6)  # exact path
 
 
 def test_stew_in_product_space_is_fedadam_on_delta_w():

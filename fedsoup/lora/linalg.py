@@ -17,13 +17,14 @@ A soup that is never formed densely (the federated ``products`` round,
 ``strategies.adapters``) takes :func:`factored_truncated_svd`: the same range finder applied
 to ``B diag(c) A`` through its factors, power iterations run until the captured energy
 stops growing (a tolerance), and the energy outside the subspace estimated from a second
-sketch; :func:`sketched_error` estimates a relative error ``‖P − Q‖/‖Q‖`` of two factored
-products the same way.
+sketch; :func:`sketched_error` estimates a relative error ``‖P − Q‖/‖Q‖`` of a factored
+product against a sum of them the same way.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -191,27 +192,31 @@ def factored_truncated_svd(B: torch.Tensor, A: torch.Tensor, rank: int, *, scale
     return TruncatedSVD(U, S, Vh, captured_energy(S, rank, total), False, iterations)
 
 
-def sketched_error(P_B: torch.Tensor, P_A: torch.Tensor, Q_B: torch.Tensor, Q_A: torch.Tensor, *,
-                   q_scale: torch.Tensor | None = None, seed: int, probes: int = 16) -> float:
-    """``‖P − Q‖_F / ‖Q‖_F`` for ``P = P_B P_A`` and ``Q = Q_B diag(q_scale) Q_A``, held as factors.
+def sketched_error(P_B: torch.Tensor, P_A: torch.Tensor,
+                   terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]], *, seed: int, probes: int = 16) -> float:
+    """``‖P − Q‖_F / ‖Q‖_F`` for ``P = P_B P_A`` and ``Q = Σ_i c_i B_i A_i`` (``terms``: ``(B_i, A_i, c_i)``).
 
-    Exact (two thin QRs, :func:`factored_norm`, float64) when the stacked rank is at most
-    ``2·probes``, where that is the cheaper way; otherwise estimated from ``probes``
-    seeded Gaussian probes ``G`` as ``‖(P − Q) G‖_F / ‖Q G‖_F`` (Hutchinson: each squared
-    norm is unbiased, relative standard deviation at most ``√(2/probes)``, far less when
-    the spectrum is spread over many directions), in ``O((m + n) k · probes)``.
+    Exact (two thin QRs of the stacked factors, :func:`factored_norm`, float64) when the
+    stacked rank is at most ``2·probes``, where that is the cheaper way; otherwise
+    estimated from ``probes`` seeded Gaussian probes ``G`` as ``‖(P − Q) G‖_F / ‖Q G‖_F``
+    (Hutchinson: each squared norm is unbiased, its relative standard deviation at most
+    ``√(2/probes)``, far less when the spectrum is spread over many directions), term by
+    term (``Q G = Σ_i c_i B_i (A_i G)``: no stacked copy), in ``O((m + n) k · probes)``.
     ``0.0`` when both are zero, ``inf`` when only ``Q`` is.
     """
-    dtype = torch.float64 if torch.float64 in (P_B.dtype, P_A.dtype, Q_B.dtype, Q_A.dtype) else torch.float32
-    c = torch.ones(Q_A.shape[0], dtype=dtype) if q_scale is None else q_scale.to(dtype)
-    if P_A.shape[0] + Q_A.shape[0] <= 2 * probes:
-        q_b = Q_B.double() * c.double()
-        target = factored_norm(q_b, Q_A.double().T)
-        difference = factored_norm(torch.cat([P_B.double(), -q_b], dim=1), torch.cat([P_A.double(), Q_A.double()]).T)
+    tensors = [P_B, P_A, *(t for B, A, _ in terms for t in (B, A))]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if P_A.shape[0] + sum(A.shape[0] for _, A, _ in terms) <= 2 * probes:
+        q_b = torch.cat([c * B.double() for B, _, c in terms], dim=1)
+        q_a = torch.cat([A.double() for _, A, _ in terms], dim=0)
+        target = factored_norm(q_b, q_a.T)
+        difference = factored_norm(torch.cat([P_B.double(), -q_b], dim=1), torch.cat([P_A.double(), q_a]).T)
     else:
         generator = torch.Generator().manual_seed(int(seed))
         probe = torch.randn(P_A.shape[1], probes, generator=generator, dtype=dtype)
-        q_sketch = _apply(Q_B.to(dtype), c, Q_A.to(dtype), probe)
+        q_sketch = torch.zeros(P_B.shape[0], probes, dtype=dtype)
+        for B, A, c in terms:
+            q_sketch.addmm_(B.to(dtype), A.to(dtype) @ probe, alpha=c)
         p_sketch = P_B.to(dtype) @ (P_A.to(dtype) @ probe)
         target = float(torch.linalg.matrix_norm(q_sketch.double()))
         difference = float(torch.linalg.matrix_norm((p_sketch - q_sketch).double()))
