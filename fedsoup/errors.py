@@ -37,14 +37,17 @@ class MergeInputError(ValueError):
         ingredient: index of the ingredient in the given list, or ``None``.
         key: tensor name, or ``None``.
         path: file (as the user spelled it), or ``None``.
+        field: the configuration field at fault (``"use_dora"`` of an ``adapter_config.json``),
+            or ``None``.
     """
 
     def __init__(self, reason: str, *, ingredient: int | None = None, key: str | None = None,
-                 path: str | None = None) -> None:
+                 path: str | None = None, field: str | None = None) -> None:
         self.reason = reason
         self.ingredient = ingredient
         self.key = key
         self.path = None if path is None else str(path)
+        self.field = field
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -55,6 +58,8 @@ class MergeInputError(ValueError):
             where.append(f"ingredient {self.ingredient}")
         if self.key is not None:
             where.append(f"tensor {self.key!r}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
         return f"{', '.join(where)}: {self.reason}" if where else self.reason
 
     def __str__(self) -> str:
@@ -67,14 +72,15 @@ class MergeInputError(ValueError):
             ingredient=self.ingredient if ingredient is None else ingredient,
             key=self.key,
             path=self.path if path is None else path,
+            field=self.field,
         )
 
     def __reduce__(self):  # keyword-only arguments: pickle (multiprocessing, Ray) needs help
-        return _rebuild_input_error, (self.reason, self.ingredient, self.key, self.path)
+        return _rebuild_input_error, (self.reason, self.ingredient, self.key, self.path, self.field)
 
 
-def _rebuild_input_error(reason, ingredient, key, path) -> MergeInputError:
-    return MergeInputError(reason, ingredient=ingredient, key=key, path=path)
+def _rebuild_input_error(reason, ingredient, key, path, field=None) -> MergeInputError:
+    return MergeInputError(reason, ingredient=ingredient, key=key, path=path, field=field)
 
 
 class OptionError(ValueError):

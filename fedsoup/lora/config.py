@@ -99,14 +99,14 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 def _positive_int(config: Mapping[str, Any], field: str, where: dict) -> int:
     value = config.get(field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field {field!r} must be a positive integer, got {value!r}",
+        raise MergeInputError(f"must be a positive integer in {ADAPTER_CONFIG_NAME}, got {value!r}", field=field,
                               **where)
     return value
 
 
 def _finite_number(value: Any, field: str, where: dict) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field {field!r} must be a positive number, got {value!r}",
+        raise MergeInputError(f"must be a positive number in {ADAPTER_CONFIG_NAME}, got {value!r}", field=field,
                               **where)
     return float(value)
 
@@ -114,7 +114,7 @@ def _finite_number(value: Any, field: str, where: dict) -> float:
 def _pattern(config: Mapping[str, Any], field: str, where: dict, integer: bool) -> dict[str, Any]:
     value = config.get(field) or {}
     if not isinstance(value, Mapping):
-        raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field {field!r} must be an object, got {value!r}", **where)
+        raise MergeInputError(f"must be an object in {ADAPTER_CONFIG_NAME}, got {value!r}", field=field, **where)
     checked = {}
     for key, item in value.items():
         if integer:
@@ -142,29 +142,29 @@ def parse_adapter_config(config: Mapping[str, Any], *, ingredient: int | None = 
         raise MergeInputError(f"{ADAPTER_CONFIG_NAME} is not a JSON object", **where)
     peft_type = config.get("peft_type")
     if str(peft_type).upper() != "LORA":
-        raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field 'peft_type' is {peft_type!r}; only LORA adapters "
-                              "are merged", **where)
+        raise MergeInputError(f"{peft_type!r} in {ADAPTER_CONFIG_NAME}: only LORA adapters are merged",
+                              field="peft_type", **where)
     for field, name in REFUSED_FIELDS.items():
         if _is_set(config.get(field)):
-            raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field {field!r} is set: {name} is not supported "
-                                  "(only plain LoRA and rsLoRA on linear layers are merged)", **where)
+            raise MergeInputError(f"set in {ADAPTER_CONFIG_NAME}: {name} is not supported (only plain LoRA and "
+                                  "rsLoRA on linear layers are merged)", field=field, **where)
     if config.get("bias", "none") not in ("none", None):
-        raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field 'bias' is {config.get('bias')!r}: adapters that "
-                              "train the base model's biases are not supported (use bias='none')", **where)
+        raise MergeInputError(f"{config.get('bias')!r} in {ADAPTER_CONFIG_NAME}: adapters that train the base "
+                              "model's biases are not supported (use bias='none')", field="bias", **where)
     r = _positive_int(config, "r", where)
     alpha = _finite_number(config.get("lora_alpha", 8), "lora_alpha", where)
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets))):
-        raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field 'target_modules' must be a list of names or a regex, "
-                              f"got {targets!r}", **where)
+        raise MergeInputError(f"must be a list of names or a regex in {ADAPTER_CONFIG_NAME}, got {targets!r}",
+                              field="target_modules", **where)
     to_save = config.get("modules_to_save") or []
     if not isinstance(to_save, (list, tuple)) or not all(isinstance(m, str) for m in to_save):
-        raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field 'modules_to_save' must be a list of names, "
-                              f"got {to_save!r}", **where)
+        raise MergeInputError(f"must be a list of names in {ADAPTER_CONFIG_NAME}, got {to_save!r}",
+                              field="modules_to_save", **where)
     for flag in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(flag, False), bool):
-            raise MergeInputError(f"{ADAPTER_CONFIG_NAME}: field {flag!r} must be true or false, "
-                                  f"got {config.get(flag)!r}", **where)
+            raise MergeInputError(f"must be true or false in {ADAPTER_CONFIG_NAME}, got {config.get(flag)!r}",
+                                  field=flag, **where)
     base = config.get("base_model_name_or_path")
     return LoraSettings(
         r=r, lora_alpha=alpha,

@@ -152,12 +152,12 @@ def check_adapters(adapters: Sequence[Adapter], names: Sequence[str] | None = No
             continue
         if adapter.settings.target_set != first.settings.target_set:
             raise MergeInputError(
-                f"adapter_config.json: field 'target_modules' is {adapter.settings.target_modules!r}, "
-                f"ingredient 0 has {first.settings.target_modules!r}", **where)
+                f"{adapter.settings.target_modules!r} in adapter_config.json, ingredient 0 has "
+                f"{first.settings.target_modules!r}", field="target_modules", **where)
         if adapter.settings.modules_to_save != first.settings.modules_to_save:
             raise MergeInputError(
-                f"adapter_config.json: field 'modules_to_save' is {sorted(adapter.settings.modules_to_save)}, "
-                f"ingredient 0 has {sorted(first.settings.modules_to_save)}", **where)
+                f"{sorted(adapter.settings.modules_to_save)} in adapter_config.json, ingredient 0 has "
+                f"{sorted(first.settings.modules_to_save)}", field="modules_to_save", **where)
         for path in sorted(first.pairs.keys() ^ adapter.pairs.keys()):
             missing = path in first.pairs
             raise MergeInputError(
