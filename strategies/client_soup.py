@@ -8,7 +8,7 @@ soup ``Σ ω_i x_i`` (FedAvg's aggregate).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
@@ -112,30 +112,28 @@ class ClientSoup:
         """
         seed = round_seed(self.seed, server_round)
         pivot = current if self.pivot == "global" and current is not None else None  # None: the options' "soup"
-        replies = list(replies)
-        while replies:
+
+        def merge(replies: list[UsableReply]) -> SoupResult:
             models = [r.arrays for r in replies]
             weights = self.weights(replies)
             scores = [r.score for r in replies] if replies[0].score is not None else None
-            try:
-                merged, report = fedsoup.merge(models, self.options, weights=weights, order_by=scores, pivot=pivot,
-                                               seed=seed, report=True)
-            except MergeInputError as error:
-                if error.ingredient is None or not 0 <= error.ingredient < len(replies):
-                    raise
-                log(WARNING, "aggregate_train: left out reply from %s: %s", replies[error.ingredient].label, _where(error))
-                del replies[error.ingredient]
-                continue
+            merged, report = fedsoup.merge(models, self.options, weights=weights, order_by=scores, pivot=pivot,
+                                           seed=seed, report=True)
             merged = {k: t.cpu() for k, t in merged.items()}
             distance = self._soup_distance(report, merged, models, weights)
             return SoupResult(non_floating_rule(merged, models, current), distance, replies, report)
-        return None
 
-    def soup(self, replies: list[UsableReply], current: Mapping[str, torch.Tensor] | None) -> SoupResult:
-        """The plain weighted soup of the replies: the fallback when :meth:`merge` fails."""
-        models = [r.arrays for r in replies]
-        merged = {k: t.cpu() for k, t in fedsoup.soup(models, self.weights(replies)).items()}
-        return SoupResult(non_floating_rule(merged, models, current), 0.0, list(replies))
+        return _leaving_out_culprits(replies, merge)
+
+    def soup(self, replies: list[UsableReply], current: Mapping[str, torch.Tensor] | None) -> SoupResult | None:
+        """The plain weighted soup of the replies: the fallback when :meth:`merge` fails (culprits left out alike)."""
+
+        def soup(replies: list[UsableReply]) -> SoupResult:
+            models = [r.arrays for r in replies]
+            merged = {k: t.cpu() for k, t in fedsoup.soup(models, self.weights(replies)).items()}
+            return SoupResult(non_floating_rule(merged, models, current), 0.0, replies)
+
+        return _leaving_out_culprits(replies, soup)
 
     def weights(self, replies: list[UsableReply]) -> list[float]:
         """The replies' weights ``ω_i``, scaled so that their sum cannot overflow, then capped.
@@ -159,6 +157,24 @@ class ClientSoup:
         if report.distance is not None:
             return report.distance
         return model_distance(merged, fedsoup.soup(models, weights))
+
+
+def _leaving_out_culprits(
+    replies: list[UsableReply], merge: Callable[[list[UsableReply]], SoupResult]
+) -> SoupResult | None:
+    """``merge(replies)``; an input error naming an ingredient leaves that reply out (one WARNING)
+    and merges again. Any other error is raised: a merge failure, not a bad reply. ``None``
+    when no reply is left."""
+    replies = list(replies)
+    while replies:
+        try:
+            return merge(replies)
+        except MergeInputError as error:
+            if error.ingredient is None or not 0 <= error.ingredient < len(replies):
+                raise
+            log(WARNING, "aggregate_train: left out reply from %s: %s", replies[error.ingredient].label, _where(error))
+            replies = replies[: error.ingredient] + replies[error.ingredient + 1 :]
+    return None
 
 
 def _where(error: MergeInputError) -> str:
