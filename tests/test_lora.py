@@ -626,3 +626,24 @@ def test_a_refused_field_survives_pickling_and_is_in_the_message():
     again = pickle.loads(pickle.dumps(info.value))
     assert (again.field, again.ingredient, again.path) == ("use_dora", 1, "client1/")
     assert str(again).startswith("client1/, field 'use_dora': ")
+
+
+def test_factored_randomized_svd_matches_the_exact_one_without_the_product():
+    """For many adapters (k = Σ r large) the range finder works through the factors only."""
+    from fedsoup.lora.linalg import factored_randomized_svd
+    generator = torch.Generator().manual_seed(1)
+    k = 200  # e.g. 50 clients of r=4
+    # a soup of clients that agree on a few directions: 8 strong singular values, the rest small
+    left = torch.linalg.qr(torch.randn(300, k, generator=generator, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(250, k, generator=generator, dtype=torch.float64)).Q
+    sigma = torch.cat([torch.linspace(10, 3, 8, dtype=torch.float64), 1e-2 * torch.rand(k - 8, generator=generator,
+                                                                                       dtype=torch.float64)])
+    mix = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64)).Q
+    b, a = (left * sigma) @ mix, mix.T @ right.T
+    u, s, vh = factored_randomized_svd(b, a, 8, seed=5)
+    again = factored_randomized_svd(b, a, 8, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip((u, s, vh), again))
+    eu, es, evh = factored_svd(b, a)
+    torch.testing.assert_close(s, es[:8], rtol=1e-6, atol=0)
+    best = (eu[:, :8] * es[:8]) @ evh[:8]
+    assert relative_error((u * s) @ vh, best) < 1e-5
