@@ -130,6 +130,9 @@ def test_fedsoup_in_flower_simulation_improves_the_model(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # Ray's opt-in to its future GPU-variable behaviour, which ends its FutureWarning (no GPU here),
+    # as simulations/compare/run.py sets it
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Ray workers unpickle the ClientApp by importing this module: let them find it.
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
