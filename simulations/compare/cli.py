@@ -22,7 +22,7 @@ from simulations.compare.sweeps import SweepPoint, parse_sweep, sweep_pairs, wri
 from simulations.config import SimConfig
 from simulations.run_dirs import fresh_run_dir, link_latest
 
-__all__ = ["build_parser", "main", "run_seeds"]
+__all__ = ["build_parser", "main", "run_seeds", "run_sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +76,11 @@ def _check(base: Mapping[str, Any], runs: Sequence[StrategyRun], sweep: tuple[st
         raise ValueError(f"--sweep key '{sweep[0]}' is also set by a strategy; sweep a shared key")
 
 
-def _total_rounds(base: Mapping[str, Any], runs: Sequence[StrategyRun], repeats: int) -> int:
-    return repeats * sum(SimConfig.from_run_config(base, r.overrides).num_server_rounds for r in runs)
+def _total_rounds(base: Mapping[str, Any], runs: Sequence[StrategyRun], sweep: tuple[str, Sequence[str]] | None,
+                  seeds: Sequence[int | None]) -> int:
+    """Rounds of every strategy × seed (× swept value): the progress bar's total."""
+    bases = [{**base, sweep[0]: value} for value in sweep[1]] if sweep else [base]
+    return len(seeds) * sum(SimConfig.from_run_config(b, r.overrides).num_server_rounds for b in bases for r in runs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,38 +98,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    root = args.out or Path("results") / f"compare-{args.preset or 'custom'}"
-    out = fresh_run_dir(root)
-    print(f"writing to {out}", flush=True)
-    backend = args.backend or preset.get("backend", "ray")
+    sweep = (sweep[0], tuple(str(v) for v in sweep[1])) if sweep else None
     seeds = list(args.seeds or preset.get("seeds") or [None])
-    ray_config = {"init_args": {"num_cpus": args.num_cpus}} if args.num_cpus else None
-    values = tuple(str(v) for v in sweep[1]) if sweep else (None,)
-    progress = RoundProgress(_total_rounds(base, runs, len(seeds) * len(values)), quiet=args.quiet)
+    out = fresh_run_dir(args.out or Path("results") / f"compare-{args.preset or 'custom'}")
+    print(f"writing to {out}", flush=True)
+    options = {"backend": args.backend or preset.get("backend", "ray"),
+               "ray_config": {"init_args": {"num_cpus": args.num_cpus}} if args.num_cpus else None}
+    progress = RoundProgress(_total_rounds(base, runs, sweep, seeds), quiet=args.quiet)
     start = time.perf_counter()
     try:
-        if not sweep:
-            run_seeds(base, runs, seeds, out, backend=backend, ray_config=ray_config, on_round=progress.step)
-            written = "table.md and seed-*/" if len(seeds) > 1 else "table.md, results.json, results.csv, accuracy.png"
+        if sweep:
+            written = run_sweep(base, runs, seeds, out, sweep, preset.get("pairs"), on_round=progress.step, **options)
         else:
-            key = sweep[0]
-            points = []
-            for value in values:
-                out_v = out / f"{key}-{value}"  # e.g. ood-fraction-0.7/seed-3/
-                per_seed = run_seeds({**base, key: value}, runs, seeds, out_v, backend=backend,
-                                     ray_config=ray_config, on_round=progress.step)
-                points.append(SweepPoint(float(value), per_seed))
-            setting = sweep_setting(base, key, values, seeds)
-            text = write_sweep_outputs(out, key, points, [r.label for r in runs],
-                                       sweep_pairs(preset.get("pairs"), [r.label for r in runs]), setting)
-            progress.close()
-            print(f"\n{setting}\n\n{text}")
-            written = f"sweep.md, sweep.json, sweep.png and {key}-*/"
+            run_seeds(base, runs, seeds, out, on_round=progress.step, **options)
+            written = "table.md and seed-*/" if len(seeds) > 1 else "table.md, results.json, results.csv, accuracy.png"
     finally:
         progress.close()
     link_latest(out)
     print(f"wrote {out}/{written} ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def run_sweep(base: Mapping[str, Any], runs: Sequence[StrategyRun], seeds: Sequence[int | None], out: Path,
+              sweep: tuple[str, Sequence[str]], pairs: Sequence[tuple[str, str]] | None, **run_options: Any) -> str:
+    """The comparison per swept value (each over ``seeds``) in ``out/<key>-<value>/``, then the sweep's
+    tables and plot in ``out``; returns what was written."""
+    key, values = sweep
+    points = []
+    for value in values:
+        per_seed = run_seeds({**base, key: value}, runs, seeds, out / f"{key}-{value}", **run_options)
+        points.append(SweepPoint(float(value), per_seed))
+    labels = [r.label for r in runs]
+    setting = sweep_setting(base, key, values, seeds)
+    text = write_sweep_outputs(out, key, points, labels, sweep_pairs(pairs, labels), setting)
+    print(f"\n{setting}\n\n{text}")
+    return f"sweep.md, sweep.json, sweep.png and {key}-*/"
 
 
 def sweep_setting(base: Mapping[str, Any], key: str, values: Sequence[str], seeds: Sequence[int | None]) -> str:
