@@ -13,7 +13,7 @@ is FedSoup() told that the host is idle, i.e. the behaviour before that choice.
 
     .venv/bin/python benchmarks/bench_strategy.py            # 10 replies, 4M params
     .venv/bin/python benchmarks/bench_strategy.py --repeats 9 --params 1e6
-    .venv/bin/python benchmarks/bench_strategy.py --busy --threads 0 --params 1e6
+    .venv/bin/python benchmarks/bench_strategy.py --busy --params 1e6    # torch's default threads
 
 ``--lora`` is the federated-LoRA case (issue 27): one round of 50 PEFT adapter replies, 24
 target modules of 1024 x 1024 at r = 16 (``--replies``, ``--modules``, ``--dim``,
@@ -232,13 +232,16 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch intra-op threads (default 1: Flower's numpy FedAvg runs on one core too; 0 = torch's default)",
+        default=None,
+        help="torch intra-op threads (default 1: Flower's numpy FedAvg runs on one core too; with --busy 0, "
+        "torch's default, the issue-21 case; 0 = torch's default)",
     )
     parser.add_argument(
         "--busy", action="store_true", help="keep one core busy with another process while timing (issue 21)"
     )
     args = parser.parse_args()
+    if args.threads is None:
+        args.threads = 0 if args.busy else 1
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)  # per-round INFO lines would be timed too
