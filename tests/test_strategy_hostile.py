@@ -293,8 +293,8 @@ class Clients:
 class HostileGrid(InProcessGrid):
     """An in-process grid whose train rounds are answered by :func:`round_replies` (duplicates included)."""
 
-    def __init__(self, case: Case | None) -> None:
-        super().__init__(nodes_for(case), Clients(case))
+    def __init__(self, case: Case | None, nodes: list[int] | None = None) -> None:
+        super().__init__(nodes_for(case) if nodes is None else nodes, Clients(case))
         self.case = case
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -305,10 +305,10 @@ class HostileGrid(InProcessGrid):
         return round_replies(messages, self.case, server_round)
 
 
-def run(strategy_name: str, case: Case | None):
-    strategy = STRATEGIES[strategy_name]()
+def run(strategy_name: str, case: Case | None, nodes: list[int] | None = None):
+    strategy = STRATEGIES[strategy_name](min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
     initial = ArrayRecord({k: Array(v) for k, v in initial_model().items()})
-    return strategy.start(HostileGrid(case), initial, num_rounds=ROUNDS)
+    return strategy.start(HostileGrid(case, nodes), initial, num_rounds=ROUNDS)
 
 
 @pytest.mark.parametrize("strategy_name", list(STRATEGIES))
@@ -319,9 +319,15 @@ def test_three_round_start_completes_with_a_hostile_node(case_name, strategy_nam
     assert sorted(result.train_metrics_clientapp) == list(range(1, ROUNDS + 1))
     got = as_numpy(result.arrays)
     assert all(np.isfinite(v).all() for v in got.values() if v.dtype.kind == "f")
+    rounds = result.train_metrics_clientapp.values()
     if case.outcome == "left out":
         assert_same_model(result.arrays, run(strategy_name, None).arrays)
-        assert all(m[METRIC_CLIENTS_LEFT_OUT] == 1 for m in result.train_metrics_clientapp.values())
+        assert all(m[METRIC_CLIENTS_LEFT_OUT] == 1 and m[METRIC_FALLBACK] == FALLBACK_MERGE for m in rounds)
+    elif case.outcome == "duplicate":  # node 3 counts for nothing, every round
+        assert_same_model(result.arrays, run(strategy_name, None, nodes=[n for n in HONEST if n != 3]).arrays)
+        assert all(m[METRIC_CLIENTS_LEFT_OUT] == 2 for m in rounds)
+    else:
+        assert all(m[METRIC_CLIENTS_USED] == len(HONEST) + 2 for m in rounds)
 
 
 # ----------------------------------------------------------------------
