@@ -12,13 +12,13 @@ in this process, for tests, notebooks and quick comparisons).
 """
 
 from strategies.client_soup import ClientSoup
-from strategies.fedsoup_strategy import (
+from strategies.fedsoup_strategy import FedSoup
+from strategies.rounds import (
     METRIC_AME_SOUP_DISTANCE,
     METRIC_CLIENTS_LEFT_OUT,
     METRIC_CLIENTS_USED,
     METRIC_FALLBACK,
     METRIC_STEW_GRAD_NORM,
-    FedSoup,
 )
 from strategies.server_stew import ServerStew
 

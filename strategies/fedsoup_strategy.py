@@ -36,37 +36,12 @@ from strategies.client_soup import ClientSoup
 from strategies.lora_round import adapter_round, global_adapter
 from strategies.replies import ReplyChecker, log_received
 from strategies.resume import resumed_start
-from strategies.rounds import (
-    METRIC_AME_SOUP_DISTANCE,
-    METRIC_BYTES_RECEIVED,
-    METRIC_BYTES_SENT,
-    METRIC_CLIENTS_LEFT_OUT,
-    METRIC_CLIENTS_USED,
-    METRIC_FALLBACK,
-    METRIC_LORA_ERROR_MAX,
-    METRIC_LORA_ERROR_MEAN,
-    METRIC_MERGE_PREFIX,
-    METRIC_STEW_GRAD_NORM,
-    aggregate_metrics,
-    round_metrics,
-)
+from strategies.rounds import METRIC_BYTES_RECEIVED, METRIC_BYTES_SENT, aggregate_metrics, round_metrics
 from strategies.server_stew import ServerStew
 from strategies.threads import aggregation_threads
 from strategies.state import RunState, read_checkpoint, write_checkpoint
 
-__all__ = [
-    "FedSoup",
-    "METRIC_CLIENTS_USED",
-    "METRIC_CLIENTS_LEFT_OUT",
-    "METRIC_STEW_GRAD_NORM",
-    "METRIC_AME_SOUP_DISTANCE",
-    "METRIC_FALLBACK",
-    "METRIC_MERGE_PREFIX",
-    "METRIC_BYTES_SENT",
-    "METRIC_BYTES_RECEIVED",
-    "METRIC_LORA_ERROR_MAX",
-    "METRIC_LORA_ERROR_MEAN",
-]
+__all__ = ["FedSoup"]
 
 
 class FedSoup(FedAvg):
