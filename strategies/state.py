@@ -67,7 +67,9 @@ class RunState:
         if stew is not None and stew.get("state") is not None:
             if global_ is None:
                 raise StateError("FedSoup state: a stew state without a global model", key="global")
-            missing = [k for k in stew.get("keys", []) if k not in global_]
+            # A LoRA 'products' stew steps on ΔW: its arrays are named by module path, whose
+            # factors '<path>.lora_A.weight'/'.lora_B.weight' are in the global model.
+            missing = [k for k in stew.get("keys", []) if k not in global_ and f"{k}.lora_A.weight" not in global_]
             if missing:
                 raise StateError(f"FedSoup state: stew array {missing[0]!r} is not in the global model", key=missing[0])
         return cls(

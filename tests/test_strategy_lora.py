@@ -444,3 +444,22 @@ def test_three_round_start_result_loads_into_a_peft_model(mode):
         metrics = result.train_metrics_clientapp[server_round]
         assert metrics[METRIC_CLIENTS_USED] == 3 and metrics[METRIC_BYTES_RECEIVED] > 0
         assert (METRIC_SVD_ENERGY_MIN in metrics) == (mode == "products")
+
+
+def test_products_stew_state_survives_a_restart(tmp_path):
+    """The dense ΔW stew state is checkpointed under module paths and restored: 2 + 1 rounds = 3 rounds."""
+    kwargs = dict(adapter_config=CONFIG, soup={"lora": "products"}, stew={"optimizer": "fedadam", "lr": 0.05})
+    initial = record(adapter(zero_b=False))
+    expected, _, _ = run_rounds(FedSoup(**kwargs), initial, rounds=3)
+    first = FedSoup(checkpoint_dir=tmp_path, **kwargs)
+    run_rounds(first, initial, rounds=2)
+    restarted = FedSoup(checkpoint_dir=tmp_path, **kwargs)
+    assert restarted.server_stew.state_dict()["keys"] == [PREFIX + "q_proj", PREFIX + "v_proj"]
+    grid = InProcessGrid(NODES)
+    arrays = restarted.current_arrays
+    instructions = list(restarted.configure_train(3, arrays, ConfigRecord(), grid))
+    replies = [reply(msg, train_content(client_adapter(msg.metadata.dst_node_id, 3, arrays),
+                                        num_examples=10 + msg.metadata.dst_node_id)) for msg in instructions]
+    got, _ = restarted.aggregate_train(3, replies)
+    for key in expected:
+        np.testing.assert_array_equal(got[key].numpy(), expected[key])
