@@ -122,6 +122,26 @@ def stew_state_bytes(strategy) -> int:
                if isinstance(t, torch.Tensor))
 
 
+def interleaved_times(candidates: dict, arrays: ArrayRecord, contents: dict, args, on_run=None) -> dict[str, list[float]]:
+    """Seconds of ``aggregate_train`` per candidate: one untimed warm-up each (imports, allocator,
+    thread pools), then ``args.repeats`` rounds of A, B, C, ... so that machine load hits all alike.
+    ``on_run(name, strategy, round_metrics)`` sees every timed run."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for make in candidates.values():
+        time_aggregate(make(), arrays, contents, args.threads)
+    for _ in range(args.repeats):
+        for name, make in candidates.items():
+            strategy, round_metrics = make(), {}
+            times[name].append(time_aggregate(strategy, arrays, contents, args.threads, round_metrics))
+            if on_run is not None:
+                on_run(name, strategy, round_metrics)
+    return times
+
+
+def _verdict(ratio: float, target: float | None) -> str:
+    return "" if target is None else f"<= {target:g}x {'OK' if ratio <= target else 'MISSED'}"
+
+
 def lora_main(args) -> None:
     """The ``--lora`` benchmark (module docstring)."""
     arrays, contents, config = make_adapter_round(args.replies, args.modules, args.dim, args.rank, args.clients)
@@ -133,17 +153,15 @@ def lora_main(args) -> None:
     if not args.no_stew:
         candidates["FedSoup products + stew=fedadam"] = lambda: FedSoup(
             adapter_config=config, soup={"lora": "products"}, stew={"optimizer": "fedadam", "lr": 0.01})
-    times: dict[str, list[float]] = {name: [] for name in candidates}
     metrics, state = {}, {}
+
+    def record_figures(name: str, strategy, round_metrics: dict) -> None:
+        metrics[name] = round_metrics
+        if isinstance(strategy, FedSoup):
+            state[name] = stew_state_bytes(strategy)
+
     with serverapp_identity():
-        for name, make in candidates.items():  # warm-up
-            time_aggregate(make(), arrays, contents, args.threads)
-        for _ in range(args.repeats):
-            for name, make in candidates.items():
-                strategy = make()
-                times[name].append(time_aggregate(strategy, arrays, contents, args.threads, metrics.setdefault(name, {})))
-                if isinstance(strategy, FedSoup):
-                    state[name] = stew_state_bytes(strategy)
+        times = interleaved_times(candidates, arrays, contents, args, record_figures)
     base = statistics.median(times["Flower FedAvg"])
     targets = {"FedSoup factors (default)": 1.1, "FedSoup products (SVD to r)": 10.0}
     reply_mb = sum(c["arrays"].count_bytes() for c in contents.values()) / 1e6
@@ -153,11 +171,10 @@ def lora_main(args) -> None:
     print(f"{'strategy':<34} {'median s':>9} {'x FedAvg':>9}  {'target':<13} {'stew state':>10}  round metrics")
     for name, values in times.items():
         median = statistics.median(values)
-        target = targets.get(name)
-        verdict = "" if target is None else f"<= {target:g}x {'OK' if median / base <= target else 'MISSED'}"
+        verdict = _verdict(median / base, targets.get(name))
         shown = {k.removeprefix("fedsoup-lora-"): round(v, 4) for k, v in metrics.get(name, {}).items()
                  if k.startswith("fedsoup-lora-")}
-        stew = f"{state[name] / 1e6:.0f} MB" if name in state else ""
+        stew = f"{state[name] / 1e6:.1f} MB" if name in state else ""
         print(f"{name:<34} {median:>9.3f} {median / base:>9.2f}  {verdict:<13} {stew:>10}  {shown}")
 
 
@@ -262,13 +279,8 @@ def main() -> None:
     }
     if args.busy:
         candidates["FedSoup() (threads not scoped)"] = _Unscoped
-    times: dict[str, list[float]] = {name: [] for name in candidates}
     with serverapp_identity(), (busy_core() if args.busy else contextlib.nullcontext()):
-        for name, make in candidates.items():  # warm-up: imports, allocator, thread pools
-            time_aggregate(make(), arrays, contents, args.threads)
-        for _ in range(args.repeats):
-            for name, make in candidates.items():
-                times[name].append(time_aggregate(make(), arrays, contents, args.threads))
+        times = interleaved_times(candidates, arrays, contents, args)
 
     base = statistics.median(times["Flower FedAvg"])
     targets = {"FedSoup() (defaults)": 1.1, "FedSoup(soup=Adam, 5 epochs, batch 2)": 2.5}
@@ -278,8 +290,7 @@ def main() -> None:
     print(f"{'strategy':<40} {'median s':>9} {'x FedAvg':>9}  target")
     for name, values in times.items():
         median = statistics.median(values)
-        target = targets.get(name)
-        verdict = "" if target is None else f"<= {target:g}x  {'OK' if median / base <= target else 'MISSED'}"
+        verdict = _verdict(median / base, targets.get(name))
         print(f"{name:<40} {median:>9.4f} {median / base:>9.2f}  {verdict}")
 
 

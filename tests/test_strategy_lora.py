@@ -463,3 +463,37 @@ def test_products_stew_state_survives_a_restart(tmp_path):
     got, _ = restarted.aggregate_train(3, replies)
     for key in expected:
         np.testing.assert_array_equal(got[key].numpy(), expected[key])
+
+
+def test_the_soup_of_products_never_forms_a_dense_update(monkeypatch):
+    """Plain soup + identity stew: every product goes through the factors (no ΔW_i, no dense M)."""
+    import strategies.products as products
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense ΔW was formed")
+
+    monkeypatch.setattr(products, "dense_products", refuse)
+    monkeypatch.setattr(products, "randomized_svd", refuse)
+    config = {**CONFIG, "target_modules": ["q_proj"]}
+    initial = record(adapter(modules={"q_proj": (40, 48)}))  # 8 replies of r 4 on 40 x 48: the randomized path
+    _, history, _ = run_rounds(FedSoup(adapter_config=config, soup={"lora": "products"}), initial,
+                               rounds=2, nodes=list(range(1, 9)))
+    assert all(h["fedsoup-fallback"] == 0 and h["fedsoup-lora-svd-iterations"] >= 1 for h in history)
+
+
+def test_a_reply_whose_products_overflow_cannot_end_the_run(caplog):
+    """Finite factors of 1e30 make s·B·A overflow float32: the round falls back, nothing raises."""
+    initial = record(adapter(zero_b=False))
+    grid = InProcessGrid([3, 5, 6])
+    strategy = FedSoup(adapter_config=CONFIG, soup={"lora": "products"})
+    instructions = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    replies = []
+    for msg in instructions:
+        content = client_adapter(msg.metadata.dst_node_id, 1, initial)
+        if msg.metadata.dst_node_id == 6:
+            content = {k: np.full_like(v, 1e30) for k, v in content.items()}
+        replies.append(reply(msg, train_content(content, num_examples=10)))
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["fedsoup-fallback"] == 2 and arrays is None  # the previous adapter is kept
+    assert "using the previous model" in caplog.text
