@@ -41,7 +41,7 @@ from fedsoup.ame import merge, options_reduce_to_soup
 from fedsoup.errors import MergeInputError, MergeWarning, OptionError, closest_name
 from fedsoup.inputs import compute_dtype, find_non_finite, normalised_weights
 from fedsoup.lora.config import LoraSettings, output_adapter_config, parse_adapter_config
-from fedsoup.lora.linalg import balanced_factors, captured_energy, factored_norm, factored_svd, randomized_svd
+from fedsoup.lora.linalg import balanced_factors, captured_energy, factored_svd, randomized_svd
 from fedsoup.lora.pairs import Adapter, join_adapter, module_name, split_adapter
 from fedsoup.options import LORA_MODES, MergeOptions
 
@@ -223,7 +223,7 @@ def factor_product_errors(adapters: Sequence[Adapter], omega: Sequence[float]) -
 
     ``soup(B) = Σ ω_i (s_i/s) B_i`` (scales folded, as the ``factors`` mode writes them),
     ``soup(A) = Σ ω_i A_i``; both products are held as factors, so the difference is
-    ``[s·soup(B), −B_cat] [soup(A); A_cat]`` and its norm comes from two thin QRs
+    ``[s·soup(B), −B_cat] [soup(A); A_cat]``, and both norms come from one thin QR per side
     (float64). ``None`` where the adapters' ranks differ (no soup of factors exists);
     ``0.0`` where the soup of products is zero and so is the product of soups.
     """
@@ -236,9 +236,13 @@ def factor_product_errors(adapters: Sequence[Adapter], omega: Sequence[float]) -
         b_cat, a_cat = _stacked(adapters, omega, path)
         b_soup = sum(w * a.pairs[path].scale * a.pairs[path].B.double() for a, w in zip(adapters, omega))
         a_soup = sum(w * a.pairs[path].A.double() for a, w in zip(adapters, omega))
-        target = factored_norm(b_cat, a_cat.T)
-        difference = factored_norm(torch.cat([b_soup, -b_cat.double()], dim=1),
-                                   torch.cat([a_soup, a_cat.double()], dim=0).T)
+        # One thin QR per side: U = [s·soup(B), −B_cat] = Q_u R_u, V = [soup(A); A_cat]ᵀ = Q_v R_v.
+        # The difference is U Vᵀ, so its norm is ‖R_u R_vᵀ‖; the target −B_cat A_cat is the
+        # last k columns of each, so its norm is ‖R_u[:, r:] R_v[:, r:]ᵀ‖ (no second QR).
+        r_u = torch.linalg.qr(torch.cat([b_soup, -b_cat.double()], dim=1), mode="r").R
+        r_v = torch.linalg.qr(torch.cat([a_soup, a_cat.double()], dim=0).T, mode="r").R
+        difference = float(torch.linalg.matrix_norm(r_u @ r_v.T))
+        target = float(torch.linalg.matrix_norm(r_u[:, first.rank:] @ r_v[:, first.rank:].T))
         errors[path] = (0.0 if difference == 0.0 else math.inf) if target == 0.0 else difference / target
     return errors
 
