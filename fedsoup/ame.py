@@ -44,6 +44,7 @@ from fedsoup.options import MergeOptions
 from fedsoup.plan import PATHS, MergePlan, make_plan, reduces_to_soup
 from fedsoup.reference import merge_reference, weighted_sum
 from fedsoup.report import MergeReport
+from fedsoup.rounding import can_soup_exactly, exact_soup, integer_weights
 
 __all__ = ["merge", "soup", "run", "find_non_finite", "options_reduce_to_soup", "PATHS"]
 
@@ -55,25 +56,36 @@ _SOUP = MergeOptions()  # the soup's options (plain SGD, lr 1, one epoch): valid
 def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None) -> StateDict:
     r"""The weighted model soup :math:`\sum_i \omega_i x_i` (FedAvg's aggregate).
 
-    Floating tensors are averaged in float32 (float64 if an input is float64) and
-    returned in ingredient 0's dtype; non-floating tensors are copied from ingredient 0.
+    Floating tensors are returned in ingredient 0's dtype: for bf16, fp16 and FP8 inputs
+    with uniform or integer weights (example counts up to 2^24) the exact weighted mean
+    ``Σ w_i x_i / Σ w_i`` rounded once, to nearest even (:mod:`fedsoup.rounding`); otherwise
+    averaged in float32 (float64 if an input is float64) and rounded once. Non-floating
+    tensors are copied from ingredient 0.
     Raises :class:`~fedsoup.errors.MergeInputError` naming the ingredient and key on
     mismatched keys or shapes, negative weights or NaN/Inf values.
     """
     state_dicts = as_state_dicts(models)
     check_structures(state_dicts)
     n = len(state_dicts)
-    plan = MergePlan(_SOUP, state_dicts, normalised_weights(weights, n), list(range(n)), None, 0, path="soup")
+    plan = MergePlan(_SOUP, state_dicts, normalised_weights(weights, n), list(range(n)), None, 0, path="soup",
+                     exact_weights=integer_weights(weights, n))
     result = _soup(plan)
     raise_if_not_finite(result, state_dicts, None)
     return result
 
 
 def _soup(plan: MergePlan) -> StateDict:
-    return plan.result({
-        key: weighted_sum([sd[key] for sd in plan.state_dicts], plan.omega, plan.compute_dtype(key), plan.device)
-        for key in plan.float_keys
-    })
+    """``Σ ω_i x_i`` per floating tensor: for bf16/fp16/FP8 ingredients with uniform or integer
+    weights the exact weighted mean rounded once (:func:`fedsoup.rounding.exact_soup`), else
+    computed in float32/float64 and rounded once into the input dtype."""
+    merged = {}
+    for key in plan.float_keys:
+        tensors = [sd[key] for sd in plan.state_dicts]
+        if plan.exact_weights is not None and can_soup_exactly(tensors):
+            merged[key] = exact_soup(tensors, plan.exact_weights)
+        else:
+            merged[key] = weighted_sum(tensors, plan.omega, plan.compute_dtype(key), plan.device)
+    return plan.result(merged)
 
 
 def merge(

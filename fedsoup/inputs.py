@@ -172,6 +172,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     sum is tested as a Python float (no second kernel: a federated round tests thousands
     of small arrays).
     """
+    if tensor.dtype.itemsize == 1:  # FP8: torch has no sum (nor isfinite) for it; exact upcast
+        tensor = tensor.to(torch.float32)
     if math.isfinite(tensor.sum().item()):
         return True
     return bool(torch.isfinite(tensor).all())

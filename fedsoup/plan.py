@@ -29,6 +29,7 @@ from fedsoup.inputs import (
 )
 from fedsoup.optim import is_elementwise, is_plain_sgd
 from fedsoup.options import MergeOptions
+from fedsoup.rounding import integer_weights, round_to
 from fedsoup.schedules import Schedule, make_schedule
 
 __all__ = ["MergePlan", "make_plan", "choose_path", "PATHS", "LearningRate"]
@@ -56,6 +57,9 @@ class MergePlan:
     device: torch.device = torch.device("cpu")
     path: str = "reference"
     kernel: Any = None  # the fused kernel's fedsoup.fused.KernelSpec, when path == "fused"
+    # The weights as integers (all 1 when uniform) where the soup of bf16/fp16/FP8 inputs is
+    # the exact weighted mean rounded once (fedsoup.rounding); None for other weights.
+    exact_weights: list[int] | None = None
     _schedules: dict[float, Schedule] = field(default_factory=dict, repr=False)
 
     @property
@@ -101,10 +105,11 @@ class MergePlan:
 
     def result(self, merged: Mapping[str, torch.Tensor]) -> StateDict:
         """The merged state dict on ``device``: floating tensors from ``merged`` (buffers the
-        merge owns) in each key's input dtype, the others cloned from the first ingredient
-        in visiting order."""
+        merge owns) rounded once into each key's input dtype (:func:`fedsoup.rounding.round_to`),
+        the others cloned from the first ingredient in visiting order."""
         return {
-            key: merged[key].to(self.device, tensor.dtype) if key in merged else tensor.to(self.device, copy=True)
+            key: round_to(merged[key], tensor.dtype).to(self.device) if key in merged
+            else tensor.to(self.device, copy=True)
             for key, tensor in self.first.items()
         }
 
@@ -129,6 +134,7 @@ def make_plan(models, options: MergeOptions, *, weights=None, order_by=None, piv
         seed=options.seed if seed is None else _seed(seed),
         lr=_per_key_lr(1.0 if options.lr is None else options.lr, state_dicts[0]),
         device=_device(options.device, state_dicts),
+        exact_weights=integer_weights(weights, n),
     )
     if path is not None and path not in PATHS:
         raise OptionError("_path", path, f"unknown merge path {path!r}; one of {', '.join(PATHS)}",

@@ -114,13 +114,17 @@ def round_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor`` rounded once, to nearest, ties to even, into ``dtype``.
 
     A float64 tensor going into bf16, fp16 or FP8 is rounded from its bits here (torch's
-    cast would round twice, through float32); every other conversion is torch's own,
-    which rounds once (float32 into bf16/fp16/FP8, float64 into float32) or is exact.
+    cast would round twice, through float32), and so is anything going into
+    float8_e4m3fn (torch saturates at ±448 where this gives NaN, so that an overflowing
+    merge is reported, never clamped); every other conversion is torch's own, which rounds
+    once (float32 into bf16/fp16/float8_e5m2, float64 into float32) or is exact.
     """
     if tensor.dtype == dtype:
         return tensor
-    if tensor.dtype != torch.float64 or dtype not in NARROW_FORMATS or tensor.device.type != "cpu":
+    ours = tensor.dtype == torch.float64 or (dtype == torch.float8_e4m3fn and tensor.is_floating_point())
+    if not ours or dtype not in NARROW_FORMATS or tensor.device.type != "cpu":
         return tensor.to(dtype)
+    tensor = tensor.to(torch.float64)  # exact widening
     precision, exponent_bits, bias, has_inf = NARROW_FORMATS[dtype]
     values = tensor.detach().contiguous().reshape(-1)
     out = torch.empty(values.numel(), dtype=dtype)

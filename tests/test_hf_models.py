@@ -33,9 +33,10 @@ def save_clients(tmp_path: Path, arch: str, form: str, dtype=torch.bfloat16, n=3
     return models, inputs
 
 
-def reference_model(arch_model, states: list[dict[str, torch.Tensor]]):
-    """A model holding the hand-computed, correctly rounded soup of ``states``."""
-    reference = transformers.AutoModelForCausalLM.from_config(arch_model.config).to(arch_model.dtype).eval()
+def reference_model(out: Path, states: list[dict[str, torch.Tensor]]):
+    """The merged model's architecture (loaded as from_pretrained builds it: buffers such as
+    Llama's rotary frequencies stay float32) holding the hand-computed, correctly rounded soup."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     merged = {key: correctly_rounded_mean([state[key] for state in states]) for key in states[0]}
     missing, unexpected = reference.load_state_dict(merged, strict=False)
     assert not unexpected and all(key in ("lm_head.weight",) for key in missing)
@@ -58,8 +59,22 @@ def test_every_input_form_merges_into_a_model_directory_that_loads(tmp_path, arc
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer("hi")["input_ids"] == byte_tokenizer()("hi")["input_ids"]
     states = [fio.load_state_dict(path) for path in inputs]
-    soup = fedsoup.soup(states)
-    assert all(torch.equal(merged.state_dict()[key], soup[key]) for key in soup)
+    # The weights are the exact mean rounded once, so the logits are those of the hand-computed soup.
+    assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_llama_soup_is_correctly_rounded(tmp_path, dtype, low_memory):
+    models, inputs = save_clients(tmp_path, "llama", "dir", dtype=dtype, tokenizer=False)
+    out = fedsoup.merge_files(inputs, tmp_path / "out", low_memory=low_memory)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == dtype
+    states = [fio.load_state_dict(path) for path in inputs]
+    written = fio.load_state_dict(out)
+    for key in states[0]:
+        assert torch.equal(written[key].view(torch.int16), correctly_rounded_mean([s[key] for s in states]).view(torch.int16)), key
+    assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
 
 
 def test_weights_files_given_and_a_single_file_output_warns_what_is_not_carried(tmp_path):

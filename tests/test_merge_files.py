@@ -327,3 +327,35 @@ def test_inspect_files_is_the_library_side_of_fedsoup_inspect(tmp_path, capsys):
     assert report["mergeable"] is False and report["refusals"] == []
     assert cli.main(["inspect", "--json", *inputs, str(tmp_path / "other.safetensors")]) == 1  # not mergeable
     assert json.loads(capsys.readouterr().out) == report
+
+
+# --------------------------------------------------------------------------- integer tensors
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_integer_tensors_that_differ_are_refused_unless_counters(tmp_path, capsys, low_memory):
+    def model(i: int, ids_differ: bool) -> dict[str, torch.Tensor]:
+        return {"w": torch.full((3,), float(i)), "bn.num_batches_tracked": torch.tensor(10 + i),
+                "position_ids": torch.arange(4) + (i if ids_differ else 0)}
+
+    counters = []
+    for i in range(2):
+        save_file(model(i, ids_differ=False), tmp_path / f"c{i}.safetensors")
+        counters.append(str(tmp_path / f"c{i}.safetensors"))
+    out = fedsoup.merge_files(counters, tmp_path / "ok.safetensors", low_memory=low_memory)
+    merged = fio.load_state_dict(out)
+    assert merged["bn.num_batches_tracked"].item() == 10  # a counter: the first input's
+    assert torch.equal(merged["position_ids"], torch.arange(4))
+
+    differing = []
+    for i in range(2):
+        save_file(model(i, ids_differ=True), tmp_path / f"d{i}.safetensors")
+        differing.append(str(tmp_path / f"d{i}.safetensors"))
+    with pytest.raises(MergeInputError, match="integer tensor differs") as caught:
+        fedsoup.merge_files(differing, tmp_path / "bad.safetensors", low_memory=low_memory)
+    assert (caught.value.key, caught.value.path, caught.value.ingredient) == ("position_ids", differing[1], 1)
+    assert not (tmp_path / "bad.safetensors").exists()
+    capsys.readouterr()
+    assert cli.main(["merge", *differing, "-o", str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "position_ids" in err[0] and "integer tensor differs" in err[0]

@@ -11,7 +11,11 @@ from fedsoup.io.quantized import DEQUANTIZE_HINT, quantized_layout
 from fedsoup.io.readers import Checkpoint
 from fedsoup.structure import check_structure, structure_differences
 
-__all__ = ["check_compatible", "check_unquantized", "differences", "check_finite"]
+__all__ = ["check_compatible", "check_unquantized", "check_integers_agree", "COUNTERS", "differences", "check_finite"]
+
+# Integer tensors that count something and may differ across inputs (the output keeps the
+# first input's, in visiting order): BatchNorm's batch counter, an averaged model's count.
+COUNTERS = ("num_batches_tracked", "n_averaged")
 
 
 def differences(reference: Checkpoint, other: Checkpoint, limit: int | None = None) -> list[str]:
@@ -47,6 +51,25 @@ def check_unquantized(checkpoints: Sequence[Checkpoint]) -> None:
             raise MergeInputError(
                 f"holds a quantized layout ({kind}): its tensors cannot be averaged one by one; {DEQUANTIZE_HINT}",
                 ingredient=index, key=key, path=checkpoint.name,
+            )
+
+
+def check_integers_agree(key: str, tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """Refuse integer (and bool) tensors that differ across inputs, unless ``key`` is a counter.
+
+    A merge copies them from one input: token ids, position indices and masks must be
+    the same everywhere, and packed quantized weights (int32 ``qweight``) averaged beside
+    their float scales would be incoherent. Raises :class:`~fedsoup.errors.MergeInputError`
+    naming the first input that differs from the first (``path``, ``ingredient``, ``key``).
+    """
+    if tensors[0].is_floating_point() or key.rsplit(".", 1)[-1] in COUNTERS:
+        return
+    for index, tensor in enumerate(tensors[1:], start=1):
+        if not torch.equal(tensor, tensors[0]):
+            raise MergeInputError(
+                f"integer tensor differs from {names[0]}'s ({tensor.dtype}); integer tensors are copied, not "
+                f"averaged, so they must agree (counters that may differ: {', '.join(COUNTERS)})",
+                ingredient=index, key=key, path=names[index],
             )
 
 

@@ -36,6 +36,7 @@ from fedsoup.atomic import atomic_path, remove_stale_temps
 from fedsoup.errors import OptionError, OutputError, OutputExistsError
 from fedsoup.io.formats import DTYPE_CODES, SAFETENSORS_SUFFIX, TensorInfo, dtype_str
 from fedsoup.io.layout import OutputLayout
+from fedsoup.rounding import round_to
 
 __all__ = ["write_checkpoint", "write_safetensors", "plan_shards", "parse_size"]
 
@@ -118,7 +119,7 @@ def _produced(key: str, expected: TensorInfo, produce: Callable[[str], torch.Ten
     tensor = produce(key)
     if tuple(tensor.shape) != expected.shape:
         raise RuntimeError(f"tensor {key!r}: produced shape {tuple(tensor.shape)} != planned {expected.shape}")
-    return tensor if tensor.dtype == expected.dtype else tensor.to(expected.dtype)
+    return round_to(tensor, expected.dtype)  # once, also from float64 (torch's cast would round twice)
 
 
 class _Sink:

@@ -20,7 +20,7 @@ import torch
 
 from fedsoup.ball import ball_warning
 from fedsoup.errors import MergeInputError, OptionError
-from fedsoup.io.checks import check_finite
+from fedsoup.io.checks import check_finite, check_integers_agree
 from fedsoup.io.formats import TensorInfo
 from fedsoup.io.readers import Checkpoint
 from fedsoup.optim import is_elementwise
@@ -159,6 +159,8 @@ class LowMemoryProducer:
     def merge_part(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """These tensors merged in one ``fedsoup.merge`` call (a part of the model)."""
         parts = [{key: checkpoint.get(key) for key in keys} for checkpoint in self.checkpoints]
+        for key in keys:
+            check_integers_agree(key, [part[key] for part in parts], self.names)
         call = {**self.call, "_part": True}
         if self.pivot is not None:
             call["pivot"] = {key: _read_pivot(self.pivot, key) for key in keys}
@@ -247,6 +249,8 @@ def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions,
             merging.close()
         del models
         return merged.pop, in_parts.report() or MergeReport("soup", options.optimizer_class.__name__, options.epochs, 0)
+    for key in models[0]:
+        check_integers_agree(key, [model[key] for model in models], names)
     call = dict(call)
     if pivot is not None:
         call["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.infos}
