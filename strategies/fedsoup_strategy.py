@@ -314,6 +314,7 @@ class FedSoup(FedAvg):
                 "order_by": self.order_by,
                 "tie_break_key": self.tie_break_key,
                 "weighted_by_key": self.weighted_by_key,
+                "lora": None if self.lora is None else self.lora.describe(),
             },
         ).to_dict()
 

@@ -497,3 +497,16 @@ def test_a_reply_whose_products_overflow_cannot_end_the_run(caplog):
         arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["fedsoup-fallback"] == 2 and arrays is None  # the previous adapter is kept
     assert "using the previous model" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["factors", "products"])
+def test_modules_to_save_tensors_are_averaged_as_tensors(mode):
+    config = {**CONFIG, "modules_to_save": ["score"]}
+    model = adapter(zero_b=False)
+    model["base_model.model.score.weight"] = np.ones((3, 12), np.float32)
+    got, history, sent = run_rounds(FedSoup(adapter_config=config, soup={"lora": mode}), record(model), rounds=1)
+    _, contents = sent[0]
+    total = sum(10 + n for n in contents)
+    expected = sum((10 + n) / total * c["base_model.model.score.weight"].astype(np.float64) for n, c in contents.items())
+    np.testing.assert_allclose(got["base_model.model.score.weight"], expected, rtol=1e-6, atol=1e-6)
+    assert history[0][METRIC_CLIENTS_USED] == len(NODES)
