@@ -12,7 +12,8 @@ fails before any tensor is read:
   argument is checked against the chosen optimizer's constructor signature
   (``'beta'`` -> ``'betas'`` for Adam);
 - a bad value raises :class:`~fedsoup.errors.OptionError` naming the option; an
-  optimizer's arguments are checked by :data:`OPTIMIZER_CHECKS`, one table of the
+  optimizer's arguments are checked by :data:`~fedsoup.optimizer_args.OPTIMIZER_CHECKS`
+  (:mod:`fedsoup.optimizer_args`), one table of the
   ``torch.optim`` constructors' own value checks (a test proves they agree for every
   optimizer of :data:`fedsoup.OPTIMIZERS`), without building an optimizer (the first
   ``torch.optim`` construction in a process costs about a second of imports); an
@@ -27,8 +28,6 @@ Validation happens once, here: ``fedsoup.merge(models, options)`` trusts ``optio
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +38,15 @@ import numpy as np
 import torch
 
 from fedsoup.errors import OptionError, UnknownOptionError, closest_name
-from fedsoup.optim import OPTIMIZERS
+from fedsoup.optimizer_args import (  # noqa: F401 - OPTIMIZER_CHECKS, check_optimizer_values: re-exported
+    OPTIMIZER_CHECKS,
+    SET_BY_MERGE,
+    check_optimizer_kwargs,
+    check_optimizer_values,
+    optimizer_arguments,
+    optimizer_settings,
+    resolve_optimizer_option,
+)
 from fedsoup.schedules import SCHEDULES
 
 __all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "resolve_optimizer_option", "CALL_INPUTS",
@@ -48,9 +55,6 @@ __all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "resolve_o
 # How PEFT LoRA adapters are merged (fedsoup.lora): their updates s·B·A, or A and B apart.
 LORA_MODES = ("products", "factors")
 
-# Constructor parameters that the merge itself sets (never user options).
-_SET_BY_MERGE = frozenset({"self", "params", "lr"})
-
 # What one ``fedsoup.merge`` call merges (its arguments, not options); ``pivot`` is one as a
 # state dict (as "soup", "first" or an index it is the option), ``seed`` overrides the option.
 CALL_INPUTS = ("weights", "order_by", "pivot", "seed", "adapter_config")
@@ -58,121 +62,6 @@ _NOT_OPTIONS = {
     "weights": "weights are an input of the call: fedsoup.merge(models, options, weights=...)",
     "order_by": "order_by scores are an input of the call: fedsoup.merge(models, options, order_by=...)",
 }
-
-
-def _at_least_zero(value: Any) -> bool:
-    return 0.0 <= value
-
-
-# The value checks of the torch.optim constructors (and fedsoup.optim's Flower optimizers), by
-# argument name, with the optimizers that check it (None: every one that takes it): one table
-# instead of a throw-away optimizer (tests/test_pipeline.py proves it agrees with every
-# constructor of fedsoup.OPTIMIZERS on valid and invalid values). One deliberate difference:
-# NaN is refused everywhere, where SGD's ``momentum < 0`` lets it through.
-OPTIMIZER_CHECKS: dict[str, tuple[Callable[[Any], bool], str, tuple[type, ...] | None]] = {
-    "eps": (_at_least_zero, ">= 0", None),
-    "weight_decay": (_at_least_zero, ">= 0", None),
-    "momentum": (_at_least_zero, ">= 0", None),
-    "lr_decay": (_at_least_zero, ">= 0", None),
-    "initial_accumulator_value": (_at_least_zero, ">= 0", None),
-    "alpha": (_at_least_zero, ">= 0", (torch.optim.RMSprop,)),  # (ASGD's alpha is an exponent)
-    "momentum_decay": (_at_least_zero, ">= 0", None),
-    "rho": (lambda rho: 0.0 <= rho <= 1.0, "in [0, 1]", None),
-    "betas": (lambda betas: len(betas) >= 2 and all(0.0 <= beta < 1.0 for beta in betas[:2]), "two numbers in [0, 1)",
-              None),
-    "etas": (lambda etas: 0.0 < etas[0] < 1.0 < etas[1], "(eta_minus, eta_plus) with 0 < eta_minus < 1 < eta_plus",
-             None),
-}
-
-
-def check_optimizer_values(cls: type, settings: Mapping[str, Any]) -> None:
-    """:data:`OPTIMIZER_CHECKS` and the constructors' joint rules on ``settings`` (defaults
-    filled in); :class:`OptionError` naming the argument."""
-    for name, value in settings.items():
-        check = OPTIMIZER_CHECKS.get(name)
-        if check is None or (check[2] is not None and not issubclass(cls, check[2])):
-            continue
-        try:
-            valid = check[0](value)
-        except (TypeError, IndexError, ValueError):
-            valid = False
-        if not valid:
-            raise OptionError(name, value, f"invalid {name} for {cls.__name__}: {value!r} (must be {check[1]})")
-    if settings.get("nesterov") and not (settings.get("momentum", 0) > 0 and settings.get("dampening", 0) == 0):
-        raise OptionError("nesterov", True, "Nesterov momentum requires a momentum and zero dampening")
-    if settings.get("fused") and settings.get("foreach"):
-        raise OptionError("fused", True, "`fused` and `foreach` cannot be `True` together")
-    if settings.get("fused") and settings.get("differentiable"):
-        raise OptionError("fused", True, "`fused` does not support `differentiable`")
-
-
-def optimizer_settings(cls: type, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Every constructor argument of ``cls`` but ``params`` and ``lr``: the defaults, then
-    ``kwargs``, value-checked once. What the fused kernel and the scale-aware lr read."""
-    from fedsoup.optim import OPTIMIZERS as KNOWN
-
-    if cls not in KNOWN.values():  # a class of the caller's own: its constructor is the check
-        from fedsoup.optim import build_optimizer
-
-        build_optimizer(cls, [torch.zeros(0, requires_grad=True)], lr=0.0, **kwargs)
-        return dict(kwargs)
-    try:
-        parameters = inspect.signature(cls.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    settings = {p.name: p.default for p in parameters
-                if p.default is not inspect.Parameter.empty and p.name not in _SET_BY_MERGE}
-    settings.update(kwargs)
-    check_optimizer_values(cls, settings)
-    return settings
-
-
-@functools.lru_cache(maxsize=64)
-def optimizer_arguments(cls: type) -> frozenset[str] | None:
-    """The keyword arguments ``cls(params, lr=..., **kwargs)`` accepts; ``None`` when it takes ``**kwargs``."""
-    try:
-        parameters = inspect.signature(cls.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    names = set()
-    for parameter in parameters:
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            return None
-        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-            names.add(parameter.name)
-    return frozenset(names - _SET_BY_MERGE)
-
-
-def resolve_optimizer_option(value: Any) -> type[torch.optim.Optimizer]:
-    """An optimizer class from a name of :data:`fedsoup.OPTIMIZERS` or a class; :class:`OptionError` else."""
-    if isinstance(value, str):
-        cls = OPTIMIZERS.get(value.lower())
-        if cls is None:
-            suggestion = closest_name(value.lower(), OPTIMIZERS)
-            known = "" if suggestion else f" (known: {', '.join(sorted(OPTIMIZERS))}, or a torch.optim.Optimizer class)"
-            raise OptionError("optimizer", value, f"unknown optimizer {value!r}{known}", suggestion=suggestion)
-        return cls
-    if isinstance(value, type) and issubclass(value, torch.optim.Optimizer):
-        return value
-    raise OptionError(
-        "optimizer", value,
-        f"optimizer must be a name ({', '.join(sorted(OPTIMIZERS))}) or a torch.optim.Optimizer class, got {value!r}",
-    )
-
-
-def _check_optimizer_kwargs(cls: type, kwargs: Mapping[str, Any], named: Sequence[str]) -> dict[str, Any]:
-    """``kwargs`` as a dict of ``str`` keys, each an argument of ``cls``'s constructor."""
-    accepted = optimizer_arguments(cls)
-    checked = {}
-    for key, value in kwargs.items():
-        key = str(key)
-        if key in _SET_BY_MERGE:
-            raise OptionError(key, value, f"{key!r} is not an optimizer argument here: it is set by the merge"
-                              + (" (give it as the lr option)" if key == "lr" else ""))
-        if accepted is not None and key not in accepted:
-            raise UnknownOptionError(key, [*named, *accepted], optimizer=cls.__name__, optimizer_arguments=accepted)
-        checked[key] = value
-    return checked
 
 
 def _is_real(value: Any) -> bool:
@@ -285,7 +174,7 @@ class MergeOptions:
         self._check_lora()
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
-        set_("optimizer_kwargs", _check_optimizer_kwargs(cls, self.optimizer_kwargs, _MERGE_FIELDS))
+        set_("optimizer_kwargs", check_optimizer_kwargs(cls, self.optimizer_kwargs, _MERGE_FIELDS))
         set_("optimizer_class", cls)
         set_("optimizer_settings", optimizer_settings(cls, self.optimizer_kwargs))
 
@@ -353,7 +242,7 @@ class MergeOptions:
             cls_ = resolve_optimizer_option(named.get("optimizer", "sgd"))
             accepted = optimizer_arguments(cls_)
             for key in extra:
-                if accepted is not None and key not in accepted and key not in _SET_BY_MERGE:
+                if accepted is not None and key not in accepted and key not in SET_BY_MERGE:
                     raise UnknownOptionError(key, [*_MERGE_FIELDS, *also_valid, *accepted],
                                              optimizer=cls_.__name__, optimizer_arguments=accepted)
         return cls(**named, optimizer_kwargs=extra)
@@ -407,7 +296,7 @@ class OptimizerOptions:
         object.__setattr__(self, "lr", _real("lr", self.lr, minimum=0.0))
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
-        kwargs = _check_optimizer_kwargs(cls, self.optimizer_kwargs, ("optimizer", "lr"))
+        kwargs = check_optimizer_kwargs(cls, self.optimizer_kwargs, ("optimizer", "lr"))
         optimizer_settings(cls, kwargs)
         object.__setattr__(self, "optimizer_kwargs", kwargs)
         object.__setattr__(self, "optimizer_class", cls)
