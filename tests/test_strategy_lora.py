@@ -510,3 +510,19 @@ def test_modules_to_save_tensors_are_averaged_as_tensors(mode):
     expected = sum((10 + n) / total * c["base_model.model.score.weight"].astype(np.float64) for n, c in contents.items())
     np.testing.assert_allclose(got["base_model.model.score.weight"], expected, rtol=1e-6, atol=1e-6)
     assert history[0][METRIC_CLIENTS_USED] == len(NODES)
+
+
+def test_products_send_back_each_modules_configured_rank():
+    """rank_pattern: q_proj at r 4, v_proj at r 2 (s = 8/2): each module's best approximation at its rank."""
+    config = {**CONFIG, "rank_pattern": {"v_proj": 2}}
+    model = adapter(zero_b=False)
+    v = PREFIX + "v_proj"
+    model[v + ".lora_A.weight"], model[v + ".lora_B.weight"] = model[v + ".lora_A.weight"][:2], model[v + ".lora_B.weight"][:, :2]
+    got, _, sent = run_rounds(FedSoup(adapter_config=config, soup={"lora": "products"}), record(model), rounds=1)
+    assert got[v + ".lora_A.weight"].shape == (2, 12) and got[PREFIX + "q_proj.lora_A.weight"].shape == (4, 12)
+    _, contents = sent[0]
+    total = sum(10 + n for n in contents)
+    target = sum((10 + n) / total * 4.0 * (torch.from_numpy(c[v + ".lora_B.weight"]).double()
+                                           @ torch.from_numpy(c[v + ".lora_A.weight"]).double()) for n, c in contents.items())
+    u, s, vh = torch.linalg.svd(target)
+    torch.testing.assert_close(product_of(got, v, 4.0), (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-5)
