@@ -266,10 +266,13 @@ def test_stew_in_product_space_is_fedadam_on_delta_w():
     assert all(h[METRIC_SVD_ENERGY_MIN] == pytest.approx(1.0) for h in history)
 
 
-def test_ame_soup_over_products_runs_and_reports_its_distance():
+@pytest.mark.parametrize("stew", [None, {"optimizer": "fedadam", "lr": 0.05}])
+def test_ame_soup_over_products_runs_and_reports_its_distance(stew):
     soup = {"lora": "products", "optimizer": "adam", "lr": 0.05, "epochs": 2}
-    _, history, _ = run_rounds(FedSoup(adapter_config=CONFIG, soup=soup), record(adapter(zero_b=False)), rounds=2)
+    strategy = FedSoup(adapter_config=CONFIG, soup=soup, stew=stew)
+    got, history, _ = run_rounds(strategy, record(adapter(zero_b=False)), rounds=2)
     assert all(h["fedsoup-ame-soup-distance"] > 0 and h["fedsoup-fallback"] == 0 for h in history)
+    assert got[PREFIX + "q_proj.lora_A.weight"].shape == (4, 12)  # back at the configured rank
 
 
 # --- bad adapter replies ---------------------------------------------------------------------
