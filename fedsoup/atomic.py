@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,14 +35,14 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "is_fedsoup_temp", "remove_stale_temps"]
 
-# mkstemp creates files readable by their owner only; a finished output should get the
+# Temporary files are created readable by their owner only; a finished output should get the
 # mode any other new file would (0o666 minus the umask). Read once: os.umask sets too.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 _TEMP_MARK = ".fedsoup-"
 _TEMP_SUFFIX = ".tmp"
-# mkstemp's random part: 8 characters of [a-z0-9_].
+_TEMP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"  # 8 of them: as tempfile.mkstemp names
 _TEMP_RE = re.compile(r"^\..+\.fedsoup-[a-z0-9_]{8}\.tmp$")
 
 
@@ -96,22 +96,17 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _locked_temp(destination: Path) -> tuple[int, Path]:
-    """Create ``destination``'s temporary file and take its lock; return ``(fd, path)``.
+def _temp_name(destination: str) -> str:
+    return f".{destination}{_TEMP_MARK}{''.join(secrets.choice(_TEMP_ALPHABET) for _ in range(8))}{_TEMP_SUFFIX}"
 
-    A concurrent :func:`remove_stale_temps` may delete the file between its creation and
-    the lock: then the path no longer names the locked file, and we start again.
-    """
-    while True:
-        fd, name = tempfile.mkstemp(prefix=f".{destination.name}{_TEMP_MARK}", suffix=_TEMP_SUFFIX,
-                                    dir=destination.parent)
-        _lock(fd, wait=True)
-        try:
-            if os.path.samestat(os.fstat(fd), os.lstat(name)):
-                return fd, Path(name)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+
+def _locked(fd: int, path: Path) -> bool:
+    """Lock the new file ``fd``; False when a sweep deleted ``path`` before the lock was ours."""
+    _lock(fd, wait=True)
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager
@@ -120,19 +115,31 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
 
     The temporary file lives in the same folder so that the final ``os.replace`` is
     atomic on POSIX, and stays locked (``flock``) until then. On any exception it is
-    removed and the destination is left untouched. An ``OSError`` of creating, syncing
-    or renaming the file, or one raised by the caller's writing with the temporary file
-    as its ``filename``, is raised as :class:`~fedsoup.errors.OutputError` naming
-    ``destination``.
+    removed and the destination is left untouched; its name is chosen before it is
+    created, so that also a signal arriving right after the creation removes it. An
+    ``OSError`` of creating, syncing or renaming the file, or one raised by the caller's
+    writing with the temporary file as its ``filename``, is raised as
+    :class:`~fedsoup.errors.OutputError` naming ``destination``.
     """
     destination = Path(destination)
     remove_stale_temps(destination.parent)
+    tmp: Path | None = None
+    fd: int | None = None
     try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _locked_temp(destination)
-    except OSError as error:
-        raise OutputError(destination, error) from None
-    try:
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            while fd is None:
+                tmp = destination.parent / _temp_name(destination.name)  # removed on any exception from here
+                try:
+                    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:  # another writer's name: not ours to remove
+                    tmp = None
+                    continue
+                if not _locked(fd, tmp):
+                    os.close(fd)
+                    fd = None
+        except OSError as error:
+            raise OutputError(destination, error) from None
         try:
             yield tmp
         except OSError as error:
@@ -151,11 +158,13 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
         except OSError as error:
             raise OutputError(destination, error) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # gone already once renamed
+                tmp.unlink()
         raise
     finally:
-        os.close(fd)  # releases the lock, after the rename or the removal
+        if fd is not None:
+            os.close(fd)  # releases the lock, after the rename or the removal
 
 
 def atomic_write_bytes(destination: str | os.PathLike[str], data: bytes) -> None:

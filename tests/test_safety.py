@@ -416,3 +416,27 @@ def test_a_pt_output_is_the_same_bytes_every_run(tmp_path):
     second = fedsoup.merge_files(inputs, tmp_path / "b.pt")
     assert first.read_bytes() == second.read_bytes()
     assert torch.equal(torch.load(first, weights_only=True)["w"], fedsoup.soup([load_file(p) for p in inputs])["w"])
+
+
+def test_an_old_index_never_sits_beside_new_shards(tmp_path, monkeypatch):
+    """With --force over a sharded output, the old index is gone before the first new shard
+    is renamed over an old one: a kill between the renames leaves no index describing
+    shards it does not match."""
+    from fedsoup import atomic
+
+    inputs = write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    fedsoup.merge_files(inputs, out, shard_size=100)
+    index = out / "model.safetensors.index.json"
+    seen = []
+    replace = os.replace
+
+    def watching(source, destination):
+        if Path(destination).name.startswith("model-"):
+            seen.append(index.exists())
+        return replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", watching)
+    fedsoup.merge_files(inputs, out, shard_size=100, force=True, optimizer="adam", lr=0.1)
+    assert seen and not any(seen)
+    assert index.is_file()

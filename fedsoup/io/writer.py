@@ -258,17 +258,35 @@ def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shar
     return _OutputPlan(shards, files, stale)
 
 
-def _make_folder(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; return those created, deepest last."""
+def _unlink_regular(path: Path) -> bool:
+    """Remove ``path`` if it is a regular file (never a link or a folder); True if it was."""
+    if not _is_regular_file(path):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return True
+
+
+def _drop_old_index_before_renames(index: Path):
+    """An exit callback for the write's ExitStack, pushed last so that it runs first: once
+    every file is written, an old index goes before the new shards are renamed over the old
+    ones, so that no moment shows it beside shards it does not describe."""
+
+    def drop(kind, error, trace) -> bool:
+        if kind is None:
+            _unlink_regular(index)
+        return False  # never swallows an exception
+
+    return drop
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, outermost first."""
     missing = []
     for parent in [folder, *folder.parents]:
         if parent.exists():
             break
         missing.append(parent)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(folder, error) from None
     return missing[::-1]
 
 
@@ -308,9 +326,15 @@ def write_checkpoint(
     folder = layout.main.parent
     plan = _plan_output(layout, infos, max_shard_bytes, extra_files, tuple(sidecars), force)
     on_tensor = on_tensor or (lambda key, info: None)
-    created = _make_folder(folder)
-    remove_stale_temps(folder)  # a killed writer's, before this write adds its own
+    created = _missing_folders(folder)
+    fresh = [path for path in plan.files if not os.path.lexists(path)]
+    renaming = False
     try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(folder, error) from None
+        remove_stale_temps(folder)  # a killed writer's, before this write adds its own
         with contextlib.ExitStack() as stack:
             # Entered first, renamed last: readers never see an index before its shards,
             # nor a directory's weights before its config.
@@ -350,7 +374,12 @@ def write_checkpoint(
                 }
                 with _sink(commit, layout.index) as sink:
                     sink.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
+                stack.push(_drop_old_index_before_renames(layout.index))
+            renaming = True
     except BaseException:
+        if renaming:  # interrupted between the renames (SIGTERM): the files this write created go too
+            for path in fresh:
+                _unlink_regular(path)
         for made in reversed(created):
             with contextlib.suppress(OSError):
                 made.rmdir()  # only if empty: never a file of anyone's
