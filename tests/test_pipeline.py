@@ -280,3 +280,12 @@ def test_strategy_round_metrics_carry_the_report():
     figures = result.report.figures()
     assert set(figures) == {"steps", "lr-min", "lr-median", "lr-max", "soup-distance", "ball-radius"}
     assert all(isinstance(v, float) and np.isfinite(v) for v in figures.values())
+
+
+def test_a_file_merge_reports_the_merge_warnings_it_raised(tmp_path):
+    paths = checkpoints(tmp_path)
+    model = models()[1]
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.items()}, paths[1])
+    with pytest.warns(fedsoup.MergeWarning, match="float dtypes differ") as shown:
+        report = fedsoup.offline.run_merge_files(paths, tmp_path / "o.safetensors")
+    assert len(shown) == 1 and report.warnings == (str(shown[0].message),)

@@ -246,7 +246,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
             raise OptionError(name, value, f"option {name!r} applies to PEFT adapter inputs (adapter_config.json "
                               f"beside adapter_model.*), and {names[0]} is not one")
 
-    with contextlib.ExitStack() as stack:
+    raised: list[str] = []  # the MergeWarnings of this merge, for its report
+    with _recorded(raised), contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
         check_compatible(checkpoints)
         check_unquantized(checkpoints)
@@ -302,7 +303,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     elif sidecar.is_file():  # (force) an earlier merge's report, ours and now wrong: the header has this one
         sidecar.unlink()
     return dataclasses.replace(
-        report, output=layout.target, files=files, inputs=names, tensors=len(infos),
+        report, warnings=(*raised, *report.warnings), output=layout.target, files=files, inputs=names, tensors=len(infos),
         parameters=sum(info.numel for info in infos.values()), seconds=time.perf_counter() - started,
         low_memory=low,
     )
@@ -322,6 +323,21 @@ def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: Me
     return MergeReport(f"lora-{written.lora.how}", options.optimizer_class.__name__, options.epochs, 0,
                        output=Path(output), files=written.files, inputs=names, tensors=written.tensors,
                        parameters=written.parameters, seconds=time.perf_counter() - started, lora=written.lora)
+
+
+@contextlib.contextmanager
+def _recorded(texts: list[str]):
+    """Append the text of every :class:`MergeWarning` raised in the block to ``texts`` (for the
+    report), and show every warning as it would have been shown (filters, file and line kept)."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        for warning in caught:
+            if issubclass(warning.category, MergeWarning):
+                texts.append(str(warning.message))
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _version() -> str:
