@@ -49,6 +49,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train_fn(msg: Message, context: Context) -> Message:
         cfg, pid, n = setup(context)
+        if cfg.task == "lm":
+            return _lm_train(msg, cfg, pid)
         server_round = int(msg.content["config"].get("server-round", 0))
         train_set, val_set = train_val_split(load_partition(cfg, pid, n), cfg.val_fraction, seed_for(cfg.seed, pid))
         model = make_model(cfg.dataset)
@@ -75,6 +77,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
         cfg, pid, n = setup(context)
+        if cfg.task == "lm":
+            return _lm_evaluate(msg, cfg, pid)
         _, val_set = train_val_split(load_partition(cfg, pid, n), cfg.val_fraction, seed_for(cfg.seed, pid))
         model = make_model(cfg.dataset)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -85,6 +89,39 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
+
+
+def _lm_train(msg: Message, cfg: SimConfig, pid: int) -> Message:
+    """The language-model task: fine-tune the global LoRA adapter on this client's package group and
+    reply with ``get_peft_model_state_dict`` as an ArrayRecord (as Flower's FlowerTune clients do)."""
+    from simulations import lm_task
+    from simulations.lm_corpus import CLIENT_GROUPS, read_group
+
+    server_round = int(msg.content["config"].get("server-round", 0))
+    text = read_group(CLIENT_GROUPS[pid], cfg.lm_heldout)
+    model = lm_task.adapter_model(cfg, lm_task.base_state(cfg), msg.content["arrays"].to_torch_state_dict())
+    loss = lm_task.train_steps(model, [lm_task.as_tokens(text.train)], steps=cfg.lm_local_steps, lr=cfg.lr,
+                               batch=cfg.batch_size, seq_len=cfg.lm_seq_len,
+                               seed=seed_for(cfg.seed, server_round, pid))
+    metrics = {"train-loss": loss, "num-examples": len(text.train)}
+    content = RecordDict({"arrays": ArrayRecord(lm_task.adapter_state(model)), "metrics": MetricRecord(metrics),
+                          "node": ConfigRecord({"partition-id": pid})})
+    return Message(content=content, reply_to=msg)
+
+
+def _lm_evaluate(msg: Message, cfg: SimConfig, pid: int) -> Message:
+    """Perplexity of the global adapter on this client's held-out text."""
+    import math
+
+    from simulations import lm_task
+    from simulations.lm_corpus import CLIENT_GROUPS, read_group
+
+    text = read_group(CLIENT_GROUPS[pid], cfg.lm_heldout)
+    model = lm_task.adapter_model(cfg, lm_task.base_state(cfg), msg.content["arrays"].to_torch_state_dict())
+    nll = lm_task.mean_nll(model, text.heldout, cfg.lm_seq_len, cfg.lm_eval_bytes)
+    metrics = {"num-examples": min(len(text.heldout), cfg.lm_eval_bytes), "eval-loss": nll,
+               "eval-perplexity": math.exp(nll)}
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 app = make_client_app()

@@ -27,8 +27,11 @@ STRATEGIES = (
     "fedtrimmedavg",
     "krum",
     "fedsoup",
+    "central",  # task "lm" only: the pooled clients trained centrally (the upper reference)
 )
 DATASETS = ("digits", "cifar10")
+TASKS = ("classification", "lm")
+LORA_MODES = ("factors", "products")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class SimConfig:
 
     num_server_rounds: int = 10
     strategy: str = "fedavg"
+    task: str = "classification"  # "lm": LoRA fine-tuning of a byte-level LM (simulations.lm_task)
     # data
     dataset: str = "digits"
     data_dir: str = ""  # CIFAR-10 offline: binary batches or a saved HF dataset
@@ -84,6 +88,18 @@ class SimConfig:
     stew_beta1: float = 0.9
     stew_beta2: float = 0.99
     stew_eps: float = 1e-3
+    # language-model task (task = "lm"): model, base, LoRA; lr and batch-size are the clients' AdamW
+    lora_mode: str = "factors"  # FedSoup: merge A and B as tensors, or the products s·B·A
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lm_hidden: int = 64
+    lm_layers: int = 2
+    lm_seq_len: int = 64
+    lm_base_steps: int = 300  # central AdamW steps on the public group (cached)
+    lm_local_steps: int = 10  # client AdamW steps per round
+    lm_heldout: float = 0.1  # tail of every file held out for perplexity
+    lm_eval_bytes: int = 8192  # held-out bytes evaluated per client
+    lm_cache_dir: str = ""  # where the base is cached; "" = $XDG_CACHE_HOME/fedsoup/lm-base
     # robustness experiments
     attack: str = "none"
     attack_fraction: float = 0.0
@@ -97,6 +113,18 @@ class SimConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("attack", self.attack, ATTACKS)
         _check_choice("partitioning", self.partitioning, PARTITIONINGS)
+        _check_choice("task", self.task, TASKS)
+        _check_choice("lora-mode", self.lora_mode, LORA_MODES)
+        if self.strategy == "central" and self.task != "lm":
+            raise ValueError("run config 'strategy' = 'central' needs 'task' = 'lm'")
+        if self.task == "lm":
+            for key in ("lora_r", "lm_hidden", "lm_layers", "lm_seq_len", "lm_local_steps", "lm_eval_bytes"):
+                if getattr(self, key) < 1:
+                    raise ValueError(f"run config '{key.replace('_', '-')}' must be >= 1, got {getattr(self, key)}")
+            if self.lm_hidden % 4:
+                raise ValueError(f"run config 'lm-hidden' must be a multiple of 4 (heads), got {self.lm_hidden}")
+            if not 0.0 < self.lm_heldout < 1.0:
+                raise ValueError(f"run config 'lm-heldout' must be in (0, 1), got {self.lm_heldout}")
         if self.num_server_rounds < 1:
             raise ValueError(f"run config 'num-server-rounds' must be >= 1, got {self.num_server_rounds}")
         if self.num_partitions < 1:

@@ -30,7 +30,10 @@ RoundsSink = Callable[[list[dict[str, Any]]], None]
 
 
 def make_evaluate_fn(cfg: SimConfig) -> Callable[[int, ArrayRecord], MetricRecord]:
-    """Centralised evaluation of the global model on the test set (Flower's ``evaluate_fn``)."""
+    """Centralised evaluation of the global model on the test set (Flower's ``evaluate_fn``);
+    for the language-model task, of the global adapter on every client's held-out text."""
+    if cfg.task == "lm":
+        return _lm_evaluate_fn(cfg)
     testset = load_testset(cfg)
     model = make_model(cfg.dataset)
 
@@ -40,6 +43,31 @@ def make_evaluate_fn(cfg: SimConfig) -> Callable[[int, ArrayRecord], MetricRecor
         return MetricRecord({"test-loss": loss, "test-accuracy": acc})
 
     return evaluate_fn
+
+
+def _lm_evaluate_fn(cfg: SimConfig) -> Callable[[int, ArrayRecord], MetricRecord]:
+    from peft import set_peft_model_state_dict
+
+    from simulations import lm_task
+
+    texts = lm_task.texts_of(cfg)
+    model = lm_task.adapter_model(cfg, lm_task.base_state(cfg))
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        set_peft_model_state_dict(model, arrays.to_torch_state_dict())
+        return MetricRecord(lm_task.evaluate_texts(model, texts, cfg))
+
+    return evaluate_fn
+
+
+def initial_arrays(cfg: SimConfig) -> ArrayRecord:
+    """Round 0's global model, or for the language-model task round 0's global LoRA adapter
+    (the base is trained, or read from its cache, here: before any client needs it)."""
+    if cfg.task == "lm":
+        from simulations import lm_task
+
+        return ArrayRecord(lm_task.initial_adapter(cfg, lm_task.base_state(cfg)))
+    return ArrayRecord(make_model(cfg.dataset, seed=cfg.seed).state_dict())
 
 
 def rounds_table(result: Any, seconds: Mapping[int, float]) -> list[dict[str, Any]]:
@@ -67,8 +95,16 @@ def run_server(grid: Grid, cfg: SimConfig, sink: RoundsSink | None = None, *,
     ``on_round`` is called after each round's evaluation (a progress bar's step).
     """
     torch.set_num_threads(1)
+    if cfg.strategy == "central":  # no federation: the pooled clients trained in this process
+        from simulations.lm_task import central_rows
+
+        rows = central_rows(cfg, on_round)
+        _write_rows(cfg, rows)
+        if sink is not None:
+            sink(rows)
+        return rows
     strategy = build_strategy(cfg, cfg.num_partitions)
-    initial = ArrayRecord(make_model(cfg.dataset, seed=cfg.seed).state_dict())
+    initial = initial_arrays(cfg)
     evaluate_fn = make_evaluate_fn(cfg)
     start = time.perf_counter()
     seconds: dict[int, float] = {}
@@ -89,18 +125,44 @@ def run_server(grid: Grid, cfg: SimConfig, sink: RoundsSink | None = None, *,
     )
     rows = rounds_table(result, seconds)
     if cfg.output_dir:
-        out = Path(cfg.output_dir)
-        atomic_write_text(out / "rounds.json", json.dumps(
-            {"config": cfg.to_run_config(), "rounds": rows}, indent=2))
-        from safetensors.torch import save_file
-
-        with atomic_path(out / "final_model.safetensors") as tmp:
-            final = result.arrays if len(result.arrays) else initial  # no round aggregated
-            state = {k: v.contiguous() for k, v in final.to_torch_state_dict().items()}
-            save_file(state, str(tmp), metadata={"strategy": cfg.strategy})
+        _write_rows(cfg, rows)
+        final = result.arrays if len(result.arrays) else initial  # no round aggregated
+        _write_final(cfg, Path(cfg.output_dir), final)
     if sink is not None:
         sink(rows)
     return rows
+
+
+def _write_rows(cfg: SimConfig, rows: list[dict[str, Any]]) -> None:
+    if not cfg.output_dir:
+        return
+    record: dict[str, Any] = {"config": cfg.to_run_config(), "rounds": rows}
+    if cfg.task == "lm":
+        from simulations.lm_corpus import corpus_identity
+
+        record["corpus"] = corpus_identity()
+    atomic_write_text(Path(cfg.output_dir) / "rounds.json", json.dumps(record, indent=2))
+
+
+def _write_final(cfg: SimConfig, out: Path, final: ArrayRecord) -> None:
+    """``final_model.safetensors``; for the language-model task a PEFT adapter directory
+    ``final_adapter/`` (``adapter_model.safetensors`` + ``adapter_config.json``, loadable with
+    ``PeftModel.from_pretrained`` on the cached base)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in final.to_torch_state_dict().items()}
+    if cfg.task == "lm":
+        from simulations.lm_task import lora_config
+
+        config = lora_config(cfg).to_dict()
+        atomic_write_text(out / "final_adapter" / "adapter_config.json",
+                          json.dumps(config, indent=2, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+        target = out / "final_adapter" / "adapter_model.safetensors"
+    else:
+        target = out / "final_model.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        save_file(state, str(tmp), metadata={"strategy": cfg.strategy, "format": "pt"})
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, sink: RoundsSink | None = None) -> ServerApp:

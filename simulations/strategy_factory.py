@@ -100,9 +100,17 @@ def build_strategy(cfg: SimConfig, num_nodes: int):
             raise RuntimeError(
                 "strategy 'fedsoup' needs strategies.FedSoup, which could not be imported"
             ) from err
+        soup = soup_settings(cfg)
+        lora: dict[str, Any] = {}
+        if cfg.task == "lm":  # replies are PEFT adapters; the server's own adapter config scales them
+            from simulations.lm_task import adapter_config_dict
+
+            soup = {**(soup or {}), "lora": cfg.lora_mode}
+            lora["adapter_config"] = adapter_config_dict(cfg)
         return FedSoup(
             **common,
-            soup=soup_settings(cfg),
+            **lora,
+            soup=soup,
             stew=stew_settings(cfg),
             soup_pivot=cfg.soup_pivot,
             order_by=cfg.order_by or None,

@@ -161,9 +161,31 @@ def run_seeds(base: Mapping[str, Any], runs: Sequence[StrategyRun], seeds: Seque
         table = write_outputs(out_s, base_s, comparison)
         print(f"\n{describe(SimConfig.from_run_config(base_s))}\n\n{table}", flush=True)
         per_seed.append(runs_s)
-    if len(seeds) > 1:
+    if len(seeds) > 1 and SimConfig.from_run_config(base).task == "lm":
+        _write_lm_seeds(out, base, per_seed, seeds)
+    elif len(seeds) > 1:
         summary = seeds_table(per_seed, seeds)
         setting = describe(SimConfig.from_run_config(base)).rsplit(", seed", 1)[0]
         atomic_write_text(out / "table.md", f"{setting}, seeds {', '.join(map(str, seeds))}\n\n{summary}")
         print(summary)
     return per_seed
+
+
+def _write_lm_seeds(out: Path, base: Mapping[str, Any], per_seed: Sequence[Sequence[StrategyRun]],
+                    seeds: Sequence[int | None]) -> None:
+    """The language-model comparison over seeds: ``table.md`` (mean ± std), ``summary.json``,
+    ``perplexity.png`` with error bars."""
+    import json
+
+    from simulations.compare.lm_report import describe_lm, lm_seeds_table, plot_perplexity_seeds, seeds_summary
+    from simulations.lm_corpus import corpus_identity
+
+    corpus = corpus_identity()
+    setting = describe_lm(SimConfig.from_run_config(base), corpus).rsplit(", seed", 1)[0]
+    setting += f", seeds {', '.join(map(str, seeds))}"
+    summary = lm_seeds_table(per_seed, [s for s in seeds if s is not None])
+    atomic_write_text(out / "table.md", f"{setting}\n\n{summary}")
+    atomic_write_text(out / "summary.json", json.dumps(
+        {"setting": setting, "corpus": corpus, "seeds": list(seeds), "strategies": seeds_summary(per_seed)}, indent=2))
+    plot_perplexity_seeds(out / "perplexity.png", per_seed, setting)
+    print(summary)

@@ -100,6 +100,8 @@ def write_outputs(out: Path, base: Mapping[str, Any], comparison: Comparison) ->
     """``results.json``, ``results.csv``, ``accuracy.png`` and ``table.md`` in ``out``; returns the table."""
     cfg = SimConfig.from_run_config(base)
     runs = comparison.runs
+    if cfg.task == "lm":
+        return _write_lm_outputs(out, cfg, comparison)
     table = markdown_table(comparison)
     atomic_write_text(out / "results.json", json.dumps({
         "setting": describe(cfg),
@@ -111,4 +113,27 @@ def write_outputs(out: Path, base: Mapping[str, Any], comparison: Comparison) ->
     write_csv(out / "results.csv", runs)
     plot_accuracy(out / "accuracy.png", runs, describe(cfg))
     atomic_write_text(out / "table.md", f"{describe(cfg)}\n\n{table}")
+    return table
+
+
+def _write_lm_outputs(out: Path, cfg: SimConfig, comparison: Comparison) -> str:
+    """The language-model task's outputs: ``perplexity.png`` instead of ``accuracy.png``, the Python
+    version and corpus hash in ``results.json``, and the per-round LoRA figures in ``table.md``."""
+    from simulations.compare.lm_report import describe_lm, lm_table, lora_rounds_table, plot_perplexity
+    from simulations.lm_corpus import corpus_identity
+
+    runs = comparison.runs
+    corpus = corpus_identity()
+    setting = describe_lm(cfg, corpus)
+    table = lm_table(comparison)
+    atomic_write_text(out / "results.json", json.dumps({
+        "setting": setting, "corpus": corpus, "base-config": cfg.to_run_config(),
+        "setup-seconds": comparison.setup_seconds,
+        "strategies": [{"label": r.label, "overrides": r.overrides, "seconds": r.seconds,
+                        "rounds": r.rows} for r in runs],
+    }, indent=2))
+    write_csv(out / "results.csv", runs)
+    plot_perplexity(out / "perplexity.png", runs, setting)
+    atomic_write_text(out / "table.md", f"{setting}\n\n{table}\nPer round (FedSoup arms):\n\n"
+                                        f"{lora_rounds_table(runs)}")
     return table

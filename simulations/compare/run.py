@@ -127,11 +127,11 @@ def compile_kernels() -> None:
 
 def warm_up_clients(grid, cfg: SimConfig) -> None:
     """One evaluation of the initial model on every node: workers load the ClientApp and their shards."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from simulations.models import make_model
+    from simulations.server_app import initial_arrays
 
-    arrays = ArrayRecord(make_model(cfg.dataset, seed=cfg.seed).state_dict())
+    arrays = initial_arrays(cfg)
     messages = [
         Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 0})}),
                 dst_node_id=node, message_type=MessageType.EVALUATE)

@@ -1,0 +1,85 @@
+"""The language-model task (issue 28): the stdlib corpus, and a reduced ``--preset lora`` in process."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from simulations.config import SimConfig
+from simulations.lm_corpus import CLIENT_GROUPS, CORPUS_FILES, MissingCorpusFile, client_texts, corpus_identity, \
+    read_group, stdlib_dir
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+REDUCED = {"num-partitions": 3, "num-server-rounds": 2, "lm-local-steps": 6, "lm-base-steps": 80,
+           "lm-eval-bytes": 2048, "soup-epochs": 2}
+
+
+def test_every_corpus_file_is_in_this_pythons_stdlib_and_the_identity_is_recorded():
+    root = stdlib_dir()
+    assert all((root / name).is_file() for names in CORPUS_FILES.values() for name in names)
+    identity = corpus_identity()
+    assert identity["python"].count(".") == 2 and len(identity["corpus-sha256"]) == 64
+    texts = client_texts(len(CLIENT_GROUPS), 0.1)
+    assert [t.group for t in texts] == list(CLIENT_GROUPS)
+    for text in texts:  # every file's tail is held out: about a tenth, never in the training text
+        assert 0.08 < len(text.heldout) / (len(text.train) + len(text.heldout)) < 0.12
+        assert text.heldout[-200:] not in text.train
+
+
+def test_a_missing_corpus_file_is_named_and_the_hash_follows_the_bytes(tmp_path):
+    with pytest.raises(MissingCorpusFile) as info:
+        read_group("json", 0.1, root=tmp_path)
+    assert info.value.path == tmp_path / CORPUS_FILES["json"][0]
+    for names in CORPUS_FILES.values():  # a copy of the corpus with one byte changed
+        for name in names:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_bytes((stdlib_dir() / name).read_bytes())
+    assert corpus_identity(tmp_path) == corpus_identity()
+    (tmp_path / "json" / "tool.py").write_bytes(b"#" + (tmp_path / "json" / "tool.py").read_bytes())
+    assert corpus_identity(tmp_path)["corpus-sha256"] != corpus_identity()["corpus-sha256"]
+
+
+@pytest.mark.parametrize("bad, key", [({"strategy": "central"}, "strategy"),
+                                      ({"task": "lm", "num-partitions": 7}, "num-partitions"),
+                                      ({"task": "lm", "lora-mode": "stacked"}, "lora-mode")])
+def test_lm_config_errors_name_their_key(bad, key):
+    with pytest.raises(ValueError, match=key):
+        cfg = SimConfig.from_run_config(bad)
+        from simulations.lm_task import texts_of
+
+        texts_of(cfg)
+
+
+@pytest.mark.slow
+def test_reduced_lora_preset_improves_on_the_base_and_fedavg_is_fedsoup_factors(tmp_path):
+    """The preset's four arms (and FedSoup's plain factors mode) on 3 clients, 2 rounds, in process."""
+    from simulations.compare.cli import run_seeds
+    from simulations.compare.presets import PRESETS
+    from simulations.compare.run import StrategyRun
+
+    preset = PRESETS["lora"]
+    base = {**preset["base"], **REDUCED, "lm-cache-dir": str(tmp_path / "cache")}
+    runs = [StrategyRun(s["label"], {k: v for k, v in s.items() if k != "label"}) for s in preset["strategies"]]
+    runs.append(StrategyRun("FedSoup factors (plain)", {"strategy": "fedsoup", "lora-mode": "factors"}))
+    (per_seed,) = run_seeds(base, runs, [0], tmp_path / "out", backend="inprocess")
+    by_label = {r.label: r.rows for r in per_seed}
+    base_ppl = by_label["FedAvg (factors)"][0]["test-perplexity"]
+    for label, rows in by_label.items():
+        assert rows[0]["test-perplexity"] == pytest.approx(base_ppl)  # one base, one initial adapter
+        assert rows[-1]["test-perplexity"] < base_ppl, label
+        assert rows[-1]["test-perplexity-worst"] < rows[0]["test-perplexity-worst"], label
+    assert by_label["FedAvg (factors)"][-1]["test-perplexity"] < 0.995 * base_ppl
+    # Flower's FedAvg on adapter replies = FedSoup's factors mode without soup or stew, round by round.
+    for ours, flower in zip(by_label["FedSoup factors (plain)"], by_label["FedAvg (factors)"]):
+        for key in [k for k in flower if k.startswith("test-")]:
+            assert math.isclose(ours[key], flower[key], rel_tol=1e-6), key
+    products = by_label["FedSoup products"][-1]
+    assert products["clients-fedsoup-lora-factor-product-error-mean"] >= 0
+    assert products["clients-fedsoup-bytes-sent"] > 0 and products["clients-fedsoup-bytes-received"] > 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["corpus"] == corpus_identity()
+    assert {"table.md", "results.csv", "perplexity.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
