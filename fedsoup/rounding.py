@@ -251,15 +251,59 @@ def _grow(expansion, size, term):
 @_jit(parallel=True)
 def _exact_mean_chunk(addresses, like, count, table, weights, total, out, precision, exponent_bits, bias, has_inf):
     """``out[i]`` = the bits of RNE(Σ_j w_j x_j[i] / total); ingredient ``j``'s bits are at
-    ``addresses[j]`` (of ``like``'s element type)."""
+    ``addresses[j]`` (of ``like``'s element type).
+
+    Per block, branch-free passes that the compiler vectorizes settle the common case: the
+    float64 sum ``S`` exact (TwoSum errors zero), ``q = fl(S/W)`` in the target's normal
+    range and not on a midpoint of it; then ``q``'s rounding is ``S/W``'s (rounding is
+    monotonic, so a ``q`` off every midpoint is on the true quotient's side of it). Every
+    other element (an inexact sum, a midpoint, zero, subnormal, overflow, NaN/Inf) is
+    flagged and computed by :func:`_exact_mean`, exactly.
+    """
     n = addresses.size
+    mantissa_bits = precision - 1
+    shift = 52 - mantissa_bits
+    half = 1 << (shift - 1)
+    low_mask = (1 << shift) - 1
+    largest_field = (1 << exponent_bits) - (2 if has_inf else 1)
+    sign_bit = 1 << (mantissa_bits + exponent_bits)
     for block in prange((count + _BLOCK - 1) // _BLOCK):
-        expansion = np.empty(n + 1)  # scratch, one per block
-        bits = np.empty(n, dtype=np.int64)
-        for i in range(block * _BLOCK, min(count, (block + 1) * _BLOCK)):
-            for j in range(n):
-                bits[j] = _as_pointer(addresses[j], like)[i]
-            out[i] = _exact_mean(bits, n, table, weights, total, expansion, precision, exponent_bits, bias, has_inf)
+        start = block * _BLOCK
+        size = min(count, start + _BLOCK) - start
+        sums = np.empty(size)
+        flags = np.zeros(size, dtype=np.uint8)
+        first = _as_pointer(addresses[0], like)
+        for i in range(size):
+            sums[i] = _value(table, first[start + i], exponent_bits) * weights[0]
+        for j in range(1, n):
+            ingredient = _as_pointer(addresses[j], like)
+            weight = weights[j]
+            for i in range(size):
+                term = _value(table, ingredient[start + i], exponent_bits) * weight
+                partial = sums[i] + term
+                virtual = partial - sums[i]
+                error = (sums[i] - (partial - virtual)) + (term - virtual)
+                flags[i] |= error != 0.0
+                sums[i] = partial
+        for i in range(size):
+            bits = _float_bits(sums[i] / total)
+            magnitude = bits & _MAGNITUDE
+            rest = magnitude & low_mask
+            rounded = (magnitude >> shift) + (rest > half)  # the significand, with the exponent above it
+            field = (rounded >> mantissa_bits) - 1023 + bias
+            unusual = (field < 1) | (field > largest_field) | (rest == half)
+            if not has_inf:  # float8_e4m3fn: the top binade's last code is NaN
+                unusual |= (field == largest_field) & ((rounded & ((1 << mantissa_bits) - 1)) == (1 << mantissa_bits) - 1)
+            flags[i] |= unusual
+            out[start + i] = (sign_bit if bits < 0 else 0) | (field << mantissa_bits) | (rounded & ((1 << mantissa_bits) - 1))
+        scratch = np.empty(n + 1)
+        codes = np.empty(n, dtype=np.int64)
+        for i in range(size):
+            if flags[i]:
+                for j in range(n):
+                    codes[j] = _as_pointer(addresses[j], like)[start + i]
+                out[start + i] = _exact_mean(codes, n, table, weights, total, scratch, precision, exponent_bits, bias,
+                                             has_inf)
 
 
 @_jit(inline="always")

@@ -84,6 +84,11 @@ def test_random_soups_and_far_apart_magnitudes(dtype):
     inputs[0][:4] = torch.tensor([largest, -largest, 1.0, -0.0], dtype=torch.float64).to(dtype)
     inputs[1][:4] = torch.tensor([2.0 ** -5, largest, -largest, -0.0], dtype=torch.float64).to(dtype)
     inputs[2][:4] = torch.tensor([-largest, 2.0 ** -6, largest, -0.0], dtype=torch.float64).to(dtype)
+    # Subnormals of the format, and means that underflow into them.
+    tiny = float(torch.finfo(dtype).smallest_normal) if dtype.itemsize == 2 else 2.0 ** (FORMATS[dtype][1])
+    inputs[0][4:8] = torch.tensor([tiny / 2, tiny / 4, tiny, -tiny / 8], dtype=torch.float64).to(dtype)
+    inputs[1][4:8] = torch.tensor([tiny / 4, 0.0, tiny / 2, tiny / 4], dtype=torch.float64).to(dtype)
+    inputs[2][4:8] = torch.tensor([0.0, tiny / 8, -tiny, tiny / 8], dtype=torch.float64).to(dtype)
     for weights in ([1, 1, 1], [7, 2**24, 1]):
         expected = correctly_rounded_mean(inputs, weights)
         got = exact_soup(inputs, weights)
