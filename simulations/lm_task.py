@@ -31,7 +31,7 @@ from simulations.config import SimConfig
 from simulations.lm_corpus import ClientText, client_texts, corpus_identity, public_text
 
 __all__ = ["TARGET_MODULES", "BASE_SEED", "model_config", "lora_config", "adapter_config_dict", "base_state",
-           "as_tokens", "mixed_batch", "adapter_model", "initial_adapter", "adapter_state", "train_steps", "mean_nll", "evaluate_texts",
+           "as_tokens", "mixed_batch", "base_model", "adapter_model", "initial_adapter", "adapter_state", "train_steps", "mean_nll", "evaluate_texts",
            "texts_of", "central_rows"]
 
 #: Every linear map of the attention and the MLP carries an adapter.
@@ -160,16 +160,24 @@ def base_state(cfg: SimConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+def base_model(cfg: SimConfig, base: dict[str, torch.Tensor]):
+    """The base ``LlamaForCausalLM`` with the weights of :func:`base_state` (the head tied to the embedding)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(model_config(cfg))
+    missing, unexpected = model.load_state_dict(base, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"base weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model
+
+
 def adapter_model(cfg: SimConfig, base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor] | None = None,
                   *, seed: int | None = None):
     """The base with a fresh LoRA adapter (``seed``: its A's initialisation), then ``adapter`` loaded."""
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers import LlamaForCausalLM
 
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(model_config(cfg))
-    model.load_state_dict(base, strict=False)
-    model.tie_weights()
+    model = base_model(cfg, base)
     torch.manual_seed(cfg.seed if seed is None else seed)
     peft_model = get_peft_model(model, lora_config(cfg))
     if adapter is not None:
