@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,9 @@ def adapter_model(cfg: SimConfig, base: dict[str, torch.Tensor], adapter: dict[s
 
     model = base_model(cfg, base)
     torch.manual_seed(cfg.seed if seed is None else seed)
-    peft_model = get_peft_model(model, lora_config(cfg))
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for a user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config(cfg))
     if adapter is not None:
         result = set_peft_model_state_dict(peft_model, adapter)
         if getattr(result, "unexpected_keys", None):

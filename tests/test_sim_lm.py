@@ -83,3 +83,19 @@ def test_reduced_lora_preset_improves_on_the_base_and_fedavg_is_fedsoup_factors(
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["corpus"] == corpus_identity()
     assert {"table.md", "results.csv", "perplexity.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+@pytest.mark.slow
+def test_quiet_comparison_prints_no_flower_info_lines(tmp_path):
+    """--quiet hides Flower's INFO lines also when Flower is first imported after the flag is read
+    (importing flwr set its logger back to DEBUG: the in-process backend printed every round)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from simulations.compare import main; sys.exit(main(sys.argv[1:]))")
+    args = ["--backend", "inprocess", "-q", "--set", "num-partitions=2", "--set", "num-server-rounds=1",
+            "--set", "local-epochs=1", "--strategy", "fedavg", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "INFO" not in done.stdout + done.stderr, (done.stdout + done.stderr)[:2000]

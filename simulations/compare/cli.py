@@ -97,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.quiet:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Importing flwr sets its logger to DEBUG: import it first, so that the level set here stays.
+        from flwr.common.logger import FLOWER_LOGGER
+
+        FLOWER_LOGGER.setLevel(logging.WARNING)
     sweep = (sweep[0], tuple(str(v) for v in sweep[1])) if sweep else None
     seeds = list(args.seeds or preset.get("seeds") or [None])
     out = fresh_run_dir(args.out or Path("results") / f"compare-{args.preset or 'custom'}")
