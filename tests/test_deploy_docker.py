@@ -22,24 +22,43 @@ Also: the Dockerfile's two targets build with the classic builder, with BuildKit
 with podman (each where the machine has it), and every directory the image's user
 writes in belongs to that user.
 
+And the public overlay (docker-compose.tls.yml + docker-compose.public.yml; Debian's
+``debian:bookworm-slim``, the proxy's base, pulled or a debootstrap stand-in): the
+SuperLink's port answers on loopback only, the proxy's TLS port on the host's own
+address; a SuperNode outside the compose network (a process on the host, partition 3
+of 3, its compose twin not started) joins through the proxy and FedSoup runs 2 rounds
+with it; the proxy answers 404 to every non-Fleet path (also `..` and ``%2F`` tricks)
+and 400 to plain HTTP; ``flwr run`` and ``flwr supernode register`` through the public
+port fail with the proxy's 404, and the SuperLink holds no run but the real one.
+
 The ``[docker e2e]`` lines give the wall time of every step (``pytest -s``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import ipaddress
 import json
 import os
+import re
 import shutil
+import socket
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.torch import load_file
 
 from simulations import local_federation as lf
+from simulations.local_federation.flwr_client import json_output
 
 from deploy_helpers import NUM_SUPERNODES, RUN_CONFIG, load_module
 
@@ -53,6 +72,8 @@ standins = load_module("build_flower_standins", ROOT / "tests" / "docker_standin
 
 OVERLAYS = {"plain": [], "tls": ["docker-compose.tls.yml"],
             "auth": ["docker-compose.tls.yml", "docker-compose.auth.yml"]}
+# Not in the kill-and-resume runs: the public overlay has a test of its own (the end of this file).
+STACK_FILES = {**OVERLAYS, "public": ["docker-compose.tls.yml", "docker-compose.public.yml"]}
 
 
 def log(message: str) -> None:
@@ -198,7 +219,10 @@ def test_dockerfile_builds_with(builder, flower_images, tmp_path):
                                      capture_output=True, text=True, env=env, timeout=300)
             assert checked.returncode == 0, f"{builder}/{target}:\n{checked.stdout[-3000:]}\n{checked.stderr[-3000:]}"
         finally:
-            subprocess.run([cli, "rmi", "-f", f"{tag}-checked", tag], capture_output=True)
+            # Docker: only the tags go; their layers stay as the build cache that `compose build`
+            # then hits (a pruning rmi deleted them, and compose rebuilt the torch layer again).
+            keep_cache = ["--no-prune"] if Path(cli).name == "docker" else []
+            subprocess.run([cli, "rmi", "-f", *keep_cache, f"{tag}-checked", tag], capture_output=True)
 
 
 def test_the_ownership_check_catches_a_workdir_made_by_root(flower_images, tmp_path):
@@ -225,14 +249,15 @@ def test_the_ownership_check_catches_a_workdir_made_by_root(flower_images, tmp_p
 class Stack:
     """One compose project: unique name, its own SuperLink port, torn down with its volumes."""
 
-    def __init__(self, overlay: str, workdir: Path):
+    def __init__(self, overlay: str, workdir: Path, extra_sans: tuple[str, ...] = ()):
         self.overlay = overlay
         self.name = f"fedsoup-e2e-{overlay}-{uuid.uuid4().hex[:8]}"
         self.workdir = workdir
         self.compose = compose_command()
-        self.files = ["docker-compose.yml", *OVERLAYS[overlay]]
-        self.port = lf.free_ports(1)[0]
-        self.certs = workdir / "certificates" if overlay in ("tls", "auth") else None
+        self.files = ["docker-compose.yml", *STACK_FILES[overlay]]
+        self.port, self.public_port = lf.free_ports(2)
+        self.extra_sans = extra_sans
+        self.certs = workdir / "certificates" if overlay in ("tls", "auth", "public") else None
         self.keys = workdir / "keys" if overlay == "auth" else None
         if self.certs is not None:
             self.files.append(str(self._material_overlay()))
@@ -243,7 +268,7 @@ class Stack:
         """Certificates (and SuperNode keys and secrets) made in the temporary directory and
         bound where the overlays bind ./certificates and ./keys (compose merges volumes by
         their path in the container, secrets by name): the test never writes into the checkout."""
-        made = [subprocess.run([str(ROOT / "scripts" / "make-certs.sh"), str(self.certs)],
+        made = [subprocess.run([str(ROOT / "scripts" / "make-certs.sh"), str(self.certs), *self.extra_sans],
                                capture_output=True, text=True, timeout=120)]
         if self.keys is not None:
             made.append(subprocess.run([str(ROOT / "scripts" / "make-node-keys.sh"), str(self.keys),
@@ -263,6 +288,9 @@ class Stack:
             names = ("ca.crt", "server.pem", "server.key") if service == "superlink" else ("ca.crt",)
             lines += [f"  {service}:", "    volumes:"]
             lines += [f"      - {self.certs / n}:/app/certificates/{n}:ro" for n in names]
+        if self.overlay == "public":
+            lines += ["  fleet-proxy:", "    volumes:"]
+            lines += [f"      - {self.certs / n}:/etc/fedsoup-proxy/tls/{n}:ro" for n in ("ca.crt", "server.pem", "server.key")]
         if self.keys is not None:
             lines += ["secrets:", "  superlink-secret:", f"    file: {self.keys / 'superlink.secret'}"]
             for i in range(1, NUM_SUPERNODES + 1):
@@ -274,6 +302,7 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, COMPOSE_PROJECT_NAME=self.name, SUPERLINK_PORT=str(self.port),
+                    FLEET_PUBLIC_PORT=str(self.public_port),
                     FLWR_VERSION=FLWR_VERSION)
 
     def run(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
@@ -322,33 +351,43 @@ def references() -> dict[str, dict]:
     return {}
 
 
+@contextlib.contextmanager
+def brought_up(stack: Stack, register_first: bool = False):
+    """`compose build` and `up -d` until the SuperLink answers; logs kept, `down -v` and the
+    check that nothing of the project is left, whatever happened."""
+    try:
+        start = time.perf_counter()
+        stack.run("build", *(["--force-rm"] if stack.compose == ["docker-compose"] else []))
+        log(f"{stack.overlay}: `{' '.join(stack.compose)} build` (project {stack.name}): "
+            f"{time.perf_counter() - start:.1f}s")
+        start = time.perf_counter()
+        stack.federation.write_cli_config()
+        if register_first:  # the SuperLink first, to register the SuperNodes' public keys
+            stack.run("up", "-d", "superlink")
+            stack.federation.wait_healthy()
+            stack.federation.register_supernodes()
+        stack.run("up", "-d")
+        stack.federation.wait_healthy()
+        log(f"{stack.overlay}: up -d until the SuperLink answers on 127.0.0.1:{stack.port}: "
+            f"{time.perf_counter() - start:.1f}s")
+        yield stack
+    finally:
+        stack.federation.stop()  # whatever the test started on the host
+        # The containers' logs outlive them, for a failure's post-mortem.
+        (stack.workdir / "compose.log").write_text(stack.run("logs", "--no-color", check=False, timeout=120).stdout)
+        stack.down()
+        left = stack.leftovers()
+        assert not any(left.values()), f"left behind by project {stack.name}: {left}"
+
+
 @pytest.fixture(params=list(OVERLAYS))
 def stack(request, flower_images, tmp_path):
     overlay = request.param
     missing = [f for f in OVERLAYS[overlay] if not (ROOT / f).is_file()]
     if missing:
         pytest.skip(f"the repository has no {', '.join(missing)}")
-    stack = Stack(overlay, tmp_path)
-    try:
-        start = time.perf_counter()
-        stack.run("build", *(["--force-rm"] if stack.compose == ["docker-compose"] else []))
-        log(f"{overlay}: `{' '.join(stack.compose)} build` (project {stack.name}): {time.perf_counter() - start:.1f}s")
-        start = time.perf_counter()
-        stack.federation.write_cli_config()
-        if overlay == "auth":  # the SuperLink first, to register the SuperNodes' public keys
-            stack.run("up", "-d", "superlink")
-            stack.federation.wait_healthy()
-            stack.federation.register_supernodes()
-        stack.run("up", "-d")
-        stack.federation.wait_healthy()
-        log(f"{overlay}: up -d until the SuperLink answers on 127.0.0.1:{stack.port}: {time.perf_counter() - start:.1f}s")
+    with brought_up(Stack(overlay, tmp_path), register_first=overlay == "auth") as stack:
         yield stack
-    finally:
-        # The containers' logs outlive them, for a failure's post-mortem.
-        (tmp_path / "compose.log").write_text(stack.run("logs", "--no-color", check=False, timeout=120).stdout)
-        stack.down()
-        left = stack.leftovers()
-        assert not any(left.values()), f"left behind by project {stack.name}: {left}"
 
 
 def run_to_end(stack: Stack, config: dict, timeout: float = 600) -> tuple[int, str, str]:
@@ -415,3 +454,134 @@ def test_fedsoup_on_compose_survives_a_killed_serverapp_container(stack, referen
     assert resumed.keys() == reference.keys()
     for key in reference:
         assert (resumed[key] == reference[key]).all(), f"tensor '{key}' differs from the uninterrupted run"
+
+
+# --------------------------------------------------------------------------- the public overlay
+def host_address() -> str | None:
+    """An address of this host beyond loopback: the one its default route leaves from."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, only a route is chosen
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def tcp_connects(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def https_post(url: str, ca: Path) -> int:
+    """The HTTP status of an empty protobuf POST (urllib; 4xx/5xx are answers too)."""
+    request = urllib.request.Request(url, data=b"", method="POST",
+                                     headers={"content-type": "application/protobuf"})
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cafile=str(ca))) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.fixture(scope="module")
+def debian_image(flower_images) -> bool:
+    """debian:bookworm-slim (the proxy's base) in the engine: pulled, or a stand-in built."""
+    tag = standins.DEBIAN_TAG
+    if not standins.image_exists(tag) and not standins.try_pull([tag]):
+        try:
+            standins.build_debian_standin(tag, log=log)
+        except standins.StandinError as error:
+            pytest.fail(f"building the stand-in of {tag} failed at {error}")
+    return standins.is_standin(tag)
+
+
+@pytest.fixture
+def public_stack(flower_images, debian_image, tmp_path):
+    """docker-compose.yml + TLS + public overlays, supernode-3 left to a SuperNode on the host."""
+    address = host_address()
+    if address is None:
+        pytest.skip("this host has no address beyond loopback to reach the proxy on")
+    stack = Stack("public", tmp_path, extra_sans=(address,))
+    # Partition 2 of 3 is the remote SuperNode's: its compose twin is not started.
+    remote_slot = tmp_path / "docker-compose.test-remote.yml"
+    remote_slot.write_text("services:\n  supernode-3:\n    profiles: [disabled]\n"
+                           "  superexec-clientapp-3:\n    profiles: [disabled]\n")
+    stack.files.append(str(remote_slot))
+    stack.host_address = address
+    with brought_up(stack) as stack:
+        yield stack
+
+
+def write_public_connection(fed: lf.LocalFederation, address: str, ca: Path) -> str:
+    """A `flwr` connection that dials the proxy's public port instead of the loopback one."""
+    name = "through-the-proxy"
+    with fed.flwr_home.joinpath("config.toml").open("a", encoding="utf-8") as config:
+        config.write(f'\n[superlink.{name}]\naddress = "{address}"\nroot-certificates = {json.dumps(str(ca))}\n')
+    return name
+
+
+def refused_by_the_proxy(result: subprocess.CompletedProcess) -> str:
+    """The error a `flwr ... --format json` command reported, checked to be the proxy's 404
+    (not a TLS or connection failure, which would prove nothing about the proxy's routes)."""
+    payload = json_output(result)
+    assert payload.get("success") is False, result.stdout[-2000:]
+    assert not {"run-id", "node-id"} & set(payload), payload
+    message = str(payload.get("error-message", ""))
+    assert "404" in message, f"not refused by the proxy's routes: {message}"
+    return next(line for line in message.splitlines() if "404" in line).strip()
+
+
+def test_public_overlay_admits_a_remote_supernode_and_refuses_the_control_api(public_stack, tmp_path):
+    stack, fed = public_stack, public_stack.federation
+    host, ca = stack.host_address, stack.certs / "ca.crt"
+    public = f"{host}:{stack.public_port}"
+
+    # Closed by default: the SuperLink's port answers on loopback only; the proxy's on the host's address.
+    assert not tcp_connects(host, stack.port), f"the SuperLink's port {stack.port} is open on {host}"
+    assert tcp_connects(host, stack.public_port)
+    # The proxy forwards the Fleet API and nothing else; it speaks TLS only.
+    assert https_post(f"https://{public}/v1/fleet/get-run", ca) not in (403, 404)  # the SuperLink's own answer
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node",
+                 "/v1/runtime/get-nodes", "/health", "/docs", "/v1/fleet/../control/list-runs",
+                 "/v1/fleet/register-node%2F..%2F..%2Fcontrol%2Flist-runs"):
+        assert https_post(f"https://{public}{path}", ca) == 404, path
+    with pytest.raises(urllib.error.HTTPError) as plain:
+        urllib.request.urlopen(urllib.request.Request(f"http://{public}/v1/fleet/get-run", data=b""), timeout=30)
+    assert plain.value.code == 400  # nginx: "The plain HTTP request was sent to HTTPS port"
+
+    # A SuperNode on "another machine" (this host, outside the compose network) dials the public port.
+    start = time.perf_counter()
+    clientappio = lf.free_ports(1)[0]
+    supernode = fed.spawn("remote-supernode", [
+        fed.command("flower-supernode"), "--root-certificates", str(ca), "--superlink", public,
+        "--isolation", "process", "--host", "127.0.0.1", "--port", str(clientappio),
+        "--node-config", f"partition-id={NUM_SUPERNODES - 1} num-partitions={NUM_SUPERNODES}"])
+    fed.spawn("remote-superexec-clientapp", [fed.command("flower-superexec"), "--insecure",
+                                             "--runtime-api-address", f"127.0.0.1:{clientappio}"])
+    run_id, status, text = run_to_end(stack, RUN_CONFIG | {"output-dir": "/app/outputs/public"})
+    log(f"public: 2 FedSoup rounds, 2 SuperNodes in compose + 1 through the proxy: {time.perf_counter() - start:.1f}s")
+    assert status == lf.FINISHED_OK, text[-3000:]
+    assert "[ROUND 2/2]" in text and f"FedSoup merged {NUM_SUPERNODES} replies" in text, text[-3000:]
+    remote_log = supernode.log()
+    assert remote_log.count("Sent successfully") >= 2, remote_log[-3000:]  # a reply in each round
+    proxy_log = stack.run("logs", "--no-color", "fleet-proxy").stdout
+    assert re.search(r'"POST /v1/fleet/push-messages HTTP/1\.1" 200', proxy_log), proxy_log[-3000:]
+
+    # The Control API through the public port: `flwr run` and `flwr supernode register` are refused.
+    connection = write_public_connection(fed, public, ca)
+    runs_before = json_output(fed.flwr("ls", lf.CONNECTION, "--format", "json"))["runs"]
+    submitted = fed.flwr("run", str(ROOT), connection, "--format", "json", check=False, timeout=300)
+    refusal = refused_by_the_proxy(submitted)
+    key = tmp_path / "outsider.pub"  # an EC P-384 public key in OpenSSH format, as Flower reads them
+    key.write_bytes(ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(Encoding.OpenSSH,
+                                                                                     PublicFormat.OpenSSH))
+    registered = fed.flwr("supernode", "register", str(key), connection, "--format", "json", check=False)
+    refused_by_the_proxy(registered)
+    # Nothing reached the SuperLink: the same runs, as seen from the loopback port.
+    runs_after = json_output(fed.flwr("ls", lf.CONNECTION, "--format", "json"))["runs"]
+    assert [int(r["run-id"]) for r in runs_after] == [int(r["run-id"]) for r in runs_before] == [run_id]
+    log(f"public: `flwr run` and `flwr supernode register` through the proxy refused: {refusal}")
