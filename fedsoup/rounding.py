@@ -31,6 +31,7 @@ their bits. Both run as compiled (numba) loops over chunks, in parallel.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -85,8 +86,12 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
     return array.view(np.uint16) if array.dtype == np.int16 else array
 
 
+@functools.cache
 def _values_of_all_bits(dtype: torch.dtype) -> np.ndarray:
-    """float64 value of every bit pattern of ``dtype`` (torch's widening casts are exact)."""
+    """float64 value of every bit pattern of ``dtype`` (torch's widening casts are exact); a
+    constant, built once per dtype (bf16 is decoded by a shift and needs only a stand-in)."""
+    if dtype == torch.bfloat16:
+        return np.zeros(1)
     count = 1 << (8 * dtype.itemsize)
     patterns = torch.arange(count, dtype=torch.int32).to(_BITS_DTYPE[dtype])  # 16-bit patterns wrap to int16
     return patterns.view(dtype).to(torch.float64).numpy()
