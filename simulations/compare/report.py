@@ -84,6 +84,10 @@ def plot_accuracy(path: Path, runs: Sequence[StrategyRun], title: str) -> None:
 
 def describe(cfg: SimConfig) -> str:
     """The shared setting in one line, e.g. ``digits, 10 clients, class-exclusion 50% OOD, ...``."""
+    if cfg.task == "lm":
+        from simulations.compare.lm_report import describe_lm
+
+        return describe_lm(cfg)
     part = cfg.partitioning
     if part == "class-exclusion":
         part += f" {cfg.ood_fraction:.0%} OOD"
