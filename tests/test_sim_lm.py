@@ -99,3 +99,28 @@ def test_quiet_comparison_prints_no_flower_info_lines(tmp_path):
                           cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "INFO" not in done.stdout + done.stderr, (done.stdout + done.stderr)[:2000]
+
+
+def test_lm_seed_summary_of_strategies_without_lora_figures():
+    """Flower's FedAvg reports no factor/product error: the summary over seeds says so (None)
+    instead of failing (statistics.stdev of NaNs raised at the end of a 15-minute preset)."""
+    from simulations.compare.lm_report import lm_seeds_table, seeds_summary
+    from simulations.compare.run import StrategyRun
+
+    def rows(ppl, error=None):
+        extra = {} if error is None else {"clients-fedsoup-lora-factor-product-error-mean": error,
+                                          "clients-fedsoup-bytes-sent": 10, "clients-fedsoup-bytes-received": 20}
+        return [{"round": 0, "test-perplexity": 9.0, "test-perplexity-worst": 11.0, "test-perplexity-json": 11.0},
+                {"round": 1, "test-perplexity": ppl, "test-perplexity-worst": ppl + 1, "test-perplexity-json": ppl + 1,
+                 **extra}]
+
+    per_seed = [[StrategyRun("FedAvg", {}, rows(7.0 + s)), StrategyRun("FedSoup", {}, rows(6.0 + s, 0.1 * s))]
+                for s in range(3)]
+    summary = {entry["label"]: entry for entry in seeds_summary(per_seed)}
+    assert summary["FedAvg"]["factor-product-error"] is None and summary["FedAvg"]["bytes"] is None
+    assert summary["FedSoup"]["factor-product-error"]["mean"] == pytest.approx(0.1)
+    assert summary["FedSoup"]["bytes"]["mean"] == 30
+    assert summary["FedAvg"]["perplexity"]["mean"] == pytest.approx(8.0)
+    assert summary["FedAvg"]["perplexity"]["std"] == pytest.approx(1.0)
+    table = lm_seeds_table(per_seed, [0, 1, 2])
+    assert "| FedAvg | 8.000 ± 1.000 | 9.000 ± 1.000 |  |" in table

@@ -17,7 +17,7 @@ from typing import Any
 from simulations.compare.run import Comparison, StrategyRun
 from simulations.config import SimConfig
 from simulations.figures import save_png
-from simulations.stats import Spread
+from simulations.stats import PairedDifference, Spread
 
 __all__ = ["is_lm", "describe_lm", "lm_table", "lora_rounds_table", "lm_seeds_table", "plot_perplexity",
            "plot_perplexity_seeds", "seeds_summary"]
@@ -96,21 +96,39 @@ def lora_rounds_table(runs: Sequence[StrategyRun]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _spread_or_none(values: Sequence[float]) -> dict[str, Any] | None:
+    """:meth:`Spread.as_dict`, or ``None`` where a strategy does not report the figure (Flower's own)."""
+    if not values or any(math.isnan(v) for v in values):
+        return None
+    return Spread.of(values).as_dict()
+
+
 def seeds_summary(per_seed: Sequence[Sequence[StrategyRun]]) -> list[dict[str, Any]]:
-    """Per strategy: final mean and worst perplexity over seeds (:class:`Spread`), and the LoRA figures."""
+    """Per strategy: final mean and worst perplexity over seeds (:class:`Spread`), the LoRA figures
+    (``None`` for strategies that report none), and the seed-paired difference of the final mean and
+    worst perplexity to the first strategy (95% t-interval; below 0 is better)."""
     out = []
+    reference = [seed_runs[0] for seed_runs in per_seed]
     for i, run in enumerate(per_seed[0]):
         runs = [seed_runs[i] for seed_runs in per_seed]
-        out.append({
+        entry: dict[str, Any] = {
             "label": run.label,
             "perplexity": Spread.of([r.rows[-1][PPL] for r in runs]).as_dict(),
             "worst-perplexity": Spread.of([r.rows[-1][WORST] for r in runs]).as_dict(),
             "base-perplexity": Spread.of([r.rows[0][PPL] for r in runs]).as_dict(),
-            "factor-product-error": Spread.of([_mean_over_rounds(r.rows, ERROR) for r in runs]).as_dict(),
-            "bytes": Spread.of([_total(r.rows, SENT) + _total(r.rows, RECEIVED) for r in runs]).as_dict(),
-            "seconds": Spread.of([r.seconds for r in runs]).as_dict(),
-        })
+            "factor-product-error": _spread_or_none([_mean_over_rounds(r.rows, ERROR) for r in runs]),
+            "bytes": _spread_or_none([_total(r.rows, SENT) + _total(r.rows, RECEIVED) or math.nan for r in runs]),
+            "seconds": _spread_or_none([r.seconds for r in runs]),
+        }
+        if i:
+            entry[f"perplexity-minus-{per_seed[0][0].label}"] = _paired(runs, reference, PPL).as_dict()
+            entry[f"worst-perplexity-minus-{per_seed[0][0].label}"] = _paired(runs, reference, WORST).as_dict()
+        out.append(entry)
     return out
+
+
+def _paired(runs: Sequence[StrategyRun], reference: Sequence[StrategyRun], key: str) -> PairedDifference:
+    return PairedDifference.of([r.rows[-1][key] for r in runs], [r.rows[-1][key] for r in reference])
 
 
 def lm_seeds_table(per_seed: Sequence[Sequence[StrategyRun]], seeds: Sequence[int]) -> str:
@@ -130,6 +148,19 @@ def lm_seeds_table(per_seed: Sequence[Sequence[StrategyRun]], seeds: Sequence[in
         error = "" if any(math.isnan(e) for e in errors) else Spread.of(errors).text(".4f")
         lines.append(f"| {run.label} | {ppl.text('.3f')} | {worst.text('.3f')} | {error} | "
                      + " | ".join(f"{v:.3f}" for v in ppl.values) + " |")
+    if len(per_seed) > 1 and len(per_seed[0]) > 1:
+        first = per_seed[0][0].label
+        reference = [seed_runs[0] for seed_runs in per_seed]
+        lines += ["", f"Paired by seed, final perplexity minus {first}'s (95% t-interval; below 0 is better; "
+                      "better/tie/worse seeds):", "",
+                  "| strategy | mean ppl | worst ppl |", "|---|---:|---:|"]
+        for i, run in enumerate(per_seed[0][1:], start=1):
+            runs = [seed_runs[i] for seed_runs in per_seed]
+            cells = []
+            for key in (PPL, WORST):
+                d = _paired(runs, reference, key)
+                cells.append(f"{d.text(1.0, '')} ({d.losses}/{d.ties}/{d.wins})")
+            lines.append(f"| {run.label} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
