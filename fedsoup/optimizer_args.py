@@ -82,15 +82,22 @@ def optimizer_settings(cls: type, kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
         build_optimizer(cls, [torch.zeros(0, requires_grad=True)], lr=0.0, **kwargs)
         return dict(kwargs)
-    try:
-        parameters = inspect.signature(cls.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    settings = {p.name: p.default for p in parameters
-                if p.default is not inspect.Parameter.empty and p.name not in SET_BY_MERGE}
+    settings = dict(_constructor_defaults(cls))
     settings.update(kwargs)
     check_optimizer_values(cls, settings)
     return settings
+
+
+@functools.lru_cache(maxsize=64)
+def _constructor_defaults(cls: type) -> tuple[tuple[str, Any], ...]:
+    """``cls``'s constructor defaults but ``params`` and ``lr`` (read once per class: a
+    signature costs ~0.3 ms, a merge's whole validation less)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple((p.name, p.default) for p in parameters
+                 if p.default is not inspect.Parameter.empty and p.name not in SET_BY_MERGE)
 
 
 @functools.lru_cache(maxsize=64)
