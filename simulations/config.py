@@ -98,7 +98,7 @@ class SimConfig:
     lm_base_steps: int = 300  # central AdamW steps on the public group (cached)
     lm_local_steps: int = 10  # client AdamW steps per round
     lm_heldout: float = 0.1  # tail of every file held out for perplexity
-    lm_eval_bytes: int = 8192  # held-out bytes evaluated per client
+    lm_eval_bytes: int = 8192  # held-out bytes evaluated per client, in windows spread over all its files
     lm_cache_dir: str = ""  # where the base is cached; "" = $XDG_CACHE_HOME/fedsoup/lm-base
     # robustness experiments
     attack: str = "none"

@@ -32,7 +32,7 @@ from simulations.config import SimConfig
 from simulations.lm_corpus import ClientText, client_texts, corpus_identity, public_text
 
 __all__ = ["TARGET_MODULES", "BASE_SEED", "model_config", "lora_config", "adapter_config_dict", "base_state",
-           "as_tokens", "mixed_batch", "base_model", "adapter_model", "initial_adapter", "adapter_state", "train_steps", "mean_nll", "evaluate_texts",
+           "as_tokens", "mixed_batch", "base_model", "adapter_model", "initial_adapter", "adapter_state", "train_steps", "optimizer_steps", "mean_nll", "evaluate_texts",
            "texts_of", "central_rows"]
 
 #: Every linear map of the attention and the MLP carries an adapter.
@@ -85,34 +85,41 @@ def mixed_batch(streams: Sequence[torch.Tensor], batch: int, seq_len: int, gen: 
 
 
 def train_steps(model: torch.nn.Module, streams: Sequence[torch.Tensor], *, steps: int, lr: float, batch: int,
-                seq_len: int, seed: int, on_step: Callable[[int], None] | None = None) -> float:
-    """``steps`` AdamW steps on the trainable parameters; each batch's windows come from ``streams``
-    chosen in proportion to their lengths. Returns the mean loss of the steps."""
+                seq_len: int, seed: int) -> float:
+    """``steps`` AdamW steps (a fresh optimizer) on the trainable parameters; each batch's windows
+    come from ``streams`` chosen in proportion to their lengths. Returns the mean loss of the steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
+    return optimizer_steps(model, opt, streams, steps=steps, batch=batch, seq_len=seq_len,
+                           gen=torch.Generator().manual_seed(seed))
+
+
+def optimizer_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, streams: Sequence[torch.Tensor], *,
+                    steps: int, batch: int, seq_len: int, gen: torch.Generator) -> float:
+    """``steps`` steps of ``opt`` on next-byte cross-entropy; the mean loss of the steps."""
     model.train()
     total = 0.0
-    for step in range(steps):
+    for _ in range(steps):
         loss = _next_byte_loss(model, mixed_batch(streams, batch, seq_len, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total += loss.item()
-        if on_step is not None:
-            on_step(step)
     return total / max(steps, 1)
 
 
 @torch.no_grad()
 def mean_nll(model: torch.nn.Module, text: bytes, seq_len: int, max_bytes: int) -> float:
-    """Mean negative log-likelihood per predicted byte over the first ``max_bytes`` of ``text``,
-    in non-overlapping windows of ``seq_len + 1`` bytes."""
-    tokens = as_tokens(text[:max_bytes])
-    n = (len(tokens) - 1) // seq_len
-    if n < 1:
+    """Mean negative log-likelihood per predicted byte of ``text``: ``max_bytes // seq_len`` windows
+    of ``seq_len + 1`` bytes spread evenly over the whole text (a group's held-out text is the tails
+    of all its files, so every file counts), or every non-overlapping window of a shorter text."""
+    tokens = as_tokens(text)
+    fits = (len(tokens) - 1) // seq_len
+    if fits < 1:
         raise ValueError(f"held-out text of {len(tokens)} bytes is shorter than one window of {seq_len + 1}")
-    windows = torch.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
+    n = max(1, min(fits, max_bytes // seq_len))
+    starts = torch.linspace(0, len(tokens) - seq_len - 1, n).long() if n < fits else torch.arange(n) * seq_len
+    windows = torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
     model.eval()
     return float(_next_byte_loss(model, windows))
 
@@ -233,17 +240,9 @@ def central_rows(cfg: SimConfig, on_round: Callable[[], None] | None = None) -> 
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
     for rnd in range(1, cfg.num_server_rounds + 1):
-        model.train()
-        total = 0.0
         steps = cfg.lm_local_steps * len(texts)
-        for _ in range(steps):
-            windows = mixed_batch(streams, cfg.batch_size, cfg.lm_seq_len, gen)
-            loss = _next_byte_loss(model, windows)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        rows.append({"round": rnd, **evaluate_texts(model, texts, cfg), "clients-train-loss": total / steps,
+        loss = optimizer_steps(model, opt, streams, steps=steps, batch=cfg.batch_size, seq_len=cfg.lm_seq_len, gen=gen)
+        rows.append({"round": rnd, **evaluate_texts(model, texts, cfg), "clients-train-loss": loss,
                      "elapsed-s": round(time.perf_counter() - start, 3)})
         if on_round is not None:
             on_round()

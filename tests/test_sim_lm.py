@@ -124,3 +124,22 @@ def test_lm_seed_summary_of_strategies_without_lora_figures():
     assert summary["FedAvg"]["perplexity"]["std"] == pytest.approx(1.0)
     table = lm_seeds_table(per_seed, [0, 1, 2])
     assert "| FedAvg | 8.000 ± 1.000 | 9.000 ± 1.000 |  |" in table
+
+
+def test_perplexity_windows_cover_every_file_of_the_held_out_text():
+    """A group's held-out text is the tails of all its files one after the other: the evaluated
+    windows are spread over all of it (the first version read only the first lm-eval-bytes)."""
+    import torch
+
+    from simulations.lm_task import mean_nll
+
+    class PredictsA(torch.nn.Module):  # certain that the next byte is "a"
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.full((*input_ids.shape, 256), -30.0)
+            logits[..., ord("a")] = 30.0
+            return type("Out", (), {"logits": logits})()
+
+    text = b"a" * 4000 + b"b" * 4000  # two "files"
+    assert mean_nll(PredictsA(), b"a" * 4000, seq_len=64, max_bytes=512) < 1e-6
+    assert mean_nll(PredictsA(), text, seq_len=64, max_bytes=512) > 20  # half the windows are in the b's
+    assert mean_nll(PredictsA(), text[:130], seq_len=64, max_bytes=512) < 1e-6  # short: every window
