@@ -16,7 +16,7 @@ Arithmetic is done in the compute dtype (float32 or float64): the Python driver
 so no literal here promotes float32 to float64. Formulas follow ``torch.optim``'s
 single-tensor implementations (torch 2.x) and :mod:`fedsoup.optim`'s Flower optimizers.
 
-Why one module (486 lines, above the project's ~400): numba's on-disk cache (``cache=True``)
+Why one module (about 500 lines, above the project's ~400): numba's on-disk cache (``cache=True``)
 decides whether compiled code is stale from the mtime and size of the *one* file that
 defines the cached function (numba 0.68, ``_SourceFileBackedLocatorMixin.get_source_stamp``).
 Every helper here is inlined into :func:`ame_chunks` or :func:`soup_distance_chunks`: split

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fedsoup.ball import BallCheck
 
 if TYPE_CHECKING:
-    from fedsoup.lora.modes import LoraReport
+    from fedsoup.lora.report import LoraReport
 
 __all__ = ["MergeReport"]
 

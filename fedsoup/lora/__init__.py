@@ -7,26 +7,23 @@ PEFT's documented format (``adapter_config.json`` + ``adapter_model.safetensors`
 - :mod:`fedsoup.lora.config`: ``adapter_config.json`` → :class:`LoraSettings` (scales, refusals).
 - :mod:`fedsoup.lora.pairs`: a state dict ↔ LoRA pairs per module.
 - :mod:`fedsoup.lora.linalg`: norms and SVDs of products held as factors.
-- :mod:`fedsoup.lora.modes`: the ``factors`` and ``products`` merges, into the base too.
+- :mod:`fedsoup.lora.checks`: refusals (adapters that do not fit together, mode, rank).
+- :mod:`fedsoup.lora.measure`: the factor/product error ``e_m`` of every merge.
+- :mod:`fedsoup.lora.modes`: the ``factors`` and ``products`` merges.
+- :mod:`fedsoup.lora.into_base`: the merged update added to the base model's weights.
+- :mod:`fedsoup.lora.report`: :class:`AdapterMerge` and :class:`LoraReport`.
 - :mod:`fedsoup.lora.files`: adapter directories read and written.
 - :mod:`fedsoup.lora.driver`: ``merge_files`` on adapters (files in, a directory out).
 """
 
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, LoraSettings, parse_adapter_config
 from fedsoup.lora.files import is_adapter, load_adapter, read_adapter, write_adapter, write_model
-from fedsoup.lora.modes import (
-    LORA_MODES,
-    AdapterMerge,
-    LoraReport,
-    check_adapters,
-    check_lora_options,
-    factor_product_errors,
-    merge_adapter_state_dicts,
-    merge_adapters,
-    merge_into_base,
-    merged_deltas,
-)
+from fedsoup.lora.checks import check_adapters, check_lora_options
+from fedsoup.lora.into_base import merge_into_base
+from fedsoup.lora.measure import factor_product_errors
+from fedsoup.lora.modes import LORA_MODES, merge_adapter_state_dicts, merge_adapters, merged_deltas
 from fedsoup.lora.pairs import Adapter, LoraPair, join_adapter, split_adapter
+from fedsoup.lora.report import AdapterMerge, LoraReport
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",

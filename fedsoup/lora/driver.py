@@ -21,7 +21,9 @@ from fedsoup.io.layout import HF_WEIGHTS_NAME
 from fedsoup.io.readers import open_weights_file
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME
 from fedsoup.lora.files import ADAPTER_WEIGHTS_NAMES, base_model_input, load_adapter, write_adapter, write_model
-from fedsoup.lora.modes import LoraReport, merge_adapters, merge_into_base
+from fedsoup.lora.into_base import merge_into_base
+from fedsoup.lora.modes import merge_adapters
+from fedsoup.lora.report import LoraReport
 from fedsoup.options import MergeOptions
 
 __all__ = ["AdapterFilesReport", "merge_adapter_files"]
