@@ -142,6 +142,14 @@ def _verdict(ratio: float, target: float | None) -> str:
     return "" if target is None else f"<= {target:g}x {'OK' if ratio <= target else 'MISSED'}"
 
 
+def ratio_rows(times: dict[str, list[float]], targets: dict[str, float], base: str = "Flower FedAvg"):
+    """Per candidate, in order: its name, median seconds, ratio to ``base``'s median, verdict against its target."""
+    reference = statistics.median(times[base])
+    for name, values in times.items():
+        median = statistics.median(values)
+        yield name, median, median / reference, _verdict(median / reference, targets.get(name))
+
+
 def lora_main(args) -> None:
     """The ``--lora`` benchmark (module docstring)."""
     arrays, contents, config = make_adapter_round(args.replies, args.modules, args.dim, args.rank, args.clients)
@@ -162,20 +170,17 @@ def lora_main(args) -> None:
 
     with serverapp_identity():
         times = interleaved_times(candidates, arrays, contents, args, record_figures)
-    base = statistics.median(times["Flower FedAvg"])
     targets = {"FedSoup factors (default)": 1.1, "FedSoup products (SVD to r)": 10.0}
     reply_mb = sum(c["arrays"].count_bytes() for c in contents.values()) / 1e6
     print(f"aggregate_train of {args.replies} adapter replies ({args.clients} clients), {args.modules} modules of "
           f"{args.dim}x{args.dim} at r={args.rank} ({reply_mb:.0f} MB of replies), median of {args.repeats} "
           f"interleaved runs, torch threads: {args.threads or 'default'}, load {os.getloadavg()[0]:.2f}")
     print(f"{'strategy':<34} {'median s':>9} {'x FedAvg':>9}  {'target':<13} {'stew state':>10}  round metrics")
-    for name, values in times.items():
-        median = statistics.median(values)
-        verdict = _verdict(median / base, targets.get(name))
+    for name, median, ratio, verdict in ratio_rows(times, targets):
         shown = {k.removeprefix("fedsoup-lora-"): round(v, 4) for k, v in metrics.get(name, {}).items()
                  if k.startswith("fedsoup-lora-")}
         stew = f"{state[name] / 1e6:.1f} MB" if name in state else ""
-        print(f"{name:<34} {median:>9.3f} {median / base:>9.2f}  {verdict:<13} {stew:>10}  {shown}")
+        print(f"{name:<34} {median:>9.3f} {ratio:>9.2f}  {verdict:<13} {stew:>10}  {shown}")
 
 
 def time_aggregate(strategy, arrays: ArrayRecord, contents: dict, threads: int = 0, metrics: dict | None = None) -> float:
@@ -282,16 +287,13 @@ def main() -> None:
     with serverapp_identity(), (busy_core() if args.busy else contextlib.nullcontext()):
         times = interleaved_times(candidates, arrays, contents, args)
 
-    base = statistics.median(times["Flower FedAvg"])
     targets = {"FedSoup() (defaults)": 1.1, "FedSoup(soup=Adam, 5 epochs, batch 2)": 2.5}
     print(f"aggregate_train of {args.replies} replies, {num_params / 1e6:.2f}M params (float32), "
           f"median of {args.repeats} interleaved runs, torch threads: {args.threads or 'default'}"
           f"{', one core kept busy by another process' if args.busy else ''}, load {os.getloadavg()[0]:.2f}")
     print(f"{'strategy':<40} {'median s':>9} {'x FedAvg':>9}  target")
-    for name, values in times.items():
-        median = statistics.median(values)
-        verdict = _verdict(median / base, targets.get(name))
-        print(f"{name:<40} {median:>9.4f} {median / base:>9.2f}  {verdict}")
+    for name, median, ratio, verdict in ratio_rows(times, targets):
+        print(f"{name:<40} {median:>9.4f} {ratio:>9.2f}  {verdict}")
 
 
 if __name__ == "__main__":

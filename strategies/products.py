@@ -111,6 +111,7 @@ def _truncate_dense(dense: Mapping[str, torch.Tensor], current: Mapping[str, tor
     return model
 
 
+@dataclasses.dataclass(eq=False)
 class ProductSoup:
     """The ClientSoup of a ``products`` round (module docstring), for :func:`strategies.rounds.train_round`.
 
@@ -118,15 +119,13 @@ class ProductSoup:
     otherwise the product-space model ``{path: M (dense), other arrays}`` for :class:`ProductStew`.
     """
 
-    def __init__(self, client_soup: ClientSoup, lora: LoraOptions, adapter: GlobalAdapter, server_round: int,
-                 seed: int, truncate: bool) -> None:
-        self.client_soup = client_soup
-        self.lora = lora
-        self.adapter = adapter
-        self.server_round = server_round
-        self.seed = seed
-        self.truncate = truncate
-        self.figures = _Figures()
+    client_soup: ClientSoup
+    lora: LoraOptions
+    adapter: GlobalAdapter
+    server_round: int
+    seed: int
+    truncate: bool
+    figures: _Figures = dataclasses.field(default_factory=_Figures, init=False)  # the last merge's, reset by each
 
     @property
     def is_plain(self) -> bool:
@@ -185,6 +184,7 @@ def _stacked(pairs: list[LoraPair], omega: list[float]) -> tuple[torch.Tensor, t
     return b_cat, a_cat, c
 
 
+@dataclasses.dataclass(eq=False)
 class ProductStew:
     """The ServerStew of a ``products`` round: it steps on ``ΔW`` and sends back rank-r factors.
 
@@ -194,11 +194,10 @@ class ProductStew:
     ``(Σ_m ‖s B_g A_g − s B_t A_t‖_F²)^{1/2}``, from the factors.
     """
 
-    def __init__(self, stew: ServerStew, adapter: GlobalAdapter, seed: int) -> None:
-        self.stew = stew
-        self.adapter = adapter
-        self.seed = seed
-        self.figures = _Figures()
+    stew: ServerStew
+    adapter: GlobalAdapter
+    seed: int
+    figures: _Figures = dataclasses.field(default_factory=_Figures, init=False)  # the last step's, reset by each
 
     @property
     def is_identity(self) -> bool:

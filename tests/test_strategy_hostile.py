@@ -30,6 +30,7 @@ from strategies import METRIC_CLIENTS_LEFT_OUT, METRIC_CLIENTS_USED, METRIC_FALL
 from strategies.client_soup import capped_shares
 from strategies.inprocess import InProcessGrid, reply, serverapp_identity
 from strategies.rounds import FALLBACK_MERGE, FALLBACK_PREVIOUS, FALLBACK_SOUP
+from tests.strategy_helpers import as_numpy, assert_same_model
 
 HONEST = {3: 0, 8: 1, 5: 2}  # node id -> the partition id it reports
 HOSTILE = 6
@@ -208,18 +209,6 @@ def honest_only_round(strategy_name: str, without: tuple[int, ...] = ()):
     strategy = STRATEGIES[strategy_name]()
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid(nodes)))
     return strategy.aggregate_train(1, round_replies(instructions, None, 1))
-
-
-def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in arrays.items()}
-
-
-def assert_same_model(got: ArrayRecord, expected: ArrayRecord) -> None:
-    got, expected = as_numpy(got), as_numpy(expected)
-    assert got.keys() == expected.keys()
-    for key in expected:
-        assert got[key].dtype == expected[key].dtype, key
-        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
 def dominating_round(strategy_name: str) -> ArrayRecord:

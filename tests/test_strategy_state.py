@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import (
 from fedsoup.state import STATE_JSON, load_checkpoint, save_checkpoint
 from strategies import METRIC_CLIENTS_USED, FedSoup
 from strategies.inprocess import InProcessGrid, serverapp_identity, train_content, reply
+from tests.strategy_helpers import as_numpy, assert_same_model
 
 NODES = [2, 5, 9]
 SOUP = {"optimizer": "adam", "lr": 0.05, "epochs": 3, "batch_size": 2, "shuffle": True}
@@ -75,18 +76,6 @@ def start(strategy, num_rounds: int, clients: Clients | None = None, arrays: Arr
     return strategy.start(grid, arrays or initial_arrays(), num_rounds=num_rounds)
 
 
-def numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in arrays.items()}
-
-
-def assert_arrays_equal(a: ArrayRecord, b: ArrayRecord) -> None:
-    a, b = numpy(a), numpy(b)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
 def test_state_dict_resume_equals_uninterrupted_run(tmp_path):
     reference = start(FedSoup(soup=SOUP, stew=STEW, seed=5), num_rounds=4)
 
@@ -99,7 +88,7 @@ def test_state_dict_resume_equals_uninterrupted_run(tmp_path):
     result = start(resumed, num_rounds=4)
 
     assert sorted(result.train_metrics_clientapp) == [3, 4]  # continued at round 3
-    assert_arrays_equal(result.arrays, reference.arrays)
+    assert_same_model(result.arrays, reference.arrays)
 
 
 def test_state_holds_round_global_stew_and_seed():
@@ -129,7 +118,7 @@ def test_checkpoint_dir_restart_after_kill_equals_uninterrupted_run(tmp_path):
     result = start(restarted, num_rounds=5, clients=clients, arrays=initial_arrays())
     assert sorted(result.train_metrics_clientapp) == [4, 5]
     assert sorted(set(clients.rounds_seen)) == [4, 5]  # the clients are told the run's round numbers
-    assert_arrays_equal(result.arrays, reference.arrays)
+    assert_same_model(result.arrays, reference.arrays)
     assert load_checkpoint(tmp_path)["round"] == 5
     document = json.loads((tmp_path / STATE_JSON).read_text())
     assert document["tensors"] == "state-round-00005.safetensors"
@@ -145,7 +134,7 @@ def test_checkpoint_of_a_finished_run_runs_no_more_rounds(tmp_path, caplog):
             "or a new checkpoint_dir") in caplog.text
     assert "Resuming" not in caplog.text and "[ROUND" not in caplog.text
     assert clients.rounds_seen == [] and again.train_metrics_clientapp == {}
-    assert_arrays_equal(again.arrays, done.arrays)
+    assert_same_model(again.arrays, done.arrays)
 
 
 def test_state_claiming_a_huge_round_is_reported_complete(caplog):
@@ -168,7 +157,7 @@ def test_a_finished_run_continues_to_more_rounds(tmp_path):
     start(FedSoup(soup=SOUP, stew=STEW, checkpoint_dir=tmp_path), num_rounds=2)  # complete: nothing runs
     more = start(FedSoup(soup=SOUP, stew=STEW, checkpoint_dir=tmp_path), num_rounds=4)
     assert sorted(more.train_metrics_clientapp) == [3, 4]
-    assert_arrays_equal(more.arrays, reference.arrays)
+    assert_same_model(more.arrays, reference.arrays)
     assert load_checkpoint(tmp_path)["round"] == 4
 
 
@@ -200,16 +189,16 @@ def dp_run(inner, noise_multiplier: float, num_rounds: int = 3, client_side: boo
 def test_dp_wrapper_without_noise_matches_fedavg():
     expected = dp_run(FedAvg(), noise_multiplier=0.0)
     got = dp_run(FedSoup(), noise_multiplier=0.0)
-    for key, value in numpy(expected.arrays).items():
-        np.testing.assert_allclose(numpy(got.arrays)[key], value, rtol=1e-5, atol=1e-6)
+    for key, value in as_numpy(expected.arrays).items():
+        np.testing.assert_allclose(as_numpy(got.arrays)[key], value, rtol=1e-5, atol=1e-6)
     assert all(m[METRIC_CLIENTS_USED] == len(NODES) for m in got.train_metrics_clientapp.values())
 
 
 def test_dp_wrapper_without_noise_matches_fedadam():
     expected = dp_run(FedAdam(eta=0.1), noise_multiplier=0.0)
     got = dp_run(FedSoup(stew={"optimizer": "fedadam", "lr": 0.1}), noise_multiplier=0.0)
-    for key, value in numpy(expected.arrays).items():
-        np.testing.assert_allclose(numpy(got.arrays)[key], value, rtol=1e-5, atol=1e-6)
+    for key, value in as_numpy(expected.arrays).items():
+        np.testing.assert_allclose(as_numpy(got.arrays)[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_dp_wrapper_with_noise_steps_from_the_noised_model():
@@ -218,7 +207,7 @@ def test_dp_wrapper_with_noise_steps_from_the_noised_model():
     configure, step = inner.configure_train, inner.server_stew.step
 
     def spy_configure(server_round, arrays, config, grid):
-        sent.append(numpy(arrays))
+        sent.append(as_numpy(arrays))
         return configure(server_round, arrays, config, grid)
 
     def spy_step(current, merged):
@@ -227,7 +216,7 @@ def test_dp_wrapper_with_noise_steps_from_the_noised_model():
 
     inner.configure_train, inner.server_stew.step = spy_configure, spy_step
     result = dp_run(inner, noise_multiplier=1.0, num_rounds=3)
-    final = numpy(result.arrays)
+    final = as_numpy(result.arrays)
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in final.values())
     # FedSoup's x_{t-1} each round is what the wrapper sent (noise included), as in FedOpt.
     assert len(sent) == len(stepped_from) == 3
@@ -239,7 +228,7 @@ def test_dp_wrapper_with_noise_steps_from_the_noised_model():
 def test_client_side_dp_wrapper_runs():
     result = dp_run(FedSoup(stew={"optimizer": "sgd", "lr": 1.0, "momentum": 0.5}), noise_multiplier=0.1, client_side=True)
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
-    assert all(np.isfinite(v).all() for v in numpy(result.arrays).values())
+    assert all(np.isfinite(v).all() for v in as_numpy(result.arrays).values())
 
 
 def test_start_without_checkpoint_evaluates_like_flower():
@@ -255,8 +244,8 @@ def test_start_without_checkpoint_evaluates_like_flower():
     assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
     expected = FedAvg().start(InProcessGrid(NODES, Clients()), initial_arrays(with_buffer=False), num_rounds=2)
     got = FedSoup().start(InProcessGrid(NODES, Clients()), initial_arrays(with_buffer=False), num_rounds=2)
-    for key, value in numpy(expected.arrays).items():
-        np.testing.assert_allclose(numpy(got.arrays)[key], value, rtol=1e-5, atol=1e-6)
+    for key, value in as_numpy(expected.arrays).items():
+        np.testing.assert_allclose(as_numpy(got.arrays)[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_server_side_adaptive_clipping_wrapper_runs():
@@ -265,7 +254,7 @@ def test_server_side_adaptive_clipping_wrapper_runs():
     )
     result = start(strategy, num_rounds=2, arrays=initial_arrays(with_buffer=False))
     assert sorted(result.train_metrics_clientapp) == [1, 2]
-    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in numpy(result.arrays).values())
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in as_numpy(result.arrays).values())
 
 
 def test_resume_delegates_to_flowers_own_start(tmp_path, monkeypatch, caplog):
