@@ -158,17 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # only flags given override the config file
         description="Merge checkpoints (.safetensors, sharded safetensors directories or *.index.json, "
                     ".pt/.pth/.bin/.ckpt loaded with torch.load(weights_only=True), .npz, Hugging Face model "
-                    "directories) with fedsoup.merge; the same as fedsoup.merge_files in Python. "
+                    "directories, PEFT LoRA adapter directories) with fedsoup.merge; the same as fedsoup.merge_files in Python. "
                     "Settings: --config file < flags.",
         epilog="examples:\n"
                "  fedsoup merge clients/*.safetensors -o merged.safetensors --optimizer adam --lr 1e-3 \\\n"
                "      --epochs 15 --batch-size 2 --shuffle\n"
                "  fedsoup merge runs/*/model.pt -o soup/ --metrics metrics.csv --weights num_examples \\\n"
-               "      --order-by val_acc --low-memory --shard-size 2GB",
+               "      --order-by val_acc --low-memory --shard-size 2GB\n"
+               "  fedsoup merge client*/ -o merged/ --lora products --lora-rank 16   # PEFT adapters in, adapter out\n"
+               "  fedsoup merge client*/ -o merged-model/ --base base-model/         # adapters merged into the base",
     )
     files = merge.add_argument_group("inputs and outputs")
-    files.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoint files, model directories or globs")
-    files.add_argument("-o", "--output", metavar="PATH", help="output .safetensors, .pt, or a directory (model.safetensors)")
+    files.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoint files, model or adapter directories, or globs")
+    files.add_argument("-o", "--output", metavar="PATH", help="output .safetensors, .pt, or a directory (model.safetensors; "
+                       "always a directory for adapters)")
     files.add_argument("--config", metavar="FILE", help="TOML/JSON/YAML file with the same settings (flags override it)")
     files.add_argument("--metrics", metavar="FILE", help="CSV/JSON with one row per input; --weights/--order-by may name a column")
     files.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")

@@ -516,6 +516,22 @@ def test_cli_refuses_mixed_inputs_and_writes_nothing(gpt2_adapters, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["merged.safetensors", "merged.pt", "merged.bin"])
+@pytest.mark.parametrize("base", [False, True])
+def test_cli_refuses_a_file_output_for_adapters(name, base, gpt2_adapters, tmp_path, capsys):
+    """An adapter merge writes a directory: `-o merged.safetensors` must not become a folder of that name."""
+    from fedsoup import cli
+    extra = []
+    if base:
+        gpt2_base().save_pretrained(str(tmp_path / "base"))
+        extra = ["--base", str(tmp_path / "base")]
+    capsys.readouterr()
+    code = cli.main(["merge", *map(str, gpt2_adapters), "-o", str(tmp_path / name), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and name in err and "directory" in err
+    assert not (tmp_path / name).exists()
+
+
 # --- the lora option of MergeOptions and fedsoup.merge -----------------------------------------
 
 def test_merge_takes_the_lora_option_on_adapter_state_dicts(gpt2_adapters, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fedsoup.errors import MergeInputError, OptionError, OutputExistsError
+from fedsoup.io.formats import TORCH_SUFFIXES
 from fedsoup.io.layout import HF_WEIGHTS_NAME
 from fedsoup.io.readers import open_weights_file
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME
@@ -48,6 +49,10 @@ def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
         raise OutputExistsError(str(output))
 
 
+# Output names that say "a file": an adapter merge refuses them rather than make a folder of that name.
+WEIGHTS_FILE_SUFFIXES = (".safetensors", ".npz", *TORCH_SUFFIXES)
+
+
 def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
                         mode: str = "products", rank: int | None = None, base: str | os.PathLike[str] | None = None,
                         options: MergeOptions | None = None, weights: Sequence[float] | None = None,
@@ -68,6 +73,11 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | 
     options = MergeOptions() if options is None else options
     if output.exists() and not output.is_dir():
         raise MergeInputError("an adapter merge writes a directory; this output is a file", path=str(output))
+    if not output.is_dir() and output.suffix.lower() in WEIGHTS_FILE_SUFFIXES:
+        # A directory named like a weights file is what a caller asking for a file would least expect.
+        raise MergeInputError("an adapter merge writes a directory (adapter_config.json and "
+                              "adapter_model.safetensors, or a model directory with base); "
+                              f"name a directory, e.g. {output.with_suffix('')}/", path=str(output))
     if base is not None and rank is not None:
         raise OptionError("lora_rank", rank, "option 'lora_rank' does not apply to a merge into the base model "
                           "(the whole merged update is added to the base weights)")
