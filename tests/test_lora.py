@@ -435,6 +435,17 @@ def test_adapter_files_merge_into_base_loads_with_from_pretrained(llama_adapters
     assert (tmp_path / "merged" / "config.json").read_bytes() == (tmp_path / "base" / "config.json").read_bytes()
 
 
+def test_merge_into_base_cast_by_dtype_says_so_in_config_json(llama_adapters, tmp_path):
+    """`--base --dtype bf16` writes bf16 weights: config.json must name bfloat16, as a plain model merge does."""
+    from fedsoup.lora.driver import merge_adapter_files
+    llama_base().save_pretrained(str(tmp_path / "base"))
+    merge_adapter_files(llama_adapters, tmp_path / "merged", base=tmp_path / "base", dtype=torch.bfloat16)
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    model = type(llama_base()).from_pretrained(str(tmp_path / "merged"), dtype="auto")
+    assert model.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("bad", ["nan", "other_targets", "no_weights", "model"])
 def test_bad_adapter_inputs_write_nothing(bad, gpt2_adapters, tmp_path):
     from fedsoup.lora.driver import merge_adapter_files

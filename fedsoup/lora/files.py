@@ -115,7 +115,9 @@ def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.T
                 base: str | os.PathLike[str], *, force: bool = False, metadata: Mapping[str, str] | None = None,
                 max_shard_bytes: int = 5 * 10**9) -> list[Path]:
     """Write a model directory: the weights under Hugging Face's names, ``base``'s config and tokenizer."""
-    extra = model_directory_files([base_model_input(base)], None)
+    float_dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
+    # config.json names the dtype written (a --dtype cast included), as a plain model merge's does.
+    extra = model_directory_files([base_model_input(base)], float_dtypes.pop() if len(float_dtypes) == 1 else None)
     return write_checkpoint(
         os.path.join(os.fspath(output), ""), _infos(state_dict), lambda key: state_dict[key], metadata=metadata, force=force,
         extra_files=extra, max_shard_bytes=max_shard_bytes,
