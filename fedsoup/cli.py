@@ -328,6 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BAD_INPUT as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our stdout went away (`fedsoup inspect --json ... | head`): stop quietly as
+        # tools killed by SIGPIPE do, and keep the interpreter's final flush from complaining again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

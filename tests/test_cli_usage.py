@@ -78,3 +78,21 @@ def test_inspect_exit_status(tmp_path, capsys):
     assert report["mergeable"] is False and report["differences"]
     assert cli.main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_a_crash(tmp_path):
+    """`fedsoup inspect --json big.safetensors | head` used to print 'unexpected error: BrokenPipeError'
+    and exit 1; like other command-line tools it now stops quietly with 141 (128 + SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / "many.safetensors"
+    save_file({f"layer{i}.weight": torch.zeros(1) for i in range(3000)}, str(path))  # > 64 KiB of JSON
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    process = subprocess.Popen([sys.executable, "-m", "fedsoup", "inspect", "--json", str(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert process.stdout.read(1) == b"{"
+    process.stdout.close()  # what `head` does once it has its lines
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert err == ""
