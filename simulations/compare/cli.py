@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = run_sweep(base, runs, seeds, out, sweep, preset.get("pairs"), on_round=progress.step, **options)
         else:
             run_seeds(base, runs, seeds, out, on_round=progress.step, **options)
-            written = "table.md and seed-*/" if len(seeds) > 1 else "table.md, results.json, results.csv, accuracy.png"
+            plot = "perplexity.png" if SimConfig.from_run_config(base).task == "lm" else "accuracy.png"
+            written = "table.md and seed-*/" if len(seeds) > 1 else f"table.md, results.json, results.csv, {plot}"
     finally:
         progress.close()
     link_latest(out)
