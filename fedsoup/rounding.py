@@ -334,19 +334,14 @@ def _exact_mean(bits, n, table, weights, total, expansion, precision, exponent_b
         return _exact_mean_expansion(bits, n, table, weights, total, expansion, precision, exponent_bits, bias,
                                      has_inf)
     quotient = total_sum / total
-    if not math.isfinite(quotient):
-        return _non_finite_bits(quotient, precision, exponent_bits, has_inf)
-    negative = _float_bits(quotient) < 0
-    if quotient == 0.0:
-        return _encode(negative, 0, 0, precision, exponent_bits, bias, has_inf)
-    lower, rest, shift, scale = _split(quotient, precision, bias)
-    half = 1 << (shift - 1)
-    if rest == half:  # q sits on a midpoint: compare S with W·midpoint exactly
-        difference = abs(total_sum) - total * math.ldexp(lower + 0.5, scale)
-        up = difference > 0 or (difference == 0 and lower % 2 == 1)
-    else:
-        up = rest > half
-    return _encode(negative, lower + 1 if up else lower, scale, precision, exponent_bits, bias, has_inf)
+    if math.isfinite(quotient) and quotient != 0.0:
+        lower, rest, shift, scale = _split(quotient, precision, bias)
+        if rest == 1 << (shift - 1):  # q sits on a midpoint: compare S with W·midpoint exactly
+            difference = abs(total_sum) - total * math.ldexp(lower + 0.5, scale)
+            up = difference > 0 or (difference == 0 and lower % 2 == 1)
+            return _encode(_float_bits(quotient) < 0, lower + 1 if up else lower, scale, precision, exponent_bits,
+                           bias, has_inf)
+    return _round_value(quotient, precision, exponent_bits, bias, has_inf)  # off a midpoint: q rounds as S/W does
 
 
 @_jit(inline="always")
