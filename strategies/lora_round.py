@@ -56,8 +56,9 @@ def adapter_round(
     figures: list = []
     soup, stew = client_soup, server_stew
     if lora.mode == "products":
-        soup = ProductSoup(client_soup, lora, adapter, server_round, seed, truncate=server_stew.is_identity)
-        stew = ProductStew(server_stew, adapter, seed)
+        soup = ProductSoup(adapter, seed, client_soup=client_soup, lora=lora, server_round=server_round,
+                           truncate=server_stew.is_identity)
+        stew = ProductStew(adapter, seed, stew=server_stew)
         figures = [soup, stew]
     outcome = train_round(soup, stew, usable, server_round, current)
     metrics: dict[str, float] = {}

@@ -112,7 +112,17 @@ def _truncate_dense(dense: Mapping[str, torch.Tensor], current: Mapping[str, tor
 
 
 @dataclasses.dataclass(eq=False)
-class ProductSoup:
+class _ProductRoundPart:
+    """What the soup and the stew of a ``products`` round share: the global adapter, the
+    round's seed (each module's SVD is seeded from it) and the last step's SVD figures."""
+
+    adapter: GlobalAdapter
+    seed: int
+    figures: _Figures = dataclasses.field(default_factory=_Figures, init=False)  # the last step's, reset by each
+
+
+@dataclasses.dataclass(eq=False)
+class ProductSoup(_ProductRoundPart):
     """The ClientSoup of a ``products`` round (module docstring), for :func:`strategies.rounds.train_round`.
 
     With the identity stew its model is the round's global adapter (truncated here);
@@ -121,11 +131,8 @@ class ProductSoup:
 
     client_soup: ClientSoup
     lora: LoraOptions
-    adapter: GlobalAdapter
     server_round: int
-    seed: int
     truncate: bool
-    figures: _Figures = dataclasses.field(default_factory=_Figures, init=False)  # the last merge's, reset by each
 
     @property
     def is_plain(self) -> bool:
@@ -185,7 +192,7 @@ def _stacked(pairs: list[LoraPair], omega: list[float]) -> tuple[torch.Tensor, t
 
 
 @dataclasses.dataclass(eq=False)
-class ProductStew:
+class ProductStew(_ProductRoundPart):
     """The ServerStew of a ``products`` round: it steps on ``ΔW`` and sends back rank-r factors.
 
     Wraps the run's :class:`~strategies.server_stew.ServerStew` (its state lives there, keyed
@@ -195,9 +202,6 @@ class ProductStew:
     """
 
     stew: ServerStew
-    adapter: GlobalAdapter
-    seed: int
-    figures: _Figures = dataclasses.field(default_factory=_Figures, init=False)  # the last step's, reset by each
 
     @property
     def is_identity(self) -> bool:
