@@ -41,7 +41,7 @@ from fedsoup.errors import OptionError
 from fedsoup.flat import merge_flat
 from fedsoup.inputs import StateDict, as_state_dicts, check_structures, find_non_finite, normalised_weights, raise_if_not_finite
 from fedsoup.options import MergeOptions
-from fedsoup.plan import PATHS, MergePlan, make_plan, reduces_to_soup
+from fedsoup.plan import PATHS, MergePlan, make_plan, planned_steps, reduces_to_soup
 from fedsoup.reference import merge_reference, weighted_sum
 from fedsoup.report import MergeReport
 from fedsoup.rounding import can_soup_exactly, exact_soup, integer_weights
@@ -186,7 +186,7 @@ def _merge_adapters(models, options: MergeOptions, adapter_config, weights, orde
     if not report:
         return merged.state_dict
     return merged.state_dict, MergeReport(f"lora-{merged.report.how}", options.optimizer_class.__name__,
-                                          options.epochs, 0, lora=merged.report)
+                                          options.epochs, planned_steps(options, len(models)), lora=merged.report)
 
 
 def _options(options: MergeOptions | None, pivot, option_kwargs: dict) -> MergeOptions:

@@ -164,6 +164,12 @@ def choose_path(plan: MergePlan) -> str:
     return "stacked" if numel <= STACK_MAX_NUMEL else "flat"
 
 
+def planned_steps(options: MergeOptions, ingredients: int) -> int:
+    """Optimizer steps a merge of ``ingredients`` runs: ``epochs · ⌈N / batch_size⌉`` (Algorithm 1),
+    0 when it reduces to the soup identity."""
+    return 0 if reduces_to_soup(options) else options.epochs * -(-ingredients // options.batch_size)
+
+
 def reduces_to_soup(options: MergeOptions) -> bool:
     """One epoch of plain GD with lr 1 *is* the soup (docs/design.md §1 identities, paper §3.1)."""
     o = options

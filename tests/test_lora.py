@@ -527,6 +527,27 @@ def test_cli_refuses_mixed_inputs_and_writes_nothing(gpt2_adapters, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_the_report_counts_the_ame_steps_run_over_adapters(gpt2_adapters, tmp_path, capsys):
+    """AME-Adam over adapters ran epochs·⌈N/B⌉ steps; the report (and the printed summary) said 0."""
+    import fedsoup
+    from fedsoup import cli
+    from fedsoup.offline import run_merge_files
+    configs, tensors = zip(*(read(d) for d in gpt2_adapters))
+    n = len(tensors)
+    for mode in ("products", "factors"):
+        _, report = fedsoup.merge(list(tensors), lora=mode, optimizer="adam", lr=1e-2, epochs=3, batch_size=2,
+                                  adapter_config=configs[0], report=True)
+        assert report.steps == 3 * -(-n // 2)
+        _, soup = fedsoup.merge(list(tensors), lora=mode, adapter_config=configs[0], report=True)
+        assert soup.steps == 0
+    written = run_merge_files(list(map(str, gpt2_adapters)), tmp_path / "out", optimizer="adam", lr=1e-2, epochs=2)
+    assert written.steps == 2 * n
+    capsys.readouterr()
+    assert cli.main(["merge", *map(str, gpt2_adapters), "-o", str(tmp_path / "cli"), "--optimizer", "adam",
+                     "--epochs", "2"]) == 0
+    assert f"Adam, {2 * n} steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["merged.safetensors", "merged.pt", "merged.bin"])
 @pytest.mark.parametrize("base", [False, True])
 def test_cli_refuses_a_file_output_for_adapters(name, base, gpt2_adapters, tmp_path, capsys):

@@ -30,6 +30,7 @@ from fedsoup.io.layout import OutputLayout
 from fedsoup.io.readers import Checkpoint, open_weights_file
 from fedsoup.io.resolve import ADAPTER, ResolvedInput, expand_inputs, open_checkpoint, resolve_input
 from fedsoup.lora.driver import merge_adapter_files
+from fedsoup.plan import planned_steps
 from fedsoup.io.writer import parse_size, write_checkpoint
 from fedsoup.inputs import per_ingredient
 from fedsoup.offline.producers import LowMemoryProducer, Progress, choose_low_memory, in_memory_producer
@@ -320,7 +321,8 @@ def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: Me
     written = merge_adapter_files(names, output, mode=mode, rank=options.lora_rank, base=base, options=options,
                                   weights=weights, force=force, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                   metadata=metadata)
-    return MergeReport(f"lora-{written.lora.how}", options.optimizer_class.__name__, options.epochs, 0,
+    return MergeReport(f"lora-{written.lora.how}", options.optimizer_class.__name__, options.epochs,
+                       planned_steps(options, len(names)),
                        output=Path(output), files=written.files, inputs=names, tensors=written.tensors,
                        parameters=written.parameters, seconds=time.perf_counter() - started, lora=written.lora)
 
