@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora", choices=("products", "factors"),
                       help="merge the updates s*B*A (products, the default: exact at rank sum(r)) or A and B apart (factors)")
     lora.add_argument("--lora-rank", dest="lora_rank", type=int, metavar="R",
-                      help="products: write rank R by the truncated SVD of the merge (its energy is reported)")
+                      help="products: write rank R by the truncated SVD of the merge (its energy is reported; "
+                           "the soup of products at R >= sum(r) is exact, written at rank sum(r))")
     lora.add_argument("--base", metavar="DIR", help="add the merged update to this base model directory; write a model directory")
 
     memory = merge.add_argument_group("memory and device")
