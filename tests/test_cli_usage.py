@@ -96,3 +96,10 @@ def test_output_piped_into_a_reader_that_stops_is_not_a_crash(tmp_path):
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141
     assert err == ""
+
+
+def test_merge_with_nothing_given_asks_for_the_inputs_first(capsys):
+    """`fedsoup merge` alone said 'no output: give -o OUTPUT'; the inputs are what is missing first."""
+    assert cli.main(["merge"]) == 2
+    err = capsys.readouterr().err
+    assert "no inputs" in err and err.count("\n") == 1

@@ -221,6 +221,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     _check_flag("low_memory", low_memory, allow_none=True)
     max_shard_bytes = parse_size(DEFAULT_SHARD_SIZE if shard_size is None else shard_size)
     out_dtype = _output_dtype(dtype)
+    if inputs is None or (not isinstance(inputs, (str, os.PathLike)) and len(inputs) == 0):
+        raise OptionError("inputs", inputs, "no inputs: give checkpoint files or directories (or 'inputs' in the config)")
     if output is None or str(output) == "":
         raise OptionError("output", output, "no output: give -o OUTPUT (or 'output' in the config)")
     layout = OutputLayout.of(output)
