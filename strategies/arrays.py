@@ -70,7 +70,13 @@ def read_arrays(
     tensors = {}
     with _read_only_views():
         for key, array in record.items():
-            tensors[key] = _to_tensor(_checked_view(key, array))
+            view = _checked_view(key, array)
+            if view.dtype.kind not in _KIND_NAMES:  # void, structured, object, str: no tensor holds them
+                raise ArrayProblem(f"array {key!r} has dtype {view.dtype} (kind {view.dtype.kind!r}), not a tensor dtype")
+            try:
+                tensors[key] = _to_tensor(view)
+            except (TypeError, ValueError) as error:  # a NumPy dtype torch has no type for
+                raise ArrayProblem(f"array {key!r} cannot be a tensor ({error})") from None
             if reference is not None and tensors[key].is_floating_point():
                 target = _torch_dtype(reference[key].dtype)
                 value = tensors[key] if tensors[key].dtype == target else tensors[key].to(target)
@@ -122,7 +128,9 @@ def _kind(dtype: Any) -> str:
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype).newbyteorder("="))).dtype  # a reference may be big-endian
 
 
 def _dtype_name(dtype: Any) -> str:

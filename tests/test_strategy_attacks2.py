@@ -52,3 +52,42 @@ def test_a_tiny_weight_visited_first_cannot_throw_the_merge_out_of_the_ball(clai
     radius = max(_distance(s, soup) for s in sent)
     assert _distance(as_numpy(out), soup) <= radius * 1.001
     assert metrics[METRIC_FALLBACK] == FALLBACK_SOUP
+
+
+def _npy(value: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _alone_without_a_sent_model(arrays: dict) -> tuple:
+    """The reply alone, to ``aggregate_train`` without ``configure_train``: the majority
+    structure (this reply's) is the reference (docs/design.md §3)."""
+    strategy = FedSoup()
+    grid = InProcessGrid([*HONEST, HOSTILE])
+    model = initial_model()
+    instructions = FedSoup().configure_train(1, ArrayRecord({k: Array(v) for k, v in model.items()}), ConfigRecord(), grid)
+    instruction = next(m for m in instructions if m.metadata.dst_node_id == HOSTILE)
+    return strategy.aggregate_train(1, [reply(instruction, content(arrays, 60, -1))])
+
+
+def test_a_big_endian_array_without_a_sent_model_is_read_not_a_crash():
+    """Before: ``ValueError`` (torch's byte order) out of ``aggregate_train``."""
+    arrays = honest_arrays(HOSTILE, 1, initial_model())
+    arrays["fc.bias"] = arrays["fc.bias"].astype(">f4")
+    out, metrics = _alone_without_a_sent_model(arrays)
+    assert metrics["fedsoup-clients-used"] == 1
+    np.testing.assert_array_equal(as_numpy(out)["fc.bias"], arrays["fc.bias"].astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["V2", [("x", "<f4")]])
+def test_an_array_of_a_kind_torch_cannot_hold_is_left_out_without_a_sent_model(dtype):
+    """A void or structured array (e.g. bfloat16 bytes as ``V2``). Before: ``TypeError`` from
+    ``torch.from_numpy`` (``V2``) out of ``aggregate_train``."""
+    arrays = honest_arrays(HOSTILE, 1, initial_model())
+    value = np.zeros(arrays["fc.bias"].shape, dtype=np.dtype(dtype))
+    arrays["fc.bias"] = Array(dtype=str(value.dtype), shape=value.shape, stype="numpy.ndarray", data=_npy(value))
+    out, metrics = _alone_without_a_sent_model(arrays)
+    assert out is None and metrics["fedsoup-clients-used"] == 0
