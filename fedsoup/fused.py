@@ -291,6 +291,11 @@ def _run(kernels, plan: MergePlan, spec: KernelSpec, table: _StepTable, dtype: t
         for base_lr in base_lrs
     ])
 
+    # A step size beyond the compute dtype (harmonic η_0/V_k with a tiny V_1) becomes Inf:
+    # the result is then NaN and fedsoup.inputs reports the merge as diverged, as the
+    # reference path does; NumPy's overflow warning would only add noise.
+    with np.errstate(over="ignore"):
+        step_scalars = step_scalars.astype(np_dtype)
     out = torch.empty(int(layout.offsets[-1]), dtype=dtype)
     members = np.array(guard_members or [], np.int64)
     guard = np.zeros((0 if guard_members is None else layout.chunk_keys.size, members.size + 2))
@@ -300,7 +305,7 @@ def _run(kernels, plan: MergePlan, spec: KernelSpec, table: _StepTable, dtype: t
         bool(plan.options.adaptive_pivot),
         table.steps.starts, table.steps.members, table.coefficients.astype(np_dtype), table.scales.astype(np_dtype),
         key_lr_groups, kernels.KINDS.index(spec.kind), np.array(spec.hyper, np_dtype),
-        step_scalars.astype(np_dtype), np_dtype(spec.initial_accumulator), np_dtype(1.0),
+        step_scalars, np_dtype(spec.initial_accumulator), np_dtype(1.0),
         members, guard,
     )
     with _torch_threads(layout.chunk_keys.size):

@@ -91,3 +91,22 @@ def test_an_array_of_a_kind_torch_cannot_hold_is_left_out_without_a_sent_model(d
     arrays["fc.bias"] = Array(dtype=str(value.dtype), shape=value.shape, stype="numpy.ndarray", data=_npy(value))
     out, metrics = _alone_without_a_sent_model(arrays)
     assert out is None and metrics["fedsoup-clients-used"] == 0
+
+
+def test_a_first_step_size_beyond_float32_is_a_diverged_merge_without_a_numpy_warning(recwarn):
+    """The symptom ``fused.py: RuntimeWarning: overflow encountered in cast`` of the hostile
+    case ``num-examples 1e308 x2`` with AME-Adam: the honest replies' share is ~1e-307, so
+    when a batch of them is visited first the harmonic ``η_1 = η_0 / V_1`` (~1e305) is
+    beyond float32. The merge's result is NaN and ``fedsoup.merge`` says it diverged (the
+    strategy then falls back to the plain soup: not a wrong result, but the cast must not
+    print a NumPy warning on the server)."""
+    import torch
+
+    import fedsoup
+    from fedsoup.errors import OptionError
+
+    generator = torch.Generator().manual_seed(0)
+    models = [{"w": torch.randn(6, 4, generator=generator)} for _ in range(3)]
+    with pytest.raises(OptionError, match="diverged"):
+        fedsoup.merge(models, optimizer="adam", lr=0.05, batch_size=1, weights=[1e-307, 1.0, 1.0], pivot=models[1])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
