@@ -44,20 +44,12 @@ class KeySpread:
 class BallCheck:
     """Proposition 2's ball over a whole model, summed key by key (exact in any split).
 
-    ``add`` takes one key's :class:`KeySpread` and ``‖w_t − s_t‖²`` of the result.
+    ``extend`` adds the figures of other keys of the same model.
     """
 
     ingredient_sq: list[float] = field(default_factory=list)
     pivot_sq: float = 0.0
     result_sq: float = 0.0
-    lr_given: bool = True
-
-    def add(self, spread: KeySpread, result_sq: float) -> None:
-        if not self.ingredient_sq:
-            self.ingredient_sq = [0.0] * len(spread.ingredient_sq)
-        self.ingredient_sq = [a + b for a, b in zip(self.ingredient_sq, spread.ingredient_sq)]
-        self.pivot_sq += spread.pivot_sq
-        self.result_sq += result_sq
 
     def extend(self, other: BallCheck) -> None:
         """Add another part of the same model (other keys, same ingredients)."""

@@ -49,7 +49,6 @@ The ball guard of Proposition 2, which measures the same spreads, is :mod:`fedso
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -57,6 +56,7 @@ from typing import Any
 import torch
 
 from fedsoup.ball import KeySpread, Spreads
+from fedsoup.optimizer_args import _constructor_defaults as constructor_defaults
 
 __all__ = [
     "DEFAULT_LR_FRACTION",
@@ -105,7 +105,7 @@ def first_step_gain(optimizer: type[torch.optim.Optimizer], optimizer_kwargs: Ma
     """
     from fedsoup.optim import FedAdam, FedYogi
 
-    args = {**_constructor_defaults(optimizer), **optimizer_kwargs}
+    args = {**dict(constructor_defaults(optimizer)), **optimizer_kwargs}  # read once per class
     if issubclass(optimizer, torch.optim.RMSprop):
         alpha = float(args.get("alpha", 0.99))
         second_moment = alpha * (1 - alpha) if args.get("centered") else 1 - alpha
@@ -121,14 +121,6 @@ def first_step_gain(optimizer: type[torch.optim.Optimizer], optimizer_kwargs: Ma
         beta1, beta2 = (float(b) for b in args.get("betas", (0.9, 0.99)))
         return (1 - beta1) / math.sqrt(1 - beta2) if beta1 < 1 and beta2 < 1 else 1.0
     return 1.0
-
-
-def _constructor_defaults(optimizer: type) -> dict[str, Any]:
-    try:
-        parameters = inspect.signature(optimizer.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def schedule_peak(schedule: str, alpha: float, first_batch_weight: float, steps: int) -> float:

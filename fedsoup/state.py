@@ -47,7 +47,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from fedsoup.atomic import atomic_write_text, remove_stale_temps
+from fedsoup.atomic import atomic_write_text
 from fedsoup.errors import CheckpointError, OptionError, StateError, os_reason
 from fedsoup.io.writer import write_safetensors
 
@@ -216,8 +216,8 @@ def save_checkpoint(
     if not _TENSOR_FILE_RE.match(tensor_file):
         raise OptionError("tag", tag, f"checkpoint tag {tag!r}: use letters, digits, '_', '.', '-' only")
     tensors, skeleton = flatten_state(state)
-    remove_stale_temps(directory)
-    digest = write_safetensors(directory / tensor_file, tensors, {"format": CHECKPOINT_FORMAT, **dict(metadata or {})})
+    digest = write_safetensors(  # its atomic write sweeps dead writers' temp files first
+        directory / tensor_file, tensors, {"format": CHECKPOINT_FORMAT, **dict(metadata or {})})
     document = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fedsoup.atomic import atomic_path, remove_stale_temps
+from fedsoup.atomic import atomic_path
 from fedsoup.errors import OptionError, OutputError, OutputExistsError
 from fedsoup.io.formats import DTYPE_CODES, SAFETENSORS_SUFFIX, TensorInfo, dtype_str
 from fedsoup.io.layout import OutputLayout
@@ -334,7 +334,6 @@ def write_checkpoint(
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OutputError(folder, error) from None
-        remove_stale_temps(folder)  # a killed writer's, before this write adds its own
         with contextlib.ExitStack() as stack:
             # Entered first, renamed last: readers never see an index before its shards,
             # nor a directory's weights before its config.
