@@ -345,18 +345,6 @@ class FedSoup(FedAvg):
         structure = None if adapter is None else adapter_structure_check(adapter, self.lora.mode)
         return ReplyChecker(self.weighted_by_key, self.order_by, self.tie_break_key, structure)
 
-        for part in figures:
-            metrics.update(part.figures.metrics())
-        weights = self.client_soup.weights(outcome.used)
-        total = sum(weights)
-        errors = factor_product_error([reply_pairs(r.arrays, adapter) for r in outcome.used],
-                                      [w / total for w in weights], seed)
-        if errors:
-            values = list(errors.values())
-            metrics[METRIC_LORA_ERROR_MAX] = max(values)
-            metrics[METRIC_LORA_ERROR_MEAN] = sum(values) / len(values)
-        return outcome, metrics
-
 
 def _signature_with_fedavgs_arguments() -> inspect.Signature:
     """FedAvg's parameters (whatever this Flower version has), then FedSoup's keyword-only ones.

@@ -56,8 +56,7 @@ def adapter_round(
     figures: list = []
     soup, stew = client_soup, server_stew
     if lora.mode == "products":
-        soup = ProductSoup(adapter, seed, client_soup=client_soup, lora=lora, server_round=server_round,
-                           truncate=server_stew.is_identity)
+        soup = ProductSoup(adapter, seed, client_soup=client_soup, lora=lora, truncate=server_stew.is_identity)
         stew = ProductStew(adapter, seed, stew=server_stew)
         figures = [soup, stew]
     outcome = train_round(soup, stew, usable, server_round, current)

@@ -131,7 +131,6 @@ class ProductSoup(_ProductRoundPart):
 
     client_soup: ClientSoup
     lora: LoraOptions
-    server_round: int
     truncate: bool
 
     @property

@@ -140,6 +140,7 @@ def _guarded_stew_step(
         except BaseException:
             stew.load_state_dict(saved)
             raise
+        return model, grad_norm
     _raise_if_not_finite(model)
     return model, grad_norm
 
