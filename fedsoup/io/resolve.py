@@ -31,7 +31,7 @@ from fedsoup.io.readers import Checkpoint, open_weights_file
 
 __all__ = [
     "ResolvedInput", "resolve_input", "open_checkpoint", "load_state_dict", "expand_inputs",
-    "MODEL_CONFIG", "ADAPTER_CONFIG", "MODEL", "ADAPTER", "WEIGHTS",
+    "MODEL_CONFIG", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "MODEL", "ADAPTER", "WEIGHTS",
 ]
 
 MODEL_CONFIG = "config.json"
@@ -44,7 +44,7 @@ MODEL, ADAPTER, WEIGHTS = "model", "adapter", "weights"
 _MODEL_WEIGHTS = (
     "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin",
 )
-_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Files a training run saves beside the weights that are not the model's weights.
 _NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"})
 _SHARD_NAME = re.compile(r".+-\d{5}-of-\d{5}\.(safetensors|bin)$")
@@ -106,7 +106,7 @@ def resolve_input(path: str | os.PathLike[str], *, name: str | None = None) -> R
 
 
 def _weights_in_directory(folder: Path, name: str) -> Path:
-    for known in _MODEL_WEIGHTS + _ADAPTER_WEIGHTS:
+    for known in _MODEL_WEIGHTS + ADAPTER_WEIGHTS:
         if (folder / known).is_file():
             return folder / known
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))

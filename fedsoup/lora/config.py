@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsoup.errors import MergeInputError
+from fedsoup.io.resolve import ADAPTER_CONFIG
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -34,7 +35,7 @@ __all__ = [
     "output_adapter_config",
 ]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_CONFIG_NAME = ADAPTER_CONFIG
 
 # Config fields that make an adapter something other than s·B·A on a linear layer, with
 # the name users know them by. Any of these set to a non-default value is refused.
@@ -187,7 +188,7 @@ def output_adapter_config(template: LoraSettings, ranks: Mapping[str, int],
     becomes ``r``; a module of another rank gets an exact ``rank_pattern`` entry (its name,
     regex-escaped and anchored by PEFT's own ``(.*\\.)?(...)$``). ``lora_alpha``,
     ``alpha_pattern`` and ``use_rslora`` are the template's, so the writer scales each
-    module's ``B`` by ``1/s`` computed from this very config (:func:`settings_of`).
+    module's ``B`` by ``1/s`` computed from this very config (:func:`parse_adapter_config`).
     ``extra`` overrides fields. (The merge's own record goes to the weights file's
     metadata: PEFT's ``LoraConfig`` refuses unknown fields.)
     """
@@ -207,11 +208,6 @@ def output_adapter_config(template: LoraSettings, ranks: Mapping[str, int],
     for key, value in (extra or {}).items():
         config[key] = value
     return config
-
-
-def settings_of(config: Mapping[str, Any]) -> LoraSettings:
-    """:func:`parse_adapter_config` for a config this package wrote (no location to report)."""
-    return parse_adapter_config(config)
 
 
 def config_bytes(config: Mapping[str, Any]) -> bytes:

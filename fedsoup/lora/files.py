@@ -21,7 +21,7 @@ from fedsoup.errors import MergeInputError
 from fedsoup.io.formats import TensorInfo
 from fedsoup.io.hf import model_directory_files, read_config
 from fedsoup.io.readers import open_weights_file
-from fedsoup.io.resolve import ADAPTER, MODEL, ResolvedInput, resolve_input
+from fedsoup.io.resolve import ADAPTER, ADAPTER_WEIGHTS, MODEL, ResolvedInput, resolve_input
 from fedsoup.io.writer import write_checkpoint
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, config_bytes, parse_adapter_config
 from fedsoup.lora.pairs import Adapter, split_adapter
@@ -36,7 +36,7 @@ __all__ = [
     "write_model",
 ]
 
-ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS_NAMES = ADAPTER_WEIGHTS  # what fedsoup.io.resolve recognises, written first-named
 
 
 def is_adapter(path: str | os.PathLike[str]) -> bool:

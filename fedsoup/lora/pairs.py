@@ -22,7 +22,7 @@ import torch
 from fedsoup.errors import MergeInputError
 from fedsoup.lora.config import LoraSettings
 
-__all__ = ["PEFT_PREFIX", "LoraPair", "Adapter", "split_adapter", "join_adapter", "module_name", "is_lora_key"]
+__all__ = ["PEFT_PREFIX", "LoraPair", "Adapter", "split_adapter", "join_adapter", "module_name"]
 
 PEFT_PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -61,10 +61,6 @@ class Adapter:
 def module_name(path: str) -> str:
     """A module's name relative to the base model (what PEFT's patterns match)."""
     return path[len(PEFT_PREFIX):] if path.startswith(PEFT_PREFIX) else path
-
-
-def is_lora_key(key: str) -> bool:
-    return key.endswith((_A, _B)) or any(fragment in key for fragment in _REFUSED_KEYS)
 
 
 def _in_modules_to_save(key: str, modules_to_save: frozenset[str]) -> bool:
