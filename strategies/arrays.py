@@ -9,7 +9,6 @@ round (docs/design.md §3, "Robustness"); :class:`ArrayProblem` says why not.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -22,14 +21,10 @@ from flwr.common.constant import SType
 
 from fedsoup.errors import MergeInputError
 from fedsoup.inputs import find_non_finite
-from fedsoup.io.npy import npy_view, read_npy_header
+from fedsoup.io.npy import npy_header, npy_view
 from fedsoup.structure import check_structure
 
 __all__ = ["ArrayProblem", "read_arrays", "to_tensor_dict", "to_array_record", "OutputCache"]
-
-# Enough bytes for any header numpy writes for a plain array (it pads to 64 bytes).
-_HEADER_PEEK = 4096
-
 
 class ArrayProblem(Exception):
     """A reply's arrays cannot take part in the round; the message is the reason."""
@@ -91,21 +86,20 @@ def _checked_view(key: str, array: Array) -> np.ndarray:
     if array.stype != SType.NUMPY:
         raise ArrayProblem(f"array {key!r} has serialisation type {array.stype!r}, not {SType.NUMPY!r}")
     data = memoryview(array.data)
-    head = io.BytesIO(bytes(data[:_HEADER_PEEK]))
     try:
-        shape, fortran_order, dtype = read_npy_header(head)
+        header = npy_header(data)
         declared = np.dtype(array.dtype)
     except Exception as error:  # noqa: BLE001 - any decoding failure means a bad reply
         raise ArrayProblem(f"array {key!r} cannot be read ({error})") from None
+    shape, _, dtype, offset = header
     if dtype != declared:
         raise ArrayProblem(f"array {key!r} holds {dtype.name} data, but its metadata says {declared.name}")
     if shape != tuple(int(n) for n in array.shape):
         raise ArrayProblem(f"array {key!r} holds shape {shape}, but its metadata says {tuple(array.shape)}")
-    expected_bytes = head.tell() + dtype.itemsize * math.prod(shape)
+    expected_bytes = offset + dtype.itemsize * math.prod(shape)
     if data.nbytes != expected_bytes:
         raise ArrayProblem(f"array {key!r} cannot be read (it has {data.nbytes} bytes, its header needs {expected_bytes})")
-    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=head.tell())
-    return flat.reshape(shape, order="F" if fortran_order else "C")
+    return npy_view(data, header)
 
 
 _KIND_NAMES = {"f": "floating", "i": "signed integer", "u": "unsigned integer", "b": "bool", "c": "complex"}

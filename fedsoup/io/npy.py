@@ -16,7 +16,7 @@ import numpy as np
 
 from fedsoup.errors import MergeInputError
 
-__all__ = ["read_npy_header", "npy_view"]
+__all__ = ["read_npy_header", "npy_header", "npy_view"]
 
 # Enough bytes for any header numpy writes for a plain array (it pads to 64 bytes).
 _HEADER_PEEK = 4096
@@ -71,13 +71,25 @@ def _plain_header(stream: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype] | 
     return None
 
 
-def npy_view(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """A read-only NumPy view of ``np.save`` bytes, without copying the data.
+NpyHeader = tuple[tuple[int, ...], bool, np.dtype, int]
 
-    Raises ``ValueError`` for an unsupported header, an object dtype or too little data.
+
+def npy_header(data: bytes | bytearray | memoryview) -> NpyHeader:
+    """``(shape, fortran_order, dtype, data_offset)`` of ``np.save`` bytes (read from their first bytes).
+
+    Raises ``ValueError`` for an unsupported header or an object dtype.
     """
     head = io.BytesIO(bytes(memoryview(data)[:_HEADER_PEEK]))
     shape, fortran_order, dtype = read_npy_header(head)
-    count = math.prod(shape)
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
+    return shape, fortran_order, dtype, head.tell()
+
+
+def npy_view(data: bytes | bytearray | memoryview, header: NpyHeader | None = None) -> np.ndarray:
+    """A read-only NumPy view of ``np.save`` bytes, without copying the data.
+
+    ``header``: :func:`npy_header` of ``data``, when the caller has read it already.
+    Raises ``ValueError`` for an unsupported header, an object dtype or too little data.
+    """
+    shape, fortran_order, dtype, offset = npy_header(data) if header is None else header
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
     return flat.reshape(shape, order="F" if fortran_order else "C")
