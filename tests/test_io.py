@@ -101,6 +101,28 @@ def test_directory_with_single_safetensors(tmp_path):
     assert_same(fio.load_state_dict(tmp_path / "ckpt"), state)
 
 
+def _mappings_of(path) -> int:
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return sum(str(path) in line for line in maps)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
+def test_safetensors_tensors_are_private_mappings_released_when_freed(tmp_path):
+    state = make_state()
+    state["empty"] = torch.zeros(0, 3)
+    path = tmp_path / "model.safetensors"
+    save_file(state, path)
+    on_disk = path.read_bytes()
+    with fio.open_checkpoint(path) as checkpoint:
+        tensors = checkpoint.load_all()
+        assert _mappings_of(path) == len(state) - 1  # one per non-empty tensor, nothing else
+    assert_same(tensors, state)  # still readable after the file is closed
+    tensors["fc.weight"].add_(1.0)  # copy-on-write: the file never changes
+    assert path.read_bytes() == on_disk
+    del tensors
+    assert _mappings_of(path) == 0
+
+
 def test_sharded_directory_and_index_paths(tmp_path):
     state = make_state()
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}

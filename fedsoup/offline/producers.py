@@ -227,11 +227,9 @@ def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions,
     models = []
     try:
         for checkpoint in checkpoints:
-            model = {}
+            models.append(checkpoint.load_all())  # (safetensors: mapped, read as the merge goes)
             for key, info in checkpoint.infos.items():
-                model[key] = checkpoint.get(key)
                 loading.update(key, info)
-            models.append(model)
     finally:
         loading.close()
     whole_model_only = low_memory_refusal(options)
