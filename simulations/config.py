@@ -81,6 +81,7 @@ class SimConfig:
     soup_momentum: float = 0.0
     soup_pivot: str = "soup"  # AME starts at the soup (measured: docs/defaults.md)
     order_by: str = ""  # client metric that orders the soup, e.g. "val-acc"
+    max_weight_share: float = 0.0  # FedSoup: the largest share ω_i/Σω of one reply; 0 = no cap (as FedAvg)
     # FedSoup ServerStew
     stew_optimizer: str = "sgd"
     stew_lr: float = 1.0
@@ -133,6 +134,10 @@ class SimConfig:
             raise ValueError(f"run config 'local-epochs' must be >= 1, got {self.local_epochs}")
         if not 0.0 <= self.attack_fraction <= 1.0:
             raise ValueError(f"run config 'attack-fraction' must be in [0, 1], got {self.attack_fraction}")
+        if not 0.0 <= self.max_weight_share <= 1.0:
+            raise ValueError(
+                f"run config 'max-weight-share' must be in [0, 1] (0: no cap), got {self.max_weight_share}"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"run config 'val-fraction' must be in [0, 1), got {self.val_fraction}")
 

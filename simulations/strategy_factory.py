@@ -116,5 +116,6 @@ def build_strategy(cfg: SimConfig, num_nodes: int):
             order_by=cfg.order_by or None,
             checkpoint_dir=cfg.checkpoint_dir or None,
             seed=cfg.seed,
+            max_weight_share=cfg.max_weight_share or None,  # 0: weights as claimed
         )
     raise ValueError(f"unknown strategy '{name}'")

@@ -37,6 +37,10 @@ def test_overrides_are_merged_and_converted():
     ({"soup-shuffle": "maybe"}, "'soup-shuffle' = 'maybe' is not a valid bool"),
     ({"attack-fraction": 2.0}, "'attack-fraction' must be in"),
     ({"num-server-rounds": 0}, "'num-server-rounds' must be >= 1"),
+    ({"max-weight-share": 1.5}, r"'max-weight-share' must be in \[0, 1\]"),
+    ({"max-weight-share": -0.2}, r"'max-weight-share' must be in \[0, 1\]"),
+    ({"max-weight-share": "nan"}, r"'max-weight-share' must be in \[0, 1\]"),
+    ({"max-weight-share": "a fifth"}, "'max-weight-share' = 'a fifth' is not a valid float"),
 ])
 def test_bad_run_config_names_the_key(config, message):
     with pytest.raises(ValueError, match=message):
@@ -76,3 +80,12 @@ def test_fedsoup_strategy_is_built():
 
     strategy = build_strategy(SimConfig(strategy="fedsoup", soup_optimizer="adam", order_by="val-acc"), 5)
     assert isinstance(strategy, FedSoup)
+
+
+def test_max_weight_share_reaches_fedsoup():
+    from strategies import FedSoup
+
+    capped = build_strategy(SimConfig.from_run_config({"strategy": "fedsoup", "max-weight-share": "0.25"}), 5)
+    assert isinstance(capped, FedSoup) and capped.client_soup.max_weight_share == 0.25
+    assert build_strategy(SimConfig(strategy="fedsoup"), 5).client_soup.max_weight_share is None  # 0: no cap
+    assert build_strategy(SimConfig(strategy="fedsoup", max_weight_share=1.0), 5).client_soup.max_weight_share == 1.0
