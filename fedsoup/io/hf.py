@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
 
 __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "is_model_directory", "read_config", "check_model_inputs",
-    "model_directory_files", "uncarried_files",
+    "model_directory_files", "uncarried_files", "config_bytes",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -71,6 +72,12 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise MergeInputError(f"{Path(path).name} is not a JSON object", path=str(path))
     return config
+
+
+def config_bytes(config: Mapping[str, Any]) -> bytes:
+    """A ``config.json`` or ``adapter_config.json`` as transformers and PEFT write them
+    (indented JSON, sorted keys, a final newline)."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _differing_fields(reference: dict, other: dict) -> list[str]:
@@ -163,7 +170,7 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
     if weights_dtype is not None and any(config.get(key) != dtype_str(weights_dtype) for key in keys):
         for key in keys:
             config[key] = dtype_str(weights_dtype)
-        files[CONFIG_NAME] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        files[CONFIG_NAME] = config_bytes(config)
     return files
 
 

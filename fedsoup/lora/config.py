@@ -16,7 +16,6 @@ Nothing here imports PEFT.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -209,7 +208,3 @@ def output_adapter_config(template: LoraSettings, ranks: Mapping[str, int],
         config[key] = value
     return config
 
-
-def config_bytes(config: Mapping[str, Any]) -> bytes:
-    """``adapter_config.json`` as PEFT writes it (indented JSON, sorted keys)."""
-    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")

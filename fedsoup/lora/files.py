@@ -19,11 +19,11 @@ import torch
 
 from fedsoup.errors import MergeInputError
 from fedsoup.io.formats import TensorInfo
-from fedsoup.io.hf import model_directory_files, read_config
+from fedsoup.io.hf import config_bytes, model_directory_files, read_config
 from fedsoup.io.readers import open_weights_file
 from fedsoup.io.resolve import ADAPTER, ADAPTER_WEIGHTS, MODEL, ResolvedInput, resolve_input
 from fedsoup.io.writer import write_checkpoint
-from fedsoup.lora.config import ADAPTER_CONFIG_NAME, config_bytes, parse_adapter_config
+from fedsoup.lora.config import ADAPTER_CONFIG_NAME, parse_adapter_config
 from fedsoup.lora.pairs import Adapter, split_adapter
 
 __all__ = [
