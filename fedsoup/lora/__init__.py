@@ -17,7 +17,7 @@ PEFT's documented format (``adapter_config.json`` + ``adapter_model.safetensors`
 """
 
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, LoraSettings, parse_adapter_config
-from fedsoup.lora.files import is_adapter, load_adapter, read_adapter, write_adapter, write_model
+from fedsoup.lora.files import load_adapter, read_adapter, write_adapter, write_model
 from fedsoup.lora.checks import check_adapters, check_lora_options
 from fedsoup.lora.into_base import merge_into_base
 from fedsoup.lora.measure import factor_product_errors
@@ -36,7 +36,6 @@ __all__ = [
     "check_adapters",
     "check_lora_options",
     "factor_product_errors",
-    "is_adapter",
     "load_adapter",
     "read_adapter",
     "write_adapter",

@@ -28,7 +28,6 @@ from fedsoup.lora.pairs import Adapter, split_adapter
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAMES",
-    "is_adapter",
     "read_adapter",
     "load_adapter",
     "write_adapter",
@@ -37,14 +36,6 @@ __all__ = [
 ]
 
 ADAPTER_WEIGHTS_NAMES = ADAPTER_WEIGHTS  # what fedsoup.io.resolve recognises, written first-named
-
-
-def is_adapter(path: str | os.PathLike[str]) -> bool:
-    """True for a PEFT adapter directory or its weights file (``adapter_config.json`` beside it)."""
-    try:
-        return resolve_input(path).kind == ADAPTER
-    except MergeInputError:
-        return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG_NAME).is_file()
 
 
 def read_adapter(path: str | os.PathLike[str], *, ingredient: int | None = None,
