@@ -278,20 +278,21 @@ FUSED_ON_CPU: frozenset[type[Optimizer]] = frozenset(
 
 
 def resolve_optimizer(optimizer: str | type[Optimizer]) -> type[Optimizer]:
-    """Return the optimizer class for a name in :data:`OPTIMIZERS` or a class itself."""
+    """The optimizer class for a name in :data:`OPTIMIZERS` (any case) or a ``torch.optim.Optimizer``
+    class itself; :class:`~fedsoup.errors.OptionError` (``option="optimizer"``, with the closest
+    name as ``suggestion``) for anything else."""
     if isinstance(optimizer, str):
-        try:
-            return OPTIMIZERS[optimizer.lower()]
-        except KeyError:
-            known = ", ".join(sorted(OPTIMIZERS))
-            raise OptionError("optimizer", optimizer, f"unknown optimizer {optimizer!r}; known: {known}",
-                              suggestion=closest_name(optimizer.lower(), OPTIMIZERS)) from None
+        cls = OPTIMIZERS.get(optimizer.lower())
+        if cls is None:
+            suggestion = closest_name(optimizer.lower(), OPTIMIZERS)
+            known = "" if suggestion else f" (known: {', '.join(sorted(OPTIMIZERS))}, or a torch.optim.Optimizer class)"
+            raise OptionError("optimizer", optimizer, f"unknown optimizer {optimizer!r}{known}", suggestion=suggestion)
+        return cls
     if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
         return optimizer
     raise OptionError(
         "optimizer", optimizer,
-        f"optimizer must be a name ({', '.join(sorted(OPTIMIZERS))}) or a "
-        f"torch.optim.Optimizer subclass, got {optimizer!r}",
+        f"optimizer must be a name ({', '.join(sorted(OPTIMIZERS))}) or a torch.optim.Optimizer class, got {optimizer!r}",
     )
 
 

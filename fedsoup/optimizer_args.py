@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from fedsoup.errors import OptionError, UnknownOptionError, closest_name
+from fedsoup.errors import OptionError, UnknownOptionError
 from fedsoup.optim import OPTIMIZERS
 
 __all__ = ["OPTIMIZER_CHECKS", "check_optimizer_values", "optimizer_settings", "optimizer_arguments",
-           "resolve_optimizer_option", "check_optimizer_kwargs", "SET_BY_MERGE"]
+           "check_optimizer_kwargs", "SET_BY_MERGE"]
 
 # Constructor parameters that the merge itself sets (never user options).
 SET_BY_MERGE = frozenset({"self", "params", "lr"})
@@ -114,23 +114,6 @@ def optimizer_arguments(cls: type) -> frozenset[str] | None:
         if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
             names.add(parameter.name)
     return frozenset(names - SET_BY_MERGE)
-
-
-def resolve_optimizer_option(value: Any) -> type[torch.optim.Optimizer]:
-    """An optimizer class from a name of :data:`fedsoup.OPTIMIZERS` or a class; :class:`OptionError` else."""
-    if isinstance(value, str):
-        cls = OPTIMIZERS.get(value.lower())
-        if cls is None:
-            suggestion = closest_name(value.lower(), OPTIMIZERS)
-            known = "" if suggestion else f" (known: {', '.join(sorted(OPTIMIZERS))}, or a torch.optim.Optimizer class)"
-            raise OptionError("optimizer", value, f"unknown optimizer {value!r}{known}", suggestion=suggestion)
-        return cls
-    if isinstance(value, type) and issubclass(value, torch.optim.Optimizer):
-        return value
-    raise OptionError(
-        "optimizer", value,
-        f"optimizer must be a name ({', '.join(sorted(OPTIMIZERS))}) or a torch.optim.Optimizer class, got {value!r}",
-    )
 
 
 def check_optimizer_kwargs(cls: type, kwargs: Mapping[str, Any], named: Sequence[str]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from fedsoup.errors import OptionError, UnknownOptionError, closest_name
+from fedsoup.optim import resolve_optimizer
 from fedsoup.optimizer_args import (  # noqa: F401 - OPTIMIZER_CHECKS, check_optimizer_values: re-exported
     OPTIMIZER_CHECKS,
     SET_BY_MERGE,
@@ -45,11 +46,10 @@ from fedsoup.optimizer_args import (  # noqa: F401 - OPTIMIZER_CHECKS, check_opt
     check_optimizer_values,
     optimizer_arguments,
     optimizer_settings,
-    resolve_optimizer_option,
 )
 from fedsoup.schedules import SCHEDULES
 
-__all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "resolve_optimizer_option", "CALL_INPUTS",
+__all__ = ["MergeOptions", "OptimizerOptions", "optimizer_arguments", "CALL_INPUTS",
            "OPTIMIZER_CHECKS", "check_optimizer_values"]
 
 # How PEFT LoRA adapters are merged (fedsoup.lora): their updates s·B·A, or A and B apart.
@@ -141,7 +141,7 @@ class MergeOptions:
     def _validate(self) -> None:
         """Every check that does not need the models (the only place MergeOptions are validated)."""
         set_ = self._normalise
-        cls = resolve_optimizer_option(self.optimizer)
+        cls = resolve_optimizer(self.optimizer)
         if isinstance(self.lr, Mapping):  # one lr per floating tensor key (keys checked by the merge)
             set_("lr", {str(key): _real(f"lr[{key!r}]", value, minimum=0.0) for key, value in self.lr.items()})
         elif self.lr is not None:
@@ -239,7 +239,7 @@ class MergeOptions:
             else:
                 extra[key] = value
         if also_valid and extra:
-            cls_ = resolve_optimizer_option(named.get("optimizer", "sgd"))
+            cls_ = resolve_optimizer(named.get("optimizer", "sgd"))
             accepted = optimizer_arguments(cls_)
             for key in extra:
                 if accepted is not None and key not in accepted and key not in SET_BY_MERGE:
@@ -292,7 +292,7 @@ class OptimizerOptions:
 
     def _validate(self) -> None:
         """The only place OptimizerOptions are validated (values by :data:`OPTIMIZER_CHECKS`)."""
-        cls = resolve_optimizer_option(self.optimizer)
+        cls = resolve_optimizer(self.optimizer)
         object.__setattr__(self, "lr", _real("lr", self.lr, minimum=0.0))
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise OptionError("optimizer_kwargs", self.optimizer_kwargs, "optimizer_kwargs must be a mapping")
