@@ -36,7 +36,7 @@ from flwr.app import Message
 
 from fedsoup.errors import MergeInputError, OptionError
 from fedsoup.inputs import compute_dtype
-from fedsoup.lora import LoraPair, LoraSettings, parse_adapter_config, split_adapter
+from fedsoup.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraPair, LoraSettings, parse_adapter_config, split_adapter
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME
 from fedsoup.lora.linalg import sketched_error
 from fedsoup.lora.pairs import module_name
@@ -64,7 +64,6 @@ DEFAULT_LORA_MODE = "factors"
 DEFAULT_SVD_TOLERANCE = 1e-3
 #: Keys of FedSoup's ``soup=`` dict that configure the LoRA round rather than ``fedsoup.merge``.
 LORA_SOUP_OPTIONS = ("lora", "lora_tolerance")
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ class GlobalAdapter:
         does not match it (another rank, a tensor neither a factor nor in
         ``modules_to_save``, an ``A`` without its ``B``).
         """
-        if not any(key.endswith((_A, _B)) for key in model):
+        if not any(key.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX)) for key in model):
             raise OptionError("lora", lora.mode, f"the {lora.mode!r} LoRA mode cannot apply: the global model holds no "
                               "LoRA pairs (no '*.lora_A.weight' / '*.lora_B.weight' arrays; is initial_arrays the "
                               "adapter's state dict, get_peft_model_state_dict(model)?)")
@@ -207,11 +206,11 @@ def adapter_structure_check(adapter: GlobalAdapter, mode: str) -> Callable[..., 
 
     def check(reference: Mapping[str, Any], other: Mapping[str, Any], *, reference_name: str = "the global model") -> None:
         for key in other:
-            if key not in reference and key.endswith((_A, _B)):
+            if key not in reference and key.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX)):
                 raise MergeInputError(f"adapts module {module_name(key.rsplit('.', 2)[0])!r}, which the global adapter "
                                       "does not (other target_modules)", key=key)
         for path, (d_out, d_in, rank) in adapter.modules.items():
-            a_key, b_key = path + _A, path + _B
+            a_key, b_key = path + LORA_A_SUFFIX, path + LORA_B_SUFFIX
             if a_key not in other and b_key not in other:
                 raise MergeInputError(f"missing: no LoRA pair for module {module_name(path)!r} of the global adapter "
                                       "(other target_modules)", key=a_key)
@@ -233,8 +232,9 @@ def adapter_structure_check(adapter: GlobalAdapter, mode: str) -> Callable[..., 
             if not 1 <= client_rank <= min(d_out, d_in):
                 raise MergeInputError(f"has rank {client_rank}, outside 1..min(d_out, d_in) = {min(d_out, d_in)}",
                                       key=a_key)
-        full = {key: reference[key] for key in reference if not key.endswith((_A, _B))}
-        check_structure(full, {key: other[key] for key in other if not key.endswith((_A, _B))},
+        factors = (LORA_A_SUFFIX, LORA_B_SUFFIX)
+        full = {key: reference[key] for key in reference if not key.endswith(factors)}
+        check_structure(full, {key: other[key] for key in other if not key.endswith(factors)},
                         reference_name=reference_name)
 
     return check
@@ -244,7 +244,7 @@ def reply_pairs(arrays: Mapping[str, torch.Tensor], adapter: GlobalAdapter) -> d
     """A checked reply's pairs, each with the server's scale at the reply's rank."""
     pairs = {}
     for path in adapter.modules:
-        A, B = arrays[path + _A], arrays[path + _B]
+        A, B = arrays[path + LORA_A_SUFFIX], arrays[path + LORA_B_SUFFIX]
         pairs[path] = LoraPair(A, B, adapter.scale(path, A.shape[0]))
     return pairs
 
@@ -274,7 +274,7 @@ def factor_product_error(replies: list[dict[str, LoraPair]], omega: list[float],
         if any(pair.rank != pairs[0].rank for pair in pairs):
             return None
         if soup is not None:  # equal ranks: one scale
-            b_soup, a_soup = pairs[0].scale * soup[path + _B], soup[path + _A]
+            b_soup, a_soup = pairs[0].scale * soup[path + LORA_B_SUFFIX], soup[path + LORA_A_SUFFIX]
         else:
             dtype = compute_dtype([t for p in pairs for t in (p.A, p.B)])
             b_soup = torch.zeros(pairs[0].B.shape, dtype=dtype)

@@ -37,7 +37,7 @@ import torch
 
 import fedsoup
 from fedsoup.inputs import compute_dtype
-from fedsoup.lora import LoraPair
+from fedsoup.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraPair
 from fedsoup.lora.linalg import captured_energy, factored_norm, factored_truncated_svd, randomized_svd
 from strategies.adapters import GlobalAdapter, LoraOptions, module_seed, reply_pairs
 from strategies.client_soup import ClientSoup, SoupResult, non_floating_rule
@@ -47,7 +47,6 @@ from strategies.server_stew import ServerStew
 __all__ = ["ProductSoup", "ProductStew", "dense_products", "adapter_factors", "METRIC_SVD_ENERGY_MIN",
            "METRIC_SVD_ENERGY_MEAN", "METRIC_SVD_ITERATIONS"]
 
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 #: The smallest and mean captured energy ``Σ_{j≤r} σ_j² / ‖ΔW_t‖_F²`` over the modules.
 METRIC_SVD_ENERGY_MIN = "fedsoup-lora-svd-energy-min"
 METRIC_SVD_ENERGY_MEAN = "fedsoup-lora-svd-energy-mean"
@@ -59,7 +58,7 @@ def dense_products(model: Mapping[str, torch.Tensor], adapter: GlobalAdapter) ->
     """``{path: s B A}`` (dense, compute dtype) for every module, and the other arrays as they are."""
     dense: dict[str, torch.Tensor] = {}
     for path in adapter.modules:
-        A, B = model[path + _A], model[path + _B]
+        A, B = model[path + LORA_A_SUFFIX], model[path + LORA_B_SUFFIX]
         dtype = compute_dtype([A, B])
         dense[path] = adapter.scale(path, A.shape[0]) * (B.to(dtype) @ A.to(dtype))
     dense.update({key: model[key] for key in adapter.full})
@@ -105,8 +104,9 @@ def _truncate_dense(dense: Mapping[str, torch.Tensor], current: Mapping[str, tor
         kept = min(rank, min(delta.shape))
         u, s, vh = randomized_svd(delta, kept, seed=module_seed(seed, index))
         figures.add(captured_energy(s, kept, total=float(delta.double().square().sum())), 0)
-        model[path + _A], model[path + _B] = adapter_factors(u, s, vh, rank, adapter.scale(path),
-                                                             current[path + _A], current[path + _B])
+        a_key, b_key = path + LORA_A_SUFFIX, path + LORA_B_SUFFIX
+        model[a_key], model[b_key] = adapter_factors(u, s, vh, rank, adapter.scale(path),
+                                                     current[a_key], current[b_key])
     model.update({key: dense[key].to(current[key].dtype) for key in adapter.full})
     return model
 
@@ -172,8 +172,9 @@ class ProductSoup(_ProductRoundPart):
             svd = factored_truncated_svd(b_cat, a_cat, rank, scale=c, seed=module_seed(self.seed, index),
                                          tolerance=self.lora.tolerance)
             self.figures.add(svd.energy, svd.iterations)
-            model[path + _A], model[path + _B] = adapter_factors(svd.U, svd.S, svd.Vh, rank, self.adapter.scale(path),
-                                                                 current[path + _A], current[path + _B])
+            a_key, b_key = path + LORA_A_SUFFIX, path + LORA_B_SUFFIX
+            model[a_key], model[b_key] = adapter_factors(svd.U, svd.S, svd.Vh, rank, self.adapter.scale(path),
+                                                         current[a_key], current[b_key])
         if self.adapter.full:
             full = [{key: reply.arrays[key] for key in self.adapter.full} for reply in replies]
             merged = {k: t.cpu() for k, t in fedsoup.soup(full, weights).items()}
@@ -226,8 +227,9 @@ class ProductStew(_ProductRoundPart):
         squares = []
         for path in self.adapter.modules:
             scale = self.adapter.scale(path)
-            b = torch.cat([scale * before[path + _B].double(), -scale * after[path + _B].double()], dim=1)
-            a = torch.cat([before[path + _A].double(), after[path + _A].double()], dim=0)
+            a_key, b_key = path + LORA_A_SUFFIX, path + LORA_B_SUFFIX
+            b = torch.cat([scale * before[b_key].double(), -scale * after[b_key].double()], dim=1)
+            a = torch.cat([before[a_key].double(), after[a_key].double()], dim=0)
             squares.append(factored_norm(b, a.T) ** 2)
         for key in self.adapter.full:
             if before[key].is_floating_point():

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fedsoup.errors import StateError
+from fedsoup.lora import LORA_A_SUFFIX
 from fedsoup.state import STATE_JSON, has_checkpoint, load_checkpoint, orphan_tensor_files, save_checkpoint
 
 __all__ = ["STATE_FORMAT", "RunState", "read_checkpoint", "write_checkpoint"]
@@ -69,7 +70,7 @@ class RunState:
                 raise StateError("FedSoup state: a stew state without a global model", key="global")
             # A LoRA 'products' stew steps on ΔW: its arrays are named by module path, whose
             # factors '<path>.lora_A.weight'/'.lora_B.weight' are in the global model.
-            missing = [k for k in stew.get("keys", []) if k not in global_ and f"{k}.lora_A.weight" not in global_]
+            missing = [k for k in stew.get("keys", []) if k not in global_ and k + LORA_A_SUFFIX not in global_]
             if missing:
                 raise StateError(f"FedSoup state: stew array {missing[0]!r} is not in the global model", key=missing[0])
         return cls(

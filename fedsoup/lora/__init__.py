@@ -22,11 +22,13 @@ from fedsoup.lora.checks import check_adapters, check_lora_options
 from fedsoup.lora.into_base import merge_into_base
 from fedsoup.lora.measure import factor_product_errors
 from fedsoup.lora.modes import LORA_MODES, merge_adapter_state_dicts, merge_adapters, merged_deltas
-from fedsoup.lora.pairs import Adapter, LoraPair, join_adapter, split_adapter
+from fedsoup.lora.pairs import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, LoraPair, join_adapter, split_adapter
 from fedsoup.lora.report import AdapterMerge, LoraReport
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
+    "LORA_A_SUFFIX",
+    "LORA_B_SUFFIX",
     "LORA_MODES",
     "Adapter",
     "AdapterMerge",

@@ -15,7 +15,7 @@ import torch
 
 from fedsoup.errors import MergeInputError, MergeWarning, OptionError, closest_name
 from fedsoup.inputs import find_non_finite
-from fedsoup.lora.pairs import Adapter, join_adapter, module_name
+from fedsoup.lora.pairs import LORA_A_SUFFIX, Adapter, join_adapter, module_name
 from fedsoup.options import LORA_MODES
 
 __all__ = ["check_adapters", "check_equal_ranks", "check_lora_options", "culprit", "tensors_of"]
@@ -57,13 +57,13 @@ def check_adapters(adapters: Sequence[Adapter], names: Sequence[str] | None = No
             missing = path in first.pairs
             raise MergeInputError(
                 f"{'has no LoRA pair for' if missing else 'adapts'} module {module_name(path)!r}"
-                f"{'' if missing else ', which ingredient 0 does not'}", key=path + ".lora_A.weight", **where)
+                f"{'' if missing else ', which ingredient 0 does not'}", key=path + LORA_A_SUFFIX, **where)
         for path, pair in adapter.pairs.items():
             ref = first.pairs[path]
             if pair.A.shape[1] != ref.A.shape[1] or pair.B.shape[0] != ref.B.shape[0]:
                 raise MergeInputError(
                     f"module of shape (d_out, d_in) = ({pair.B.shape[0]}, {pair.A.shape[1]}), ingredient 0's is "
-                    f"({ref.B.shape[0]}, {ref.A.shape[1]})", key=path + ".lora_A.weight", **where)
+                    f"({ref.B.shape[0]}, {ref.A.shape[1]})", key=path + LORA_A_SUFFIX, **where)
         for key in sorted(first.full.keys() ^ adapter.full.keys()):
             raise MergeInputError("modules_to_save tensor present in only one of this adapter and ingredient 0",
                                   key=key, **where)
@@ -89,7 +89,7 @@ def check_equal_ranks(adapters: Sequence[Adapter], names: Sequence[str] | None =
             if adapter.pairs[path].rank != first.rank:
                 raise MergeInputError(
                     f"rank {adapter.pairs[path].rank}, ingredient 0's is {first.rank}: the 'factors' mode "
-                    "needs equal ranks (merge as 'products' instead)", key=path + ".lora_A.weight",
+                    "needs equal ranks (merge as 'products' instead)", key=path + LORA_A_SUFFIX,
                     **culprit(names, index))
 
 

@@ -15,7 +15,7 @@ from fedsoup.inputs import compute_dtype, normalised_weights
 from fedsoup.lora.checks import check_adapters, check_lora_options, culprit
 from fedsoup.lora.measure import factor_product_errors
 from fedsoup.lora.modes import merged_deltas, resolved_options
-from fedsoup.lora.pairs import Adapter, module_name
+from fedsoup.lora.pairs import LORA_A_SUFFIX, Adapter, module_name
 from fedsoup.lora.report import LoraReport
 from fedsoup.options import MergeOptions
 
@@ -45,12 +45,12 @@ def _transposed(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor], n
         key = _base_key(path, base)
         if key is None:
             raise MergeInputError(f"the base model has no weight {module_name(path) + '.weight'!r} for this "
-                                  "adapter's module", key=path + ".lora_A.weight", **culprit(names, 0))
+                                  "adapter's module", key=path + LORA_A_SUFFIX, **culprit(names, 0))
         d_out, d_in = pair.B.shape[0], pair.A.shape[1]
         shape = tuple(base[key].shape)
         if shape not in ((d_out, d_in), (d_in, d_out)):
             raise MergeInputError(f"the base weight {key!r} has shape {shape}, the adapter's update "
-                                  f"({d_out}, {d_in})", key=path + ".lora_A.weight", **culprit(names, 0))
+                                  f"({d_out}, {d_in})", key=path + LORA_A_SUFFIX, **culprit(names, 0))
         layouts[path] = None if d_out == d_in else shape == (d_in, d_out)
     conv1d = template.settings.fan_in_fan_out or any(v is True for v in layouts.values())
     return {path: conv1d if layout is None else layout for path, layout in layouts.items()}

@@ -41,7 +41,7 @@ from fedsoup.lora.checks import check_adapters, check_equal_ranks, check_lora_op
 from fedsoup.lora.config import LoraSettings, output_adapter_config, parse_adapter_config
 from fedsoup.lora.linalg import balanced_factors, captured_energy, factored_svd, randomized_svd
 from fedsoup.lora.measure import factor_product_errors, stacked
-from fedsoup.lora.pairs import Adapter, join_adapter, module_name, split_adapter
+from fedsoup.lora.pairs import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, join_adapter, module_name, split_adapter
 from fedsoup.lora.report import AdapterMerge, LoraReport
 from fedsoup.options import LORA_MODES, MergeOptions
 
@@ -70,8 +70,8 @@ def _factor_dicts(adapters: Sequence[Adapter], template: Adapter) -> list[dict[s
         tensors: dict[str, torch.Tensor] = {}
         for path, pair in adapter.pairs.items():
             ratio = pair.scale / template.pairs[path].scale
-            tensors[path + ".lora_A.weight"] = pair.A
-            tensors[path + ".lora_B.weight"] = pair.B if ratio == 1.0 else (pair.B.to(compute_dtype([pair.B])) * ratio)
+            tensors[path + LORA_A_SUFFIX] = pair.A
+            tensors[path + LORA_B_SUFFIX] = pair.B if ratio == 1.0 else (pair.B.to(compute_dtype([pair.B])) * ratio)
         tensors.update(adapter.full)
         dicts.append(tensors)
     return dicts
@@ -151,8 +151,8 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
         merged = _merged_factors(adapters, options, weights)
         deltas = {}
         for path, pair in adapters[0].pairs.items():
-            a = merged[path + ".lora_A.weight"].double()
-            b = merged[path + ".lora_B.weight"].double()
+            a = merged[path + LORA_A_SUFFIX].double()
+            b = merged[path + LORA_B_SUFFIX].double()
             deltas[path] = pair.scale * (b @ a)
         return deltas, {key: merged[key] for key in adapters[0].full}
     if options_reduce_to_soup(options):

@@ -22,10 +22,12 @@ import torch
 from fedsoup.errors import MergeInputError
 from fedsoup.lora.config import LoraSettings
 
-__all__ = ["PEFT_PREFIX", "LoraPair", "Adapter", "split_adapter", "join_adapter", "module_name"]
+__all__ = ["PEFT_PREFIX", "LORA_A_SUFFIX", "LORA_B_SUFFIX", "LoraPair", "Adapter", "split_adapter", "join_adapter",
+           "module_name"]
 
 PEFT_PREFIX = "base_model.model."
-_A, _B = ".lora_A.weight", ".lora_B.weight"
+#: The key suffixes of a module's factors in PEFT's saved format: ``<path> + LORA_A_SUFFIX`` is ``A``.
+LORA_A_SUFFIX, LORA_B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 # Key fragments of LoRA variants, with the name users know them by.
 _REFUSED_KEYS = {
     ".lora_embedding_A": "LoRA on an embedding layer",
@@ -87,10 +89,10 @@ def split_adapter(state_dict: Mapping[str, torch.Tensor], settings: LoraSettings
             if fragment in key:
                 raise MergeInputError(f"{name} is not supported (only plain LoRA and rsLoRA on linear layers)",
                                       key=key, **where)
-        if key.endswith(_A):
-            prefixes.add(key[: -len(_A)])
-        elif key.endswith(_B):
-            prefixes.add(key[: -len(_B)])
+        if key.endswith(LORA_A_SUFFIX):
+            prefixes.add(key[: -len(LORA_A_SUFFIX)])
+        elif key.endswith(LORA_B_SUFFIX):
+            prefixes.add(key[: -len(LORA_B_SUFFIX)])
         elif ".lora_A." in key or ".lora_B." in key:
             raise MergeInputError("not a key of PEFT's saved format (an adapter name inside the key? save with "
                                   "save_pretrained or get_peft_model_state_dict)", key=key, **where)
@@ -99,7 +101,7 @@ def split_adapter(state_dict: Mapping[str, torch.Tensor], settings: LoraSettings
         else:
             raise MergeInputError("neither a LoRA factor nor a tensor of modules_to_save", key=key, **where)
     for prefix in sorted(prefixes):
-        a_key, b_key = prefix + _A, prefix + _B
+        a_key, b_key = prefix + LORA_A_SUFFIX, prefix + LORA_B_SUFFIX
         if a_key not in state_dict or b_key not in state_dict:
             missing = b_key if a_key in state_dict else a_key
             raise MergeInputError("LoRA factor without its pair", key=missing, **where)
@@ -126,8 +128,8 @@ def join_adapter(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     state_dict: dict[str, torch.Tensor] = {}
     for prefix in sorted(pairs):
         A, B = pairs[prefix]
-        state_dict[prefix + _A] = A.contiguous()
-        state_dict[prefix + _B] = B.contiguous()
+        state_dict[prefix + LORA_A_SUFFIX] = A.contiguous()
+        state_dict[prefix + LORA_B_SUFFIX] = B.contiguous()
     for key in sorted(full):
         state_dict[key] = full[key].contiguous()
     return state_dict
