@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedsoup.errors import OptionError, StateError
+from fedsoup.state import STATE_JSON
 from strategies.adapters import GlobalAdapter, adapter_structure_check, array_bytes, lora_options, split_soup
 from strategies.arrays import OutputCache, to_tensor_dict
 from strategies.client_soup import ClientSoup
@@ -140,7 +141,10 @@ class FedSoup(FedAvg):
         if self.checkpoint_dir is not None:
             restored = read_checkpoint(self.checkpoint_dir)
             if restored is not None:
-                self._apply_state(restored)
+                try:
+                    self._apply_state(restored)
+                except StateError as error:
+                    raise error.at(str(self.checkpoint_dir / STATE_JSON)) from None
                 self._resumed = True
                 log(INFO, "FedSoup: restored round %d from checkpoint '%s'", self._round, self.checkpoint_dir)
 
@@ -315,6 +319,7 @@ class FedSoup(FedAvg):
                 "tie_break_key": self.tie_break_key,
                 "weighted_by_key": self.weighted_by_key,
                 "lora": None if self.lora is None else self.lora.describe(),
+                "lora_mode": None if self.lora is None else self.lora.mode,
             },
         ).to_dict()
 
@@ -322,12 +327,23 @@ class FedSoup(FedAvg):
         """Restore :meth:`state_dict` output; the next round is ``state["round"] + 1``.
 
         Raises :class:`fedsoup.errors.StateError` (a ``ValueError``) if the state is not a
-        FedSoup state or its ServerStew optimizer differs from this FedSoup's (its moments
-        would be meaningless).
+        FedSoup state, was written under another LoRA mode (``key`` ``"lora"``; checked
+        before anything is restored: its stew and global model live in another space) or
+        its ServerStew optimizer differs from this FedSoup's (``key`` ``"optimizer"``: its
+        moments would be meaningless). A FedSoup created on a checkpoint raises the same,
+        located at its ``state.json`` (``path``).
         """
         self._apply_state(RunState.from_dict(state))
 
     def _apply_state(self, state: RunState) -> None:
+        mode, saved = (None if self.lora is None else self.lora.mode), state.lora_mode
+        if saved != mode:  # the stew's state and the global model mean something else in another mode
+            same = "without adapter_config" if saved is None else f"with adapter_config and soup={{'lora': {saved!r}}}"
+            raise StateError(
+                f"FedSoup state: written under LoRA mode {saved!r}, this FedSoup's is {mode!r} (None: no "
+                f"adapter_config); resume {same}, or start afresh with another checkpoint_dir",
+                key="lora",
+            )
         try:
             self.server_stew.load_state_dict(state.stew or {"optimizer": self.server_stew.name, "state": None})
         except StateError as error:

@@ -8,7 +8,8 @@ The state (``FedSoup.state_dict()``) is a nested dict of plain values and tensor
   and dtypes, ``torch.optim`` state), or ``None`` while it has not stepped;
 * ``rng``: ``{"seed": s}``: round ``t``'s AME seed is derived from ``(s, t)``, so this
   is the whole random state;
-* ``settings``: the soup/stew/order settings, for a reader of the checkpoint.
+* ``settings``: the soup/stew/order settings, for a reader of the checkpoint, and
+  ``lora_mode``, which a restarted FedSoup checks (:attr:`RunState.lora_mode`).
 
 With a checkpoint directory it is written after every round by
 :func:`fedsoup.state.save_checkpoint` (safetensors + JSON, no pickle; the JSON is
@@ -43,6 +44,17 @@ class RunState:
     global_model: dict[str, torch.Tensor] | None
     stew: dict[str, Any] | None
     settings: dict[str, Any]
+
+    @property
+    def lora_mode(self) -> str | None:
+        """The LoRA mode the state was written under: ``"factors"``, ``"products"``, or ``None``
+        (no ``adapter_config``: arrays merged as plain tensors)."""
+        if "lora_mode" in self.settings:
+            return self.settings["lora_mode"]
+        # Written before lora_mode was recorded: "lora" held LoraOptions.describe(),
+        # "LoRA <mode> (r=...)", or None (older states have no "lora" at all).
+        described = self.settings.get("lora")
+        return None if described is None else str(described).split()[1].strip(",(")
 
     def to_dict(self) -> dict[str, Any]:
         """Tensors by reference, as ``torch.nn.Module.state_dict`` returns them."""

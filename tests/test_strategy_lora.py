@@ -17,16 +17,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from fedsoup.errors import OptionError
+from fedsoup.errors import OptionError, StateError
 from fedsoup.lora.linalg import factored_truncated_svd, sketched_error
 from strategies import FedSoup
 from strategies.inprocess import InProcessGrid, reply, serverapp_identity, train_content
 from strategies.products import METRIC_SVD_ENERGY_MEAN, METRIC_SVD_ENERGY_MIN
 from strategies.rounds import (
+    FALLBACK_MERGE,
     METRIC_BYTES_RECEIVED,
     METRIC_BYTES_SENT,
     METRIC_CLIENTS_LEFT_OUT,
     METRIC_CLIENTS_USED,
+    METRIC_FALLBACK,
     METRIC_LORA_ERROR_MAX,
     METRIC_LORA_ERROR_MEAN,
 )
@@ -466,6 +468,59 @@ def test_products_stew_state_survives_a_restart(tmp_path):
     got, _ = restarted.aggregate_train(3, replies)
     for key in expected:
         np.testing.assert_array_equal(got[key].numpy(), expected[key])
+
+
+
+def lora_kwargs(mode: str | None, stew) -> dict:
+    """FedSoup's arguments for a LoRA ``mode`` (``None``: no adapter_config, adapters as plain arrays)."""
+    return {"stew": stew} if mode is None else {"stew": stew, "adapter_config": CONFIG, "soup": {"lora": mode}}
+
+
+@pytest.mark.parametrize("stew", [None, {"optimizer": "fedadam", "lr": 0.05}], ids=["no-stew", "fedadam"])
+@pytest.mark.parametrize("saved, resumed", [
+    ("products", "factors"), ("factors", "products"), ("products", None), ("factors", None),
+    (None, "products"), (None, "factors"),
+])
+def test_a_state_written_under_another_lora_mode_is_refused_at_startup(tmp_path, saved, resumed, stew):
+    """Before: restored, then every round fell back (to the previous model, with a stew in
+    another space) or ran in a mode the state was not written for. Now refused at once,
+    naming the entry (``lora``) and the checkpoint file, before any round."""
+    first = FedSoup(checkpoint_dir=tmp_path, **lora_kwargs(saved, stew))
+    run_rounds(first, record(adapter(zero_b=False)), rounds=2)
+    with pytest.raises(StateError) as info:
+        FedSoup(checkpoint_dir=tmp_path, **lora_kwargs(resumed, stew))
+    assert (info.value.key, info.value.path) == ("lora", str(tmp_path / "state.json"))
+    assert repr(saved) in info.value.reason and repr(resumed) in info.value.reason
+    fresh = FedSoup(**lora_kwargs(resumed, stew))
+    with pytest.raises(StateError) as info:
+        fresh.load_state_dict(first.state_dict())
+    assert (info.value.key, info.value.path) == ("lora", None)
+    assert fresh.state_dict()["round"] == 0 and fresh.server_stew.optimizer is None  # nothing restored
+
+
+@pytest.mark.parametrize("mode", ["factors", "products"])
+def test_a_state_written_under_the_same_lora_mode_resumes(tmp_path, mode):
+    kwargs = lora_kwargs(mode, {"optimizer": "fedadam", "lr": 0.05})
+    run_rounds(FedSoup(checkpoint_dir=tmp_path, **kwargs), record(adapter(zero_b=False)), rounds=2)
+    restarted = FedSoup(checkpoint_dir=tmp_path, **kwargs)
+    _, history, _ = run_rounds(restarted, restarted.current_arrays, rounds=1)
+    assert history[0][METRIC_FALLBACK] == FALLBACK_MERGE
+
+
+@pytest.mark.parametrize("mode", ["factors", "products"])
+def test_a_state_from_before_lora_mode_was_recorded_is_checked_by_its_description(mode):
+    first = FedSoup(**lora_kwargs(mode, None))
+    run_rounds(first, record(adapter(zero_b=False)), rounds=1)
+    state = first.state_dict()
+    del state["settings"]["lora_mode"]  # as written last session: only the description
+    assert state["settings"]["lora"].startswith(f"LoRA {mode} (")
+    FedSoup(**lora_kwargs(mode, None)).load_state_dict(state)
+    other = "products" if mode == "factors" else "factors"
+    with pytest.raises(StateError, match=f"written under LoRA mode {mode!r}, this FedSoup's is {other!r}"):
+        FedSoup(**lora_kwargs(other, None)).load_state_dict(state)
+    state["settings"]["lora"] = None
+    with pytest.raises(StateError, match="written under LoRA mode None"):
+        FedSoup(**lora_kwargs(mode, None)).load_state_dict(state)
 
 
 def test_the_soup_of_products_never_forms_a_dense_update(monkeypatch):
