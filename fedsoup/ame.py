@@ -39,7 +39,15 @@ from fedsoup import defaults, fused
 from fedsoup.ball import BallCheck, ball_from_distances, ball_warning, measure_spreads
 from fedsoup.errors import OptionError
 from fedsoup.flat import merge_flat
-from fedsoup.inputs import StateDict, as_state_dicts, check_structures, find_non_finite, normalised_weights, raise_if_not_finite
+from fedsoup.inputs import (
+    StateDict,
+    as_state_dicts,
+    check_structures,
+    find_non_finite,
+    normalised_weights,
+    output_dtype,
+    raise_if_not_finite,
+)
 from fedsoup.options import MergeOptions
 from fedsoup.plan import PATHS, MergePlan, make_plan, planned_steps, reduces_to_soup
 from fedsoup.reference import merge_reference, weighted_sum
@@ -53,14 +61,15 @@ logger = logging.getLogger("fedsoup")
 _SOUP = MergeOptions()  # the soup's options (plain SGD, lr 1, one epoch): validated once, at import
 
 
-def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None) -> StateDict:
+def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None, dtype=None) -> StateDict:
     r"""The weighted model soup :math:`\sum_i \omega_i x_i` (FedAvg's aggregate).
 
-    Floating tensors are returned in ingredient 0's dtype: for bf16, fp16 and FP8 inputs
-    with uniform or integer weights (example counts up to 2^24) the exact weighted mean
-    ``Σ w_i x_i / Σ w_i`` rounded once, to nearest even (:mod:`fedsoup.rounding`); otherwise
-    averaged in float32 (float64 if an input is float64) and rounded once. Non-floating
-    tensors are copied from ingredient 0.
+    Floating tensors are returned in ``dtype`` (a ``torch.dtype`` or a name such as
+    ``"bf16"``; default: ingredient 0's): for bf16, fp16 and FP8 inputs with uniform or
+    integer weights (example counts up to 2^24) the exact weighted mean ``Σ w_i x_i / Σ w_i``
+    rounded once, to nearest even (:mod:`fedsoup.rounding`), into bf16, fp16, FP8 or float32;
+    otherwise averaged in float32 (float64 if an input or ``dtype`` is float64) and rounded
+    once. Non-floating tensors are copied from ingredient 0.
     Raises :class:`~fedsoup.errors.MergeInputError` naming the ingredient and key on
     mismatched keys or shapes, negative weights or NaN/Inf values.
     """
@@ -68,7 +77,7 @@ def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None
     check_structures(state_dicts)
     n = len(state_dicts)
     plan = MergePlan(_SOUP, state_dicts, normalised_weights(weights, n), list(range(n)), None, 0, path="soup",
-                     exact_weights=integer_weights(weights, n))
+                     exact_weights=integer_weights(weights, n), dtype=output_dtype(dtype))
     result = _soup(plan)
     raise_if_not_finite(result, state_dicts, None)
     return result
@@ -77,12 +86,12 @@ def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None
 def _soup(plan: MergePlan) -> StateDict:
     """``Σ ω_i x_i`` per floating tensor: for bf16/fp16/FP8 ingredients with uniform or integer
     weights the exact weighted mean rounded once (:func:`fedsoup.rounding.exact_soup`), else
-    computed in float32/float64 and rounded once into the input dtype."""
+    computed in float32/float64 and rounded once into the plan's dtype (or the input dtype)."""
     merged = {}
     for key in plan.float_keys:
         tensors = [sd[key] for sd in plan.state_dicts]
-        if plan.exact_weights is not None and can_soup_exactly(tensors):
-            merged[key] = exact_soup(tensors, plan.exact_weights)
+        if plan.exact_weights is not None and can_soup_exactly(tensors, plan.dtype):
+            merged[key] = exact_soup(tensors, plan.exact_weights, plan.dtype)
         else:
             merged[key] = weighted_sum(tensors, plan.omega, plan.compute_dtype(key), plan.device)
     return plan.result(merged)
@@ -96,6 +105,7 @@ def merge(
     order_by: Sequence[float] | None = None,
     pivot: str | int | Mapping[str, torch.Tensor | np.ndarray] | None = None,
     seed: int | None = None,
+    dtype: torch.dtype | str | None = None,
     adapter_config: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     report: bool = False,
     _path: str | None = None,
@@ -142,6 +152,10 @@ def merge(
         pivot: a state dict as ``w_0`` for this call (or, without ``options``, the
             rule: ``"soup"``, ``"first"``, an ingredient index).
         seed: the shuffling seed for this call (default: the options').
+        dtype: the dtype of the merged floating tensors (a ``torch.dtype`` or a name such as
+            ``"bf16"``; default: each key's input dtype), rounded into once from the merge's
+            float32/float64 result, or, for the soup of bf16/fp16/FP8 inputs, from the exact
+            mean: never through the inputs' dtype (``--dtype``).
         adapter_config: with the ``lora`` option, the models are PEFT adapter state dicts
             and this is their ``adapter_config.json`` (one dict for all, or one per model):
             :mod:`fedsoup.lora` merges them as ``"factors"`` or ``"products"`` and returns the
@@ -168,9 +182,13 @@ def merge(
     """
     options = _options(options, pivot, option_kwargs)  # validated once, or trusted
     if options.lora is not None:  # PEFT adapters: their factors or their products s·B·A (docs/design.md §2.6)
+        if dtype is not None:
+            raise OptionError("dtype", dtype, "dtype= is not taken by a LoRA adapter merge (merge_files' dtype "
+                              "writes an adapter in another dtype)")
         return _merge_adapters(models, options, adapter_config, weights, order_by, pivot, seed, report)
     plan = make_plan(models, options, weights=weights, order_by=order_by,
-                     pivot=pivot if isinstance(pivot, Mapping) else None, seed=seed, path=_path)
+                     pivot=pivot if isinstance(pivot, Mapping) else None, seed=seed, path=_path,
+                     dtype=output_dtype(dtype))
     result, merge_report = run(plan, part=_part, exact_ball=report or _part)
     return (result, merge_report) if report else result
 

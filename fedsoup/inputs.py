@@ -29,6 +29,7 @@ __all__ = [
     "visiting_order",
     "resolve_pivot",
     "compute_dtype",
+    "output_dtype",
     "find_non_finite",
     "first_non_finite",
     "raise_if_not_finite",
@@ -158,9 +159,30 @@ def resolve_pivot(pivot, state_dicts: list[StateDict], order: list[int]) -> Stat
     raise OptionError("pivot", pivot, f"pivot must be 'soup', 'first', an index or a state dict, got {type(pivot).__name__}")
 
 
-def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 are upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def compute_dtype(tensors: Sequence[torch.Tensor], output: torch.dtype | None = None) -> torch.dtype:
+    """float64 if any input (or the ``output`` dtype asked for) is float64, else float32 (bf16/fp16 are upcast)."""
+    wide = output == torch.float64 or any(t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+# Output dtypes by the names users type (--dtype bf16).
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The floating dtype a merge writes (a ``torch.dtype`` or a name such as ``"bf16"``), or ``None``: the inputs'."""
+    if dtype is None:
+        return None
+    resolved = DTYPE_NAMES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise OptionError("dtype", dtype, f"dtype {dtype!r}: use a floating dtype such as "
+                          "float32, float16, bfloat16 (fp32, fp16, bf16) or float64")
+    return resolved
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ fails before any tensor is read:
   optimizer class of the caller's own is built once, on an empty tensor, instead.
 
 Options say *how* to merge. *What* is merged in one call (the models, their ``weights``,
-the ``order_by`` scores, a pivot state dict, a per-call ``seed``) are arguments of
+the ``order_by`` scores, a pivot state dict, a per-call ``seed``, the ``dtype`` written) are arguments of
 :func:`fedsoup.merge` itself (:data:`CALL_INPUTS`), checked cheaply on every call.
 Validation happens once, here: ``fedsoup.merge(models, options)`` trusts ``options``.
 """
@@ -57,10 +57,11 @@ LORA_MODES = ("products", "factors")
 
 # What one ``fedsoup.merge`` call merges (its arguments, not options); ``pivot`` is one as a
 # state dict (as "soup", "first" or an index it is the option), ``seed`` overrides the option.
-CALL_INPUTS = ("weights", "order_by", "pivot", "seed", "adapter_config")
+CALL_INPUTS = ("weights", "order_by", "pivot", "seed", "dtype", "adapter_config")
 _NOT_OPTIONS = {
     "weights": "weights are an input of the call: fedsoup.merge(models, options, weights=...)",
     "order_by": "order_by scores are an input of the call: fedsoup.merge(models, options, order_by=...)",
+    "dtype": "the dtype written is an argument of the call: fedsoup.merge(models, options, dtype=...)",
 }
 
 

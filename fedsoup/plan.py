@@ -60,6 +60,8 @@ class MergePlan:
     # The weights as integers (all 1 when uniform) where the soup of bf16/fp16/FP8 inputs is
     # the exact weighted mean rounded once (fedsoup.rounding); None for other weights.
     exact_weights: list[int] | None = None
+    # The dtype of the merged floating tensors (None: each key's input dtype), rounded into once.
+    dtype: torch.dtype | None = None
     _schedules: dict[float, Schedule] = field(default_factory=dict, repr=False)
 
     @property
@@ -76,7 +78,7 @@ class MergePlan:
         return [key for key, tensor in self.first.items() if tensor.is_floating_point()]
 
     def compute_dtype(self, key: str) -> torch.dtype:
-        return compute_dtype([sd[key] for sd in self.state_dicts])
+        return compute_dtype([sd[key] for sd in self.state_dicts], self.dtype)
 
     def base_lr(self, key: str) -> float:
         """``η_0`` of a tensor: the one ``lr`` or its entry in a per-key mapping."""
@@ -105,21 +107,23 @@ class MergePlan:
 
     def result(self, merged: Mapping[str, torch.Tensor]) -> StateDict:
         """The merged state dict on ``device``: floating tensors from ``merged`` (buffers the
-        merge owns) rounded once into each key's input dtype (:func:`fedsoup.rounding.round_to`),
-        the others cloned from the first ingredient in visiting order."""
+        merge owns) rounded once into ``dtype`` or each key's input dtype
+        (:func:`fedsoup.rounding.round_to`), the others cloned from the first ingredient in
+        visiting order."""
         return {
-            key: round_to(merged[key], tensor.dtype).to(self.device) if key in merged
+            key: round_to(merged[key], self.dtype or tensor.dtype).to(self.device) if key in merged
             else tensor.to(self.device, copy=True)
             for key, tensor in self.first.items()
         }
 
 
 def make_plan(models, options: MergeOptions, *, weights=None, order_by=None, pivot: Mapping | None = None,
-              seed: int | None = None, path: str | None = None) -> MergePlan:
+              seed: int | None = None, path: str | None = None, dtype: torch.dtype | None = None) -> MergePlan:
     """The model-dependent step: check this call's inputs and resolve ``options`` against the models.
 
     ``pivot`` (a state dict) and ``seed`` replace the options' pivot rule and seed for this
-    call; ``path`` forces one of :data:`PATHS` (tests and benchmarks).
+    call; ``dtype`` is the merged floating tensors' (validated: :func:`fedsoup.inputs.output_dtype`);
+    ``path`` forces one of :data:`PATHS` (tests and benchmarks).
     """
     state_dicts = as_state_dicts(models)
     check_structures(state_dicts)
@@ -135,6 +139,7 @@ def make_plan(models, options: MergeOptions, *, weights=None, order_by=None, piv
         lr=_per_key_lr(1.0 if options.lr is None else options.lr, state_dicts[0]),
         device=_device(options.device, state_dicts),
         exact_weights=integer_weights(weights, n),
+        dtype=dtype,
     )
     if path is not None and path not in PATHS:
         raise OptionError("_path", path, f"unknown merge path {path!r}; one of {', '.join(PATHS)}",

@@ -44,7 +44,8 @@ from numba.extending import intrinsic
 
 from fedsoup.kernels import _as_pointer, _jit, prange
 
-__all__ = ["NARROW_FORMATS", "MAX_EXACT_WEIGHT", "integer_weights", "exact_soup", "round_to", "can_soup_exactly"]
+__all__ = ["NARROW_FORMATS", "SOUP_TARGETS", "MAX_EXACT_WEIGHT", "integer_weights", "exact_soup", "round_to",
+           "can_soup_exactly"]
 
 # Target formats: (significand bits p with the hidden one, exponent bits, exponent bias, has inf).
 # float8_e4m3fn has no inf: its all-ones exponent is a normal binade but for the NaN 0x7F/0xFF.
@@ -54,7 +55,10 @@ NARROW_FORMATS: dict[torch.dtype, tuple[int, int, int, bool]] = {
     torch.float8_e4m3fn: (4, 4, 7, False),
     torch.float8_e5m2: (3, 5, 15, True),
 }
-_BITS_DTYPE = {torch.bfloat16: torch.int16, torch.float16: torch.int16,
+# The exact soup of narrow inputs may also be written into another narrow format or float32
+# (``--dtype``): the exact mean rounded once into it, never through the inputs' format.
+SOUP_TARGETS: dict[torch.dtype, tuple[int, int, int, bool]] = {**NARROW_FORMATS, torch.float32: (24, 8, 127, True)}
+_BITS_DTYPE = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
                torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 # Integer weights (example counts) up to 2^24 keep every term exact in float64, and the
 # decisive product W·(f + ½)·u exact while Σ w_i stays below 2^40.
@@ -74,16 +78,18 @@ def integer_weights(weights, n: int) -> list[int] | None:
     return integers if 0 < sum(integers) < _MAX_EXACT_TOTAL else None
 
 
-def can_soup_exactly(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when every ingredient has the same narrow float dtype (bf16, fp16, FP8) on the CPU."""
-    dtype = tensors[0].dtype
-    return dtype in NARROW_FORMATS and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+def can_soup_exactly(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> bool:
+    """True when every ingredient has the same narrow float dtype (bf16, fp16, FP8) on the CPU
+    and the result's ``dtype`` (default: theirs) is one of :data:`SOUP_TARGETS`."""
+    inputs = tensors[0].dtype
+    return (inputs in NARROW_FORMATS and (dtype is None or dtype in SOUP_TARGETS)
+            and all(t.dtype == inputs and t.device.type == "cpu" for t in tensors))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
-    """The raw bits of a flat contiguous narrow-float tensor, as unsigned integers (no copy)."""
+    """The raw bits of a flat contiguous float tensor of :data:`SOUP_TARGETS`, as unsigned integers (no copy)."""
     array = tensor.view(_BITS_DTYPE[tensor.dtype]).numpy()
-    return array.view(np.uint16) if array.dtype == np.int16 else array
+    return array.view(f"u{array.itemsize}")
 
 
 @functools.cache
@@ -97,21 +103,25 @@ def _values_of_all_bits(dtype: torch.dtype) -> np.ndarray:
     return patterns.view(dtype).to(torch.float64).numpy()
 
 
-def exact_soup(tensors: Sequence[torch.Tensor], weights: Sequence[int]) -> torch.Tensor:
-    """``RNE(Σ w_i x_i / Σ w_i)`` per element, in the ingredients' dtype (see the module docstring).
+def exact_soup(tensors: Sequence[torch.Tensor], weights: Sequence[int], dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+    """``RNE(Σ w_i x_i / Σ w_i)`` per element, in ``dtype`` (default: the ingredients'; see the module docstring).
 
-    ``tensors`` share one narrow dtype (:func:`can_soup_exactly`) and shape; ``weights`` are
-    non-negative integers (:func:`integer_weights`). NaN/Inf in an input gives NaN/Inf.
+    ``tensors`` share one narrow dtype and shape, and ``dtype`` is one of :data:`SOUP_TARGETS`
+    (:func:`can_soup_exactly`); ``weights`` are non-negative integers (:func:`integer_weights`).
+    Into another format (bf16 inputs written as fp16 or float32) the exact mean is rounded
+    once into it, not through the inputs' format. NaN/Inf in an input gives NaN/Inf.
     """
-    dtype = tensors[0].dtype
-    precision, exponent_bits, bias, has_inf = NARROW_FORMATS[dtype]
+    inputs = tensors[0].dtype
+    dtype = inputs if dtype is None else dtype
+    precision, exponent_bits, bias, has_inf = SOUP_TARGETS[dtype]
     flat = [t.detach().contiguous().reshape(-1) for t in tensors]  # kept alive: the kernel reads their memory
     out = torch.empty(flat[0].numel(), dtype=dtype)
     addresses = np.array([t.data_ptr() for t in flat], dtype=np.int64)
-    like = np.empty(0, dtype=np.uint16 if dtype.itemsize == 2 else np.uint8)
+    like = np.empty(0, dtype=np.uint16 if inputs.itemsize == 2 else np.uint8)
     w = np.asarray(weights, dtype=np.float64)
-    _exact_mean_chunk(addresses, like, out.numel(), _values_of_all_bits(dtype), w, float(w.sum()), _bits(out),
-                      precision, exponent_bits, bias, has_inf)
+    _exact_mean_chunk(addresses, like, inputs == torch.bfloat16, out.numel(), _values_of_all_bits(inputs), w,
+                      float(w.sum()), _bits(out), precision, exponent_bits, bias, has_inf)
     return out.reshape(tensors[0].shape)
 
 
@@ -158,8 +168,9 @@ def _bfloat16_value(typingctx, bits):
 
 
 @_jit(inline="always")
-def _value(table, bits, exponent_bits):
-    return _bfloat16_value(bits) if exponent_bits == 8 else table[bits]
+def _value(table, bits, bfloat16):
+    """The float64 value of an input's bits: bf16 by a shift, the other formats from ``table``."""
+    return _bfloat16_value(bits) if bfloat16 else table[bits]
 
 
 _MAGNITUDE = (1 << 63) - 1
@@ -254,9 +265,11 @@ def _grow(expansion, size, term):
 
 
 @_jit(parallel=True)
-def _exact_mean_chunk(addresses, like, count, table, weights, total, out, precision, exponent_bits, bias, has_inf):
-    """``out[i]`` = the bits of RNE(Σ_j w_j x_j[i] / total); ingredient ``j``'s bits are at
-    ``addresses[j]`` (of ``like``'s element type).
+def _exact_mean_chunk(addresses, like, bfloat16, count, table, weights, total, out, precision, exponent_bits, bias,
+                      has_inf):
+    """``out[i]`` = the bits of RNE(Σ_j w_j x_j[i] / total) in the target format (``precision``,
+    ``exponent_bits``, ``bias``, ``has_inf``); ingredient ``j``'s bits are at ``addresses[j]`` (of
+    ``like``'s element type), decoded by ``table`` (or as bf16).
 
     Per block, branch-free passes that the compiler vectorizes settle the common case: the
     float64 sum ``S`` exact (TwoSum errors zero), ``q = fl(S/W)`` in the target's normal
@@ -279,12 +292,12 @@ def _exact_mean_chunk(addresses, like, count, table, weights, total, out, precis
         flags = np.zeros(size, dtype=np.uint8)
         first = _as_pointer(addresses[0], like)
         for i in range(size):
-            sums[i] = _value(table, first[start + i], exponent_bits) * weights[0]
+            sums[i] = _value(table, first[start + i], bfloat16) * weights[0]
         for j in range(1, n):
             ingredient = _as_pointer(addresses[j], like)
             weight = weights[j]
             for i in range(size):
-                term = _value(table, ingredient[start + i], exponent_bits) * weight
+                term = _value(table, ingredient[start + i], bfloat16) * weight
                 partial = sums[i] + term
                 virtual = partial - sums[i]
                 error = (sums[i] - (partial - virtual)) + (term - virtual)
@@ -307,12 +320,12 @@ def _exact_mean_chunk(addresses, like, count, table, weights, total, out, precis
             if flags[i]:
                 for j in range(n):
                     codes[j] = _as_pointer(addresses[j], like)[start + i]
-                out[start + i] = _exact_mean(codes, n, table, weights, total, scratch, precision, exponent_bits, bias,
-                                             has_inf)
+                out[start + i] = _exact_mean(codes, n, bfloat16, table, weights, total, scratch, precision,
+                                             exponent_bits, bias, has_inf)
 
 
 @_jit(inline="always")
-def _exact_mean(bits, n, table, weights, total, expansion, precision, exponent_bits, bias, has_inf):
+def _exact_mean(bits, n, bfloat16, table, weights, total, expansion, precision, exponent_bits, bias, has_inf):
     """The bits of RNE(Σ_j w_j x_j[i] / total).
 
     Fast path: when every partial sum of the float64 terms is exact (TwoSum errors all
@@ -321,18 +334,18 @@ def _exact_mean(bits, n, table, weights, total, expansion, precision, exponent_b
     (monotonic rounding keeps every other ``q`` on the true quotient's side), and is settled
     by the exact comparison of ``S`` with ``W·midpoint``. Otherwise steps 2-4 of the
     module docstring."""
-    total_sum = _value(table, bits[0], exponent_bits) * weights[0]
+    total_sum = _value(table, bits[0], bfloat16) * weights[0]
     exact = True
     for j in range(1, n):
-        term = _value(table, bits[j], exponent_bits) * weights[j]
+        term = _value(table, bits[j], bfloat16) * weights[j]
         partial = total_sum + term
         virtual = partial - total_sum
         if (total_sum - (partial - virtual)) + (term - virtual) != 0.0:
             exact = False
         total_sum = partial
     if not exact:
-        return _exact_mean_expansion(bits, n, table, weights, total, expansion, precision, exponent_bits, bias,
-                                     has_inf)
+        return _exact_mean_expansion(bits, n, bfloat16, table, weights, total, expansion, precision, exponent_bits,
+                                     bias, has_inf)
     quotient = total_sum / total
     if math.isfinite(quotient) and quotient != 0.0:
         lower, rest, shift, scale = _split(quotient, precision, bias)
@@ -345,11 +358,12 @@ def _exact_mean(bits, n, table, weights, total, expansion, precision, exponent_b
 
 
 @_jit(inline="always")
-def _exact_mean_expansion(bits, n, table, weights, total, expansion, precision, exponent_bits, bias, has_inf):
+def _exact_mean_expansion(bits, n, bfloat16, table, weights, total, expansion, precision, exponent_bits, bias,
+                          has_inf):
     """RNE(S/W) with ``S`` an exact expansion (steps 2-4 of the module docstring)."""
     size = 0
     for j in range(n):
-        size = _grow(expansion, size, _value(table, bits[j], exponent_bits) * weights[j])
+        size = _grow(expansion, size, _value(table, bits[j], bfloat16) * weights[j])
     approx = 0.0
     for k in range(size):  # smallest components first
         approx += expansion[k]

@@ -111,6 +111,7 @@ FORMATS = {
     torch.float16: (11, -14, Fraction(65504)),
     torch.float8_e4m3fn: (4, -6, Fraction(448)),
     torch.float8_e5m2: (3, -14, Fraction(57344)),
+    torch.float32: (24, -126, Fraction(2**128) - Fraction(2**104)),
 }
 
 
@@ -145,8 +146,9 @@ def exact_mean(tensors: list[torch.Tensor], weights: list[int] | None = None) ->
     return [sum(Fraction(w) * Fraction(x) for w, x in zip(weights, values)) / total for values in zip(*columns)]
 
 
-def correctly_rounded_mean(tensors: list[torch.Tensor], weights: list[int] | None = None) -> torch.Tensor:
-    """The exact weighted mean rounded once to the inputs' dtype (the hand-written reference)."""
-    dtype = tensors[0].dtype
+def correctly_rounded_mean(tensors: list[torch.Tensor], weights: list[int] | None = None,
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The exact weighted mean rounded once to ``dtype`` (default: the inputs'): the hand-written reference."""
+    dtype = dtype or tensors[0].dtype
     values = [round_fraction(v, dtype) for v in exact_mean(tensors, weights)]
     return torch.tensor(values, dtype=torch.float64).reshape(tensors[0].shape).to(dtype)

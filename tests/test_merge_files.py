@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import fedsoup
 from fedsoup import cli
+from tests.hf_helpers import correctly_rounded_mean
 from fedsoup import io as fio
 from fedsoup.errors import MergeInputError, MergeWarning, OutputExistsError
 
@@ -187,10 +188,15 @@ def test_dtype_option_sets_the_output_dtype(tmp_path, capsys):
     merged = load_file(out)
     assert {merged[k].dtype for k in merged if merged[k].is_floating_point()} == {torch.float16}
     assert merged["position_ids"].dtype == torch.int64
-    expected = fedsoup.soup([load_file(p) for p in inputs])
+    loaded = [load_file(p) for p in inputs]
+    expected = fedsoup.soup(loaded, dtype=torch.float16)
     for key in expected:
         if expected[key].is_floating_point():
-            assert torch.equal(merged[key], expected[key].to(torch.float16))
+            # float32 inputs: their float32 soup rounded once; bf16 ones: the exact mean rounded once into fp16
+            assert torch.equal(merged[key], expected[key])
+    assert torch.equal(expected["layer.0.weight"], fedsoup.soup(loaded)["layer.0.weight"].to(torch.float16))
+    assert torch.equal(expected["embed.weight"], correctly_rounded_mean([m["embed.weight"] for m in loaded],
+                                                                        dtype=torch.float16))
     assert cli.main(["merge", *inputs, "-o", str(tmp_path / "c.safetensors"), "--dtype", "bfloat16"]) == 0
     assert load_file(tmp_path / "c.safetensors")["layer.0.weight"].dtype == torch.bfloat16
 

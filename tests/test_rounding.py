@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import fedsoup
 from fedsoup import io as fio
@@ -97,6 +98,25 @@ def test_random_soups_and_far_apart_magnitudes(dtype):
                        torch.tensor([-0.0]).to(dtype).view(torch.uint8))  # -0 + -0 + -0 is -0
 
 
+@pytest.mark.parametrize(("inputs_dtype", "dtype"), [
+    (torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.float8_e4m3fn, torch.bfloat16), (torch.bfloat16, torch.float8_e5m2),
+], ids=str)
+def test_exact_soup_into_another_format_is_rounded_once_not_through_the_inputs_format(inputs_dtype, dtype):
+    generator = torch.Generator().manual_seed(5)
+    ties, near = constructed_ties(inputs_dtype, 3, [1, 1, 1], count=40)
+    inputs = [torch.cat([column, (torch.randn(2000, generator=generator) * 0.05).to(inputs_dtype)])
+              for column in columns(ties + near, inputs_dtype)]
+    for weights in ([1, 1, 1], [3, 5, 1]):
+        expected = correctly_rounded_mean(inputs, weights, dtype)
+        got = exact_soup(inputs, weights, dtype)
+        assert got.dtype == dtype and torch.equal(got.double(), expected.double())
+        soup = fedsoup.soup([{"w": x} for x in inputs], weights=weights, dtype=dtype)["w"]
+        assert soup.dtype == dtype and torch.equal(soup.double(), expected.double())
+    through_inputs = exact_soup(inputs, [1, 1, 1]).to(dtype)  # what rounding twice gives
+    assert not torch.equal(through_inputs.double(), correctly_rounded_mean(inputs, [1, 1, 1], dtype).double())
+
+
 def test_integer_weights_decide_the_exact_path():
     assert integer_weights(None, 3) == [1, 1, 1]
     assert integer_weights([2, 5.0, 0], 3) == [2, 5, 0]
@@ -160,3 +180,21 @@ def test_fp8_checkpoints_without_scales_merge_correctly_rounded(tmp_path, dtype)
         assert torch.equal(merged[key].float(), correctly_rounded_mean([m[key] for m in models]).float())
     assert cli.main(["merge", *paths, "-o", str(tmp_path / "adam.safetensors"), "--optimizer", "adam", "-q"]) == 0
     assert fio.load_state_dict(tmp_path / "adam.safetensors")["layer.weight"].dtype == dtype
+
+
+def test_ame_results_with_a_dtype_are_rounded_once_into_it_not_through_the_inputs_dtype(tmp_path):
+    generator = torch.Generator().manual_seed(6)
+    models = [{"w": torch.randn(3000, generator=generator).to(torch.bfloat16)} for _ in range(3)]
+    in_float32 = fedsoup.merge([{"w": m["w"].float()} for m in models], optimizer="adam", lr=0.01)["w"]
+    got = fedsoup.merge(models, optimizer="adam", lr=0.01, dtype="fp16")["w"]
+    assert got.dtype == torch.float16 and torch.equal(got, in_float32.to(torch.float16))
+    assert not torch.equal(got, in_float32.to(torch.bfloat16).to(torch.float16))  # rounding twice differs
+    paths = []
+    for i, model in enumerate(models):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file(model, paths[-1])
+    for low_memory in (False, True):
+        out = tmp_path / f"out-{low_memory}.safetensors"
+        fedsoup.merge_files(paths, out, optimizer="adam", lr=0.01, dtype="float16", low_memory=low_memory)
+        with fio.open_checkpoint(out) as written:
+            assert torch.equal(written.get("w"), got)

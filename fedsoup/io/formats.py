@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsoup.inputs import DTYPE_NAMES as _DTYPE_NAMES
+
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 NUMPY_SUFFIX = ".npz"
@@ -35,13 +37,8 @@ for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
         DTYPE_CODES[getattr(torch, _name)] = _code
 CODE_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
-# Output dtypes by the names users type (--dtype bf16).
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+# Output dtypes by the names users type (--dtype bf16): fedsoup.inputs.output_dtype reads them.
+DTYPE_NAMES = _DTYPE_NAMES
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from fedsoup.atomic import atomic_write_text
 from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
 from fedsoup.io.checks import check_compatible, check_unquantized
-from fedsoup.io.formats import DTYPE_NAMES, TensorInfo, dtype_str
+from fedsoup.io.formats import TensorInfo, dtype_str
 from fedsoup.io.hf import check_model_inputs, model_directory_files, uncarried_files
 from fedsoup.io.layout import OutputLayout
 from fedsoup.io.readers import Checkpoint, open_weights_file
@@ -32,7 +32,7 @@ from fedsoup.io.resolve import ADAPTER, ResolvedInput, expand_inputs, open_check
 from fedsoup.lora.driver import merge_adapter_files
 from fedsoup.plan import planned_steps
 from fedsoup.io.writer import parse_size, write_checkpoint
-from fedsoup.inputs import per_ingredient
+from fedsoup.inputs import output_dtype, per_ingredient
 from fedsoup.offline.producers import LowMemoryProducer, Progress, choose_low_memory, in_memory_producer
 from fedsoup.offline.tables import FILE_SETTINGS, per_input_values
 from fedsoup.options import MergeOptions
@@ -120,16 +120,6 @@ def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
     if not (isinstance(value, bool) or (allow_none and value is None)):
         kinds = "true, false or None" if allow_none else "true or false"
         raise OptionError(name, value, f"option {name!r} must be {kinds}, got {value!r}")
-
-
-def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    resolved = DTYPE_NAMES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise OptionError("dtype", dtype, f"dtype {dtype!r}: use a floating dtype such as "
-                          "float32, float16, bfloat16 (fp32, fp16, bf16) or float64")
-    return resolved
 
 
 def _split_file_options(merge_options: dict[str, Any]) -> tuple[MergeOptions, Any, Any, str | None]:
@@ -220,7 +210,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         _check_flag(name, value)
     _check_flag("low_memory", low_memory, allow_none=True)
     max_shard_bytes = parse_size(DEFAULT_SHARD_SIZE if shard_size is None else shard_size)
-    out_dtype = _output_dtype(dtype)
+    out_dtype = output_dtype(dtype)
     if inputs is None or (not isinstance(inputs, (str, os.PathLike)) and len(inputs) == 0):
         raise OptionError("inputs", inputs, "no inputs: give checkpoint files or directories (or 'inputs' in the config)")
     if output is None or str(output) == "":
@@ -258,6 +248,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
             "weights": per_input_values("weights", weights, names, metrics) if weights is not None else None,
             "order_by": per_input_values("order_by", order_by, names, metrics) if order_by is not None else None,
         }
+        metadata_call = dict(call)
+        call["dtype"] = out_dtype  # rounded once into it by the merge, never through the inputs' dtype
         pivot = None
         if pivot_path is not None:
             pivot = stack.enter_context(open_checkpoint(pivot_path))
@@ -274,7 +266,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
             "fedsoup.version": _version(),
             "fedsoup.inputs": json.dumps(names),
             "fedsoup.merge": json.dumps(
-                {**options.describe(), **call, "pivot": pivot.name if pivot else options.describe()["pivot"],
+                {**options.describe(), **metadata_call, "pivot": pivot.name if pivot else options.describe()["pivot"],
                  "low_memory": low, "dtype": None if out_dtype is None else dtype_str(out_dtype)},
                 sort_keys=True,
             ),
