@@ -328,7 +328,8 @@ class FedSoup(FedAvg):
 
         Raises :class:`fedsoup.errors.StateError` (a ``ValueError``) if the state is not a
         FedSoup state, was written under another LoRA mode (``key`` ``"lora"``; checked
-        before anything is restored: its stew and global model live in another space) or
+        before anything is restored: its stew and global model live in another space), holds
+        a global adapter that does not match ``adapter_config`` (``key`` ``"global"``) or
         its ServerStew optimizer differs from this FedSoup's (``key`` ``"optimizer"``: its
         moments would be meaningless). A FedSoup created on a checkpoint raises the same,
         located at its ``state.json`` (``path``).
@@ -344,6 +345,11 @@ class FedSoup(FedAvg):
                 f"adapter_config); resume {same}, or start afresh with another checkpoint_dir",
                 key="lora",
             )
+        if self.lora is not None and state.global_model is not None:
+            try:  # what start() checks of initial_arrays, checked of the restored model
+                GlobalAdapter.of(state.global_model, self.lora)
+            except OptionError as error:
+                raise StateError(f"FedSoup state: {error.reason}", key="global") from None
         try:
             self.server_stew.load_state_dict(state.stew or {"optimizer": self.server_stew.name, "state": None})
         except StateError as error:

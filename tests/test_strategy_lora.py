@@ -508,6 +508,16 @@ def test_a_state_written_under_the_same_lora_mode_resumes(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["factors", "products"])
+def test_a_state_whose_adapter_does_not_match_adapter_config_is_refused_at_startup(tmp_path, mode):
+    """Before: restored, and only the resumed run's first configure_train raised (OptionError)."""
+    run_rounds(FedSoup(checkpoint_dir=tmp_path, **lora_kwargs(mode, None)), record(adapter(zero_b=False)), rounds=1)
+    other_rank = {**lora_kwargs(mode, None), "adapter_config": {**CONFIG, "r": 8}}
+    with pytest.raises(StateError, match="does not match the server's adapter_config") as info:
+        FedSoup(checkpoint_dir=tmp_path, **other_rank)
+    assert (info.value.key, info.value.path) == ("global", str(tmp_path / "state.json"))
+
+
+@pytest.mark.parametrize("mode", ["factors", "products"])
 def test_a_state_from_before_lora_mode_was_recorded_is_checked_by_its_description(mode):
     first = FedSoup(**lora_kwargs(mode, None))
     run_rounds(first, record(adapter(zero_b=False)), rounds=1)
