@@ -15,7 +15,7 @@ from flwr.serverapp.exception import AggregationError
 
 from strategies.adapters import GlobalAdapter, factor_product_error, reply_pairs
 from strategies.client_soup import ClientSoup, round_seed
-from strategies.products import ProductSoup, ProductStew
+from strategies.products import GlobalProducts, ProductSoup, ProductStew
 from strategies.replies import UsableReply
 from strategies.rounds import (
     FALLBACK_SOUP,
@@ -56,8 +56,9 @@ def adapter_round(
     figures: list = []
     soup, stew = client_soup, server_stew
     if lora.mode == "products":
-        soup = ProductSoup(adapter, seed, client_soup=client_soup, lora=lora, truncate=server_stew.is_identity)
-        stew = ProductStew(adapter, seed, stew=server_stew)
+        shared = GlobalProducts(adapter)  # ΔW_{t−1}, formed once for the soup and the stew
+        soup = ProductSoup(adapter, seed, shared, client_soup=client_soup, lora=lora, truncate=server_stew.is_identity)
+        stew = ProductStew(adapter, seed, shared, stew=server_stew)
         figures = [soup, stew]
     outcome = train_round(soup, stew, usable, server_round, current)
     metrics: dict[str, float] = {}

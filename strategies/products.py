@@ -37,14 +37,14 @@ import torch
 
 import fedsoup
 from fedsoup.inputs import compute_dtype
-from fedsoup.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraPair
+from fedsoup.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraPair, dense_deltas
 from fedsoup.lora.linalg import captured_energy, factored_norm, factored_truncated_svd, randomized_svd
 from strategies.adapters import GlobalAdapter, LoraOptions, module_seed, reply_pairs
 from strategies.client_soup import ClientSoup, SoupResult, non_floating_rule
 from strategies.replies import UsableReply
 from strategies.server_stew import ServerStew
 
-__all__ = ["ProductSoup", "ProductStew", "dense_products", "adapter_factors", "METRIC_SVD_ENERGY_MIN",
+__all__ = ["ProductSoup", "ProductStew", "GlobalProducts", "dense_products", "adapter_factors", "METRIC_SVD_ENERGY_MIN",
            "METRIC_SVD_ENERGY_MEAN", "METRIC_SVD_ITERATIONS"]
 
 #: The smallest and mean captured energy ``Σ_{j≤r} σ_j² / ‖ΔW_t‖_F²`` over the modules.
@@ -55,14 +55,29 @@ METRIC_SVD_ITERATIONS = "fedsoup-lora-svd-iterations"
 
 
 def dense_products(model: Mapping[str, torch.Tensor], adapter: GlobalAdapter) -> dict[str, torch.Tensor]:
-    """``{path: s B A}`` (dense, compute dtype) for every module, and the other arrays as they are."""
-    dense: dict[str, torch.Tensor] = {}
-    for path in adapter.modules:
-        A, B = model[path + LORA_A_SUFFIX], model[path + LORA_B_SUFFIX]
-        dtype = compute_dtype([A, B])
-        dense[path] = adapter.scale(path, A.shape[0]) * (B.to(dtype) @ A.to(dtype))
-    dense.update({key: model[key] for key in adapter.full})
-    return dense
+    """``{path: s B A}`` (dense, compute dtype) for every module, and the other arrays as they are
+    (:func:`fedsoup.lora.dense_deltas`, each scale the server's at the model's rank)."""
+    return dense_deltas(reply_pairs(model, adapter), {key: model[key] for key in adapter.full})
+
+
+@dataclasses.dataclass(eq=False)
+class GlobalProducts:
+    """The global adapter ``x_{t−1}`` in product space, ``{path: s B_g A_g}``, formed at most once a round.
+
+    A ``products`` round with AME and a stateful stew needs it twice (the ClientSoup's
+    ``current``, the stew's ``ΔW_{t−1}``): the round's :class:`ProductSoup` and
+    :class:`ProductStew` share one of these.
+    """
+
+    adapter: GlobalAdapter
+    _model: Mapping[str, torch.Tensor] | None = dataclasses.field(default=None, init=False)
+    _dense: dict[str, torch.Tensor] | None = dataclasses.field(default=None, init=False)
+
+    def of(self, model: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:func:`dense_products` of ``model`` (the round's ``current``), computed on the first call."""
+        if self._model is not model:
+            self._model, self._dense = model, dense_products(model, self.adapter)
+        return self._dense
 
 
 def adapter_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, scale: float,
@@ -114,10 +129,12 @@ def _truncate_dense(dense: Mapping[str, torch.Tensor], current: Mapping[str, tor
 @dataclasses.dataclass(eq=False)
 class _ProductRoundPart:
     """What the soup and the stew of a ``products`` round share: the global adapter, the
-    round's seed (each module's SVD is seeded from it) and the last step's SVD figures."""
+    round's seed (each module's SVD is seeded from it), the global adapter's dense ``ΔW_{t−1}``
+    (one :class:`GlobalProducts` for both) and the last step's SVD figures."""
 
     adapter: GlobalAdapter
     seed: int
+    global_products: GlobalProducts
     figures: _Figures = dataclasses.field(default_factory=_Figures, init=False)  # the last step's, reset by each
 
 
@@ -144,7 +161,7 @@ class ProductSoup(_ProductRoundPart):
             return self.soup(replies, current)
         self.figures = _Figures()
         dense = [dataclasses.replace(reply, arrays=dense_products(reply.arrays, self.adapter)) for reply in replies]
-        dense_current = None if current is None else dense_products(current, self.adapter)
+        dense_current = None if current is None else self.global_products.of(current)
         result = self.client_soup.merge(dense, server_round, dense_current)
         if result is None:
             return None
@@ -220,7 +237,7 @@ class ProductStew(_ProductRoundPart):
             model = {key: merged[key].to(current[key].dtype) for key in current}
             return model, self._product_distance(current, model)
         self.figures = _Figures()
-        stepped, grad_norm = self.stew.step(dense_products(current, self.adapter), merged)
+        stepped, grad_norm = self.stew.step(self.global_products.of(current), merged)
         return _truncate_dense(stepped, current, self.adapter, self.seed, self.figures), grad_norm
 
     def _product_distance(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:

@@ -549,6 +549,22 @@ def test_the_soup_of_products_never_forms_a_dense_update(monkeypatch):
     assert all(h["fedsoup-fallback"] == 0 and h["fedsoup-lora-svd-iterations"] >= 1 for h in history)
 
 
+def test_a_products_round_forms_the_global_adapters_dense_update_once(monkeypatch):
+    """AME over products + a stateful stew: ``ΔW_{t−1} = s B_g A_g`` is formed once a round and
+    shared by the ClientSoup (its ``current``) and the stew (the point it steps from)."""
+    import strategies.products as products
+
+    formed = []
+    dense_products = products.dense_products
+    monkeypatch.setattr(products, "dense_products",
+                        lambda model, adapter: formed.append(id(model)) or dense_products(model, adapter))
+    strategy = FedSoup(adapter_config=CONFIG, soup={"lora": "products", "optimizer": "adam", "lr": 0.01},
+                       stew={"optimizer": "fedadam", "lr": 0.05})
+    _, history, _ = run_rounds(strategy, record(adapter(zero_b=False)), rounds=2)
+    assert [h["fedsoup-fallback"] for h in history] == [0, 0]
+    assert len(formed) == 2 * (len(NODES) + 1)  # per round: each reply once, the global adapter once
+
+
 def test_a_reply_whose_products_overflow_cannot_end_the_run(caplog):
     """Finite factors of 1e30 make s·B·A overflow float32: the round falls back, nothing raises."""
     initial = record(adapter(zero_b=False))

@@ -22,7 +22,7 @@ from fedsoup.lora.checks import check_adapters, check_lora_options
 from fedsoup.lora.into_base import merge_into_base
 from fedsoup.lora.measure import factor_product_errors
 from fedsoup.lora.modes import LORA_MODES, merge_adapter_state_dicts, merge_adapters, merged_deltas
-from fedsoup.lora.pairs import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, LoraPair, join_adapter, split_adapter
+from fedsoup.lora.pairs import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, LoraPair, dense_deltas, join_adapter, split_adapter
 from fedsoup.lora.report import AdapterMerge, LoraReport
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "LoraSettings",
     "check_adapters",
     "check_lora_options",
+    "dense_deltas",
     "factor_product_errors",
     "load_adapter",
     "read_adapter",

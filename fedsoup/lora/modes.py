@@ -41,7 +41,15 @@ from fedsoup.lora.checks import check_adapters, check_equal_ranks, check_lora_op
 from fedsoup.lora.config import LoraSettings, output_adapter_config, parse_adapter_config
 from fedsoup.lora.linalg import balanced_factors, captured_energy, factored_svd, randomized_svd
 from fedsoup.lora.measure import factor_product_errors, stacked
-from fedsoup.lora.pairs import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, join_adapter, module_name, split_adapter
+from fedsoup.lora.pairs import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    Adapter,
+    dense_deltas,
+    join_adapter,
+    module_name,
+    split_adapter,
+)
 from fedsoup.lora.report import AdapterMerge, LoraReport
 from fedsoup.options import LORA_MODES, MergeOptions
 
@@ -124,15 +132,7 @@ def _merged_full(adapters: Sequence[Adapter], options: MergeOptions, weights) ->
 
 def _ame_over_products(adapters: Sequence[Adapter], options: MergeOptions, weights):
     """AME over the dense updates ``ΔW_i = s_i B_i A_i`` (and the full tensors): a dense ``ΔW`` per module."""
-    dense = []
-    for adapter in adapters:
-        model = {}
-        for path, pair in adapter.pairs.items():
-            dtype = compute_dtype([pair.B, pair.A])
-            model[path] = pair.scale * (pair.B.to(dtype) @ pair.A.to(dtype))
-        model.update(adapter.full)
-        dense.append(model)
-    merged = _run_merge(dense, options, weights)
+    merged = _run_merge([dense_deltas(a.pairs, a.full) for a in adapters], options, weights)
     return {path: merged[path] for path in adapters[0].pairs}, {key: merged[key] for key in adapters[0].full}
 
 

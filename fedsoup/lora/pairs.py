@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from fedsoup.errors import MergeInputError
+from fedsoup.inputs import compute_dtype
 from fedsoup.lora.config import LoraSettings
 
 __all__ = ["PEFT_PREFIX", "LORA_A_SUFFIX", "LORA_B_SUFFIX", "LoraPair", "Adapter", "split_adapter", "join_adapter",
-           "module_name"]
+           "module_name", "dense_deltas"]
 
 PEFT_PREFIX = "base_model.model."
 #: The key suffixes of a module's factors in PEFT's saved format: ``<path> + LORA_A_SUFFIX`` is ``A``.
@@ -49,6 +50,11 @@ class LoraPair:
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+    def product(self) -> torch.Tensor:
+        """``ΔW = scale · B @ A``, dense (d_out, d_in), in the compute dtype (float64 if a factor is)."""
+        dtype = compute_dtype([self.B, self.A])
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
 
 
 @dataclass(frozen=True)
@@ -133,3 +139,11 @@ def join_adapter(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     for key in sorted(full):
         state_dict[key] = full[key].contiguous()
     return state_dict
+
+
+def dense_deltas(pairs: Mapping[str, LoraPair], full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{path: s·B·A}`` (:meth:`LoraPair.product`) for every module, then the full tensors as they are:
+    an adapter in product space, what AME over products merges (docs/design.md §2.6)."""
+    dense = {path: pair.product() for path, pair in pairs.items()}
+    dense.update(full)
+    return dense
