@@ -28,7 +28,7 @@ from fedsoup.inputs import (
     visiting_order,
 )
 from fedsoup.optim import is_elementwise, is_plain_sgd
-from fedsoup.options import MergeOptions
+from fedsoup.options import MergeOptions, _integer
 from fedsoup.rounding import integer_weights, round_to
 from fedsoup.schedules import Schedule, make_schedule
 
@@ -135,7 +135,7 @@ def make_plan(models, options: MergeOptions, *, weights=None, order_by=None, piv
         omega=normalised_weights(weights, n),
         order=order,
         pivot=resolve_pivot(options.pivot if pivot is None else pivot, state_dicts, order),
-        seed=options.seed if seed is None else _seed(seed),
+        seed=options.seed if seed is None else _integer("seed", seed),
         lr=_per_key_lr(1.0 if options.lr is None else options.lr, state_dicts[0]),
         device=_device(options.device, state_dicts),
         exact_weights=integer_weights(weights, n),
@@ -194,12 +194,6 @@ def _kernel(plan: MergePlan):
     if spec is None or plan.device.type != "cpu" or not fused.available():
         raise OptionError("_path", "fused", f"the fused kernel cannot run this merge ({plan.optimizer.__name__})")
     return spec
-
-
-def _seed(seed) -> int:
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise OptionError("seed", seed, f"seed must be an integer, got {seed!r}")
-    return int(seed)
 
 
 def _per_key_lr(lr: LearningRate, reference: StateDict) -> LearningRate:

@@ -11,7 +11,9 @@ import ast
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import fedsoup
 from fedsoup.errors import StateError
@@ -61,6 +63,22 @@ def test_option_mistakes_deep_in_the_library_are_option_errors(call, option):
     with pytest.raises(fedsoup.OptionError) as caught:
         call()
     assert caught.value.option == option
+
+
+@pytest.mark.parametrize("seed", [True, 1.5, "7", np.bool_(True), [7]])
+def test_a_per_call_seed_that_is_not_an_integer_is_an_option_error_naming_it(seed):
+    models = [{"a": torch.ones(2)}, {"a": torch.zeros(2)}]
+    with pytest.raises(fedsoup.OptionError) as caught:
+        fedsoup.merge(models, fedsoup.MergeOptions(shuffle=True, epochs=2), seed=seed)
+    assert (caught.value.option, caught.value.value) == ("seed", seed)
+
+
+def test_a_per_call_numpy_integer_seed_is_the_same_seed():
+    models = [{"a": torch.arange(3.0) * i} for i in range(4)]
+    options = fedsoup.MergeOptions(optimizer="adam", lr=0.1, shuffle=True, batch_size=1)
+    by_int = fedsoup.merge(models, options, seed=5)["a"]
+    assert torch.equal(fedsoup.merge(models, options, seed=np.int64(5))["a"], by_int)
+    assert not torch.equal(fedsoup.merge(models, options, seed=6)["a"], by_int)  # the seed is used
 
 
 def test_state_error_names_file_and_tensor_and_survives_pickle():
