@@ -49,7 +49,7 @@ from fedsoup.inputs import (
     raise_if_not_finite,
 )
 from fedsoup.options import MergeOptions
-from fedsoup.plan import PATHS, MergePlan, make_plan, planned_steps, reduces_to_soup
+from fedsoup.plan import PATHS, MergePlan, algorithm_steps, make_plan, planned_steps, reduces_to_soup
 from fedsoup.reference import merge_reference, weighted_sum
 from fedsoup.report import MergeReport
 from fedsoup.rounding import can_soup_exactly, exact_soup, integer_weights
@@ -261,7 +261,7 @@ def run(plan: MergePlan, *, part: bool = False, exact_ball: bool = True) -> tupl
     warning = None if ball is None or part else ball_warning(ball, lr_given=lr_given)
     if warning is not None:
         logger.warning(warning)
-    steps = 0 if plan.path == "soup" else options.epochs * -(-len(plan.state_dicts) // options.batch_size)
+    steps = 0 if plan.path == "soup" else algorithm_steps(options, len(plan.state_dicts))  # by the path run (a forced one too)
     merge_report = MergeReport(
         path=plan.path, optimizer=plan.optimizer.__name__, epochs=options.epochs, steps=steps,
         lr={key: plan.base_lr(key) for key in plan.float_keys}, lr_default=lr_default and guarded, ball=ball,

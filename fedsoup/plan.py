@@ -170,9 +170,14 @@ def choose_path(plan: MergePlan) -> str:
 
 
 def planned_steps(options: MergeOptions, ingredients: int) -> int:
-    """Optimizer steps a merge of ``ingredients`` runs: ``epochs · ⌈N / batch_size⌉`` (Algorithm 1),
-    0 when it reduces to the soup identity."""
-    return 0 if reduces_to_soup(options) else options.epochs * -(-ingredients // options.batch_size)
+    """Optimizer steps a merge of ``ingredients`` runs: :func:`algorithm_steps`, 0 when it
+    reduces to the soup identity."""
+    return 0 if reduces_to_soup(options) else algorithm_steps(options, ingredients)
+
+
+def algorithm_steps(options: MergeOptions, ingredients: int) -> int:
+    """The steps of Algorithm 1 over ``ingredients``: ``epochs · ⌈N / batch_size⌉``."""
+    return options.epochs * -(-ingredients // options.batch_size)
 
 
 def reduces_to_soup(options: MergeOptions) -> bool:

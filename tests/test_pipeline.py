@@ -216,6 +216,18 @@ def test_report_of_the_soup_and_of_a_given_lr():
     assert dict(report.lr) == {"w": 0.5, "b": 0.25} and not report.lr_default and report.lr_range == (0.25, 0.5)
 
 
+def test_report_steps_count_the_path_run_even_a_forced_one():
+    n = len(models())
+    # The soup's options forced onto the loop run (and report) Algorithm 1's N steps ...
+    _, report = fedsoup.merge(models(), report=True, _path="reference")
+    assert (report.path, report.steps) == ("reference", n)
+    # ... and options that do not reduce to the soup, forced onto the soup, report none.
+    _, report = fedsoup.merge(models(), optimizer="adam", epochs=2, batch_size=2, report=True, _path="soup")
+    assert (report.path, report.steps) == ("soup", 0)
+    _, report = fedsoup.merge(models(), optimizer="adam", epochs=2, batch_size=2, report=True)
+    assert report.steps == 2 * -(-n // 2)
+
+
 def test_the_ball_warning_is_in_the_report_and_logged_once(caplog):
     with caplog.at_level(logging.WARNING, logger="fedsoup"):
         _, report = fedsoup.merge(models(), optimizer="adam", lr=10.0, schedule="constant", epochs=5, report=True)
