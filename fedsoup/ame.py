@@ -49,12 +49,12 @@ from fedsoup.inputs import (
     raise_if_not_finite,
 )
 from fedsoup.options import MergeOptions
-from fedsoup.plan import PATHS, MergePlan, algorithm_steps, make_plan, planned_steps, reduces_to_soup
+from fedsoup.plan import PATHS, MergePlan, algorithm_steps, make_plan, planned_steps
 from fedsoup.reference import merge_reference, weighted_sum
 from fedsoup.report import MergeReport
 from fedsoup.rounding import can_soup_exactly, exact_soup, integer_weights
 
-__all__ = ["merge", "soup", "run", "find_non_finite", "options_reduce_to_soup", "PATHS"]
+__all__ = ["merge", "soup", "run", "find_non_finite", "PATHS"]
 
 logger = logging.getLogger("fedsoup")
 
@@ -304,11 +304,3 @@ def _signature() -> inspect.Signature:
 
 merge.__signature__ = _signature()  # type: ignore[attr-defined]
 
-
-def options_reduce_to_soup(options: MergeOptions) -> bool:
-    """True when ``merge(models, options)`` is the weighted soup (an identity of §1).
-
-    For callers that can compute the soup in another form (the LoRA soup of products
-    as stacked factors, :mod:`fedsoup.lora`) without running the merge.
-    """
-    return reduces_to_soup(options)

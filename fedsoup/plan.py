@@ -32,7 +32,8 @@ from fedsoup.options import MergeOptions, _integer
 from fedsoup.rounding import integer_weights, round_to
 from fedsoup.schedules import Schedule, make_schedule
 
-__all__ = ["MergePlan", "make_plan", "choose_path", "PATHS", "LearningRate"]
+__all__ = ["MergePlan", "make_plan", "choose_path", "PATHS", "LearningRate", "reduces_to_soup", "planned_steps",
+           "algorithm_steps"]
 
 # One base learning rate for every tensor, or one per tensor key.
 LearningRate = float | Mapping[str, float]
@@ -181,7 +182,10 @@ def algorithm_steps(options: MergeOptions, ingredients: int) -> int:
 
 
 def reduces_to_soup(options: MergeOptions) -> bool:
-    """One epoch of plain GD with lr 1 *is* the soup (docs/design.md §1 identities, paper §3.1)."""
+    """True when ``merge(models, options)`` is the weighted soup: one epoch of plain GD with
+    lr 1 *is* the soup (docs/design.md §1 identities, paper §3.1). Callers that compute the
+    soup in another form (the LoRA soup of products as stacked factors, :mod:`fedsoup.lora`)
+    ask this instead of running the merge."""
     o = options
     if not (is_plain_sgd(o.optimizer_class, o.optimizer_kwargs) and o.epochs == 1 and not o.greedy and not o.project):
         return False

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fedsoup.ame import merge, options_reduce_to_soup
+from fedsoup.ame import merge
 from fedsoup.errors import OptionError
 from fedsoup.inputs import compute_dtype, normalised_weights
 from fedsoup.lora.checks import check_adapters, check_equal_ranks, check_lora_options, tensors_of
@@ -52,6 +52,7 @@ from fedsoup.lora.pairs import (
 )
 from fedsoup.lora.report import AdapterMerge, LoraReport
 from fedsoup.options import LORA_MODES, MergeOptions
+from fedsoup.plan import reduces_to_soup
 
 __all__ = [
     "LORA_MODES",
@@ -155,7 +156,7 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
             b = merged[path + LORA_B_SUFFIX].double()
             deltas[path] = pair.scale * (b @ a)
         return deltas, {key: merged[key] for key in adapters[0].full}
-    if options_reduce_to_soup(options):
+    if reduces_to_soup(options):
         omega = normalised_weights(weights, len(adapters))
         deltas = {}
         for path in adapters[0].pairs:
@@ -204,7 +205,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
         return AdapterMerge(state_dict, config, LoraReport("factors", "factors", None, errors, {}, ranks, config))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     energies: dict[str, float] = {}
-    if options_reduce_to_soup(options):
+    if reduces_to_soup(options):
         full = _merged_full(adapters, options, weights)
         for path in template.pairs:
             b_cat, a_cat = stacked(adapters, omega, path)
