@@ -695,3 +695,53 @@ def test_factored_randomized_svd_matches_the_exact_one_without_the_product():
     torch.testing.assert_close(s, es[:8], rtol=1e-6, atol=0)
     best = (eu[:, :8] * es[:8]) @ evh[:8]
     assert relative_error((u * s) @ vh, best) < 1e-5
+
+
+# Float64 values that torch's float64 -> bf16/fp16 cast rounds twice (through float32) to the
+# wrong neighbour: just above a bf16 (fp16) tie, but within float32's precision of it.
+_TIES_ABOVE = [1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 1 + 2**-11 + 2**-30, -(1 + 2**-11 + 2**-30),
+               3 * (1 + 2**-8 + 2**-30), 0.1, -2.5, 1e-3]
+
+
+def _float64_adapter(directory, a):
+    from safetensors.torch import save_file
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}))
+    save_file({"base_model.model.layer.q.lora_A.weight": a,
+               "base_model.model.layer.q.lora_B.weight": torch.zeros(3, 2, dtype=torch.float64)},
+              str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float64_adapter_written_in_a_narrower_dtype_is_rounded_once(tmp_path, dtype):
+    """`dtype` rounds the merged float64 tensors once (fedsoup.rounding.round_to, as every
+    other output), not twice through float32 as torch's cast does."""
+    from fedsoup.lora.driver import merge_adapter_files
+    from fedsoup.rounding import round_to
+    a = torch.tensor(_TIES_ABOVE, dtype=torch.float64).reshape(2, 4)
+    inputs = [_float64_adapter(tmp_path / f"in{i}", a) for i in range(2)]  # equal: their soup is `a` exactly
+    merge_adapter_files(inputs, tmp_path / "out", mode="factors", dtype=dtype)
+    _, written = read(tmp_path / "out")
+    expected = round_to(a, dtype)
+    assert written["base_model.model.layer.q.lora_A.weight"].dtype == dtype
+    assert torch.equal(written["base_model.model.layer.q.lora_A.weight"].view(torch.int16), expected.view(torch.int16))
+    assert not torch.equal(a.to(dtype).view(torch.int16), expected.view(torch.int16))  # (torch's cast differs here)
+
+
+def test_a_float64_base_merged_into_and_written_as_bf16_is_rounded_once(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fedsoup.lora.driver import merge_adapter_files
+    from fedsoup.rounding import round_to
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    weight = torch.tensor(_TIES_ABOVE + _TIES_ABOVE[:4], dtype=torch.float64).reshape(3, 4)
+    save_file({"layer.q.weight": weight}, str(base / "model.safetensors"))
+    inputs = [_float64_adapter(tmp_path / f"in{i}", torch.ones(2, 4, dtype=torch.float64)) for i in range(2)]
+    merge_adapter_files(inputs, tmp_path / "out", base=base, dtype=torch.bfloat16)  # B = 0: W + ΔW = W
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))["layer.q.weight"]
+    assert torch.equal(written.view(torch.int16), round_to(weight, torch.bfloat16).view(torch.int16))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -20,6 +20,7 @@ from fedsoup.errors import MergeInputError, OptionError, OutputExistsError
 from fedsoup.io.formats import TORCH_SUFFIXES
 from fedsoup.io.layout import HF_WEIGHTS_NAME
 from fedsoup.io.readers import open_weights_file
+from fedsoup.io.resolve import ResolvedInput
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME
 from fedsoup.lora.files import ADAPTER_WEIGHTS_NAMES, base_model_input, load_adapter, write_adapter, write_model
 from fedsoup.lora.into_base import merge_into_base
@@ -53,7 +54,7 @@ def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
 WEIGHTS_FILE_SUFFIXES = (".safetensors", ".npz", *TORCH_SUFFIXES)
 
 
-def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
+def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput], output: str | os.PathLike[str], *,
                         mode: str = "products", rank: int | None = None, base: str | os.PathLike[str] | None = None,
                         options: MergeOptions | None = None, weights: Sequence[float] | None = None,
                         force: bool = False, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9,
@@ -64,12 +65,13 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | 
     ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads. With ``base``
     (a model directory): the base with the merged update added, as a model directory
     carrying the base's config and tokenizer files. ``mode``, ``rank``, ``options`` and
-    ``weights`` are :func:`fedsoup.lora.merge_adapters`'. ``dtype`` casts the written
-    floating tensors (default: the adapters', the base's). ``metadata`` goes into the
-    weights file, with the LoRA report under ``fedsoup.lora``.
+    ``weights`` are :func:`fedsoup.lora.merge_adapters`'. ``dtype``: the floating tensors
+    are written in it, each rounded once, by the writer (default: the adapters', the base's).
+    ``metadata`` goes into the weights file, with the LoRA report under ``fedsoup.lora``.
+    An input already resolved (:func:`fedsoup.io.resolve.resolve_input`) is not resolved again.
     """
     output = Path(output)
-    names = [os.fspath(item) for item in inputs]
+    names = [item.name if isinstance(item, ResolvedInput) else os.fspath(item) for item in inputs]
     options = MergeOptions() if options is None else options
     if output.exists() and not output.is_dir():
         raise MergeInputError("an adapter merge writes a directory; this output is a file", path=str(output))
@@ -84,26 +86,21 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str]], output: str | 
     _refuse_existing(output, (ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES) if base is None
                      else ("config.json", HF_WEIGHTS_NAME, HF_WEIGHTS_NAME + ".index.json"), force)
     base_input = None if base is None else base_model_input(base)
-    adapters = [load_adapter(name, ingredient=index) for index, name in enumerate(names)]
+    adapters = [load_adapter(item, ingredient=index) for index, item in enumerate(inputs)]
     record = dict(metadata or {})
     if base_input is None:
         merged = merge_adapters(adapters, mode=mode, rank=rank, options=options, weights=weights, names=names)
-        state_dict, report = _cast(merged.state_dict, dtype), merged.report
+        state_dict, report = merged.state_dict, merged.report
         record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
-        files = write_adapter(output, state_dict, merged.config, force=force, metadata=record)
+        files = write_adapter(output, state_dict, merged.config, force=force, metadata=record, dtype=dtype)
     else:
         with open_weights_file(base_input.weights, base_input.name) as checkpoint:
             base_weights = checkpoint.load_all()
         state_dict, report = merge_into_base(adapters, base_weights, mode=mode, options=options, weights=weights,
                                              names=names)
-        state_dict = _cast(state_dict, dtype)
         record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
-        files = write_model(output, state_dict, base, force=force, metadata=record, max_shard_bytes=max_shard_bytes)
+        files = write_model(output, state_dict, base_input, force=force, metadata=record,
+                            max_shard_bytes=max_shard_bytes, dtype=dtype)
     return AdapterFilesReport(output, files, names, report, len(state_dict),
                               sum(tensor.numel() for tensor in state_dict.values()))
 
-
-def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    if dtype is None:
-        return state_dict
-    return {key: t.to(dtype) if t.is_floating_point() else t for key, t in state_dict.items()}

@@ -38,57 +38,68 @@ __all__ = [
 ADAPTER_WEIGHTS_NAMES = ADAPTER_WEIGHTS  # what fedsoup.io.resolve recognises, written first-named
 
 
-def read_adapter(path: str | os.PathLike[str], *, ingredient: int | None = None,
+def read_adapter(path: str | os.PathLike[str] | ResolvedInput, *, ingredient: int | None = None,
                  ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config, state_dict)`` of the adapter at ``path`` (a directory or its weights file).
 
     The input forms are :func:`fedsoup.io.resolve.resolve_input`'s: the directory (its
     ``adapter_model.safetensors``, else ``adapter_model.bin``, read with
-    ``torch.load(weights_only=True)`` only) or the weights file. Raises
+    ``torch.load(weights_only=True)`` only) or the weights file; or a :class:`ResolvedInput`
+    a caller has resolved already (not resolved again). Raises
     :class:`~fedsoup.errors.MergeInputError` naming the input as given.
     """
-    name = os.fspath(path)
-    folder = Path(path)
-    if folder.is_dir() and (folder / ADAPTER_CONFIG_NAME).is_file() \
-            and not any((folder / w).is_file() for w in ADAPTER_WEIGHTS_NAMES):
-        raise MergeInputError(f"adapter directory holds {ADAPTER_CONFIG_NAME} but no weights "
-                              f"({' or '.join(ADAPTER_WEIGHTS_NAMES)})", path=name, ingredient=ingredient)
     try:
-        resolved = resolve_input(path, name=name)
+        resolved = path if isinstance(path, ResolvedInput) else _resolve_adapter(path)
         if resolved.kind != ADAPTER:
-            raise MergeInputError(f"not a PEFT adapter (no {ADAPTER_CONFIG_NAME} beside adapter_model.*)", path=name)
+            raise MergeInputError(f"not a PEFT adapter (no {ADAPTER_CONFIG_NAME} beside adapter_model.*)",
+                                  path=resolved.name)
         config = read_config(resolved.config_path)
-        with open_weights_file(resolved.weights, name) as checkpoint:
+        with open_weights_file(resolved.weights, resolved.name) as checkpoint:
             state_dict = checkpoint.load_all()
     except MergeInputError as error:
         raise error.at(ingredient=ingredient) from None
     return config, state_dict
 
 
-def load_adapter(path: str | os.PathLike[str], *, ingredient: int | None = None) -> Adapter:
+def _resolve_adapter(path: str | os.PathLike[str]) -> ResolvedInput:
+    name = os.fspath(path)
+    folder = Path(path)
+    if folder.is_dir() and (folder / ADAPTER_CONFIG_NAME).is_file() \
+            and not any((folder / w).is_file() for w in ADAPTER_WEIGHTS_NAMES):
+        raise MergeInputError(f"adapter directory holds {ADAPTER_CONFIG_NAME} but no weights "
+                              f"({' or '.join(ADAPTER_WEIGHTS_NAMES)})", path=name)
+    return resolve_input(path, name=name)
+
+
+def load_adapter(path: str | os.PathLike[str] | ResolvedInput, *, ingredient: int | None = None) -> Adapter:
     """Read, check and split the adapter at ``path`` (:func:`read_adapter`, then pairs)."""
     config, state_dict = read_adapter(path, ingredient=ingredient)
-    name = os.fspath(path)
+    name = path.name if isinstance(path, ResolvedInput) else os.fspath(path)
     settings = parse_adapter_config(config, ingredient=ingredient, path=name)
     return split_adapter(state_dict, settings, ingredient=ingredient, path=name)
 
 
-def _infos(state_dict: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
-    return {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in state_dict.items()}
+def _infos(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, TensorInfo]:
+    """The tensors as written: floating ones in ``dtype`` when given (the writer rounds them
+    into it once, :func:`fedsoup.rounding.round_to`), the others as they are."""
+    return {key: TensorInfo(tuple(t.shape), dtype if dtype is not None and t.is_floating_point() else t.dtype)
+            for key, t in state_dict.items()}
 
 
 def write_adapter(output: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor], config: Mapping,
-                  *, force: bool = False, metadata: Mapping[str, str] | None = None) -> list[Path]:
+                  *, force: bool = False, metadata: Mapping[str, str] | None = None,
+                  dtype: torch.dtype | None = None) -> list[Path]:
     """Write an adapter directory: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Atomic as a whole (:func:`fedsoup.io.writer.write_checkpoint`); an existing adapter
-    there raises :class:`~fedsoup.errors.OutputExistsError` unless ``force``.
+    there raises :class:`~fedsoup.errors.OutputExistsError` unless ``force``. ``dtype``: the
+    floating tensors are written in it, each rounded once (default: as they are).
     """
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise MergeInputError("the output of an adapter merge is a directory, and this is a file", path=str(output))
     return write_checkpoint(
-        folder / ADAPTER_WEIGHTS_NAMES[0], _infos(state_dict), lambda key: state_dict[key],
+        folder / ADAPTER_WEIGHTS_NAMES[0], _infos(state_dict, dtype), lambda key: state_dict[key],
         metadata=metadata, force=force, extra_files={ADAPTER_CONFIG_NAME: config_bytes(config)},
     )
 
@@ -103,13 +114,18 @@ def base_model_input(base: str | os.PathLike[str]) -> ResolvedInput:
 
 
 def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
-                base: str | os.PathLike[str], *, force: bool = False, metadata: Mapping[str, str] | None = None,
-                max_shard_bytes: int = 5 * 10**9) -> list[Path]:
-    """Write a model directory: the weights under Hugging Face's names, ``base``'s config and tokenizer."""
-    float_dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
+                base: str | os.PathLike[str] | ResolvedInput, *, force: bool = False,
+                metadata: Mapping[str, str] | None = None, max_shard_bytes: int = 5 * 10**9,
+                dtype: torch.dtype | None = None) -> list[Path]:
+    """Write a model directory: the weights under Hugging Face's names, ``base``'s config and
+    tokenizer (``base``: a path, or :func:`base_model_input`'s answer). ``dtype``: the
+    floating tensors are written in it, each rounded once (default: as they are)."""
+    infos = _infos(state_dict, dtype)
+    float_dtypes = {info.dtype for info in infos.values() if info.is_floating}
+    base_input = base if isinstance(base, ResolvedInput) else base_model_input(base)
     # config.json names the dtype written (a --dtype cast included), as a plain model merge's does.
-    extra = model_directory_files([base_model_input(base)], float_dtypes.pop() if len(float_dtypes) == 1 else None)
+    extra = model_directory_files([base_input], float_dtypes.pop() if len(float_dtypes) == 1 else None)
     return write_checkpoint(
-        os.path.join(os.fspath(output), ""), _infos(state_dict), lambda key: state_dict[key], metadata=metadata, force=force,
+        os.path.join(os.fspath(output), ""), infos, lambda key: state_dict[key], metadata=metadata, force=force,
         extra_files=extra, max_shard_bytes=max_shard_bytes,
     )

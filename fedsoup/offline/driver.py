@@ -312,7 +312,7 @@ def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: Me
     mode = options.lora or DEFAULT_ADAPTER_MODE
     metadata = {"fedsoup.version": _version(), "fedsoup.inputs": json.dumps(names),
                 "fedsoup.merge": json.dumps({**options.describe(), "lora": mode, "weights": weights}, sort_keys=True)}
-    written = merge_adapter_files(names, output, mode=mode, rank=options.lora_rank, base=base, options=options,
+    written = merge_adapter_files(resolved, output, mode=mode, rank=options.lora_rank, base=base, options=options,
                                   weights=weights, force=force, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                   metadata=metadata)
     return MergeReport(f"lora-{written.lora.how}", options.optimizer_class.__name__, options.epochs,
