@@ -54,7 +54,10 @@ class RunState:
         # Written before lora_mode was recorded: "lora" held LoraOptions.describe(),
         # "LoRA <mode> (r=...)", or None (older states have no "lora" at all).
         described = self.settings.get("lora")
-        return None if described is None else str(described).split()[1].strip(",(")
+        if described is None:
+            return None
+        words = str(described).split()
+        return words[1] if len(words) > 1 and words[0] == "LoRA" else str(described)
 
     def to_dict(self) -> dict[str, Any]:
         """Tensors by reference, as ``torch.nn.Module.state_dict`` returns them."""

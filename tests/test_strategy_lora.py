@@ -531,6 +531,9 @@ def test_a_state_from_before_lora_mode_was_recorded_is_checked_by_its_descriptio
     state["settings"]["lora"] = None
     with pytest.raises(StateError, match="written under LoRA mode None"):
         FedSoup(**lora_kwargs(mode, None)).load_state_dict(state)
+    state["settings"]["lora"] = "garbled"
+    with pytest.raises(StateError, match="written under LoRA mode 'garbled'"):
+        FedSoup(**lora_kwargs(mode, None)).load_state_dict(state)
 
 
 def test_the_soup_of_products_never_forms_a_dense_update(monkeypatch):
