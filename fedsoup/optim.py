@@ -63,6 +63,19 @@ class _FlowerServerOptimizer(Optimizer):
 
     _has_first_moment = True
 
+    @staticmethod
+    def _step_first_moments(group: dict, grads: list[torch.Tensor], states: list[dict]) -> tuple[list, list]:
+        """The foreach start of FedAdam and FedYogi: count the step and update the first
+        moment ``m_t = β₁ m_{t−1} + (1 − β₁) g_t`` of every parameter; ``(m, v)`` as lists."""
+        beta1 = group["betas"][0]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        for state in states:
+            state["step"] += 1
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        return exp_avgs, exp_avg_sqs
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # noqa: D102
         loss = None
@@ -133,13 +146,8 @@ class FedAdam(_FlowerServerOptimizer):
             param.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
     def _update_foreach(self, group, params, grads, states) -> None:
-        beta1, beta2 = group["betas"]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        for state in states:
-            state["step"] += 1
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        beta2 = group["betas"][1]
+        exp_avgs, exp_avg_sqs = self._step_first_moments(group, grads, states)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
@@ -187,13 +195,8 @@ class FedYogi(_FlowerServerOptimizer):
             param.addcdiv_(state["exp_avg"], denom, value=-group["lr"])
 
     def _update_foreach(self, group, params, grads, states) -> None:
-        beta1, beta2 = group["betas"]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        for state in states:
-            state["step"] += 1
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        beta2 = group["betas"][1]
+        exp_avgs, exp_avg_sqs = self._step_first_moments(group, grads, states)
         grad_sqs = torch._foreach_mul(grads, grads)
         signs = torch._foreach_sub(exp_avg_sqs, grad_sqs)
         torch._foreach_sign_(signs)
