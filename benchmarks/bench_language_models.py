@@ -60,7 +60,9 @@ def child(mode: str, inputs: list[str], output: str, dtype: str) -> None:
         states = [load_file(path) for path in inputs]
         merged = {}
         for key in states[0]:
-            total = states[0][key].float()
+            # A fresh float32 buffer (as for bf16): adding into the first file's mapped tensor
+            # would pay a copy-on-write fault per page and make the loop look slower than it is.
+            total = states[0][key].to(torch.float32, copy=True)
             for state in states[1:]:
                 total += state[key].float()
             merged[key] = (total / len(states)).to(states[0][key].dtype)
