@@ -123,6 +123,26 @@ def test_safetensors_tensors_are_private_mappings_released_when_freed(tmp_path):
     assert _mappings_of(path) == 0
 
 
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]},
+    {"dtype": "F32", "shape": [2], "data_offsets": [0, 10**12]},
+    {"dtype": "F32", "shape": [2], "data_offsets": ["a", 8]},
+    {"dtype": "F32", "shape": [2]},
+    [0, 8],
+])
+def test_header_offsets_are_checked_where_tensors_are_mapped(tmp_path, entry):
+    from fedsoup.io.readers import _data_offsets
+
+    header = json.dumps({"w": entry}).encode()
+    path = tmp_path / "lying.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with open(path, "rb") as file, pytest.raises(MergeInputError, match="not a readable safetensors file"):
+        _data_offsets(file, str(path))
+    path.write_bytes((10**9).to_bytes(8, "little") + header)  # a header longer than the file
+    with open(path, "rb") as file, pytest.raises(MergeInputError, match="header of"):
+        _data_offsets(file, str(path))
+
+
 def test_sharded_directory_and_index_paths(tmp_path):
     state = make_state()
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}

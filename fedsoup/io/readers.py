@@ -135,14 +135,23 @@ def _data_offsets(file, name: str) -> dict[str, tuple[int, int]]:
     little-endian header length ``N``, ``N`` bytes of JSON header (``data_offsets``
     relative to the end of the header), then the data."""
     file.seek(0)
-    (length,) = struct.unpack("<Q", file.read(8))
+    size = os.fstat(file.fileno()).st_size
     try:
+        (length,) = struct.unpack("<Q", file.read(8))
+        if length > size - 8:
+            raise ValueError(f"a header of {length} bytes in a file of {size}")
         header = json.loads(file.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        data_start = 8 + length
+        offsets = {}
+        for key, entry in header.items():
+            if key != "__metadata__":
+                begin, end = (int(offset) for offset in entry["data_offsets"])
+                if not 0 <= begin <= end <= size - data_start:
+                    raise ValueError(f"tensor {key!r} at bytes {begin}..{end}, outside the data")
+                offsets[key] = (data_start + begin, data_start + end)
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError) as error:  # (JSONDecodeError is a ValueError)
         raise MergeInputError(f"not a readable safetensors file ({one_line(error)})", path=name) from None
-    data_start = 8 + length
-    return {key: (data_start + int(entry["data_offsets"][0]), data_start + int(entry["data_offsets"][1]))
-            for key, entry in header.items() if key != "__metadata__"}
+    return offsets
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -185,10 +194,9 @@ class SafetensorsCheckpoint(Checkpoint):
             raise MergeInputError(f"cannot be read: {os_reason(error)}", path=name) from None
         try:
             self._offsets = _data_offsets(self._file, name)
-            size = os.fstat(self._file.fileno()).st_size
             for key, info in infos.items():  # the file read here is the file validated above
                 begin, end = self._offsets.get(key, (0, -1))
-                if end - begin != info.nbytes or end > size:
+                if end - begin != info.nbytes:
                     raise MergeInputError("changed while it was being opened", key=key, path=name)
         except BaseException:
             self.close()
