@@ -745,3 +745,26 @@ def test_a_float64_base_merged_into_and_written_as_bf16_is_rounded_once(tmp_path
     written = load_file(str(tmp_path / "out" / "model.safetensors"))["layer.q.weight"]
     assert torch.equal(written.view(torch.int16), round_to(weight, torch.bfloat16).view(torch.int16))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("base", [False, True])
+def test_a_dtype_the_merge_overflows_is_refused_and_nothing_is_written(tmp_path, dtype, base):
+    """1e5 is finite in the merge and Inf (NaN in float8_e4m3fn) in `dtype`: an adapter or model
+    holding it would load and be useless, so the merge refuses, naming the option."""
+    from safetensors.torch import save_file
+
+    from fedsoup.lora.driver import merge_adapter_files
+    a = torch.tensor([[1e5, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]], dtype=torch.float64)
+    inputs = [_float64_adapter(tmp_path / f"in{i}", a if not base else torch.ones(2, 4, dtype=torch.float64))
+              for i in range(2)]
+    if base:
+        (tmp_path / "base").mkdir()
+        (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        save_file({"layer.q.weight": torch.full((3, 4), 1e5, dtype=torch.float64)},
+                  str(tmp_path / "base" / "model.safetensors"))
+    with pytest.raises(OptionError) as caught:
+        merge_adapter_files(inputs, tmp_path / "out", mode="factors" if not base else "products",
+                            base=tmp_path / "base" if base else None, dtype=dtype)
+    assert (caught.value.option, caught.value.value) == ("dtype", dtype)
+    assert not (tmp_path / "out").exists()

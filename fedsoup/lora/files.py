@@ -12,19 +12,21 @@ output is a model directory with the base's ``config.json`` and tokenizer files.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from fedsoup.errors import MergeInputError
-from fedsoup.io.formats import TensorInfo
+from fedsoup.errors import MergeInputError, OptionError
+from fedsoup.inputs import find_non_finite
+from fedsoup.io.formats import TensorInfo, dtype_str
 from fedsoup.io.hf import config_bytes, model_directory_files, read_config
 from fedsoup.io.readers import open_weights_file
 from fedsoup.io.resolve import ADAPTER, ADAPTER_WEIGHTS, MODEL, ResolvedInput, resolve_input
 from fedsoup.io.writer import write_checkpoint
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, parse_adapter_config
 from fedsoup.lora.pairs import Adapter, split_adapter
+from fedsoup.rounding import round_to
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAMES",
@@ -80,10 +82,30 @@ def load_adapter(path: str | os.PathLike[str] | ResolvedInput, *, ingredient: in
 
 
 def _infos(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, TensorInfo]:
-    """The tensors as written: floating ones in ``dtype`` when given (the writer rounds them
-    into it once, :func:`fedsoup.rounding.round_to`), the others as they are."""
+    """The tensors as written: floating ones in ``dtype`` when given, the others as they are."""
     return {key: TensorInfo(tuple(t.shape), dtype if dtype is not None and t.is_floating_point() else t.dtype)
             for key, t in state_dict.items()}
+
+
+def _producer(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> Callable[[str], torch.Tensor]:
+    """What the writer writes for each key: the tensor, or (``dtype``) the tensor rounded once
+    into ``dtype`` (:func:`fedsoup.rounding.round_to`, the writer's own rounding), refused with
+    :class:`~fedsoup.errors.OptionError` (``option="dtype"``) where a finite value overflows
+    it: nothing is written then (the writer is atomic)."""
+    if dtype is None:
+        return lambda key: state_dict[key]
+
+    def produce(key: str) -> torch.Tensor:
+        tensor = state_dict[key]
+        if not tensor.is_floating_point():
+            return tensor
+        rounded = round_to(tensor, dtype)
+        if find_non_finite({key: rounded}) is not None and find_non_finite({key: tensor}) is None:
+            raise OptionError("dtype", dtype, f"tensor {key!r} of the merge does not fit in {dtype_str(dtype)} "
+                                              f"(Inf or NaN once rounded into it); write a wider dtype")
+        return rounded
+
+    return produce
 
 
 def write_adapter(output: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor], config: Mapping,
@@ -93,13 +115,14 @@ def write_adapter(output: str | os.PathLike[str], state_dict: Mapping[str, torch
 
     Atomic as a whole (:func:`fedsoup.io.writer.write_checkpoint`); an existing adapter
     there raises :class:`~fedsoup.errors.OutputExistsError` unless ``force``. ``dtype``: the
-    floating tensors are written in it, each rounded once (default: as they are).
+    floating tensors are written in it, each rounded once (a value it cannot hold is refused:
+    :class:`~fedsoup.errors.OptionError`, ``option="dtype"``; default: as they are).
     """
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise MergeInputError("the output of an adapter merge is a directory, and this is a file", path=str(output))
     return write_checkpoint(
-        folder / ADAPTER_WEIGHTS_NAMES[0], _infos(state_dict, dtype), lambda key: state_dict[key],
+        folder / ADAPTER_WEIGHTS_NAMES[0], _infos(state_dict, dtype), _producer(state_dict, dtype),
         metadata=metadata, force=force, extra_files={ADAPTER_CONFIG_NAME: config_bytes(config)},
     )
 
@@ -126,6 +149,6 @@ def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.T
     # config.json names the dtype written (a --dtype cast included), as a plain model merge's does.
     extra = model_directory_files([base_input], float_dtypes.pop() if len(float_dtypes) == 1 else None)
     return write_checkpoint(
-        os.path.join(os.fspath(output), ""), infos, lambda key: state_dict[key], metadata=metadata, force=force,
+        os.path.join(os.fspath(output), ""), infos, _producer(state_dict, dtype), metadata=metadata, force=force,
         extra_files=extra, max_shard_bytes=max_shard_bytes,
     )
