@@ -139,7 +139,8 @@ def _data_offsets(file, name: str) -> dict[str, tuple[int, int]]:
     try:
         (length,) = struct.unpack("<Q", file.read(8))
         if length > size - 8:
-            raise ValueError(f"a header of {length} bytes in a file of {size}")
+            raise MergeInputError(f"not a readable safetensors file (a header of {length} bytes in a file of "
+                                  f"{size})", path=name)
         header = json.loads(file.read(length))
         data_start = 8 + length
         offsets = {}
@@ -147,9 +148,12 @@ def _data_offsets(file, name: str) -> dict[str, tuple[int, int]]:
             if key != "__metadata__":
                 begin, end = (int(offset) for offset in entry["data_offsets"])
                 if not 0 <= begin <= end <= size - data_start:
-                    raise ValueError(f"tensor {key!r} at bytes {begin}..{end}, outside the data")
+                    raise MergeInputError(f"not a readable safetensors file (bytes {begin}..{end} are outside "
+                                          f"the data)", key=key, path=name)
                 offsets[key] = (data_start + begin, data_start + end)
-    except (struct.error, ValueError, TypeError, KeyError, AttributeError) as error:  # (JSONDecodeError is a ValueError)
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError) as error:
+        if isinstance(error, MergeInputError):  # (a ValueError)
+            raise
         raise MergeInputError(f"not a readable safetensors file ({one_line(error)})", path=name) from None
     return offsets
 
