@@ -35,10 +35,17 @@ import torch
 from flwr.app import Message
 
 from fedsoup.errors import MergeInputError, OptionError
-from fedsoup.inputs import compute_dtype
-from fedsoup.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraPair, LoraSettings, parse_adapter_config, split_adapter
+from fedsoup.lora import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    LoraPair,
+    LoraSettings,
+    measure,
+    parse_adapter_config,
+    split_adapter,
+)
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME
-from fedsoup.lora.linalg import sketched_error
+from fedsoup.lora.measure import Stack
 from fedsoup.lora.pairs import module_name
 from fedsoup.options import MergeOptions
 from fedsoup.structure import check_structure
@@ -54,6 +61,8 @@ __all__ = [
     "adapter_structure_check",
     "reply_pairs",
     "factor_product_error",
+    "module_error",
+    "ERROR_PROBES",
     "array_bytes",
     "module_seed",
 ]
@@ -254,36 +263,44 @@ def module_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+#: Above a stacked rank ``r + Σ r_i`` of twice this, a round's factor/product error is estimated
+#: from this many seeded probes (docs/strategy.md); exact at or below it.
+ERROR_PROBES = 16
+
+
+def module_error(pairs: list[LoraPair], omega: list[float], seed: int, index: int, *,
+                 soup: tuple[torch.Tensor, torch.Tensor] | None = None, stack: Stack | None = None) -> float | None:
+    """Module ``index``'s factor/product error in a round (:func:`factor_product_error`); ``stack``:
+    its :func:`fedsoup.lora.measure.stacked` factors when the round's merge built them."""
+    return measure.factor_product_error(pairs, omega, stack=stack, soup=soup, probes=ERROR_PROBES,
+                                        seed=module_seed(seed, index))
+
+
 def factor_product_error(replies: list[dict[str, LoraPair]], omega: list[float], seed: int,
                          soup: Mapping[str, torch.Tensor] | None = None) -> dict[str, float] | None:
     """Per module ``‖s·soup(B)·soup(A) − soup(s·B·A)‖_F / ‖soup(s·B·A)‖_F`` of the round's replies.
 
     ``soup(B) = Σ ω_i (s_i/s) B_i``, ``soup(A) = Σ ω_i A_i``, ``soup(s·B·A) = Σ ω_i s_i B_i A_i``:
-    what averaging the factors costs against merging the updates (the same figure as
-    ``fedsoup.lora``'s offline merges), from the factors
-    (:func:`fedsoup.lora.linalg.sketched_error`: exact for small stacks, else a seeded
-    16-probe estimate). ``None`` when the replies' ranks differ in some module (no soup of
-    factors exists). ``soup``: the round's own soup of the factors (``Σ ω_i A_i``, ``Σ ω_i B_i``
-    under the adapter's keys), when it has one, instead of summing the replies again.
+    what averaging the factors costs against merging the updates, by the kernel of
+    ``fedsoup.lora``'s offline merges (:func:`fedsoup.lora.measure.factor_product_error`):
+    exact for stacks of rank ``r + Σ r_i ≤ 2·``:data:`ERROR_PROBES`, else an estimate from
+    :data:`ERROR_PROBES` probes seeded per module. ``None`` when the replies' ranks differ in
+    some module (no soup of factors exists). ``soup``: the round's own soup of the factors
+    (``Σ ω_i A_i``, ``Σ ω_i B_i`` under the adapter's keys), when it has one, instead of
+    summing the replies again.
     """
     if not replies:
         return None
     errors = {}
     for index, path in enumerate(replies[0]):
         pairs = [reply[path] for reply in replies]
-        if any(pair.rank != pairs[0].rank for pair in pairs):
+        factors = None
+        if soup is not None and all(pair.rank == pairs[0].rank for pair in pairs):  # equal ranks: one scale
+            factors = (pairs[0].scale * soup[path + LORA_B_SUFFIX], soup[path + LORA_A_SUFFIX])
+        error = module_error(pairs, omega, seed, index, soup=factors)
+        if error is None:
             return None
-        if soup is not None:  # equal ranks: one scale
-            b_soup, a_soup = pairs[0].scale * soup[path + LORA_B_SUFFIX], soup[path + LORA_A_SUFFIX]
-        else:
-            dtype = compute_dtype([t for p in pairs for t in (p.A, p.B)])
-            b_soup = torch.zeros(pairs[0].B.shape, dtype=dtype)
-            a_soup = torch.zeros(pairs[0].A.shape, dtype=dtype)
-            for pair, w in zip(pairs, omega):
-                b_soup.add_(pair.B, alpha=w * pair.scale)
-                a_soup.add_(pair.A, alpha=w)
-        terms = [(pair.B, pair.A, w * pair.scale) for pair, w in zip(pairs, omega)]
-        errors[path] = sketched_error(b_soup, a_soup, terms, seed=module_seed(seed, index))
+        errors[path] = error
     return errors
 
 

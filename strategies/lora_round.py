@@ -71,8 +71,11 @@ def adapter_round(
     # The factors mode's plain soup through the identity stew is the soup of the factors itself.
     plain = client_soup.is_plain or outcome.fallback == FALLBACK_SOUP
     soup_of_factors = outcome.model if lora.mode == "factors" and plain and server_stew.is_identity else None
-    errors = factor_product_error([reply_pairs(r.arrays, adapter) for r in outcome.used],
-                                  [w / total for w in weights], seed, soup_of_factors)
+    if isinstance(soup, ProductSoup) and soup.errors is not None:  # measured on the soup's own stacks
+        errors = None if None in soup.errors.values() else soup.errors
+    else:
+        errors = factor_product_error([reply_pairs(r.arrays, adapter) for r in outcome.used],
+                                      [w / total for w in weights], seed, soup_of_factors)
     if errors:
         values = list(errors.values())
         metrics[METRIC_LORA_ERROR_MAX] = max(values)

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 import fedsoup
-from fedsoup.inputs import compute_dtype
-from fedsoup.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraPair, dense_deltas
+from fedsoup.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, dense_deltas
 from fedsoup.lora.linalg import captured_energy, factored_norm, factored_truncated_svd, randomized_svd
-from strategies.adapters import GlobalAdapter, LoraOptions, module_seed, reply_pairs
+from fedsoup.lora.measure import stacked
+from strategies.adapters import GlobalAdapter, LoraOptions, module_error, module_seed, reply_pairs
 from strategies.client_soup import ClientSoup, SoupResult, non_floating_rule
 from strategies.replies import UsableReply
 from strategies.server_stew import ServerStew
@@ -149,6 +149,9 @@ class ProductSoup(_ProductRoundPart):
     client_soup: ClientSoup
     lora: LoraOptions
     truncate: bool
+    #: The factor/product error per module of the replies :meth:`soup` merged (measured on its
+    #: stacks, :func:`strategies.adapters.module_error`); ``None`` until it ran.
+    errors: dict[str, float | None] | None = dataclasses.field(default=None, init=False)
 
     @property
     def is_plain(self) -> bool:
@@ -180,14 +183,17 @@ class ProductSoup(_ProductRoundPart):
         omega = [w / total for w in weights]
         pairs = [reply_pairs(reply.arrays, self.adapter) for reply in replies]
         model: dict[str, torch.Tensor] = {}
+        self.errors = {}
         for index, path in enumerate(self.adapter.modules):
-            b_cat, a_cat, c = _stacked([p[path] for p in pairs], omega)
+            module_pairs = [p[path] for p in pairs]
+            stack = stacked(module_pairs, omega)  # one stack a module: the merge's and the error's
+            self.errors[path] = module_error(module_pairs, omega, self.seed, index, stack=stack)
             if not self.truncate:
-                model[path] = (b_cat * c) @ a_cat
+                model[path] = stack.scaled_B() @ stack.A
                 continue
             rank = self.adapter.modules[path][2]
-            svd = factored_truncated_svd(b_cat, a_cat, rank, scale=c, seed=module_seed(self.seed, index),
-                                         tolerance=self.lora.tolerance)
+            svd = factored_truncated_svd(stack.B, stack.A, rank, scale=stack.weights(),
+                                         seed=module_seed(self.seed, index), tolerance=self.lora.tolerance)
             self.figures.add(svd.energy, svd.iterations)
             a_key, b_key = path + LORA_A_SUFFIX, path + LORA_B_SUFFIX
             model[a_key], model[b_key] = adapter_factors(svd.U, svd.S, svd.Vh, rank, self.adapter.scale(path),
@@ -197,15 +203,6 @@ class ProductSoup(_ProductRoundPart):
             merged = {k: t.cpu() for k, t in fedsoup.soup(full, weights).items()}
             model.update(non_floating_rule(merged, full, current))
         return SoupResult(model, 0.0, list(replies))
-
-
-def _stacked(pairs: list[LoraPair], omega: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(B_cat, A_cat, c)`` with ``B_cat diag(c) A_cat = Σ_i ω_i s_i B_i A_i`` (ranks may differ)."""
-    dtype = compute_dtype([t for p in pairs for t in (p.A, p.B)])
-    b_cat = torch.cat([p.B.to(dtype) for p in pairs], dim=1)
-    a_cat = torch.cat([p.A.to(dtype) for p in pairs], dim=0)
-    c = torch.cat([torch.full((p.rank,), w * p.scale, dtype=dtype) for p, w in zip(pairs, omega)])
-    return b_cat, a_cat, c
 
 
 @dataclasses.dataclass(eq=False)

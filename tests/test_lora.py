@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from fedsoup import MergeInputError, MergeOptions, MergeWarning, OptionError
+import fedsoup.lora.measure
+import fedsoup.lora.modes
+from fedsoup.inputs import compute_dtype
 from fedsoup.lora import (
+    LoraPair,
+    dense_deltas,
     factor_product_errors,
     load_adapter,
     merge_adapters,
@@ -21,6 +26,7 @@ from fedsoup.lora import (
     write_model,
 )
 from fedsoup.lora.linalg import factored_svd, randomized_svd
+from fedsoup.lora.measure import stacked
 
 from tests.lora_helpers import (
     hand_products,
@@ -280,6 +286,70 @@ def test_merged_into_base_gives_the_logits_of_the_hand_merge(family, gpt2_adapte
         peft_merged = PeftModel.from_pretrained(factory(), str(tmp_path / "cat")).merge_and_unload()
         torch.testing.assert_close(model(ids).logits, peft_merged(ids).logits, rtol=1e-5, atol=1e-5)
     assert report.how == "base"
+
+
+# --- one stack and one dense update a module, the bytes of the copies they replaced -------------------
+
+def _pairs(dtypes, ranks, scales=(2.0, 0.7071067811865476, 1 / 3)):
+    generator = torch.Generator().manual_seed(0)
+    return [LoraPair(torch.randn(r, 9, generator=generator).to(dtype), torch.randn(7, r, generator=generator).to(dtype),
+                     scale) for dtype, r, scale in zip(dtypes, ranks, scales)]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16,) * 3, (torch.float64,) * 3,
+                                    (torch.float32, torch.float64, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 5, 3)], ids=str)
+def test_stacked_factors_are_the_bytes_of_both_former_copies(dtypes, ranks):
+    """``measure.stacked`` replaced the offline merge's ``B_cat = [ω_i s_i B_i]`` (each block times a
+    Python float) and the federated round's ``(B_cat, A_cat, c)`` (``c`` in the compute dtype):
+    the merges' inputs stay the same bytes."""
+    pairs, omega = _pairs(dtypes, ranks), [1 / 7, 2 / 7, 4 / 7]
+    dtype = compute_dtype([t for p in pairs for t in (p.A, p.B)])
+    stack = stacked(pairs, omega)
+    assert torch.equal(stack.scaled_B(), torch.cat([p.B.to(dtype) * (w * p.scale) for p, w in zip(pairs, omega)], 1))
+    assert torch.equal(stack.weights(), torch.cat([torch.full((p.rank,), w * p.scale, dtype=dtype)
+                                                   for p, w in zip(pairs, omega)]))
+    assert torch.equal(stack.B, torch.cat([p.B.to(dtype) for p in pairs], 1))
+    assert torch.equal(stack.A, torch.cat([p.A.to(dtype) for p in pairs], 0))
+    assert stack.scaled_B().dtype == stack.A.dtype == dtype
+    soup = sum(w * p.scale * (p.B.double() @ p.A.double()) for p, w in zip(pairs, omega))
+    torch.testing.assert_close((stack.scaled_B() @ stack.A).double(), soup, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16,) * 3, (torch.float64,) * 3,
+                                    (torch.float32, torch.float64, torch.bfloat16)], ids=str)
+def test_dense_deltas_are_the_bytes_of_both_former_copies(dtypes):
+    """``dense_deltas`` replaced the offline AME-over-products loop and the round's ``dense_products``:
+    ``s · (B @ A)`` in each pair's compute dtype, full tensors passed through as they are."""
+    pairs = dict(zip("abc", _pairs(dtypes, (4, 2, 3))))
+    full = {"head.weight": torch.ones(2, 2, dtype=torch.bfloat16)}
+    dense = dense_deltas(pairs, full)
+    assert list(dense) == ["a", "b", "c", "head.weight"] and dense["head.weight"] is full["head.weight"]
+    for path, p in pairs.items():
+        dtype = compute_dtype([p.B, p.A])
+        assert torch.equal(dense[path], p.scale * (p.B.to(dtype) @ p.A.to(dtype))) and dense[path].dtype == dtype
+
+
+@pytest.mark.parametrize("merge", ["adapter", "base"])
+def test_a_soup_of_products_stacks_each_module_once(merge, monkeypatch):
+    """The merge and its factor/product error share one stack a module (twice before)."""
+    calls = []
+
+    def counted(original):
+        return lambda *args: calls.append(1) or original(*args)
+
+    for module in (fedsoup.lora.measure, fedsoup.lora.modes):
+        monkeypatch.setattr(module, "stacked", counted(module.stacked))
+    settings = parse_adapter_config(_config(target_modules=["q", "v"]))
+    adapters = [split_adapter({f"base_model.model.{m}.lora_{f}.weight": t for m in ("q", "v")
+                               for f, t in (("A", p.A), ("B", p.B))}, settings)
+                for p in _pairs((torch.float32,) * 3, (4, 4, 4))]
+    if merge == "adapter":
+        report = merge_adapters(adapters, mode="products").report
+    else:
+        report = merge_into_base(adapters, {"q.weight": torch.zeros(7, 9), "v.weight": torch.zeros(7, 9)})[1]
+    assert len(calls) == 2 and set(report.errors) == {"base_model.model.q", "base_model.model.v"}
+    assert report.max_error > 0.1  # measured: independent factors
 
 
 # --- configs, pairing and refusals -----------------------------------------------------------------

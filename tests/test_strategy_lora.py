@@ -18,7 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from fedsoup.errors import OptionError, StateError
-from fedsoup.lora.linalg import factored_truncated_svd, sketched_error
+from fedsoup.lora import LoraPair
+from fedsoup.lora.linalg import factored_truncated_svd
+from fedsoup.lora.measure import factor_product_error
 from strategies import FedSoup
 from strategies.inprocess import InProcessGrid, reply, serverapp_identity, train_content
 from strategies.products import METRIC_SVD_ENERGY_MEAN, METRIC_SVD_ENERGY_MIN
@@ -233,14 +235,24 @@ def test_factored_truncated_svd_randomized_path_is_near_eckart_young_and_seeded(
     assert loose.iterations < first.iterations  # the tolerance decides when to stop
 
 
-def test_sketched_error_estimate_is_close_to_the_exact_error():
+def test_factor_product_error_estimate_is_close_to_the_exact_error():
+    """The round's error (fedsoup.lora.measure, as the offline merges): estimated from 16 probes
+    above a stacked rank of 32, exact at or below 2·probes and without probes."""
     generator = torch.Generator().manual_seed(1)
-    q_b, q_a = torch.randn(40, 64, generator=generator), torch.randn(64, 30, generator=generator)
-    p_b, p_a = torch.randn(40, 4, generator=generator), torch.randn(4, 30, generator=generator)
-    exact = float(torch.linalg.matrix_norm(p_b @ p_a - q_b @ q_a) / torch.linalg.matrix_norm(q_b @ q_a))
-    terms = [(q_b[:, 8 * i:8 * i + 8], q_a[8 * i:8 * i + 8], 1.0) for i in range(8)]
-    assert sketched_error(p_b, p_a, terms, seed=0, probes=16) == pytest.approx(exact, rel=0.25)
-    assert sketched_error(p_b, p_a, terms, seed=0, probes=64) == pytest.approx(exact, rel=1e-6)  # exact path
+    pairs = [LoraPair(torch.randn(8, 30, generator=generator), torch.randn(40, 8, generator=generator), 0.5 + i / 8)
+             for i in range(8)]
+    omega = [(i + 1) / 36 for i in range(8)]
+    p_b, p_a = torch.randn(40, 8, generator=generator), torch.randn(8, 30, generator=generator)  # any P = P_B P_A
+    q = sum(w * p.scale * p.B.double() @ p.A.double() for p, w in zip(pairs, omega))
+    exact = float(torch.linalg.matrix_norm(p_b.double() @ p_a.double() - q) / torch.linalg.matrix_norm(q))
+    assert factor_product_error(pairs, omega, soup=(p_b, p_a), probes=16, seed=0) == pytest.approx(exact, rel=0.25)
+    assert factor_product_error(pairs, omega, soup=(p_b, p_a), probes=36, seed=0) == pytest.approx(exact, rel=1e-6)
+    assert factor_product_error(pairs, omega, soup=(p_b, p_a)) == pytest.approx(exact, rel=1e-6)
+    b_soup = sum(w * p.scale * p.B.double() for p, w in zip(pairs, omega))
+    a_soup = sum(w * p.A.double() for p, w in zip(pairs, omega))
+    averaged = float(torch.linalg.matrix_norm(b_soup @ a_soup - q) / torch.linalg.matrix_norm(q))
+    assert factor_product_error(pairs, omega) == pytest.approx(averaged, rel=1e-9)  # the soups of the factors
+    assert factor_product_error(pairs, omega, probes=16, seed=0) == pytest.approx(averaged, rel=0.25)
 
 
 def test_stew_in_product_space_is_fedadam_on_delta_w():

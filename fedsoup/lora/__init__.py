@@ -5,10 +5,10 @@ Pure functions over ``dict[str, Tensor]``; no PEFT import: adapter files are rea
 PEFT's documented format (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``).
 
 - :mod:`fedsoup.lora.config`: ``adapter_config.json`` → :class:`LoraSettings` (scales, refusals).
-- :mod:`fedsoup.lora.pairs`: a state dict ↔ LoRA pairs per module.
+- :mod:`fedsoup.lora.pairs`: a state dict ↔ LoRA pairs per module (key suffixes, dense ``s·B·A``).
 - :mod:`fedsoup.lora.linalg`: norms and SVDs of products held as factors.
 - :mod:`fedsoup.lora.checks`: refusals (adapters that do not fit together, mode, rank).
-- :mod:`fedsoup.lora.measure`: the factor/product error ``e_m`` of every merge.
+- :mod:`fedsoup.lora.measure`: the stacked factors of a soup of products; the factor/product error ``e_m``.
 - :mod:`fedsoup.lora.modes`: the ``factors`` and ``products`` merges.
 - :mod:`fedsoup.lora.into_base`: the merged update added to the base model's weights.
 - :mod:`fedsoup.lora.report`: :class:`AdapterMerge` and :class:`LoraReport`.

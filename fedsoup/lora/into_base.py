@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from fedsoup.errors import MergeInputError
-from fedsoup.inputs import compute_dtype, normalised_weights
+from fedsoup.inputs import compute_dtype
 from fedsoup.lora.checks import check_adapters, check_lora_options, culprit
-from fedsoup.lora.measure import factor_product_errors
-from fedsoup.lora.modes import merged_deltas, resolved_options
+from fedsoup.lora.modes import measured_deltas, resolved_options
 from fedsoup.lora.pairs import LORA_A_SUFFIX, Adapter, module_name
 from fedsoup.lora.report import LoraReport
 from fedsoup.options import MergeOptions
@@ -69,9 +68,8 @@ def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor
     options = resolved_options(options)
     check_lora_options(mode, None)
     check_adapters(adapters, names)
-    errors = factor_product_errors(adapters, normalised_weights(weights, len(adapters)))
     transposed = _transposed(adapters, base, names)
-    deltas, full = merged_deltas(adapters, mode=mode, options=options, weights=weights)
+    deltas, full, errors = measured_deltas(adapters, mode=mode, options=options, weights=weights)
     result = dict(base)
     for path, delta in deltas.items():
         key = _base_key(path, base)

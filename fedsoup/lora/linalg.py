@@ -17,21 +17,19 @@ A soup that is never formed densely (the federated ``products`` round,
 ``strategies.adapters``) takes :func:`factored_truncated_svd`: the same range finder applied
 to ``B diag(c) A`` through its factors, power iterations run until the captured energy
 stops growing (a tolerance), and the energy outside the subspace estimated from a second
-sketch; :func:`sketched_error` estimates a relative error ``‖P − Q‖/‖Q‖`` of a factored
-product against a sum of them the same way.
+sketch. (The factor/product error, exact or estimated from probes the same way, is
+:mod:`fedsoup.lora.measure`'s.)
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "factored_norm", "factored_svd", "randomized_svd", "balanced_factors", "captured_energy",
-    "TruncatedSVD", "factored_truncated_svd", "sketched_error",
+    "TruncatedSVD", "factored_truncated_svd",
 ]
 
 
@@ -217,36 +215,3 @@ def factored_truncated_svd(B: torch.Tensor, A: torch.Tensor, rank: int, *, scale
     residual = float((sketch - q @ (q.T @ sketch)).double().square().sum()) / probes
     total = float(s.double().square().sum()) + residual
     return TruncatedSVD(U, S, Vh, captured_energy(S, rank, total), False, iterations)
-
-
-def sketched_error(P_B: torch.Tensor, P_A: torch.Tensor,
-                   terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]], *, seed: int, probes: int = 16) -> float:
-    """``‖P − Q‖_F / ‖Q‖_F`` for ``P = P_B P_A`` and ``Q = Σ_i c_i B_i A_i`` (``terms``: ``(B_i, A_i, c_i)``).
-
-    Exact (two thin QRs of the stacked factors, :func:`factored_norm`, float64) when the
-    stacked rank is at most ``2·probes``, where that is the cheaper way; otherwise
-    estimated from ``probes`` seeded Gaussian probes ``G`` as ``‖(P − Q) G‖_F / ‖Q G‖_F``
-    (Hutchinson: each squared norm is unbiased, its relative standard deviation at most
-    ``√(2/probes)``, far less when the spectrum is spread over many directions), term by
-    term (``Q G = Σ_i c_i B_i (A_i G)``: no stacked copy), in ``O((m + n) k · probes)``.
-    ``0.0`` when both are zero, ``inf`` when only ``Q`` is.
-    """
-    tensors = [P_B, P_A, *(t for B, A, _ in terms for t in (B, A))]
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    if P_A.shape[0] + sum(A.shape[0] for _, A, _ in terms) <= 2 * probes:
-        q_b = torch.cat([c * B.double() for B, _, c in terms], dim=1)
-        q_a = torch.cat([A.double() for _, A, _ in terms], dim=0)
-        target = factored_norm(q_b, q_a.T)
-        difference = factored_norm(torch.cat([P_B.double(), -q_b], dim=1), torch.cat([P_A.double(), q_a]).T)
-    else:
-        generator = torch.Generator().manual_seed(int(seed))
-        probe = torch.randn(P_A.shape[1], probes, generator=generator, dtype=dtype)
-        q_sketch = torch.zeros(P_B.shape[0], probes, dtype=dtype)
-        for B, A, c in terms:
-            q_sketch.addmm_(B.to(dtype), A.to(dtype) @ probe, alpha=c)
-        p_sketch = P_B.to(dtype) @ (P_A.to(dtype) @ probe)
-        target = float(torch.linalg.matrix_norm(q_sketch.double()))
-        difference = float(torch.linalg.matrix_norm((p_sketch - q_sketch).double()))
-    if target == 0.0:
-        return 0.0 if difference == 0.0 else math.inf
-    return difference / target

@@ -40,7 +40,7 @@ from fedsoup.inputs import compute_dtype, normalised_weights
 from fedsoup.lora.checks import check_adapters, check_equal_ranks, check_lora_options, tensors_of
 from fedsoup.lora.config import LoraSettings, output_adapter_config, parse_adapter_config
 from fedsoup.lora.linalg import balanced_factors, captured_energy, factored_svd, randomized_svd
-from fedsoup.lora.measure import factor_product_errors, stacked
+from fedsoup.lora.measure import factor_product_error, factor_product_errors, stacked
 from fedsoup.lora.pairs import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
@@ -146,8 +146,28 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
     ``B_cat A_cat`` (formed once per module), or AME over the dense ``ΔW_i``.
     What :func:`merge_into_base` adds to the base weights.
     """
+    deltas, full, _ = measured_deltas(adapters, mode=mode, options=options, weights=weights, measure=False)
+    return deltas, full
+
+
+def measured_deltas(adapters: Sequence[Adapter], *, mode: str, options: MergeOptions | None,
+                    weights: Sequence[float] | None, measure: bool = True,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float | None]]:
+    """:func:`merged_deltas` and, with ``measure``, the factor/product error per module (else ``{}``):
+    the soup of products measures each module on the stack it forms ``ΔW`` from (one stack a module)."""
     options = resolved_options(options)
     check_lora_options(mode, None)
+    if mode == "products" and reduces_to_soup(options):
+        omega = normalised_weights(weights, len(adapters))
+        deltas, errors = {}, {}
+        for path in adapters[0].pairs:
+            pairs = [a.pairs[path] for a in adapters]
+            stack = stacked(pairs, omega)
+            deltas[path] = stack.scaled_B() @ stack.A
+            if measure:
+                errors[path] = factor_product_error(pairs, omega, stack=stack)
+        return deltas, _merged_full(adapters, options, weights), errors
+    errors = factor_product_errors(adapters, normalised_weights(weights, len(adapters))) if measure else {}
     if mode == "factors":
         merged = _merged_factors(adapters, options, weights)
         deltas = {}
@@ -155,15 +175,8 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
             a = merged[path + LORA_A_SUFFIX].double()
             b = merged[path + LORA_B_SUFFIX].double()
             deltas[path] = pair.scale * (b @ a)
-        return deltas, {key: merged[key] for key in adapters[0].full}
-    if reduces_to_soup(options):
-        omega = normalised_weights(weights, len(adapters))
-        deltas = {}
-        for path in adapters[0].pairs:
-            b_cat, a_cat = stacked(adapters, omega, path)
-            deltas[path] = b_cat @ a_cat
-        return deltas, _merged_full(adapters, options, weights)
-    return _ame_over_products(adapters, options, weights)
+        return deltas, {key: merged[key] for key in adapters[0].full}, errors
+    return *_ame_over_products(adapters, options, weights), errors
 
 
 def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank: int | None = None,
@@ -195,8 +208,10 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
                           "(the 'factors' mode keeps the adapters' rank)")
     check_adapters(adapters, names)
     omega = normalised_weights(weights, len(adapters))
-    errors = factor_product_errors(adapters, omega)
     template = adapters[0]
+    soup_of_products = mode == "products" and reduces_to_soup(options)
+    # The soup of products measures each module on the stack it merges (one stack a module).
+    errors = {} if soup_of_products else factor_product_errors(adapters, omega)
     if mode == "factors":
         merged = _merged_factors(adapters, options, weights, names)
         ranks = {path: pair.rank for path, pair in template.pairs.items()}
@@ -205,10 +220,13 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
         return AdapterMerge(state_dict, config, LoraReport("factors", "factors", None, errors, {}, ranks, config))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     energies: dict[str, float] = {}
-    if reduces_to_soup(options):
+    if soup_of_products:
         full = _merged_full(adapters, options, weights)
         for path in template.pairs:
-            b_cat, a_cat = stacked(adapters, omega, path)
+            pairs = [a.pairs[path] for a in adapters]
+            stack = stacked(pairs, omega)
+            errors[path] = factor_product_error(pairs, omega, stack=stack)
+            b_cat, a_cat = stack.scaled_B(), stack.A
             if rank is None:
                 factors[path] = (b_cat, a_cat)
                 continue
