@@ -57,7 +57,7 @@ def factor_product_error(pairs: Sequence[LoraPair], omega: Sequence[float], *, s
     """``e_m`` of one module from its factors (``pairs[i]`` weighted by ``omega[i]``, normalised).
 
     ``s·soup(B) = Σ ω_i s_i B_i`` (each scale folded, as the ``factors`` mode writes it),
-    ``soup(A) = Σ ω_i A_i``, summed in float64, or ``soup``: that pair as the caller already
+    ``soup(A) = Σ ω_i A_i`` (summed in float64 when exact), or ``soup``: that pair as the caller already
     holds it (the federated round's soup of the factors). ``stack``: :func:`stacked` of the
     same ingredients, when the caller built it for its merge (built here otherwise).
 
@@ -74,16 +74,19 @@ def factor_product_error(pairs: Sequence[LoraPair], omega: Sequence[float], *, s
     rank = pairs[0].rank
     if any(p.rank != rank for p in pairs):
         return None
-    if soup is None:
-        b_soup = sum(w * p.scale * p.B.double() for p, w in zip(pairs, omega))
-        a_soup = sum(w * p.A.double() for p, w in zip(pairs, omega))
-    else:
-        b_soup, a_soup = soup
     if probes is None or rank * (len(pairs) + 1) <= 2 * probes:
-        difference, target = _exact_norms(b_soup, a_soup, stacked(pairs, omega) if stack is None else stack, rank)
-    else:
+        if soup is None:
+            soup = (sum(w * p.scale * p.B.double() for p, w in zip(pairs, omega)),
+                    sum(w * p.A.double() for p, w in zip(pairs, omega)))
+        difference, target = _exact_norms(*soup, stacked(pairs, omega) if stack is None else stack, rank)
+    else:  # an estimate: the soups in the compute dtype, as the sketch itself
         dtype = compute_dtype([t for p in pairs for t in (p.A, p.B)] + ([] if soup is None else list(soup)))
-        difference, target = _sketched_norms(b_soup, a_soup, pairs, omega, dtype, probes, seed)
+        if soup is None:
+            soup = (torch.zeros(pairs[0].B.shape, dtype=dtype), torch.zeros(pairs[0].A.shape, dtype=dtype))
+            for pair, w in zip(pairs, omega):
+                soup[0].add_(pair.B, alpha=w * pair.scale)
+                soup[1].add_(pair.A, alpha=w)
+        difference, target = _sketched_norms(*soup, pairs, omega, dtype, probes, seed)
     if target == 0.0:
         return 0.0 if difference == 0.0 else math.inf
     return difference / target
