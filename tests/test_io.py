@@ -114,12 +114,17 @@ def test_safetensors_tensors_are_private_mappings_released_when_freed(tmp_path):
     save_file(state, path)
     on_disk = path.read_bytes()
     with fio.open_checkpoint(path) as checkpoint:
-        tensors = checkpoint.load_all()
+        tensors = {key: checkpoint.get(key) for key in checkpoint.keys()}
         assert _mappings_of(path) == len(state) - 1  # one per non-empty tensor, nothing else
-    assert_same(tensors, state)  # still readable after the file is closed
-    tensors["fc.weight"].add_(1.0)  # copy-on-write: the file never changes
+        whole = checkpoint.load_all()
+        assert _mappings_of(path) == len(state)  # the whole file: one more, for every tensor
+    for read in (tensors, whole):
+        assert_same(read, state)  # still readable after the file is closed
+        read["fc.weight"].add_(1.0)  # copy-on-write: the file never changes
     assert path.read_bytes() == on_disk
-    del tensors
+    del tensors["fc.weight"]  # its own mapping goes; the whole file's stays for the others
+    assert _mappings_of(path) == len(state) - 1
+    del tensors, whole, read
     assert _mappings_of(path) == 0
 
 

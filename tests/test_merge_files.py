@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -122,6 +123,39 @@ def test_device_passes_through(tmp_path):
     inputs = write_files(make_models(2), tmp_path)
     out = fedsoup.merge_files(inputs, tmp_path / "o.safetensors", device="cpu", optimizer="adam", lr=0.1)
     assert_same(load_file(out), fedsoup.merge([load_file(p) for p in inputs], optimizer="adam", lr=0.1))
+
+
+@pytest.fixture
+def few_open_files():
+    """Lower this process's open-file limit to 100 above what it uses now (1024 is a common
+    default), restoring it after the test."""
+    resource = pytest.importorskip("resource")
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(len(os.listdir("/proc/self/fd")) + 100, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_in_memory_merge_of_many_tensors_needs_few_open_files(tmp_path, few_open_files):
+    # Python's mmap keeps a duplicate descriptor per mapping: one mapping per tensor made an
+    # in-memory merge of 4 models of 300 tensors fail under the usual 1024 open files.
+    g = torch.Generator().manual_seed(0)
+    models = [{f"layer.{i}.weight": torch.randn(3, generator=g) for i in range(150)} for _ in range(3)]
+    inputs = write_files(models, tmp_path / "in")
+    index = {"metadata": {}, "weight_map": {f"layer.{i}.weight": f"s-0000{i % 2 + 1}-of-00002.safetensors"
+                                            for i in range(150)}}
+    (tmp_path / "sharded").mkdir()
+    for shard in (1, 2):
+        save_file({k: v for k, v in models[0].items() if index["weight_map"][k].startswith(f"s-0000{shard}")},
+                  tmp_path / "sharded" / f"s-0000{shard}-of-00002.safetensors")
+    (tmp_path / "sharded" / "s.safetensors.index.json").write_text(json.dumps(index))
+    out = fedsoup.merge_files([*inputs, str(tmp_path / "sharded")], tmp_path / "o.safetensors", low_memory=False,
+                              pivot=inputs[1])
+    assert_same(load_file(out), fedsoup.merge([*models, models[0]], pivot=models[1]))
 
 
 # --------------------------------------------------------------------------- typed errors

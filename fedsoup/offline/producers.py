@@ -131,7 +131,7 @@ def _merge(models: list[dict[str, torch.Tensor]], options: MergeOptions, call: d
         return fedsoup.merge(models, options, report=True, **call)
 
 
-def _read_pivot(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+def _read_pivot(checkpoint: Checkpoint | _Loaded, key: str) -> torch.Tensor:
     # Ingredients need no pass of their own (the merge finds NaN/Inf from its result and
     # names the ingredient); an explicit pivot file is not an ingredient: checked here.
     return check_finite(checkpoint.get(key), checkpoint.name, key)
@@ -148,7 +148,7 @@ class LowMemoryProducer:
     """
 
     def __init__(self, checkpoints: Sequence[Checkpoint | _Loaded], options: MergeOptions, call: dict[str, Any],
-                 pivot: Checkpoint | None, names: Sequence[str], describe: str = " (tensor by tensor)") -> None:
+                 pivot: Checkpoint | _Loaded | None, names: Sequence[str], describe: str = " (tensor by tensor)") -> None:
         self.checkpoints, self.options, self.call, self.pivot, self.names = checkpoints, options, call, pivot, names
         self.describe = describe
         self.reports: list[MergeReport] = []
@@ -205,10 +205,10 @@ def model_parts(infos: dict[str, TensorInfo]) -> list[list[str]]:
 
 
 class _Loaded:
-    """An input already in memory, read as a :class:`Checkpoint` is (``get(key)``)."""
+    """An input already in memory, read as a :class:`Checkpoint` is (``get(key)``, ``keys()``, ``name``)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.get = tensors.__getitem__
+    def __init__(self, tensors: dict[str, torch.Tensor], name: str = "") -> None:
+        self.get, self.keys, self.name = tensors.__getitem__, tensors.keys, name
 
 
 def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions, call: dict[str, Any],
@@ -232,6 +232,8 @@ def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions,
                 loading.update(key, info)
     finally:
         loading.close()
+    if pivot is not None:  # read whole, as the inputs: one mapping of the file, not one per tensor
+        pivot = _Loaded(pivot.load_all(), pivot.name)
     whole_model_only = low_memory_refusal(options)
     if whole_model_only is None:
         in_parts = LowMemoryProducer([_Loaded(model) for model in models], options, call, pivot, names, describe="")
@@ -251,7 +253,7 @@ def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions,
         check_integers_agree(key, [model[key] for model in models], names)
     call = dict(call)
     if pivot is not None:
-        call["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.infos}
+        call["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.keys()}
     if progress and sys.stderr.isatty():  # a merge over the whole model at once: nothing to count
         print(f"fedsoup: merging {len(models)} inputs as one model ({whole_model_only}) ...",
               file=sys.stderr, flush=True)
