@@ -148,6 +148,19 @@ def test_header_offsets_are_checked_where_tensors_are_mapped(tmp_path, entry):
         _data_offsets(file, str(path))
 
 
+@pytest.mark.parametrize("shape", [[0, 2**64 - 1], [0, 2**63], [0, 2**62, 4]])
+def test_an_empty_tensor_of_a_shape_torch_cannot_hold_is_refused_at_open(tmp_path, shape):
+    # safetensors accepts any shape of 0 elements; torch cannot make these (an int64
+    # overflow in the shape or its strides): a TypeError/RuntimeError crashed the merge.
+    header = json.dumps({"z": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]},
+                         "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(MergeInputError, match="shape") as info:
+        fio.open_checkpoint(path)
+    assert (info.value.path, info.value.key) == (str(path), "z")
+
+
 def test_sharded_directory_and_index_paths(tmp_path):
     state = make_state()
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}

@@ -158,6 +158,15 @@ def _data_offsets(file, name: str) -> dict[str, tuple[int, int]]:
     return offsets
 
 
+def _check_torch_shape(info: TensorInfo, key: str, name: str) -> None:
+    """Refuse a shape torch cannot hold (a size or stride beyond int64), which safetensors
+    accepts for a tensor of no elements, as a :class:`MergeInputError`, not a crash later."""
+    try:
+        torch.empty(info.shape, dtype=info.dtype, device="meta")
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise MergeInputError(f"shape {list(info.shape)} is too large for a torch tensor", key=key, path=name) from None
+
+
 class SafetensorsCheckpoint(Checkpoint):
     """One ``.safetensors`` file; each tensor mapped from the file when it is read.
 
@@ -188,6 +197,8 @@ class SafetensorsCheckpoint(Checkpoint):
                 if code not in CODE_DTYPES:
                     raise MergeInputError(f"unsupported dtype {code}", key=key, path=name)
                 infos[key] = TensorInfo(tuple(int(size) for size in view.get_shape()), CODE_DTYPES[code])
+                if infos[key].numel == 0:  # any shape is 0 bytes; torch's shapes and strides are int64
+                    _check_torch_shape(infos[key], key, name)
             metadata = handle.metadata() or {}
         except SafetensorError as error:
             raise MergeInputError(f"not a readable safetensors file ({one_line(error)})", path=name) from None
