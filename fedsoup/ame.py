@@ -79,7 +79,7 @@ def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None
     plan = MergePlan(_SOUP, state_dicts, normalised_weights(weights, n), list(range(n)), None, 0, path="soup",
                      exact_weights=integer_weights(weights, n), dtype=output_dtype(dtype))
     result = _soup(plan)
-    raise_if_not_finite(result, state_dicts, None)
+    raise_if_not_finite(result, state_dicts, None, plan.dtype)
     return result
 
 
@@ -255,7 +255,7 @@ def run(plan: MergePlan, *, part: bool = False, exact_ball: bool = True) -> tupl
         result, ball = _merge_fused(plan, guard=guarded and spreads is None, exact=exact_ball)
     else:
         result = merge_flat(plan, stacked=plan.path == "stacked")
-    raise_if_not_finite(result, plan.state_dicts, plan.pivot)
+    raise_if_not_finite(result, plan.state_dicts, plan.pivot, plan.dtype)
     if spreads is not None:
         ball = spreads.ball(result)
     warning = None if ball is None or part else ball_warning(ball, lr_given=lr_given)

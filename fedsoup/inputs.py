@@ -218,8 +218,10 @@ def first_non_finite(state_dicts: list[StateDict]) -> MergeInputError | None:
     return None
 
 
-def raise_if_not_finite(result: StateDict, state_dicts: list[StateDict], pivot: StateDict | None) -> None:
-    """NaN/Inf in any ingredient reaches the result; only then look for the culprit."""
+def raise_if_not_finite(result: StateDict, state_dicts: list[StateDict], pivot: StateDict | None,
+                        dtype: torch.dtype | None = None) -> None:
+    """NaN/Inf in any ingredient reaches the result; only then look for the culprit: an
+    ingredient, the pivot, values beyond the range of the ``dtype`` asked for, or the merge."""
     bad_key = find_non_finite(result)
     if bad_key is None:
         return
@@ -229,6 +231,12 @@ def raise_if_not_finite(result: StateDict, state_dicts: list[StateDict], pivot: 
     pivot_key = find_non_finite(pivot) if pivot is not None else None
     if pivot_key is not None:
         raise MergeInputError("pivot contains NaN or Inf values", key=pivot_key)
+    if dtype is not None:
+        largest = torch.finfo(dtype).max
+        if any(float(sd[bad_key].double().abs().max()) > largest for sd in state_dicts if sd[bad_key].numel()):
+            name = str(dtype).removeprefix("torch.")
+            raise OptionError("dtype", name, f"tensor {bad_key!r} holds values beyond {name}'s range "
+                              f"(±{largest:g}): the merge cannot be written in {name}; choose a wider dtype")
     raise OptionError(
         "lr", None,
         f"merge diverged: tensor {bad_key!r} of the result is NaN or Inf although every "

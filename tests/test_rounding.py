@@ -198,3 +198,11 @@ def test_ame_results_with_a_dtype_are_rounded_once_into_it_not_through_the_input
         fedsoup.merge_files(paths, out, optimizer="adam", lr=0.01, dtype="float16", low_memory=low_memory)
         with fio.open_checkpoint(out) as written:
             assert torch.equal(written.get("w"), got)
+
+
+@pytest.mark.parametrize("options", [{}, {"optimizer": "adam", "lr": 0.01}], ids=["soup", "adam"])
+def test_a_dtype_too_narrow_for_the_values_is_an_option_error_naming_dtype(options):
+    models = [{"w": torch.tensor([1e5, 1.0]), "b": torch.tensor([1.0])} for _ in range(2)]
+    with pytest.raises(fedsoup.OptionError) as info:
+        fedsoup.merge(models, dtype="fp16", **options)
+    assert info.value.option == "dtype" and info.value.value == "float16" and "'w'" in str(info.value)
