@@ -116,6 +116,20 @@ def hand_products(contents: dict[int, dict], alpha: float = 8.0, rslora=False, m
     return products
 
 
+def hand_errors(contents: dict[int, dict]) -> list[float]:
+    """Per module ``‖s·soup(B)·soup(A) − Σ ω_i s B_i A_i‖ / ‖Σ ω_i s B_i A_i‖`` in float64
+    (``s`` = 2, ``ω_i ∝ 10 + node``)."""
+    total = sum(10 + n for n in contents)
+    errors = []
+    for name in MODULES:
+        path = PREFIX + name
+        b = sum((10 + n) / total * torch.from_numpy(c[path + ".lora_B.weight"]).double() for n, c in contents.items())
+        a = sum((10 + n) / total * torch.from_numpy(c[path + ".lora_A.weight"]).double() for n, c in contents.items())
+        target = hand_products(contents)[path]
+        errors.append(float(torch.linalg.matrix_norm(2.0 * b @ a - target) / torch.linalg.matrix_norm(target)))
+    return errors
+
+
 def product_of(model: dict[str, np.ndarray], path: str, scale: float) -> torch.Tensor:
     return scale * (torch.from_numpy(model[path + ".lora_B.weight"]).double()
                     @ torch.from_numpy(model[path + ".lora_A.weight"]).double())
@@ -147,16 +161,26 @@ def test_factors_mode_is_flowers_strategy_on_adapter_replies(ours, flower, dtype
 def test_factors_mode_reports_the_exact_factor_product_error():
     initial = record(adapter(zero_b=False))
     _, history, sent = run_rounds(FedSoup(adapter_config=CONFIG), initial, rounds=1)
-    _, contents = sent[0]
-    total = sum(10 + n for n in contents)
-    errors = []
-    for name in MODULES:
-        path = PREFIX + name
-        b = sum((10 + n) / total * torch.from_numpy(c[path + ".lora_B.weight"]).double() for n, c in contents.items())
-        a = sum((10 + n) / total * torch.from_numpy(c[path + ".lora_A.weight"]).double() for n, c in contents.items())
-        target = hand_products(contents)[path]
-        errors.append(float(torch.linalg.matrix_norm(2.0 * b @ a - target) / torch.linalg.matrix_norm(target)))
+    errors = hand_errors(sent[0][1])
     assert history[0][METRIC_LORA_ERROR_MAX] == pytest.approx(max(errors), rel=1e-6)  # float32 soups
+    assert history[0][METRIC_LORA_ERROR_MEAN] == pytest.approx(sum(errors) / len(errors), rel=1e-6)
+
+
+def test_products_mode_measures_the_factor_product_error_on_the_soups_stacks(monkeypatch):
+    """The same figure as the factors mode (the replies' e_m), measured on the stack each module's
+    soup of products is merged from: one stack a module, not a second one for the error."""
+    import fedsoup.lora.measure as measure
+    import strategies.products as products
+
+    calls = []
+    for module in (measure, products):
+        monkeypatch.setattr(module, "stacked",
+                            lambda *args, original=module.stacked: calls.append(1) or original(*args))
+    _, history, sent = run_rounds(FedSoup(adapter_config=CONFIG, soup={"lora": "products"}),
+                                  record(adapter(zero_b=False)), rounds=1)
+    assert len(calls) == len(MODULES)
+    errors = hand_errors(sent[0][1])
+    assert history[0][METRIC_LORA_ERROR_MAX] == pytest.approx(max(errors), rel=1e-6)
     assert history[0][METRIC_LORA_ERROR_MEAN] == pytest.approx(sum(errors) / len(errors), rel=1e-6)
 
 
