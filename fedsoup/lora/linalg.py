@@ -14,7 +14,7 @@ products) takes a seeded randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.
 instead.
 
 A soup that is never formed densely (the federated ``products`` round,
-``strategies.adapters``) takes :func:`factored_truncated_svd`: the same range finder applied
+``strategies.products``) takes :func:`factored_truncated_svd`: the same range finder applied
 to ``B diag(c) A`` through its factors, power iterations run until the captured energy
 stops growing (a tolerance), and the energy outside the subspace estimated from a second
 sketch. (The factor/product error, exact or estimated from probes the same way, is
