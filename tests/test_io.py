@@ -161,6 +161,37 @@ def test_an_empty_tensor_of_a_shape_torch_cannot_hold_is_refused_at_open(tmp_pat
     assert (info.value.path, info.value.key) == (str(path), "z")
 
 
+@pytest.mark.parametrize("replacement", [
+    {"w": torch.arange(4, dtype=torch.int32), "b": torch.zeros(2)},  # another dtype, the same bytes
+    {"w": torch.zeros(2, 2), "b": torch.zeros(2)},  # another shape
+    {"b": torch.zeros(2), "w": torch.zeros(4)},  # the same tensors at other offsets
+])
+def test_a_file_replaced_between_validation_and_mapping_is_refused(tmp_path, monkeypatch, replacement):
+    # safe_open validates the file by its path, the tensors are mapped from a second open:
+    # a file renamed over it in between must not be read with the first file's dtypes and shapes.
+    from fedsoup.io import readers
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(4), "b": torch.ones(2)}, path)
+    save_file(replacement, tmp_path / "other.safetensors")
+    validate = readers._safe_open
+
+    def validate_then_replace(*args):
+        handle = validate(*args)
+        os.replace(tmp_path / "other.safetensors", path)
+        return handle
+
+    monkeypatch.setattr(readers, "_safe_open", validate_then_replace)
+    try:
+        with fio.open_checkpoint(path) as checkpoint:
+            tensors = checkpoint.load_all()
+    except MergeInputError as error:
+        assert "changed while it was being opened" in str(error)
+        assert error.path == str(path)
+    else:  # read as what it now is, never as what it was
+        assert_same(tensors, load_file(path))
+
+
 def test_sharded_directory_and_index_paths(tmp_path):
     state = make_state()
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}

@@ -130,10 +130,10 @@ def _safe_open(path: Path, name: str):
         raise MergeInputError(f"not a readable safetensors file ({one_line(error)})", path=name) from None
 
 
-def _data_offsets(file, name: str) -> dict[str, tuple[int, int]]:
-    """Each tensor's byte range ``[begin, end)`` in the file, by the format: an 8-byte
-    little-endian header length ``N``, ``N`` bytes of JSON header (``data_offsets``
-    relative to the end of the header), then the data."""
+def _data_offsets(file, name: str) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
+    """Each tensor's byte range ``[begin, end)`` in the file, dtype code and shape, by the
+    format: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON header
+    (``dtype``, ``shape``, ``data_offsets`` relative to the end of the header), then the data."""
     file.seek(0)
     size = os.fstat(file.fileno()).st_size
     try:
@@ -150,7 +150,8 @@ def _data_offsets(file, name: str) -> dict[str, tuple[int, int]]:
                 if not 0 <= begin <= end <= size - data_start:
                     raise MergeInputError(f"not a readable safetensors file (bytes {begin}..{end} are outside "
                                           f"the data)", key=key, path=name)
-                offsets[key] = (data_start + begin, data_start + end)
+                offsets[key] = (data_start + begin, data_start + end, str(entry["dtype"]),
+                                tuple(int(size) for size in entry["shape"]))
     except (struct.error, ValueError, TypeError, KeyError, AttributeError) as error:
         if isinstance(error, MergeInputError):  # (a ValueError)
             raise
@@ -171,7 +172,9 @@ class SafetensorsCheckpoint(Checkpoint):
     """One ``.safetensors`` file; each tensor mapped from the file when it is read.
 
     ``safe_open`` validates the header at open; the byte ranges come from the header too
-    (:func:`_data_offsets`), read from the one file descriptor the tensors are mapped from.
+    (:func:`_data_offsets`), read from the one file descriptor the tensors are mapped from,
+    whose dtypes and shapes must be the validated ones (a file renamed over the path between
+    the two opens is refused, never read with another file's dtypes).
     :meth:`get` gives a copy-on-write ``mmap`` of the tensor's own bytes: reading copies
     nothing (pages come from the page cache as the merge touches them), writing to it never
     reaches the file, and its pages are unmapped when it is freed, so a tensor-by-tensor
@@ -209,11 +212,12 @@ class SafetensorsCheckpoint(Checkpoint):
         except OSError as error:
             raise MergeInputError(f"cannot be read: {os_reason(error)}", path=name) from None
         try:
-            self._offsets = _data_offsets(self._file, name)
+            entries = _data_offsets(self._file, name)
             for key, info in infos.items():  # the file read here is the file validated above
-                begin, end = self._offsets.get(key, (0, -1))
-                if end - begin != info.nbytes:
+                begin, end, code, shape = entries.get(key, (0, -1, None, None))
+                if (end - begin, CODE_DTYPES.get(code), shape) != (info.nbytes, info.dtype, info.shape):
                     raise MergeInputError("changed while it was being opened", key=key, path=name)
+            self._offsets = {key: entries[key][:2] for key in infos}
         except BaseException:
             self.close()
             raise
