@@ -301,3 +301,24 @@ def test_a_file_merge_reports_the_merge_warnings_it_raised(tmp_path):
     with pytest.warns(fedsoup.MergeWarning, match="float dtypes differ") as shown:
         report = fedsoup.offline.run_merge_files(paths, tmp_path / "o.safetensors")
     assert len(shown) == 1 and report.warnings == (str(shown[0].message),)
+
+
+@pytest.mark.parametrize(("low_memory", "output"), [(False, "o.safetensors"), (True, "o.safetensors"), (False, "o.pt")],
+                         ids=["in-memory-header", "low-memory-sidecar", "pt-sidecar"])
+def test_the_written_report_holds_the_merge_warnings(tmp_path, low_memory, output):
+    paths = checkpoints(tmp_path)
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in models()[1].items()}, paths[1])
+    out = tmp_path / output
+    with pytest.warns(fedsoup.MergeWarning, match="float dtypes differ") as shown:
+        report = fedsoup.offline.run_merge_files(paths, out, optimizer="adam", lr=10.0, schedule="constant", epochs=5,
+                                                 low_memory=low_memory)
+    # the MergeWarning first, then the ball guard's warning of the merge itself
+    assert report.warnings[0] == str(shown[0].message) and len(report.warnings) == 2
+    sidecar = out.with_name(out.name + ".fedsoup.json")
+    if sidecar.exists():
+        written = json.loads(sidecar.read_text())
+    else:
+        with safe_open(out, "pt") as handle:
+            written = json.loads(handle.metadata()["fedsoup.report"])
+    assert written["warnings"] == list(report.warnings)
+    assert written == report.to_dict()

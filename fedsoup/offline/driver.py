@@ -239,8 +239,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
             raise OptionError(name, value, f"option {name!r} applies to PEFT adapter inputs (adapter_config.json "
                               f"beside adapter_model.*), and {names[0]} is not one")
 
-    raised: list[str] = []  # the MergeWarnings of this merge, for its report
-    with _recorded(raised), contextlib.ExitStack() as stack:
+    with _recorded() as caught, contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
         check_compatible(checkpoints)
         check_unquantized(checkpoints)
@@ -276,8 +275,10 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
             produce = LowMemoryProducer(checkpoints, options, call, pivot, names)
             bar = Progress(total_bytes, "merging", progress)
         else:
-            produce, report = in_memory_producer(checkpoints, options, call, pivot, names, progress)
-            # The merge is done before the header is written: its report goes in the header.
+            produce, merged = in_memory_producer(checkpoints, options, call, pivot, names, progress)
+            # The merge is done before the header is written: its report, with the MergeWarnings
+            # raised so far (reading, checking, merging), goes in the header.
+            report = _with_warnings(merged, caught)
             metadata["fedsoup.report"] = json.dumps(report.to_dict(), sort_keys=True)
             bar = Progress(total_bytes, "writing", progress)
         try:
@@ -291,14 +292,14 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         # Tensor by tensor, the header was written before the merge ended (and a .pt file has
         # no header): the report (Prop. 2's ball summed over every tensor and checked once, as
         # in memory) goes to a sidecar file.
-        if low:
-            report = produce.report() or MergeReport("soup", options.optimizer_class.__name__, options.epochs, 0)
+        merged = produce.report() if low else merged
+        report = _with_warnings(merged or MergeReport("soup", options.optimizer_class.__name__, options.epochs, 0), caught)
         atomic_write_text(sidecar, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
         files = [*files, sidecar]
     elif sidecar.is_file():  # (force) an earlier merge's report, ours and now wrong: the header has this one
         sidecar.unlink()
     return dataclasses.replace(
-        report, warnings=(*raised, *report.warnings), output=layout.target, files=files, inputs=names, tensors=len(infos),
+        report, output=layout.target, files=files, inputs=names, tensors=len(infos),
         parameters=sum(info.numel for info in infos.values()), seconds=time.perf_counter() - started,
         low_memory=low,
     )
@@ -322,18 +323,23 @@ def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: Me
 
 
 @contextlib.contextmanager
-def _recorded(texts: list[str]):
-    """Append the text of every :class:`MergeWarning` raised in the block to ``texts`` (for the
-    report), and show every warning as it would have been shown (filters, file and line kept)."""
+def _recorded():
+    """Record the warnings raised in the block (yielded: the list grows as they are raised, so
+    a report written mid-way holds those raised so far), and show every one of them at the end
+    as it would have been shown (filters, file and line kept)."""
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            yield
+            yield caught
     finally:
         for warning in caught:
-            if issubclass(warning.category, MergeWarning):
-                texts.append(str(warning.message))
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _with_warnings(report: MergeReport, caught: Sequence[warnings.WarningMessage]) -> MergeReport:
+    """``report`` with the text of every :class:`MergeWarning` in ``caught`` before its own warnings."""
+    raised = tuple(str(w.message) for w in caught if issubclass(w.category, MergeWarning))
+    return dataclasses.replace(report, warnings=(*raised, *report.warnings))
 
 
 def _version() -> str:
