@@ -129,17 +129,38 @@ def test_models_of_different_architectures_are_refused(tmp_path, capsys):
     _cli_refuses([gpt2, llama], tmp_path / "out", capsys, r"model_type 'llama'")
 
 
-def test_a_model_beside_an_adapter_is_refused(tmp_path, capsys):
+def _model_and_adapter(tmp_path: Path) -> tuple[str, str]:
     model = save_in_form(tiny_model("gpt2", 0), tmp_path / "model", "dir")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
     fio.write_checkpoint(adapter / "adapter_model.safetensors", {"a": fio.TensorInfo((2, 2), torch.float32)},
                          {"a": torch.ones(2, 2)}.__getitem__)
+    return model, str(adapter)
+
+
+def test_a_model_beside_an_adapter_is_refused(tmp_path, capsys):
+    model, adapter = _model_and_adapter(tmp_path)
     with pytest.raises(MergeInputError, match="is a PEFT adapter") as caught:
         fedsoup.merge_files([model, str(adapter)], tmp_path / "out")
-    assert caught.value.path == str(adapter)
-    _cli_refuses([model, str(adapter)], tmp_path / "out", capsys, "is a PEFT adapter")
+    assert caught.value.path == adapter
+    _cli_refuses([model, adapter], tmp_path / "out", capsys, "is a PEFT adapter")
+
+
+@pytest.mark.parametrize("order", ["model-first", "adapter-first"])
+def test_inspect_of_a_model_and_an_adapter_gives_the_refusal_alone(tmp_path, capsys, order):
+    model, adapter = _model_and_adapter(tmp_path)
+    inputs = [model, adapter] if order == "model-first" else [adapter, model]
+    report = fedsoup.inspect_files(inputs)
+    # comparing an adapter's tensors with a model's, name by name, says nothing the refusal does not
+    assert len(report["refusals"]) == 1 and "is a PEFT adapter" in report["refusals"][0]
+    assert report["differences"] == [] and report["mergeable"] is False
+    capsys.readouterr()
+    assert cli.main(["inspect", "--summary", *inputs]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    verdict = next(i for i, line in enumerate(lines) if "mergeable" in line)
+    assert lines[verdict].startswith("not mergeable: ") and "is a PEFT adapter" in lines[verdict]
+    assert verdict == len(lines) - 1, lines[verdict:]  # (it was followed by 29 "missing" tensors)
 
 
 def test_a_directory_without_weights_is_refused(tmp_path, capsys):

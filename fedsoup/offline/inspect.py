@@ -25,6 +25,10 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     tensor that keeps an input from being merged with the first, ``refusals`` what else
     :func:`~fedsoup.merge_files` would refuse (a model mixed with an adapter, differing
     ``model_type``, a quantized layout), and ``mergeable`` is true when both are empty.
+    When the configuration files alone refuse the inputs (a model beside an adapter, other
+    architectures, a declared quantization), that refusal stands alone: their tensors are
+    not compared name by name (an adapter holds none of a model's tensors, so every one of
+    them would be listed as missing).
     Raises :class:`~fedsoup.errors.MergeInputError` for an unreadable file.
     """
     if isinstance(inputs, (str, os.PathLike)):
@@ -35,10 +39,12 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     with contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(item)) for item in names]
         # the checks merge_files runs before it reads tensor data
+        refused_by_configs = False
         try:
             check_model_inputs([resolve_input(item) for item in names])
         except MergeInputError as error:
             refusals.append(" ".join(str(error).split()))
+            refused_by_configs = True
         try:
             check_unquantized(checkpoints)
         except MergeInputError as error:
@@ -54,6 +60,7 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                 "keys": {key: {"dtype": dtype_str(info.dtype), "shape": list(info.shape)}
                          for key, info in checkpoint.infos.items()},
             })
-        mismatches = [line for other in checkpoints[1:] for line in differences(checkpoints[0], other)]
+        mismatches = [] if refused_by_configs else [
+            line for other in checkpoints[1:] for line in differences(checkpoints[0], other)]
     return {"checkpoints": reports, "differences": mismatches, "refusals": refusals,
             "mergeable": not mismatches and not refusals}
