@@ -158,6 +158,34 @@ def test_an_in_memory_merge_of_many_tensors_needs_few_open_files(tmp_path, few_o
     assert_same(load_file(out), fedsoup.merge([*models, models[0]], pivot=models[1]))
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_an_input_modified_in_place_during_the_merge_is_an_error_and_nothing_is_written(tmp_path, monkeypatch,
+                                                                                        low_memory):
+    # Inputs are mapped, read as the merge goes: bytes another program writes into a file
+    # mid-merge reach the merge, whose result is then a mix of no version of that file.
+    import time
+
+    models = make_models(2)
+    inputs = write_files(models, tmp_path / "in")
+    out = tmp_path / "out.safetensors"
+    merge = fedsoup.merge
+
+    def merge_then_rewrite(*args, **kwargs):
+        if not any(path.name == "done" for path in tmp_path.iterdir()):
+            (tmp_path / "done").touch()
+            time.sleep(0.05)  # past the file system's clock tick
+            with open(inputs[1], "r+b") as file:  # the last tensor's bytes, the same length
+                file.seek(-4 * 6, os.SEEK_END)
+                file.write(torch.full((6,), 7.0).numpy().tobytes())
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(fedsoup, "merge", merge_then_rewrite)
+    with pytest.raises(MergeInputError, match="changed while it was being merged") as info:
+        fedsoup.merge_files(inputs, out, low_memory=low_memory, shard_size="300B")
+    assert (info.value.path, info.value.key) == (inputs[1], None)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["done", "in"]
+
+
 # --------------------------------------------------------------------------- typed errors
 
 

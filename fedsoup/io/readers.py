@@ -89,6 +89,15 @@ class Checkpoint:
         """Every tensor, in file order."""
         return {key: self.get(key) for key in self.infos}
 
+    def check_unchanged(self) -> None:
+        """Raise :class:`MergeInputError` if the file was written to since it was opened.
+
+        Tensors are read as the merge goes (mapped): bytes another program writes into an
+        input mid-merge would reach the merge, whose result would then be of no version of
+        the file. A merge calls this once all is read, before its output is renamed into
+        place. (Nothing to check by default: a format read whole at open.)
+        """
+
     def close(self) -> None:
         """Release open files (safe to call twice)."""
 
@@ -159,6 +168,19 @@ def _data_offsets(file, name: str) -> dict[str, tuple[int, int, str, tuple[int, 
     return offsets
 
 
+def _file_stamp(file) -> tuple[int, int]:
+    """What writing into an open file changes: its size and modification time."""
+    status = os.fstat(file.fileno())
+    return status.st_size, status.st_mtime_ns
+
+
+def _check_stamp(file, stamp: tuple[int, int], name: str) -> None:
+    """:meth:`Checkpoint.check_unchanged` for a file held open since ``stamp`` was taken."""
+    if file is not None and _file_stamp(file) != stamp:
+        raise MergeInputError("changed while it was being merged (written to by another program); "
+                              "merge it again once it is complete", path=name)
+
+
 def _check_torch_shape(info: TensorInfo, key: str, name: str) -> None:
     """Refuse a shape torch cannot hold (a size or stride beyond int64), which safetensors
     accepts for a tensor of no elements, as a :class:`MergeInputError`, not a crash later."""
@@ -212,6 +234,7 @@ class SafetensorsCheckpoint(Checkpoint):
         except OSError as error:
             raise MergeInputError(f"cannot be read: {os_reason(error)}", path=name) from None
         try:
+            self._stamp = _file_stamp(self._file)
             entries = _data_offsets(self._file, name)
             for key, info in infos.items():  # the file read here is the file validated above
                 begin, end, code, shape = entries.get(key, (0, -1, None, None))
@@ -243,6 +266,9 @@ class SafetensorsCheckpoint(Checkpoint):
         mapped, start = (None, 0) if not filled else self._map(
             min(begin for begin, _ in filled), max(end for _, end in filled), None)
         return {key: self._tensor(key, mapped, self._offsets[key][0] - start) for key in self.infos}
+
+    def check_unchanged(self) -> None:
+        _check_stamp(self._file, self._stamp, self.name)
 
     def _map(self, begin: int, end: int, key: str | None) -> tuple[mmap.mmap, int]:
         """A private (copy-on-write) mapping of the file from a page boundary at or below
@@ -297,6 +323,7 @@ class NpzCheckpoint(Checkpoint):
             raise MergeInputError(f"not a readable .npz file ({one_line(error)})", path=name) from None
         if not isinstance(self._npz, np.lib.npyio.NpzFile):
             raise MergeInputError("expected a .npz archive of named arrays, found a single array", path=name)
+        self._stamp = _file_stamp(self._npz.fid)  # (its arrays are read as the merge asks for them)
         infos = {}
         try:
             for key in self._npz.files:
@@ -321,6 +348,9 @@ class NpzCheckpoint(Checkpoint):
             raise MergeInputError(f"cannot be read ({one_line(error)})", key=key, path=self.name) from None
         # (np.ascontiguousarray would turn a 0-d array into shape (1,))
         return torch.from_numpy(array if array.flags.c_contiguous else array.copy(order="C"))
+
+    def check_unchanged(self) -> None:
+        _check_stamp(None if self._npz is None else self._npz.fid, self._stamp, self.name)
 
     def close(self) -> None:
         npz, self._npz = getattr(self, "_npz", None), None
@@ -389,6 +419,10 @@ class ShardedCheckpoint(Checkpoint):
         for shard in self._shards.values():
             loaded.update(shard.load_all())
         return {key: loaded[key] for key in self.infos}
+
+    def check_unchanged(self) -> None:
+        for shard in self._shards.values():
+            shard.check_unchanged()
 
     def close(self) -> None:
         for shard in getattr(self, "_shards", {}).values():

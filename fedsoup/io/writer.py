@@ -301,6 +301,7 @@ def write_checkpoint(
     on_tensor: Callable[[str, TensorInfo], None] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     sidecars: Sequence[str] = (),
+    before_rename: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Write the tensors ``produce(key)`` for every key of ``infos``, atomically; return the files.
 
@@ -311,7 +312,9 @@ def write_checkpoint(
     (file name -> bytes, e.g. a model directory's ``config.json``) go beside the weights.
     ``sidecars`` names files the caller writes beside this output afterwards (the report
     of a tensor-by-tensor merge): part of the output for ``force`` (an old one is removed
-    with the old output) and for the existence check. Every file is written under a temporary name and renamed only after all were
+    with the old output) and for the existence check. ``before_rename`` is called once every
+    file is written, before the first rename: what it raises leaves no new file and the old
+    output as it was. Every file is written under a temporary name and renamed only after all were
     written, the weights' commit point (index, or single file) last; on any error nothing
     is left behind (not even the folders it created).
 
@@ -374,6 +377,8 @@ def write_checkpoint(
                 with _sink(commit, layout.index) as sink:
                     sink.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
                 stack.push(_drop_old_index_before_renames(layout.index))
+            if before_rename is not None:
+                before_rename()
             renaming = True
     except BaseException:
         if renaming:  # interrupted between the renames (SIGTERM): the files this write created go too

@@ -284,7 +284,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         try:
             files = write_checkpoint(output, infos, produce, metadata=metadata, max_shard_bytes=max_shard_bytes,
                                      force=force, on_tensor=bar.update, extra_files=extra_files,
-                                     sidecars=[report_sidecar(layout).name])
+                                     sidecars=[report_sidecar(layout).name],
+                                     before_rename=lambda: _check_unchanged([*checkpoints, pivot]))
         finally:
             bar.close()
     sidecar = report_sidecar(layout)
@@ -303,6 +304,14 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         parameters=sum(info.numel for info in infos.values()), seconds=time.perf_counter() - started,
         low_memory=low,
     )
+
+
+def _check_unchanged(checkpoints: Sequence[Checkpoint | None]) -> None:
+    """Every input (and pivot) as it was when opened, now that all is read: the output is
+    renamed into place only then (docs/design.md §4, Reading)."""
+    for checkpoint in checkpoints:
+        if checkpoint is not None:
+            checkpoint.check_unchanged()
 
 
 def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: MergeOptions, weights, *, base,
