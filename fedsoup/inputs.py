@@ -179,10 +179,19 @@ def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None:
         return None
     resolved = DTYPE_NAMES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point or not _castable(resolved):
         raise OptionError("dtype", dtype, f"dtype {dtype!r}: use a floating dtype such as "
                           "float32, float16, bfloat16 (fp32, fp16, bf16) or float64")
     return resolved
+
+
+def _castable(dtype: torch.dtype) -> bool:
+    """Whether torch casts a float into ``dtype`` (not into float4_e2m1fn_x2, two values a byte)."""
+    try:
+        torch.zeros(1).to(dtype)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

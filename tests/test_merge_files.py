@@ -263,6 +263,19 @@ def test_dtype_option_sets_the_output_dtype(tmp_path, capsys):
     assert load_file(tmp_path / "c.safetensors")["layer.0.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_a_dtype_torch_cannot_cast_into_is_an_option_error(tmp_path, low_memory):
+    # float4_e2m1fn_x2 is a floating dtype, packed two to a byte: torch casts nothing into it
+    # (the in-memory merge raised NotImplementedError from its kernel, an unexpected error).
+    inputs = write_files(make_models(2), tmp_path / "in")
+    with pytest.raises(fedsoup.OptionError) as info:
+        fedsoup.merge_files(inputs, tmp_path / "o.safetensors", dtype=torch.float4_e2m1fn_x2, low_memory=low_memory)
+    assert info.value.option == "dtype"
+    with pytest.raises(fedsoup.OptionError):
+        fedsoup.merge(make_models(2), dtype=torch.float4_e2m1fn_x2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in"]
+
+
 def test_mixed_float_dtypes_warn_which_dtype_was_chosen(tmp_path, capsys):
     models = make_models(2)
     models[1] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in models[1].items()}
