@@ -210,6 +210,16 @@ def test_sharded_index_with_missing_shard_is_refused(tmp_path):
         fio.open_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("shard", ["model.safetensors.index.json", "other.safetensors.index.json"])
+def test_an_index_whose_shard_is_an_index_is_refused(tmp_path, shard):
+    # An index listing itself (or two listing each other) recursed until RecursionError.
+    for name in ("model.safetensors.index.json", "other.safetensors.index.json"):
+        (tmp_path / name).write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(MergeInputError, match="is an index, not a weights file") as info:
+        fio.open_checkpoint(tmp_path / "model.safetensors.index.json")
+    assert info.value.path == str(tmp_path / "model.safetensors.index.json")
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [

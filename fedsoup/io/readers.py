@@ -390,6 +390,8 @@ class ShardedCheckpoint(Checkpoint):
                     raise MergeInputError(f"shard {shard_name!r} is outside the checkpoint folder", path=name)
                 if not shard_path.is_file():
                     raise MergeInputError(f"shard file {shard_name!r} is missing", path=name)
+                if shard_name.endswith(INDEX_SUFFIX):  # (itself, or one listing this one: no end)
+                    raise MergeInputError(f"shard {shard_name!r} is an index, not a weights file", path=name)
                 self._shards[shard_name] = open_weights_file(shard_path, f"{name} -> {shard_name}")
             infos: dict[str, TensorInfo] = {}
             for key, shard_name in weight_map.items():
