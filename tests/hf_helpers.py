@@ -45,7 +45,7 @@ def byte_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=alphabet[0])
 
 
-def _state_dict_as_saved(model) -> dict[str, torch.Tensor]:
+def state_dict_as_saved(model) -> dict[str, torch.Tensor]:
     """The model's tensors as save_pretrained writes them (tied copies dropped, contiguous)."""
     folder_state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tied = getattr(model, "_tied_weights_keys", None) or {}
@@ -74,7 +74,7 @@ def save_in_form(model, folder: Path, form: str, tokenizer=None) -> str:
         model.config.save_pretrained(folder)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(folder)
-        state = _state_dict_as_saved(model)
+        state = state_dict_as_saved(model)
         if form == "bin":
             torch.save(state, folder / "pytorch_model.bin")
         else:

@@ -18,7 +18,8 @@ import fedsoup
 from fedsoup import cli
 from fedsoup import io as fio
 from fedsoup.errors import MergeInputError, MergeWarning
-from tests.hf_helpers import byte_tokenizer, correctly_rounded_mean, logits, save_in_form, tiny_model
+from tests.hf_helpers import (byte_tokenizer, correctly_rounded_mean, logits, save_in_form, state_dict_as_saved,
+                              tiny_model)
 
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 FORMS = ("dir", "safetensors", "sharded", "index", "bin", "bin-index")
@@ -213,3 +214,33 @@ def test_fp8_with_scales_is_refused(tmp_path):
     with pytest.raises(MergeInputError, match=r"quantized layout \(FP8\)") as caught:
         fedsoup.merge_files(inputs, tmp_path / "out")
     assert caught.value.key == "layer.weight_scale_inv"
+
+
+def test_fp8_model_directories_without_scales_merge_into_a_directory_that_loads_as_the_inputs_do(tmp_path):
+    """FP8 weights with no scale tensors and no quantization_config are plain weights: merged and
+    written back in FP8, correctly rounded. transformers cannot build a model in FP8; it casts
+    them to the config's dtype when loading, so that dtype must stay as the inputs have it."""
+    inputs, states = [], []
+    for i in range(3):
+        folder = tmp_path / f"client{i}"
+        model = tiny_model("llama", seed=i)
+        model.config.save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+        state = {k: v.to(torch.float8_e4m3fn) for k, v in state_dict_as_saved(model).items()}
+        fio.write_checkpoint(folder / "model.safetensors", {k: fio.TensorInfo(tuple(v.shape), v.dtype)
+                                                            for k, v in state.items()}, state.__getitem__)
+        inputs.append(str(folder))
+        states.append(state)
+    assert transformers.AutoModelForCausalLM.from_pretrained(inputs[0]).dtype == torch.float32  # the inputs load
+    out = fedsoup.merge_files(inputs, tmp_path / "out")
+    written = fio.load_state_dict(out)
+    for key in states[0]:
+        assert written[key].dtype == torch.float8_e4m3fn
+        assert torch.equal(written[key].float(), correctly_rounded_mean([s[key] for s in states]).float()), key
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # (config dtype float8_e4m3fn: it failed)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(inputs[0]).eval()
+    hand = {key: correctly_rounded_mean([s[key] for s in states]).float() for key in states[0]}
+    assert not reference.load_state_dict(hand, strict=False).unexpected_keys
+    assert merged.dtype == torch.float32 and torch.equal(logits(merged, IDS), logits(reference, IDS))

@@ -28,7 +28,7 @@ from fedsoup.io.quantized import DEQUANTIZE_HINT, declared_quantization
 from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
 
 __all__ = [
-    "CONFIG_NAME", "CARRIED_FILES", "is_model_directory", "read_config", "check_model_inputs",
+    "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
     "model_directory_files", "uncarried_files", "config_bytes",
 ]
 
@@ -54,6 +54,10 @@ CARRIED_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+# The dtypes transformers builds a model in (torch.set_default_dtype takes no other). Weights
+# in another dtype (FP8 without scales) are cast to the config's dtype when loaded, so a
+# config is only told the weights' dtype when it is one of these.
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Config fields that say where or with what a model was saved, not what it is.
 _BOOKKEEPING = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype"})
 
@@ -140,7 +144,9 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
 
     Returns ``{file name: bytes}`` (empty when ``inputs[0]`` has no ``config.json`` beside
     it). The first input's files (:data:`CARRIED_FILES`) are kept byte for byte, except
-    ``config.json`` whose ``dtype`` (or ``torch_dtype``) is set to ``weights_dtype`` when given.
+    ``config.json`` whose ``dtype`` (or ``torch_dtype``) is set to ``weights_dtype`` when it is
+    one transformers builds models in (:data:`MODEL_DTYPES`; FP8 weights keep the config's dtype,
+    the one ``from_pretrained`` casts them to, as it did for the inputs).
     """
     first = inputs[0]
     if first.kind != MODEL:
@@ -167,7 +173,7 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
             except OSError as error:
                 raise MergeInputError(f"cannot read ({one_line(error)})", path=str(path)) from None
     keys = _dtype_key(config)
-    if weights_dtype is not None and any(config.get(key) != dtype_str(weights_dtype) for key in keys):
+    if weights_dtype in MODEL_DTYPES and any(config.get(key) != dtype_str(weights_dtype) for key in keys):
         for key in keys:
             config[key] = dtype_str(weights_dtype)
         files[CONFIG_NAME] = config_bytes(config)
