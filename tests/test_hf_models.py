@@ -86,6 +86,33 @@ def test_weights_files_given_and_a_single_file_output_warns_what_is_not_carried(
     assert not (tmp_path / "config.json").exists()
 
 
+@pytest.mark.parametrize("form", ["safetensors", "index", "bin-index"])
+def test_cli_from_weights_files_writes_a_model_directory_or_warns_for_a_single_file(tmp_path, capsys, form):
+    _, inputs = save_clients(tmp_path, "llama", form, dtype=torch.float16)
+    states = [fio.load_state_dict(path) for path in inputs]
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert cli.main(["merge", *inputs, "-o", str(out), "--low-memory"]) == 0
+    assert capsys.readouterr().err == ""
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.float16 and json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert transformers.AutoTokenizer.from_pretrained(out)("hi")["input_ids"] == byte_tokenizer()("hi")["input_ids"]
+    assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
+
+    single = tmp_path / "soup.safetensors"
+    capsys.readouterr()  # transformers' loading bars
+    assert cli.main(["merge", *inputs, "-o", str(single)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fedsoup: warning: the output {single} is a single weights file: "
+                                               f"config.json, generation_config.json, tokenizer.json, "
+                                               f"tokenizer_config.json of {tmp_path / 'client0'} are not carried"), err
+    assert err[0].endswith(f"give a directory as the output (-o {tmp_path / 'soup'}/) to write a model directory "
+                           f"that loads"), err
+    written, expected = fio.load_state_dict(single), fio.load_state_dict(out)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "soup").exists()
+
+
 def test_one_shard_named_alone_is_refused(tmp_path):
     _, inputs = save_clients(tmp_path, "gpt2", "sharded", n=2)
     shard = Path(inputs[0]) / "model-00001-of-00002.safetensors"
@@ -113,12 +140,18 @@ def test_resolve_input_maps_every_form_to_its_model_directory(tmp_path):
 # ------------------------------------------------------------------------- refused inputs
 
 
-def _cli_refuses(inputs, out: Path, capsys, match: str) -> None:
+def _cli_refuses(inputs, out: Path, capsys, match: str, *options: str) -> None:
+    """``fedsoup merge`` exits 2 with one line matching ``match``, into a directory and into a
+    single file, in memory and tensor by tensor, and writes nothing."""
     capsys.readouterr()  # what saving the models printed
-    assert cli.main(["merge", *inputs, "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.search(match, err[0]), err
-    assert not out.exists()
+    for output in (out, out.with_name(out.name + ".safetensors")):
+        for mode in ("--in-memory", "--low-memory"):
+            assert cli.main(["merge", *inputs, "-o", str(output), mode, *options]) == 2, (output, mode)
+            captured = capsys.readouterr()
+            err = captured.err.strip().splitlines()
+            assert len(err) == 1 and re.search(match, err[0]) and not captured.out, (output, mode, err)
+            assert not output.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(("out", ".out"))]
 
 
 def test_models_of_different_architectures_are_refused(tmp_path, capsys):
@@ -200,6 +233,44 @@ def test_quantized_checkpoints_are_refused(tmp_path, capsys, declared):
     if not declared:
         assert caught.value.key == "model.layers.0.mlp.down_proj.qweight"
     _cli_refuses(inputs, tmp_path / "out", capsys, match)
+
+
+def _quantization_config(method: str) -> dict:
+    """``quantization_config`` as the quantizers' ``save_pretrained`` write it (abridged)."""
+    return {
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True},
+        "bnb-4bit": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        "bnb-8bit": {"quant_method": "bitsandbytes", "load_in_8bit": True},
+        "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    }[method]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bnb-4bit", "bnb-8bit", "fp8"])
+@pytest.mark.parametrize("form", ["dir", "safetensors"])
+def test_a_model_directory_declaring_quantization_is_refused(tmp_path, capsys, method, form):
+    inputs = []
+    for i in range(2):
+        path = save_in_form(tiny_model("llama", i, torch.bfloat16), tmp_path / f"client{i}", form)
+        config_path = tmp_path / f"client{i}" / "config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "quantization_config": _quantization_config(method)}))
+        inputs.append(path)
+    declared = _quantization_config(method)["quant_method"]
+    with pytest.raises(MergeInputError, match=f"declares quantization_config '{declared}'.*dequantize first") as caught:
+        fedsoup.merge_files(inputs, tmp_path / "out")
+    assert caught.value.path == inputs[0] and caught.value.ingredient == 0
+    _cli_refuses(inputs, tmp_path / "out", capsys, f"^fedsoup: error: {re.escape(inputs[0])}: .*declares "
+                                                    f"quantization_config '{declared}'.*dequantize first")
+
+
+def test_models_of_the_same_type_and_other_shapes_are_refused(tmp_path, capsys):
+    small = save_in_form(tiny_model("gpt2", 0), tmp_path / "small", "dir")
+    config = tiny_model("gpt2", 0).config
+    config.n_embd = 32
+    torch.manual_seed(1)
+    wide = save_in_form(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "wide", "dir")
+    _cli_refuses([small, wide], tmp_path / "out", capsys, r"wide, tensor '[^']+': has shape .*but .*small has")
 
 
 def test_fp8_with_scales_is_refused(tmp_path):
