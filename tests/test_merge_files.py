@@ -290,6 +290,12 @@ def test_mixed_float_dtypes_warn_which_dtype_was_chosen(tmp_path, capsys):
         fedsoup.merge_files(inputs, tmp_path / "p.safetensors", dtype="bf16")
     assert cli.main(["merge", *inputs, "-o", str(tmp_path / "c.safetensors")]) == 0
     assert "fedsoup: warning: the inputs' float dtypes differ" in capsys.readouterr().err
+    # each dtype is named with the first input that has it (float32 was shown "in m2", the last)
+    three = make_models(3)
+    three[1] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in three[1].items()}
+    with pytest.warns(MergeWarning, match=r"is float32 in \S*three/m0.safetensors, bfloat16 in \S*three/m1.safetensors "
+                                          r"\(and 2 more tensors\); writing float32, the dtype of \S*three/m0"):
+        fedsoup.merge_files(write_files(three, tmp_path / "three"), tmp_path / "t.safetensors")
 
 
 # --------------------------------------------------------------------------- Hugging Face directories

@@ -164,7 +164,9 @@ def _warn_mixed_dtypes(checkpoints: Sequence[Checkpoint], first: int) -> None:
     mixed = []
     for key, info in checkpoints[0].infos.items():
         if info.is_floating:
-            dtypes = {checkpoint.infos[key].dtype: checkpoint.name for checkpoint in checkpoints}
+            dtypes: dict[torch.dtype, str] = {}  # each dtype with the first input that has it
+            for checkpoint in checkpoints:
+                dtypes.setdefault(checkpoint.infos[key].dtype, checkpoint.name)
             if len(dtypes) > 1:
                 mixed.append((key, dtypes))
     if not mixed:
