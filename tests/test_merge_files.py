@@ -186,6 +186,42 @@ def test_an_input_modified_in_place_during_the_merge_is_an_error_and_nothing_is_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["done", "in"]
 
 
+def test_a_base_model_modified_in_place_during_an_adapter_merge_is_an_error(tmp_path, monkeypatch):
+    # The base's tensors no adapter touches are written from its mapping, read as they are written.
+    import time
+
+    from fedsoup.lora import driver
+
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "gpt2", "torch_dtype": "float32"}')
+    base = {"h.q.weight": torch.randn(6, 4, generator=g), "wte.weight": torch.randn(10, 4, generator=g)}
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    adapters = []
+    for i in range(2):
+        adapters.append(tmp_path / f"a{i}")
+        adapters[-1].mkdir()
+        (adapters[-1] / "adapter_config.json").write_text(
+            '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"], "bias": "none"}')
+        save_file({"base_model.model.h.q.lora_A.weight": torch.randn(2, 4, generator=g),
+                   "base_model.model.h.q.lora_B.weight": torch.randn(6, 2, generator=g)},
+                  adapters[-1] / "adapter_model.safetensors")
+    merge_into_base = driver.merge_into_base
+
+    def merge_then_rewrite(*args, **kwargs):
+        time.sleep(0.05)  # past the file system's clock tick
+        with open(tmp_path / "base" / "model.safetensors", "r+b") as file:  # wte.weight's last bytes
+            file.seek(-4 * 4, os.SEEK_END)
+            file.write(torch.full((4,), 7.0).numpy().tobytes())
+        return merge_into_base(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "merge_into_base", merge_then_rewrite)
+    with pytest.raises(MergeInputError, match="changed while it was being merged") as info:
+        fedsoup.merge_files(adapters, tmp_path / "out", base=tmp_path / "base")
+    assert info.value.path == str(tmp_path / "base")
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- typed errors
 
 

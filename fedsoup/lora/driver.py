@@ -94,13 +94,14 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
         record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
         files = write_adapter(output, state_dict, merged.config, force=force, metadata=record, dtype=dtype)
     else:
+        # Open until written: the base's tensors are mapped, read as they are merged and written,
+        # and a base written to in place meanwhile is refused before the output is renamed.
         with open_weights_file(base_input.weights, base_input.name) as checkpoint:
-            base_weights = checkpoint.load_all()
-        state_dict, report = merge_into_base(adapters, base_weights, mode=mode, options=options, weights=weights,
-                                             names=names)
-        record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
-        files = write_model(output, state_dict, base_input, force=force, metadata=record,
-                            max_shard_bytes=max_shard_bytes, dtype=dtype)
+            state_dict, report = merge_into_base(adapters, checkpoint.load_all(), mode=mode, options=options,
+                                                 weights=weights, names=names)
+            record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
+            files = write_model(output, state_dict, base_input, force=force, metadata=record,
+                                max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=checkpoint.check_unchanged)
     return AdapterFilesReport(output, files, names, report, len(state_dict),
                               sum(tensor.numel() for tensor in state_dict.values()))
 

@@ -139,10 +139,11 @@ def base_model_input(base: str | os.PathLike[str]) -> ResolvedInput:
 def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
                 base: str | os.PathLike[str] | ResolvedInput, *, force: bool = False,
                 metadata: Mapping[str, str] | None = None, max_shard_bytes: int = 5 * 10**9,
-                dtype: torch.dtype | None = None) -> list[Path]:
+                dtype: torch.dtype | None = None, before_rename: Callable[[], None] | None = None) -> list[Path]:
     """Write a model directory: the weights under Hugging Face's names, ``base``'s config and
     tokenizer (``base``: a path, or :func:`base_model_input`'s answer). ``dtype``: the
-    floating tensors are written in it, each rounded once (default: as they are)."""
+    floating tensors are written in it, each rounded once (default: as they are).
+    ``before_rename``: :func:`fedsoup.io.writer.write_checkpoint`'s."""
     infos = _infos(state_dict, dtype)
     float_dtypes = {info.dtype for info in infos.values() if info.is_floating}
     base_input = base if isinstance(base, ResolvedInput) else base_model_input(base)
@@ -150,5 +151,5 @@ def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.T
     extra = model_directory_files([base_input], float_dtypes.pop() if len(float_dtypes) == 1 else None)
     return write_checkpoint(
         os.path.join(os.fspath(output), ""), infos, _producer(state_dict, dtype), metadata=metadata, force=force,
-        extra_files=extra, max_shard_bytes=max_shard_bytes,
+        extra_files=extra, max_shard_bytes=max_shard_bytes, before_rename=before_rename,
     )
