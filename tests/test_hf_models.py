@@ -113,6 +113,18 @@ def test_cli_from_weights_files_writes_a_model_directory_or_warns_for_a_single_f
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "soup").exists()
 
 
+def test_a_directory_output_with_a_dot_in_its_name_is_told_how_to_be_named(tmp_path, capsys):
+    _, inputs = save_clients(tmp_path, "gpt2", "dir", n=2, tokenizer=False)
+    dotted = tmp_path / "gpt2-0.5-merged"  # as models are named (Qwen2.5-7B, Llama-3.2-1B)
+    capsys.readouterr()
+    assert cli.main(["merge", *inputs, "-o", str(dotted)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"for a directory, end its name with /: -o {dotted}/"), err
+    assert not dotted.exists()
+    assert cli.main(["merge", *inputs, "-o", f"{dotted}/", "-q"]) == 0
+    assert transformers.AutoModelForCausalLM.from_pretrained(dotted).config.model_type == "gpt2"
+
+
 def test_one_shard_named_alone_is_refused(tmp_path):
     _, inputs = save_clients(tmp_path, "gpt2", "sharded", n=2)
     shard = Path(inputs[0]) / "model-00001-of-00002.safetensors"

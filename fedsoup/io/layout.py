@@ -47,7 +47,8 @@ class OutputLayout:
             raise OptionError(
                 "output", str(output),
                 f"{output}: unknown output format {suffix!r}; use .safetensors, .pt/.pth/.bin, "
-                f"or a directory (written as model.safetensors, sharded when large)",
+                f"or a directory (written as model.safetensors, sharded when large); for a directory, "
+                f"end its name with /: -o {output}/",
             )
         main = output / HF_WEIGHTS_NAME
         return OutputLayout(output, main, main.with_name(main.name + INDEX_SUFFIX), "safetensors")
