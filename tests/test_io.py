@@ -128,6 +128,29 @@ def test_safetensors_tensors_are_private_mappings_released_when_freed(tmp_path):
     assert _mappings_of(path) == 0
 
 
+def test_safetensors_tensors_are_read_where_no_mapping_can_be_made(tmp_path, monkeypatch):
+    # (a file system without mmap, or no descriptor or map area left for one)
+    import errno
+
+    from fedsoup.io import readers
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    state = make_state()
+    path = tmp_path / "model.safetensors"
+    save_file(state, path)
+    monkeypatch.setattr(readers.mmap, "mmap", refuse)
+    with fio.open_checkpoint(path) as checkpoint:
+        assert_same(checkpoint.load_all(), state)
+        assert_same({key: checkpoint.get(key) for key in state}, state)
+        with open(path, "r+b") as file:  # a file truncated meanwhile is an error, not a short tensor
+            file.truncate(path.stat().st_size - 2)
+        with pytest.raises(MergeInputError, match="ends at byte") as info:
+            checkpoint.get("emb")  # (bf16: last in the file)
+    assert (info.value.path, info.value.key) == (str(path), "emb")
+
+
 @pytest.mark.parametrize("entry", [
     {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]},
     {"dtype": "F32", "shape": [2], "data_offsets": [0, 10**12]},

@@ -158,6 +158,16 @@ def test_an_in_memory_merge_of_many_tensors_needs_few_open_files(tmp_path, few_o
     assert_same(load_file(out), fedsoup.merge([*models, models[0]], pivot=models[1]))
 
 
+def test_a_tensor_by_tensor_merge_of_many_inputs_needs_one_open_file_each(tmp_path, few_open_files):
+    # Each mapped tensor holds a duplicate descriptor (Python's mmap): with one input file open
+    # each, 60 inputs needed 120 descriptors; where a mapping cannot be made, the bytes are read.
+    g = torch.Generator().manual_seed(0)
+    models = [{"w": torch.randn(5, generator=g), "b": torch.randn(2, generator=g)} for _ in range(70)]
+    inputs = write_files(models, tmp_path / "in")
+    out = fedsoup.merge_files(inputs, tmp_path / "o.safetensors", low_memory=True)
+    assert_same(load_file(out), fedsoup.merge(models))
+
+
 @pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
 def test_an_input_modified_in_place_during_the_merge_is_an_error_and_nothing_is_written(tmp_path, monkeypatch,
                                                                                         low_memory):

@@ -270,16 +270,34 @@ class SafetensorsCheckpoint(Checkpoint):
     def check_unchanged(self) -> None:
         _check_stamp(self._file, self._stamp, self.name)
 
-    def _map(self, begin: int, end: int, key: str | None) -> tuple[mmap.mmap, int]:
+    def _map(self, begin: int, end: int, key: str | None) -> tuple[mmap.mmap | bytearray, int]:
         """A private (copy-on-write) mapping of the file from a page boundary at or below
-        ``begin`` up to ``end``, and the file offset where it starts."""
+        ``begin`` up to ``end``, and the file offset where it starts.
+
+        Where no mapping can be made (out of file descriptors, each mapping holding one, or
+        of map areas; a file system without ``mmap``), bytes ``[begin, end)`` read into memory.
+        """
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
             return mmap.mmap(self._file.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY), start
-        except (OSError, ValueError) as error:
+        except OSError:
+            pass
+        except ValueError as error:
             raise MergeInputError(f"cannot be read ({one_line(error)})", key=key, path=self.name) from None
+        data = bytearray(end - begin)
+        view, count = memoryview(data), 0
+        try:
+            while count < len(data):  # (from the file itself: the file object's buffer may be stale)
+                got = os.preadv(self._file.fileno(), [view[count:]], begin + count)
+                if got == 0:
+                    raise MergeInputError(f"cannot be read (the file ends at byte {begin + count}, before {end})",
+                                          key=key, path=self.name)
+                count += got
+        except OSError as error:
+            raise MergeInputError(f"cannot be read ({one_line(error)})", key=key, path=self.name) from None
+        return data, begin
 
-    def _tensor(self, key: str, mapped: mmap.mmap | None, offset: int) -> torch.Tensor:
+    def _tensor(self, key: str, mapped: mmap.mmap | bytearray | None, offset: int) -> torch.Tensor:
         """Tensor ``key``, whose bytes start at ``offset`` in ``mapped``; it holds the mapping
         (its buffer), which is unmapped when the last tensor on it is freed."""
         info = self.infos[key]
