@@ -196,6 +196,34 @@ def test_an_input_modified_in_place_during_the_merge_is_an_error_and_nothing_is_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["done", "in"]
 
 
+def test_a_torch_file_modified_in_place_during_the_merge_is_an_error(tmp_path, monkeypatch):
+    # torch.load(mmap=True) maps .pt/.bin files as safetensors files are mapped.
+    import time
+
+    models = make_models(2)
+    inputs = [str(tmp_path / f"m{i}.pt") for i in range(2)]
+    for model, path in zip(models, inputs):
+        torch.save(model, path)
+    (tmp_path / "other").mkdir()  # (torch names the archive after the file)
+    torch.save({key: tensor + 1 if tensor.is_floating_point() else tensor for key, tensor in models[1].items()},
+               tmp_path / "other" / "m1.pt")
+    other = (tmp_path / "other" / "m1.pt").read_bytes()
+    assert len(other) == os.path.getsize(inputs[1])
+    merge = fedsoup.merge
+
+    def rewrite_then_merge(*args, **kwargs):
+        time.sleep(0.05)  # past the file system's clock tick
+        with open(inputs[1], "r+b") as file:
+            file.write(other)
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(fedsoup, "merge", rewrite_then_merge)
+    with pytest.raises(MergeInputError, match="changed while it was being merged") as info:
+        fedsoup.merge_files(inputs, tmp_path / "out.safetensors")
+    assert info.value.path == inputs[1]
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_a_base_model_modified_in_place_during_an_adapter_merge_is_an_error(tmp_path, monkeypatch):
     # The base's tensors no adapter touches are written from its mapping, read as they are written.
     import time

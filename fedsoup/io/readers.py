@@ -45,6 +45,7 @@ __all__ = [
     "Checkpoint",
     "SafetensorsCheckpoint",
     "InMemoryCheckpoint",
+    "TorchCheckpoint",
     "NpzCheckpoint",
     "ShardedCheckpoint",
     "open_weights_file",
@@ -328,6 +329,37 @@ class InMemoryCheckpoint(Checkpoint):
         self._tensors = {}
 
 
+class TorchCheckpoint(InMemoryCheckpoint):
+    """A ``.pt``/``.pth``/``.bin``/``.ckpt`` file: ``torch.load(weights_only=True, mmap=True)``,
+    its tensors mapped from the file (zip format), which is held open to tell whether it
+    was written to meanwhile (:meth:`Checkpoint.check_unchanged`)."""
+
+    def __init__(self, path: Path, name: str):
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 - held until close()
+        except OSError as error:
+            raise MergeInputError(f"cannot be read: {os_reason(error)}", path=name) from None
+        try:
+            self._stamp = _file_stamp(self._file)
+            tensors = _load_torch_file(path, name)
+            held, loaded = os.fstat(self._file.fileno()), os.stat(path)
+            if (held.st_dev, held.st_ino) != (loaded.st_dev, loaded.st_ino):
+                raise MergeInputError("changed while it was being opened", path=name)
+        except BaseException:
+            self.close()
+            raise
+        super().__init__(name, tensors)
+
+    def check_unchanged(self) -> None:
+        _check_stamp(self._file, self._stamp, self.name)
+
+    def close(self) -> None:
+        super().close()
+        file, self._file = getattr(self, "_file", None), None
+        if file is not None:
+            file.close()
+
+
 class NpzCheckpoint(Checkpoint):
     """A ``numpy.savez`` archive; array headers are read without loading the data."""
 
@@ -511,7 +543,7 @@ def open_weights_file(path: Path, name: str) -> Checkpoint:
     if suffix == SAFETENSORS_SUFFIX:
         return SafetensorsCheckpoint(path, name)
     if suffix in TORCH_SUFFIXES:
-        return InMemoryCheckpoint(name, _load_torch_file(path, name))
+        return TorchCheckpoint(path, name)
     if suffix == NUMPY_SUFFIX:
         return NpzCheckpoint(path, name)
     raise MergeInputError(
