@@ -327,3 +327,69 @@ def test_fp8_model_directories_without_scales_merge_into_a_directory_that_loads_
     hand = {key: correctly_rounded_mean([s[key] for s in states]).float() for key in states[0]}
     assert not reference.load_state_dict(hand, strict=False).unexpected_keys
     assert merged.dtype == torch.float32 and torch.equal(logits(merged, IDS), logits(reference, IDS))
+
+
+# ------------------------------------------------------------------------- custom code (trust_remote_code)
+
+CUSTOM_CONFIG = '''from transformers import GPT2Config
+
+
+class TinyCustomConfig(GPT2Config):
+    model_type = "tiny-custom-gpt2"
+'''
+CUSTOM_MODEL = '''from transformers import GPT2LMHeadModel
+
+from .configuration_tiny_custom import TinyCustomConfig
+from .layers_tiny_custom import SCALE  # a module only imported, named by no auto_map
+
+
+class TinyCustomModel(GPT2LMHeadModel):
+    config_class = TinyCustomConfig
+'''
+
+
+def _custom_code_model(folder: Path, seed: int) -> str:
+    """A model whose config.json names its classes in Python files beside it (``auto_map``), as
+    models needing ``trust_remote_code=True`` are saved."""
+    tiny_model("gpt2", seed).save_pretrained(folder)
+    (folder / "configuration_tiny_custom.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_tiny_custom.py").write_text(CUSTOM_MODEL)
+    (folder / "layers_tiny_custom.py").write_text("SCALE = 1.0\n")
+    (folder / "train.py").write_text("raise SystemExit('a script of the user, not of the model')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tiny-custom-gpt2", auto_map={
+        "AutoConfig": "configuration_tiny_custom.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tiny_custom.TinyCustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """transformers copies remote code into its modules cache: one of the test's own."""
+    import sys
+
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+
+
+def test_the_custom_code_a_config_names_is_carried(tmp_path, capsys, modules_cache):
+    inputs = [_custom_code_model(tmp_path / f"client{i}", i) for i in range(2)]
+    code = ["configuration_tiny_custom.py", "layers_tiny_custom.py", "modeling_tiny_custom.py"]
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(inputs[0], trust_remote_code=True)).__name__ \
+        == "TinyCustomModel"  # the inputs load
+    out = fedsoup.merge_files(inputs, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".py") == code  # (none were: from_pretrained failed)
+    for name in code:
+        assert (out / name).read_bytes() == (Path(inputs[0]) / name).read_bytes()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(merged).__name__ == "TinyCustomModel"
+    states = [fio.load_state_dict(path) for path in inputs]
+    soup = fio.load_state_dict(out)
+    assert torch.equal(soup["transformer.wte.weight"], fedsoup.merge(states)["transformer.wte.weight"])
+    with pytest.warns(MergeWarning, match=r"single weights file: config.json, generation_config.json, "
+                                          r"configuration_tiny_custom.py, layers_tiny_custom.py, "
+                                          r"modeling_tiny_custom.py of .*client0 are not carried"):
+        fedsoup.merge_files(inputs, tmp_path / "soup.safetensors")

@@ -5,7 +5,8 @@ weights sit in, whichever form the user named (directory, index, weights file). 
 any tensor is read, :func:`check_model_inputs` refuses what cannot be merged: models
 beside PEFT adapters, models of different ``model_type``, quantized models. A merge into
 a directory then gives a directory that ``AutoModel.from_pretrained`` loads: the first
-input's configuration, generation config and tokenizer files are carried over
+input's configuration, generation config and tokenizer files, and the Python files of a
+model saved with custom code (:func:`custom_code_files`), are carried over
 (:func:`model_directory_files`), the config's dtype set to the dtype the weights are
 written in. When the inputs' ``config.json`` differ beyond bookkeeping fields, a
 :class:`~fedsoup.errors.MergeWarning` names the first input that differs and the fields.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
 
 __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
-    "model_directory_files", "uncarried_files", "config_bytes",
+    "model_directory_files", "uncarried_files", "custom_code_files", "config_bytes",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -54,6 +56,11 @@ CARRIED_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+# The JSON files whose ``auto_map`` may name classes defined in Python files beside them
+# (models saved with custom code, loaded with ``trust_remote_code=True``).
+_AUTO_MAP_FILES = (CONFIG_NAME, "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+# What transformers (dynamic_module_utils) follows from such a file to the other files it needs.
+_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+)\s*$)", re.M)
 # The dtypes transformers builds a model in (torch.set_default_dtype takes no other). Weights
 # in another dtype (FP8 without scales) are cast to the config's dtype when loaded, so a
 # config is only told the weights' dtype when it is one of these.
@@ -165,7 +172,7 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
             )
             break
     files = {}
-    for name in CARRIED_FILES:
+    for name in (*CARRIED_FILES, *custom_code_files(first.directory)):
         path = first.directory / name
         if path.is_file():
             try:
@@ -185,4 +192,40 @@ def uncarried_files(first: ResolvedInput) -> list[str]:
     when the output is a single file, which cannot carry them)."""
     if first.kind != MODEL:
         return []
-    return [name for name in CARRIED_FILES if (first.directory / name).is_file()]
+    return [name for name in CARRIED_FILES if (first.directory / name).is_file()] + custom_code_files(first.directory)
+
+
+def custom_code_files(directory: Path) -> list[str]:
+    """The Python files beside a model that ``from_pretrained(..., trust_remote_code=True)`` needs.
+
+    Those are the modules the ``auto_map`` of its configuration files names
+    (``"AutoModelForCausalLM": "modeling_x.XModel"``: ``modeling_x.py``; not
+    ``"org/repo--modeling_x.XModel"``, code of another repository), and the modules they import
+    relatively (``from .configuration_x import XConfig``), as ``save_pretrained`` copies them.
+    Other Python files (a training script beside the model) are not the model's. Sorted names.
+    """
+    pending = []
+    for config_name in _AUTO_MAP_FILES:
+        path = directory / config_name
+        try:
+            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue  # carried as it is (or refused when read as the config): transformers reads it as it can
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        for value in auto_map.values() if isinstance(auto_map, dict) else ():
+            for reference in value if isinstance(value, list) else [value]:  # (a tokenizer's: [slow, fast])
+                module = reference.rpartition(".")[0] if isinstance(reference, str) else ""
+                if module.isidentifier():
+                    pending.append(module + ".py")
+    found: list[str] = []
+    while pending:
+        name = pending.pop()
+        if name in found or not (directory / name).is_file():
+            continue
+        found.append(name)
+        try:
+            source = (directory / name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # carried byte for byte; its own imports are for transformers to report
+        pending += [(module or bare) + ".py" for module, bare in _RELATIVE_IMPORT.findall(source)]
+    return sorted(found)
