@@ -115,6 +115,8 @@ class Checkpoint:
 def _check_readable(path: Path, name: str) -> None:
     """A file that is there but cannot be opened (mode 0600 of another user) is reported as
     such: safetensors and torch say "No such file or directory" for it."""
+    if path.exists() and not path.is_file() and not path.is_dir():  # opening a named pipe blocks
+        raise MergeInputError("not a regular file (a pipe, socket or device)", path=name)
     try:
         with open(path, "rb"):
             pass

@@ -109,7 +109,7 @@ def _weights_in_directory(folder: Path, name: str) -> Path:
     for known in _MODEL_WEIGHTS + ADAPTER_WEIGHTS:
         if (folder / known).is_file():
             return folder / known
-    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    indexes = sorted(p for p in folder.glob("*" + INDEX_SUFFIX) if p.is_file())  # (a named pipe would block)
     if len(indexes) > 1:
         safetensors_indexes = [p for p in indexes if p.name.endswith(SAFETENSORS_SUFFIX + INDEX_SUFFIX)]
         indexes = safetensors_indexes if len(safetensors_indexes) == 1 else indexes
@@ -132,6 +132,8 @@ def _refuse_single_shard(path: Path, name: str) -> None:
     if not _SHARD_NAME.fullmatch(path.name):
         return
     for index in sorted(path.parent.glob("*" + INDEX_SUFFIX)):
+        if not index.is_file():  # (a named pipe would block)
+            continue
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
