@@ -125,6 +125,19 @@ def test_a_directory_output_with_a_dot_in_its_name_is_told_how_to_be_named(tmp_p
     assert transformers.AutoModelForCausalLM.from_pretrained(dotted).config.model_type == "gpt2"
 
 
+def test_the_files_are_carried_from_the_first_input_in_a_model_directory(tmp_path):
+    """A bare weights file first (a previous soup, a file copied out of its folder), model
+    directories after it: the output is still a model directory (it was weights alone, exit 0)."""
+    _, inputs = save_clients(tmp_path, "gpt2", "dir", n=2)
+    bare = tmp_path / "previous-soup.safetensors"
+    bare.write_bytes((Path(inputs[0]) / "model.safetensors").read_bytes())
+    out = fedsoup.merge_files([str(bare), inputs[1]], tmp_path / "out")
+    assert {"config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
+    with pytest.warns(MergeWarning, match=r"config.json, generation_config.json of \S*client1 are not carried"):
+        fedsoup.merge_files([str(bare), inputs[1]], tmp_path / "soup.safetensors")
+
+
 def test_one_shard_named_alone_is_refused(tmp_path):
     _, inputs = save_clients(tmp_path, "gpt2", "sharded", n=2)
     shard = Path(inputs[0]) / "model-00001-of-00002.safetensors"

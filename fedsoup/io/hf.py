@@ -31,7 +31,7 @@ from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
 
 __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
-    "model_directory_files", "uncarried_files", "custom_code_files", "config_bytes",
+    "model_directory_files", "uncarried_files", "custom_code_files", "first_model", "config_bytes",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -147,20 +147,22 @@ def _dtype_key(config: dict) -> list[str]:
 
 
 def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.dtype | None) -> dict[str, bytes]:
-    """The files to write beside the merged weights when ``inputs[0]`` is in a model directory.
+    """The files to write beside the merged weights: those of the first input in a model directory.
 
-    Returns ``{file name: bytes}`` (empty when ``inputs[0]`` has no ``config.json`` beside
-    it). The first input's files (:data:`CARRIED_FILES`) are kept byte for byte, except
+    Returns ``{file name: bytes}`` (empty when no input has a ``config.json`` beside it; the
+    first input may be a bare weights file, a previous soup, and the others model
+    directories). That input's files (:data:`CARRIED_FILES`, :func:`custom_code_files`) are
+    kept byte for byte, except
     ``config.json`` whose ``dtype`` (or ``torch_dtype``) is set to ``weights_dtype`` when it is
     one transformers builds models in (:data:`MODEL_DTYPES`; FP8 weights keep the config's dtype,
     the one ``from_pretrained`` casts them to, as it did for the inputs).
     """
-    first = inputs[0]
-    if first.kind != MODEL:
+    first = first_model(inputs)
+    if first is None:
         return {}
     config = read_config(first.config_path)
-    for other in inputs[1:]:
-        if other.kind != MODEL:
+    for other in inputs:
+        if other.kind != MODEL or other is first:
             continue
         fields = _differing_fields(config, read_config(other.config_path))
         if fields:
@@ -187,10 +189,15 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
     return files
 
 
-def uncarried_files(first: ResolvedInput) -> list[str]:
+def first_model(inputs: Sequence[ResolvedInput]) -> ResolvedInput | None:
+    """The first input in a model directory, whose files a directory output carries (``None``: none is)."""
+    return next((item for item in inputs if item.kind == MODEL), None)
+
+
+def uncarried_files(first: ResolvedInput | None) -> list[str]:
     """The files a directory output would carry from ``first``'s model directory (for a warning
     when the output is a single file, which cannot carry them)."""
-    if first.kind != MODEL:
+    if first is None or first.kind != MODEL:
         return []
     return [name for name in CARRIED_FILES if (first.directory / name).is_file()] + custom_code_files(first.directory)
 

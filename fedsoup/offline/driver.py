@@ -25,7 +25,7 @@ from fedsoup.atomic import atomic_write_text
 from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
 from fedsoup.io.checks import check_compatible, check_unquantized
 from fedsoup.io.formats import TensorInfo, dtype_str
-from fedsoup.io.hf import check_model_inputs, model_directory_files, uncarried_files
+from fedsoup.io.hf import check_model_inputs, first_model, model_directory_files, uncarried_files
 from fedsoup.io.layout import OutputLayout
 from fedsoup.io.readers import Checkpoint, open_weights_file
 from fedsoup.io.resolve import ADAPTER, ResolvedInput, expand_inputs, open_checkpoint, resolve_input
@@ -182,10 +182,11 @@ def _warn_mixed_dtypes(checkpoints: Sequence[Checkpoint], first: int) -> None:
     )
 
 
-def _warn_not_carried(first: ResolvedInput, output) -> None:
+def _warn_not_carried(resolved: Sequence[ResolvedInput], output) -> None:
     """A single-file output cannot carry the model directory's files: say which, and how to get them."""
+    first = first_model(resolved)
     files = uncarried_files(first)
-    if files:
+    if first is not None and files:
         warnings.warn(
             f"the output {output} is a single weights file: {', '.join(files)} of {first.directory} "
             f"are not carried, and from_pretrained needs them; give a directory as the output "
@@ -262,7 +263,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         if copy_config and layout.is_directory:
             extra_files = model_directory_files(resolved, float_dtypes.pop() if len(float_dtypes) == 1 else None)
         elif copy_config:
-            _warn_not_carried(resolved[0], output)
+            _warn_not_carried(resolved, output)
         metadata = {
             "fedsoup.version": _version(),
             "fedsoup.inputs": json.dumps(names),
