@@ -838,3 +838,211 @@ def test_a_dtype_the_merge_overflows_is_refused_and_nothing_is_written(tmp_path,
                             base=tmp_path / "base" if base else None, dtype=dtype)
     assert (caught.value.option, caught.value.value) == ("dtype", dtype)
     assert not (tmp_path / "out").exists()
+
+
+# --- dtype: every LoRA output rounded once, from its float32/float64 result ----------------------
+# Hand computations in float64 (or exact fractions) rounded once, against outputs that used to be
+# rounded into the adapters' (or the base's) dtype first and then into the dtype asked for.
+
+_Q = "base_model.model.layer.q."
+
+
+def _adapter_of(directory, a, b, *, alpha, extra=None):
+    """An adapter on module ``layer.q`` holding ``a``/``b`` as they are (their dtype), ``r`` from ``a``."""
+    from safetensors.torch import save_file
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": a.shape[0], "lora_alpha": alpha, "target_modules": ["q"],
+         **({"modules_to_save": ["head"]} if extra is not None else {})}))
+    tensors = {_Q + "lora_A.weight": a.contiguous(), _Q + "lora_B.weight": b.contiguous()}
+    if extra is not None:
+        tensors["base_model.model.layer.head.weight"] = extra.contiguous()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def _base_of(directory, weight, head=None):
+    from safetensors.torch import save_file
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"layer.q.weight": weight, **({} if head is None else {"layer.head.weight": head})},
+              str(directory / "model.safetensors"))
+    return directory
+
+
+def _bits(tensor):
+    return tensor.view(torch.int16 if tensor.dtype.itemsize == 2 else torch.uint8)
+
+
+def _assert_same_bits(written, expected):
+    assert written.dtype == expected.dtype
+    assert torch.equal(_bits(written), _bits(expected)), (written, expected)
+
+
+def _narrow_pair(dtype, shape, seed):
+    """Two ``dtype`` tensors whose first elements make the mean's double rounding go wrong: the
+    mean of 1 and 1 + 2⁻⁷ is the bf16 tie 1 + 2⁻⁸ (exact in fp16); the mean of 1 + 2⁻⁷ + 2⁻¹⁰
+    and 1 − 2⁻¹¹ is 1 + 2⁻⁸ + 2⁻¹², which fp16 rounds onto that tie and bf16 rounds up.
+    The rest is random."""
+    generator = torch.Generator().manual_seed(seed)
+    x, y = (torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for _ in range(2))
+    firsts = ([1.0, 1.0 + 2**-7, 1.0 - 2**-9] if dtype == torch.bfloat16
+              else [1.0 + 2**-7 + 2**-10, 1.0 + 2**-8, 1.0 - 2**-11])
+    seconds = ([1.0 + 2**-7, 1.0 + 2**-6, 1.0 - 2**-8] if dtype == torch.bfloat16
+               else [1.0 - 2**-11, 1.0 - 2**-10, 1.0 + 2**-10])
+    x.view(-1)[:3] = torch.tensor(firsts, dtype=torch.float64).to(dtype)
+    y.view(-1)[:3] = torch.tensor(seconds, dtype=torch.float64).to(dtype)
+    return x, y
+
+
+@pytest.mark.parametrize("inputs,target", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)],
+                         ids=["bf16-as-fp16", "fp16-as-bf16"])
+def test_factors_in_another_dtype_are_the_exact_mean_rounded_once(tmp_path, inputs, target):
+    """FedAvg on the factors written in `dtype` is the exact mean rounded once into it, not the mean
+    rounded into the adapters' dtype and then into `dtype` (files and fedsoup.merge alike)."""
+    import fedsoup
+    from fedsoup.lora.driver import merge_adapter_files
+    from tests.hf_helpers import correctly_rounded_mean
+    a, b = _narrow_pair(inputs, (2, 6), seed=1), _narrow_pair(inputs, (5, 2), seed=2)
+    directories = [_adapter_of(tmp_path / f"in{i}", a[i], b[i], alpha=4) for i in range(2)]
+    merge_adapter_files(directories, tmp_path / "out", mode="factors", dtype=target)
+    _, written = read(tmp_path / "out")
+    in_memory = fedsoup.merge([read(d)[1] for d in directories], lora="factors", adapter_config=read(directories[0])[0],
+                              dtype=target)
+    for key, pair in ((_Q + "lora_A.weight", a), (_Q + "lora_B.weight", b)):
+        expected = correctly_rounded_mean(list(pair), dtype=target)
+        _assert_same_bits(written[key], expected)
+        _assert_same_bits(in_memory[key], expected)
+        twice = correctly_rounded_mean(list(pair)).to(target)  # (the mean in the inputs' dtype, then cast)
+        assert not torch.equal(_bits(twice), _bits(expected))
+
+
+def test_products_cat_in_another_dtype_is_rounded_once(tmp_path):
+    """The soup of products at rank Σ r_i: B_cat = [ω_i s_i B_i] / s_out in float64, rounded once
+    into fp16; A_cat = [A_i] (exact in fp16). With weights 1, 3, r = 2, α = 4: s_i = 2, s_out = 1,
+    so B_out = [B_1/2, 3/2·B_2], exact in float32, and often a bf16 tie or off bf16's grid."""
+    from fedsoup.lora.driver import merge_adapter_files
+    from fedsoup.rounding import round_to
+    a, b = _narrow_pair(torch.bfloat16, (2, 6), seed=3), _narrow_pair(torch.bfloat16, (5, 2), seed=4)
+    directories = [_adapter_of(tmp_path / f"in{i}", a[i], b[i], alpha=4) for i in range(2)]
+    merge_adapter_files(directories, tmp_path / "out", mode="products", weights=[1, 3], dtype=torch.float16)
+    config, written = read(tmp_path / "out")
+    assert config["r"] == 4 and config["lora_alpha"] == 4
+    hand_b = torch.cat([b[0].double() * (0.25 * 2 / 1), b[1].double() * (0.75 * 2 / 1)], dim=1)
+    expected_b = round_to(hand_b, torch.float16)
+    _assert_same_bits(written[_Q + "lora_B.weight"], expected_b)
+    _assert_same_bits(written[_Q + "lora_A.weight"], torch.cat([a[0], a[1]]).to(torch.float16))
+    assert not torch.equal(_bits(round_to(hand_b, torch.bfloat16).to(torch.float16)), _bits(expected_b))
+
+
+def test_products_into_a_bf16_base_written_as_fp16_are_rounded_once(tmp_path):
+    """W + ΔW (exact in float32 here) rounded once into fp16, not into the base's bf16 first."""
+    from safetensors.torch import load_file
+
+    from fedsoup.lora.driver import merge_adapter_files
+    from fedsoup.rounding import round_to
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(5, 6, generator=generator).to(torch.bfloat16)
+    # ΔW = ½(s B_1 A_1 + s B_2 A_2), s = 1, rank 1: columns of powers of two times bf16 values
+    a = [torch.full((1, 6), 2.0**-9, dtype=torch.bfloat16), torch.full((1, 6), 2.0**-10, dtype=torch.bfloat16)]
+    b = [torch.ones(5, 1, dtype=torch.bfloat16), torch.arange(1, 6, dtype=torch.bfloat16).reshape(5, 1)]
+    directories = [_adapter_of(tmp_path / f"in{i}", a[i], b[i], alpha=1) for i in range(2)]
+    base = _base_of(tmp_path / "base", weight)
+    merge_adapter_files(directories, tmp_path / "out", mode="products", base=base, dtype=torch.float16)
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))["layer.q.weight"]
+    hand = weight.double() + 0.5 * (b[0].double() @ a[0].double() + b[1].double() @ a[1].double())
+    expected = round_to(hand, torch.float16)
+    _assert_same_bits(written, expected)
+    assert not torch.equal(_bits(round_to(hand, torch.bfloat16).to(torch.float16)), _bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_factors_into_an_fp32_base_never_pass_through_the_adapters_bf16(tmp_path, dtype):
+    """Merged into the base, the merged factors are intermediates: W + s·B̄·Ā from their exact
+    float32 means (Ā = 1 + 2⁻⁸ here, which bf16 rounds to 1), rounded once into the dtype written
+    (the base's float32, or bf16)."""
+    from safetensors.torch import load_file
+
+    from fedsoup.lora.driver import merge_adapter_files
+    from fedsoup.rounding import round_to
+    a = [torch.ones(1, 4, dtype=torch.bfloat16), torch.full((1, 4), 1 + 2**-7, dtype=torch.bfloat16)]
+    b = [torch.ones(3, 1, dtype=torch.bfloat16)] * 2
+    directories = [_adapter_of(tmp_path / f"in{i}", a[i], b[i], alpha=1) for i in range(2)]  # s = 1
+    weight = torch.full((3, 4), 2.0**-9)
+    base = _base_of(tmp_path / "base", weight)
+    merge_adapter_files(directories, tmp_path / "out", mode="factors", base=base, dtype=dtype)
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))["layer.q.weight"]
+    hand = weight.double() + 1.0 * (b[0].double() @ ((a[0].double() + a[1].double()) / 2))  # 1 + 2⁻⁸ + 2⁻⁹
+    expected = round_to(hand, dtype or torch.float32)
+    assert torch.equal(written, expected), (written, expected)
+    assert float(expected[0, 0]) != float(round_to(weight.double() + 1.0, dtype or torch.float32)[0, 0])
+
+
+@pytest.mark.parametrize("base", [False, True])
+def test_modules_to_save_in_another_dtype_are_the_exact_mean_rounded_once(tmp_path, base):
+    """A full tensor of bf16 adapters written as fp16 (as an adapter, or into an fp16 base) is the
+    exact mean rounded once into fp16."""
+    from safetensors.torch import load_file
+
+    from fedsoup.lora.driver import merge_adapter_files
+    from tests.hf_helpers import correctly_rounded_mean
+    heads = _narrow_pair(torch.bfloat16, (4, 6), seed=6)
+    directories = [_adapter_of(tmp_path / f"in{i}", torch.ones(1, 6, dtype=torch.bfloat16),
+                               torch.zeros(3, 1, dtype=torch.bfloat16), alpha=1, extra=heads[i]) for i in range(2)]
+    base_dir = _base_of(tmp_path / "base", torch.zeros(3, 6, dtype=torch.float16),
+                        torch.zeros(4, 6, dtype=torch.float16)) if base else None
+    merge_adapter_files(directories, tmp_path / "out", mode="products", base=base_dir, dtype=torch.float16)
+    if base:
+        written = load_file(str(tmp_path / "out" / "model.safetensors"))["layer.head.weight"]
+    else:
+        written = read(tmp_path / "out")[1]["base_model.model.layer.head.weight"]
+    _assert_same_bits(written, correctly_rounded_mean(list(heads), dtype=torch.float16))
+
+
+def test_ame_over_products_in_another_dtype_rounds_its_float32_results_once(tmp_path):
+    """AME over the dense updates: the full tensors are the float32 AME result rounded once into
+    fp16 (the same merge of their float32 copies, rounded), never through bf16."""
+    import fedsoup
+    from fedsoup.lora.driver import merge_adapter_files
+    from fedsoup.rounding import round_to
+    heads = _narrow_pair(torch.bfloat16, (4, 6), seed=7)
+    generator = torch.Generator().manual_seed(8)
+    directories = [_adapter_of(tmp_path / f"in{i}", torch.randn(2, 6, generator=generator).to(torch.bfloat16),
+                               torch.randn(3, 2, generator=generator).to(torch.bfloat16), alpha=2, extra=heads[i])
+                   for i in range(2)]
+    options = MergeOptions(optimizer="adam", lr=1e-3, epochs=2)
+    merge_adapter_files(directories, tmp_path / "out", mode="products", options=options, dtype=torch.float16)
+    written = read(tmp_path / "out")[1]["base_model.model.layer.head.weight"]
+    ame = fedsoup.merge([{"head": h.float()} for h in heads], options)["head"]
+    _assert_same_bits(written, round_to(ame, torch.float16))
+    merge_adapter_files(directories, tmp_path / "plain", mode="products", options=options)
+    _assert_same_bits(read(tmp_path / "plain")[1]["base_model.model.layer.head.weight"], round_to(ame, torch.bfloat16))
+
+
+@pytest.mark.parametrize("mode,base", [("factors", False), ("products", False), ("products", True),
+                                       ("factors", True)])
+def test_the_adapters_own_dtype_asked_for_is_what_no_dtype_writes(mode, base, gpt2_adapters, tmp_path):
+    from safetensors.torch import load_file
+
+    from fedsoup.lora.driver import merge_adapter_files
+    if base:
+        gpt2_base().save_pretrained(str(tmp_path / "base"))
+    outputs = []
+    for name, dtype in (("plain", None), ("asked", torch.float32)):
+        merge_adapter_files(gpt2_adapters, tmp_path / name, mode=mode, weights=[1, 2, 5], dtype=dtype,
+                            base=tmp_path / "base" if base else None)
+        outputs.append(load_file(str(tmp_path / name / ("model.safetensors" if base else "adapter_model.safetensors"))))
+    assert outputs[0].keys() == outputs[1].keys()
+    for key in outputs[0]:
+        assert torch.equal(outputs[0][key], outputs[1][key]), key
+
+
+def test_merge_takes_dtype_with_the_lora_option(gpt2_adapters):
+    import fedsoup
+    configs, tensors = zip(*(read(d) for d in gpt2_adapters))
+    merged = fedsoup.merge(list(tensors), lora="products", lora_rank=5, adapter_config=configs[0], weights=[1, 2, 3],
+                           dtype="bf16")
+    exact = merge_adapters(_load(gpt2_adapters), mode="products", rank=5, weights=[1, 2, 3], dtype=torch.bfloat16)
+    assert merged.keys() == exact.state_dict.keys()
+    for key, value in exact.state_dict.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(merged[key], value), key
