@@ -159,7 +159,8 @@ def merge(
         adapter_config: with the ``lora`` option, the models are PEFT adapter state dicts
             and this is their ``adapter_config.json`` (one dict for all, or one per model):
             :mod:`fedsoup.lora` merges them as ``"factors"`` or ``"products"`` and returns the
-            merged adapter's tensors (its config: ``report.lora.config``).
+            merged adapter's tensors (its config: ``report.lora.config``), in ``dtype`` when
+            given, each rounded into it once.
         report: also return a :class:`~fedsoup.report.MergeReport`: path taken, ``η_0``
             used per tensor, steps, distance to the soup and the ball's radius, warnings.
         _path: (private; tests and benchmarks) force one of :data:`PATHS`.
@@ -182,10 +183,8 @@ def merge(
     """
     options = _options(options, pivot, option_kwargs)  # validated once, or trusted
     if options.lora is not None:  # PEFT adapters: their factors or their products s·B·A (docs/design.md §2.6)
-        if dtype is not None:
-            raise OptionError("dtype", dtype, "dtype= is not taken by a LoRA adapter merge (merge_files' dtype "
-                              "writes an adapter in another dtype)")
-        return _merge_adapters(models, options, adapter_config, weights, order_by, pivot, seed, report)
+        return _merge_adapters(models, options, adapter_config, weights, order_by, pivot, seed, output_dtype(dtype),
+                               report)
     plan = make_plan(models, options, weights=weights, order_by=order_by,
                      pivot=pivot if isinstance(pivot, Mapping) else None, seed=seed, path=_path,
                      dtype=output_dtype(dtype))
@@ -193,14 +192,15 @@ def merge(
     return (result, merge_report) if report else result
 
 
-def _merge_adapters(models, options: MergeOptions, adapter_config, weights, order_by, pivot, seed, report: bool):
+def _merge_adapters(models, options: MergeOptions, adapter_config, weights, order_by, pivot, seed, dtype,
+                    report: bool):
     from fedsoup.lora.modes import merge_adapter_state_dicts  # (fedsoup.lora merges its tensors with merge)
 
     for name, value in (("order_by", order_by), ("pivot", pivot if isinstance(pivot, Mapping) else None),
                         ("seed", seed)):
         if value is not None:
             raise OptionError(name, value, f"{name}= is not taken by a LoRA adapter merge (give it in the options)")
-    merged = merge_adapter_state_dicts(models, options, adapter_config, weights=weights)
+    merged = merge_adapter_state_dicts(models, options, adapter_config, weights=weights, dtype=dtype)
     if not report:
         return merged.state_dict
     return merged.state_dict, MergeReport(f"lora-{merged.report.how}", options.optimizer_class.__name__,

@@ -836,7 +836,7 @@ def test_a_dtype_the_merge_overflows_is_refused_and_nothing_is_written(tmp_path,
     with pytest.raises(OptionError) as caught:
         merge_adapter_files(inputs, tmp_path / "out", mode="factors" if not base else "products",
                             base=tmp_path / "base" if base else None, dtype=dtype)
-    assert (caught.value.option, caught.value.value) == ("dtype", dtype)
+    assert (caught.value.option, caught.value.value) == ("dtype", str(dtype).removeprefix("torch."))
     assert not (tmp_path / "out").exists()
 
 
@@ -1019,17 +1019,34 @@ def test_ame_over_products_in_another_dtype_rounds_its_float32_results_once(tmp_
     _assert_same_bits(read(tmp_path / "plain")[1]["base_model.model.layer.head.weight"], round_to(ame, torch.bfloat16))
 
 
+def _as_dtype(directories, root, dtype):
+    """Copies of adapter directories with their tensors converted to ``dtype``."""
+    from safetensors.torch import save_file
+    copies = []
+    for directory in directories:
+        config, tensors = read(directory)
+        copy = root / directory.name
+        copy.mkdir(parents=True)
+        (copy / "adapter_config.json").write_text(json.dumps(config))
+        save_file({k: v.to(dtype) for k, v in tensors.items()}, str(copy / "adapter_model.safetensors"))
+        copies.append(copy)
+    return copies
+
+
 @pytest.mark.parametrize("mode,base", [("factors", False), ("products", False), ("products", True),
                                        ("factors", True)])
-def test_the_adapters_own_dtype_asked_for_is_what_no_dtype_writes(mode, base, gpt2_adapters, tmp_path):
+@pytest.mark.parametrize("own", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_dtype_asked_for_is_what_no_dtype_writes_in_that_dtype(mode, base, own, gpt2_adapters, tmp_path):
+    """`dtype` equal to the adapters' (the base's) dtype writes the bytes no `dtype` writes."""
     from safetensors.torch import load_file
 
     from fedsoup.lora.driver import merge_adapter_files
+    adapters = gpt2_adapters if own == torch.float32 else _as_dtype(gpt2_adapters, tmp_path / "adapters", own)
     if base:
-        gpt2_base().save_pretrained(str(tmp_path / "base"))
+        gpt2_base().to(own).save_pretrained(str(tmp_path / "base"))
     outputs = []
-    for name, dtype in (("plain", None), ("asked", torch.float32)):
-        merge_adapter_files(gpt2_adapters, tmp_path / name, mode=mode, weights=[1, 2, 5], dtype=dtype,
+    for name, dtype in (("plain", None), ("asked", own)):
+        merge_adapter_files(adapters, tmp_path / name, mode=mode, weights=[1, 2, 5], dtype=dtype,
                             base=tmp_path / "base" if base else None)
         outputs.append(load_file(str(tmp_path / name / ("model.safetensors" if base else "adapter_model.safetensors"))))
     assert outputs[0].keys() == outputs[1].keys()

@@ -1,5 +1,6 @@
-"""Refusals before an adapter merge (docs/design.md §2.6): adapters that cannot be merged
-together, a LoRA mode or rank that does not exist, unequal ranks for the ``factors`` mode.
+"""Refusals around an adapter merge (docs/design.md §2.6): adapters that cannot be merged
+together, a LoRA mode or rank that does not exist, unequal ranks for the ``factors`` mode, and
+a merged value that the dtype written cannot hold.
 
 Each refusal is typed and names its culprit: :class:`~fedsoup.errors.MergeInputError`
 (ingredient, file, field or tensor) or :class:`~fedsoup.errors.OptionError` (option, value).
@@ -15,10 +16,12 @@ import torch
 
 from fedsoup.errors import MergeInputError, MergeWarning, OptionError, closest_name
 from fedsoup.inputs import find_non_finite
+from fedsoup.io.formats import dtype_str
 from fedsoup.lora.pairs import LORA_A_SUFFIX, Adapter, join_adapter, module_name
 from fedsoup.options import LORA_MODES
+from fedsoup.rounding import round_to
 
-__all__ = ["check_adapters", "check_equal_ranks", "check_lora_options", "culprit", "tensors_of"]
+__all__ = ["check_adapters", "check_equal_ranks", "check_lora_options", "culprit", "rounded_into", "tensors_of"]
 
 
 def culprit(names: Sequence[str] | None, index: int) -> dict[str, Any]:
@@ -105,3 +108,20 @@ def check_lora_options(mode: str, rank: int | None) -> None:
 def tensors_of(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names."""
     return join_adapter({path: (pair.A, pair.B) for path, pair in adapter.pairs.items()}, adapter.full)
+
+
+def rounded_into(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A merged floating ``tensor`` (its float32/float64 result, or already in ``dtype``) rounded
+    once, to nearest even, into ``dtype`` (:func:`fedsoup.rounding.round_to`).
+
+    A finite value that ``dtype`` cannot hold (Inf, or NaN in ``float8_e4m3fn``, once rounded)
+    is refused: :class:`~fedsoup.errors.OptionError` ``option="dtype"`` with the dtype's name
+    as its value, as :func:`fedsoup.merge` refuses it, so that nothing unusable is written.
+    """
+    rounded = round_to(tensor, dtype)
+    if rounded is not tensor and find_non_finite({key: rounded}) is not None \
+            and find_non_finite({key: tensor}) is None:
+        name = dtype_str(dtype)
+        raise OptionError("dtype", name, f"tensor {key!r} of the merge does not fit in {name} "
+                                         f"(Inf or NaN once rounded into it); write a wider dtype")
+    return rounded

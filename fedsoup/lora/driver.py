@@ -66,7 +66,8 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
     (a model directory): the base with the merged update added, as a model directory
     carrying the base's config and tokenizer files. ``mode``, ``rank``, ``options`` and
     ``weights`` are :func:`fedsoup.lora.merge_adapters`'. ``dtype``: the floating tensors
-    are written in it, each rounded once, by the writer (default: the adapters', the base's).
+    are written in it, each rounded once from its float32/float64 result by the merge (the
+    base tensors the adapters do not touch, by the writer; default: the adapters', the base's).
     ``metadata`` goes into the weights file, with the LoRA report under ``fedsoup.lora``.
     An input already resolved (:func:`fedsoup.io.resolve.resolve_input`) is not resolved again.
     """
@@ -89,7 +90,8 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
     adapters = [load_adapter(item, ingredient=index) for index, item in enumerate(inputs)]
     record = dict(metadata or {})
     if base_input is None:
-        merged = merge_adapters(adapters, mode=mode, rank=rank, options=options, weights=weights, names=names)
+        merged = merge_adapters(adapters, mode=mode, rank=rank, options=options, weights=weights, names=names,
+                                dtype=dtype)
         state_dict, report = merged.state_dict, merged.report
         record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
         files = write_adapter(output, state_dict, merged.config, force=force, metadata=record, dtype=dtype)
@@ -98,7 +100,7 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
         # and a base written to in place meanwhile is refused before the output is renamed.
         with open_weights_file(base_input.weights, base_input.name) as checkpoint:
             state_dict, report = merge_into_base(adapters, checkpoint.load_all(), mode=mode, options=options,
-                                                 weights=weights, names=names)
+                                                 weights=weights, names=names, dtype=dtype)
             record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
             files = write_model(output, state_dict, base_input, force=force, metadata=record,
                                 max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=checkpoint.check_unchanged)

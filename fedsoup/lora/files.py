@@ -17,16 +17,15 @@ from pathlib import Path
 
 import torch
 
-from fedsoup.errors import MergeInputError, OptionError
-from fedsoup.inputs import find_non_finite
-from fedsoup.io.formats import TensorInfo, dtype_str
+from fedsoup.errors import MergeInputError
+from fedsoup.io.formats import TensorInfo
 from fedsoup.io.hf import config_bytes, model_directory_files, read_config
 from fedsoup.io.readers import open_weights_file
 from fedsoup.io.resolve import ADAPTER, ADAPTER_WEIGHTS, MODEL, ResolvedInput, resolve_input
 from fedsoup.io.writer import write_checkpoint
+from fedsoup.lora.checks import rounded_into
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, parse_adapter_config
 from fedsoup.lora.pairs import Adapter, split_adapter
-from fedsoup.rounding import round_to
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAMES",
@@ -89,7 +88,8 @@ def _infos(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) ->
 
 def _producer(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> Callable[[str], torch.Tensor]:
     """What the writer writes for each key: the tensor, or (``dtype``) the tensor rounded once
-    into ``dtype`` (:func:`fedsoup.rounding.round_to`, the writer's own rounding), refused with
+    into ``dtype`` (:func:`fedsoup.lora.checks.rounded_into`: a merged tensor is already in it,
+    a base tensor the adapters do not touch is rounded here), refused with
     :class:`~fedsoup.errors.OptionError` (``option="dtype"``) where a finite value overflows
     it: nothing is written then (the writer is atomic)."""
     if dtype is None:
@@ -97,13 +97,7 @@ def _producer(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None)
 
     def produce(key: str) -> torch.Tensor:
         tensor = state_dict[key]
-        if not tensor.is_floating_point():
-            return tensor
-        rounded = round_to(tensor, dtype)
-        if find_non_finite({key: rounded}) is not None and find_non_finite({key: tensor}) is None:
-            raise OptionError("dtype", dtype, f"tensor {key!r} of the merge does not fit in {dtype_str(dtype)} "
-                                              f"(Inf or NaN once rounded into it); write a wider dtype")
-        return rounded
+        return rounded_into(key, tensor, dtype) if tensor.is_floating_point() else tensor
 
     return produce
 

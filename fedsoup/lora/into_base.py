@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from fedsoup.errors import MergeInputError
-from fedsoup.inputs import compute_dtype
-from fedsoup.lora.checks import check_adapters, check_lora_options, culprit
+from fedsoup.inputs import compute_dtype, output_dtype
+from fedsoup.lora.checks import check_adapters, check_lora_options, culprit, rounded_into
 from fedsoup.lora.modes import measured_deltas, resolved_options
 from fedsoup.lora.pairs import LORA_A_SUFFIX, Adapter, module_name
 from fedsoup.lora.report import LoraReport
@@ -55,33 +55,55 @@ def _transposed(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor], n
     return {path: conv1d if layout is None else layout for path, layout in layouts.items()}
 
 
+def _full_keys(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor], names) -> dict[str, str]:
+    """The base key each ``modules_to_save`` tensor replaces (a tensor of the same shape), else refused."""
+    keys = {}
+    for key, tensor in adapters[0].full.items():
+        module, _, leaf = key.rpartition(".")
+        base_key = _base_key(module, base, "." + leaf)
+        if base_key is None or tuple(base[base_key].shape) != tuple(tensor.shape):
+            raise MergeInputError("modules_to_save tensor has no tensor of its shape in the base model",
+                                  key=key, **culprit(names, 0))
+        keys[key] = base_key
+    return keys
+
+
 def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor], *, mode: str = "products",
                     options: MergeOptions | None = None, weights: Sequence[float] | None = None,
-                    names: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], LoraReport]:
+                    names: Sequence[str] | None = None, dtype: torch.dtype | str | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], LoraReport]:
     """The base model's state dict with the merged update added: ``W + ΔW`` (``W + ΔWᵀ`` for Conv1D).
 
     ``ΔW`` is :func:`merged_deltas`' (exact soup of products, AME over products, or the
-    product of merged factors); ``modules_to_save`` tensors replace the base's. Computed in
-    float32 (float64 for float64 weights), written in each base tensor's dtype. Keys of
-    ``base`` the adapter does not touch are returned as they are.
+    product of merged factors, all in float32/float64: the merged factors are not rounded into
+    the adapters' dtype first); ``modules_to_save`` tensors replace the base's. ``W + ΔW`` is
+    computed in float32 (float64 for float64 weights or ``dtype``) and rounded once into
+    ``dtype`` (a ``torch.dtype`` or a name such as ``"bf16"``), default each base tensor's
+    dtype; the ``modules_to_save`` tensors are merged straight into it (the exact mean of bf16
+    tensors rounded once into an fp16 base; where the base tensors they replace differ in
+    dtype, merged in their own and then rounded into each base tensor's). A value
+    it cannot hold is refused (:class:`~fedsoup.errors.OptionError`, ``option="dtype"``). Keys
+    of ``base`` the adapter does not touch are returned as they are.
     """
-    options = resolved_options(options)
+    options, dtype = resolved_options(options), output_dtype(dtype)
     check_lora_options(mode, None)
     check_adapters(adapters, names)
     transposed = _transposed(adapters, base, names)
-    deltas, full, errors = measured_deltas(adapters, mode=mode, options=options, weights=weights)
+    full_keys = _full_keys(adapters, base, names)
+    # one dtype for all the full tensors' merge: the one asked for, or the base's when they share one
+    full_dtypes = {dtype or base[key].dtype for key in full_keys.values()}
+    full_dtype = full_dtypes.pop() if len(full_dtypes) == 1 else None
+    deltas, full, errors = measured_deltas(adapters, mode=mode, options=options, weights=weights,
+                                           full_dtype=full_dtype)
     result = dict(base)
     for path, delta in deltas.items():
         key = _base_key(path, base)
         weight = base[key]
-        dtype = compute_dtype([weight])
+        work = compute_dtype([weight], dtype)
         update = delta.T if transposed[path] else delta
-        result[key] = (weight.to(dtype) + update.to(dtype)).to(weight.dtype)
+        result[key] = rounded_into(key, weight.to(work) + update.to(work), dtype or weight.dtype)
     for key, tensor in full.items():
-        base_key = _base_key(key[: -len(key.rpartition(".")[2]) - 1], base, "." + key.rpartition(".")[2])
-        if base_key is None or tuple(base[base_key].shape) != tuple(tensor.shape):
-            raise MergeInputError("modules_to_save tensor has no tensor of its shape in the base model",
-                                  key=key, **culprit(names, 0))
-        result[base_key] = tensor.to(base[base_key].dtype)
+        base_key = full_keys[key]
+        result[base_key] = rounded_into(base_key, tensor, dtype or base[base_key].dtype)
     ranks = {path: pair.rank for path, pair in adapters[0].pairs.items()}
     return result, LoraReport(mode, "base", None, errors, {}, ranks)

@@ -24,6 +24,13 @@ with the weighted soup as ``soup`` whatever the mode and optimizer (so it says w
 averaging factors costs on these adapters, comparable across runs; undefined when ranks
 differ), and the captured energy ``Σ_{j≤t} σ_j² / ‖ΔW‖_F²`` of every SVD taken.
 ``modules_to_save`` tensors are full tensors, merged with the same options as any.
+
+Every written tensor is rounded once, from its float32/float64 result (the exact weighted mean
+for the soup of bf16/fp16 tensors), into the ``dtype`` asked for or its adapter's dtype
+(docs/design.md §2.3): the factors and full tensors by :func:`fedsoup.merge` itself, the
+factors of a soup of products or of an SVD from their float32 (float64) values. What a dense
+``ΔW`` is formed from (the merged factors of a merge into the base, the merged dense updates)
+is an intermediate, kept in float32/float64 and never rounded into the adapters' dtype.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ import torch
 
 from fedsoup.ame import merge
 from fedsoup.errors import OptionError
-from fedsoup.inputs import compute_dtype, normalised_weights
-from fedsoup.lora.checks import check_adapters, check_equal_ranks, check_lora_options, tensors_of
+from fedsoup.inputs import compute_dtype, normalised_weights, output_dtype
+from fedsoup.lora.checks import check_adapters, check_equal_ranks, check_lora_options, rounded_into, tensors_of
 from fedsoup.lora.config import LoraSettings, output_adapter_config, parse_adapter_config
 from fedsoup.lora.linalg import balanced_factors, captured_energy, factored_svd, randomized_svd
 from fedsoup.lora.measure import factor_product_error, factor_product_errors, stacked
@@ -91,11 +98,14 @@ def _output_scale(settings: LoraSettings, path: str, rank: int) -> float:
 
 
 def _as_output(adapters: Sequence[Adapter], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-               full: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
+               full: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
     """``{path: (B, A)}`` with ``B A`` the update (scale included) → PEFT tensors and config.
 
-    Each ``B`` is divided by the output config's scale for its rank, in float64 then cast
-    to the first adapter's dtype, so ``PeftModel`` computes ``s · B A`` = the update.
+    Each ``B`` is divided by the output config's scale for its rank, so ``PeftModel``
+    computes ``s · B A`` = the update: in float64, held as the merge's float32 result (float64
+    for float64 adapters or ``dtype``), as every merged tensor is. ``A`` and that quotient are
+    then rounded once into ``dtype`` (default: the first adapter's dtype of each factor).
     """
     template = adapters[0]
     ranks = {module_name(path): a.shape[0] for path, (b, a) in factors.items()}
@@ -103,37 +113,84 @@ def _as_output(adapters: Sequence[Adapter], factors: Mapping[str, tuple[torch.Te
     settings = parse_adapter_config(config)
     pairs = {}
     for path, (b, a) in factors.items():
-        dtype_a, dtype_b = template.pairs[path].A.dtype, template.pairs[path].B.dtype
+        dtype_a, dtype_b = dtype or template.pairs[path].A.dtype, dtype or template.pairs[path].B.dtype
+        work = compute_dtype([t for adapter in adapters for t in (adapter.pairs[path].A, adapter.pairs[path].B)], dtype)
         scale = _output_scale(settings, path, a.shape[0])
-        pairs[path] = (a.to(dtype_a), (b.double() / scale).to(dtype_b))
+        pairs[path] = (rounded_into(path + LORA_A_SUFFIX, a.to(work), dtype_a),
+                       rounded_into(path + LORA_B_SUFFIX, (b.double() / scale).to(work), dtype_b))
     return join_adapter(pairs, full), config, {path: a.shape[0] for path, (b, a) in factors.items()}
 
 
 def _run_merge(models: Sequence[Mapping[str, torch.Tensor]], options: MergeOptions,
-               weights: Sequence[float] | None) -> dict[str, torch.Tensor]:
-    """``fedsoup.merge(models, options, weights=...)`` on tensors (factors, updates, full tensors).
+               weights: Sequence[float] | None, dtype: torch.dtype | None = None, *,
+               intermediates: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """``fedsoup.merge(models, options, weights=..., dtype=dtype)`` on tensors (factors, updates, full tensors).
+
+    Every floating tensor is rounded once into ``dtype`` (``None``: its own dtype), but the
+    ``intermediates`` (what a dense ``ΔW`` is formed from), which are the merge's float32/float64
+    result, never rounded into a narrower dtype (:func:`_merge_keeping_intermediates`).
 
     The options were validated when built; only their LoRA fields are cleared here (these
     tensors are no adapters), which validates a copy once per call, not per tensor.
     """
     inner = options if options.lora is None and options.lora_rank is None else \
         dataclasses.replace(options, lora=None, lora_rank=None)
-    return merge(list(models), inner, weights=None if weights is None else list(weights))
+    models, weights = list(models), None if weights is None else list(weights)
+    if not intermediates:
+        return merge(models, inner, weights=weights, dtype=dtype)
+    return _merge_keeping_intermediates(models, inner, weights, dtype, intermediates)
 
 
-def _merged_factors(adapters: Sequence[Adapter], options: MergeOptions, weights, names=None) -> dict[str, torch.Tensor]:
-    """The ``factors`` merge: AME (by default the soup) over ``A_i`` and ``(s_i/s) B_i``, and the full tensors."""
+def _merge_keeping_intermediates(models: list[Mapping[str, torch.Tensor]], options: MergeOptions, weights,
+                                 dtype: torch.dtype | None, intermediates: frozenset[str]) -> dict[str, torch.Tensor]:
+    """:func:`_run_merge` with intermediates. Each floating tensor has a compute dtype (float32,
+    float64 for float64 inputs or ``dtype``). The soup is per tensor, so the intermediates are
+    merged by a call of their own into their compute dtype (bf16 factors: their exact mean
+    rounded once into float32), the others into ``dtype``. Any other merge runs once over every
+    tensor (its ball guard and projection are the whole model's), on the tensors to round
+    widened to their compute dtype (exact), whose float32/float64 results are then rounded
+    once into ``dtype``."""
+    wide = {key: compute_dtype([m[key] for m in models], None if key in intermediates else dtype)
+            for key, tensor in models[0].items() if tensor.is_floating_point()}
+    if reduces_to_soup(options):
+        groups: dict[torch.dtype | None, list[str]] = {}
+        for key in models[0]:
+            groups.setdefault(wide[key] if key in intermediates else dtype, []).append(key)
+        merged: dict[str, torch.Tensor] = {}
+        for target, keys in groups.items():
+            merged.update(merge([{key: m[key] for key in keys} for m in models], options, weights=weights,
+                                dtype=target))
+        return {key: merged[key] for key in models[0]}
+    rounded = [key for key in wide if key not in intermediates] if dtype is not None else []
+    widened = intermediates.union(rounded)
+    merged = merge([{key: t.to(wide[key]) if key in widened else t for key, t in m.items()} for m in models],
+                   options, weights=weights)
+    for key in rounded:
+        merged[key] = rounded_into(key, merged[key], dtype)
+    return merged
+
+
+def _merged_factors(adapters: Sequence[Adapter], options: MergeOptions, weights, names=None, *,
+                    dtype: torch.dtype | None = None, intermediate: bool = False) -> dict[str, torch.Tensor]:
+    """The ``factors`` merge: AME (by default the soup) over ``A_i`` and ``(s_i/s) B_i``, and the full tensors,
+    rounded once into ``dtype``; with ``intermediate``, the factors are left in float32/float64 (a ``ΔW`` is
+    formed from them)."""
     check_equal_ranks(adapters, names)
-    return _run_merge(_factor_dicts(adapters, adapters[0]), options, weights)
+    factor_keys = frozenset(path + suffix for path in adapters[0].pairs for suffix in (LORA_A_SUFFIX, LORA_B_SUFFIX))
+    return _run_merge(_factor_dicts(adapters, adapters[0]), options, weights, dtype,
+                      intermediates=factor_keys if intermediate else frozenset())
 
 
-def _merged_full(adapters: Sequence[Adapter], options: MergeOptions, weights) -> dict[str, torch.Tensor]:
-    return _run_merge([a.full for a in adapters], options, weights) if adapters[0].full else {}
+def _merged_full(adapters: Sequence[Adapter], options: MergeOptions, weights,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return _run_merge([a.full for a in adapters], options, weights, dtype) if adapters[0].full else {}
 
 
-def _ame_over_products(adapters: Sequence[Adapter], options: MergeOptions, weights):
-    """AME over the dense updates ``ΔW_i = s_i B_i A_i`` (and the full tensors): a dense ``ΔW`` per module."""
-    merged = _run_merge([dense_deltas(a.pairs, a.full) for a in adapters], options, weights)
+def _ame_over_products(adapters: Sequence[Adapter], options: MergeOptions, weights, dtype: torch.dtype | None = None):
+    """AME over the dense updates ``ΔW_i = s_i B_i A_i`` (float32/float64 intermediates) and the full
+    tensors (rounded once into ``dtype``): a dense ``ΔW`` per module, and the full tensors."""
+    merged = _run_merge([dense_deltas(a.pairs, a.full) for a in adapters], options, weights, dtype,
+                        intermediates=frozenset(adapters[0].pairs))
     return {path: merged[path] for path in adapters[0].pairs}, {key: merged[key] for key in adapters[0].full}
 
 
@@ -151,10 +208,12 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
 
 
 def measured_deltas(adapters: Sequence[Adapter], *, mode: str, options: MergeOptions | None,
-                    weights: Sequence[float] | None, measure: bool = True,
+                    weights: Sequence[float] | None, measure: bool = True, full_dtype: torch.dtype | None = None,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float | None]]:
     """:func:`merged_deltas` and, with ``measure``, the factor/product error per module (else ``{}``):
-    the soup of products measures each module on the stack it forms ``ΔW`` from (one stack a module)."""
+    the soup of products measures each module on the stack it forms ``ΔW`` from (one stack a module).
+    Each ``ΔW`` is formed in float32/float64 from unrounded merged factors or updates; the full
+    tensors are rounded once into ``full_dtype`` (default: their own)."""
     options = resolved_options(options)
     check_lora_options(mode, None)
     if mode == "products" and reduces_to_soup(options):
@@ -166,22 +225,22 @@ def measured_deltas(adapters: Sequence[Adapter], *, mode: str, options: MergeOpt
             deltas[path] = stack.scaled_B() @ stack.A
             if measure:
                 errors[path] = factor_product_error(pairs, omega, stack=stack)
-        return deltas, _merged_full(adapters, options, weights), errors
+        return deltas, _merged_full(adapters, options, weights, full_dtype), errors
     errors = factor_product_errors(adapters, normalised_weights(weights, len(adapters))) if measure else {}
     if mode == "factors":
-        merged = _merged_factors(adapters, options, weights)
+        merged = _merged_factors(adapters, options, weights, dtype=full_dtype, intermediate=True)
         deltas = {}
         for path, pair in adapters[0].pairs.items():
             a = merged[path + LORA_A_SUFFIX].double()
             b = merged[path + LORA_B_SUFFIX].double()
             deltas[path] = pair.scale * (b @ a)
         return deltas, {key: merged[key] for key in adapters[0].full}, errors
-    return *_ame_over_products(adapters, options, weights), errors
+    return *_ame_over_products(adapters, options, weights, full_dtype), errors
 
 
 def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank: int | None = None,
                    options: MergeOptions | None = None, weights: Sequence[float] | None = None,
-                   names: Sequence[str] | None = None) -> AdapterMerge:
+                   names: Sequence[str] | None = None, dtype: torch.dtype | str | None = None) -> AdapterMerge:
     """Merge adapters split by :func:`fedsoup.lora.split_adapter` into one adapter (module docstring).
 
     Args:
@@ -195,13 +254,19 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
             is the weighted soup. Its ``seed`` seeds the randomized SVD of a dense ``ΔW``.
         weights: ``ω_i`` (normalised; uniform when ``None``).
         names: the ingredients' file names, for errors.
+        dtype: the written tensors' dtype (a ``torch.dtype`` or a name such as ``"bf16"``;
+            default: each tensor's in the first adapter),
+            each rounded into it once from its float32/float64 result (or, for the soup of
+            bf16/fp16 tensors, from their exact mean), never through the adapters' dtype.
+            A value it cannot hold is refused (:class:`~fedsoup.errors.OptionError`,
+            ``option="dtype"``).
 
     Returns:
         :class:`AdapterMerge` with PEFT's key names and an ``adapter_config.json`` dict
         whose ``r``/``rank_pattern`` match the tensors and whose ``lora_alpha``,
         ``alpha_pattern`` and ``use_rslora`` are the first adapter's.
     """
-    options = resolved_options(options)
+    options, dtype = resolved_options(options), output_dtype(dtype)
     check_lora_options(mode, rank)
     if mode == "factors" and rank is not None:
         raise OptionError("lora_rank", rank, "option 'lora_rank' applies to the 'products' mode only "
@@ -213,7 +278,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
     # The soup of products measures each module on the stack it merges (one stack a module).
     errors = {} if soup_of_products else factor_product_errors(adapters, omega)
     if mode == "factors":
-        merged = _merged_factors(adapters, options, weights, names)
+        merged = _merged_factors(adapters, options, weights, names, dtype=dtype)
         ranks = {path: pair.rank for path, pair in template.pairs.items()}
         config = output_adapter_config(template.settings, {module_name(p): r for p, r in ranks.items()})
         state_dict = {key: merged[key] for key in _adapter_keys(template)}
@@ -221,7 +286,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     energies: dict[str, float] = {}
     if soup_of_products:
-        full = _merged_full(adapters, options, weights)
+        full = _merged_full(adapters, options, weights, dtype)
         for path in template.pairs:
             pairs = [a.pairs[path] for a in adapters]
             stack = stacked(pairs, omega)
@@ -236,7 +301,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
             energies[path] = captured_energy(s, kept)
         how = "cat" if rank is None else "svd"
     else:
-        deltas, full = _ame_over_products(adapters, options, weights)
+        deltas, full = _ame_over_products(adapters, options, weights, dtype)
         for path, delta in deltas.items():
             target = rank if rank is not None else sum(a.pairs[path].rank for a in adapters)
             kept = min(target, min(delta.shape))
@@ -244,7 +309,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank:
             factors[path] = balanced_factors(u, s, vh, kept)
             energies[path] = captured_energy(s, kept, total=float(delta.double().square().sum()))
         how = "svd"
-    state_dict, config, ranks = _as_output(adapters, factors, full)
+    state_dict, config, ranks = _as_output(adapters, factors, full, dtype)
     return AdapterMerge(state_dict, config, LoraReport("products", how, rank, errors, energies, ranks, config))
 
 
@@ -254,10 +319,12 @@ def _adapter_keys(adapter: Adapter) -> list[str]:
 
 def merge_adapter_state_dicts(models: Sequence[Mapping[str, torch.Tensor]], options: MergeOptions,
                               adapter_config: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None, *,
-                              weights: Sequence[float] | None = None) -> AdapterMerge:
-    """What ``fedsoup.merge(models, lora=..., adapter_config=...)`` does: ``models`` are adapter
-    state dicts under PEFT's saved key names, ``adapter_config`` their ``adapter_config.json``
-    (one for all, as a server that fixed the adapter has it, or one per model)."""
+                              weights: Sequence[float] | None = None,
+                              dtype: torch.dtype | None = None) -> AdapterMerge:
+    """What ``fedsoup.merge(models, lora=..., adapter_config=..., dtype=...)`` does: ``models`` are
+    adapter state dicts under PEFT's saved key names, ``adapter_config`` their ``adapter_config.json``
+    (one for all, as a server that fixed the adapter has it, or one per model), ``dtype``
+    :func:`merge_adapters`'."""
     if adapter_config is None:
         raise OptionError("adapter_config", None, "merging LoRA adapters needs their adapter_config.json: "
                           "fedsoup.merge(models, lora=..., adapter_config=config)")
@@ -268,4 +335,5 @@ def merge_adapter_state_dicts(models: Sequence[Mapping[str, torch.Tensor]], opti
     adapters = [split_adapter({str(k): v for k, v in model.items()}, parse_adapter_config(config, ingredient=index),
                               ingredient=index)
                 for index, (model, config) in enumerate(zip(models, configs))]
-    return merge_adapters(adapters, mode=options.lora, rank=options.lora_rank, options=options, weights=weights)
+    return merge_adapters(adapters, mode=options.lora, rank=options.lora_rank, options=options, weights=weights,
+                          dtype=dtype)
