@@ -909,10 +909,13 @@ def test_factors_in_another_dtype_are_the_exact_mean_rounded_once(tmp_path, inpu
     _, written = read(tmp_path / "out")
     in_memory = fedsoup.merge([read(d)[1] for d in directories], lora="factors", adapter_config=read(directories[0])[0],
                               dtype=target)
+    fedsoup.merge_files(directories, tmp_path / "files", lora="factors", dtype=str(target).removeprefix("torch."))
+    _, through_merge_files = read(tmp_path / "files")
     for key, pair in ((_Q + "lora_A.weight", a), (_Q + "lora_B.weight", b)):
         expected = correctly_rounded_mean(list(pair), dtype=target)
         _assert_same_bits(written[key], expected)
         _assert_same_bits(in_memory[key], expected)
+        _assert_same_bits(through_merge_files[key], expected)
         twice = correctly_rounded_mean(list(pair)).to(target)  # (the mean in the inputs' dtype, then cast)
         assert not torch.equal(_bits(twice), _bits(expected))
 
