@@ -71,6 +71,7 @@ def save_in_form(model, folder: Path, form: str, tokenizer=None) -> str:
     elif form in ("bin", "bin-index"):
         # transformers 5 no longer writes .bin: torch.save in its layout, as 4.x did.
         folder.mkdir(parents=True)
+        model.config.architectures = [type(model).__name__]  # as save_pretrained records it
         model.config.save_pretrained(folder)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(folder)

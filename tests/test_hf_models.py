@@ -64,6 +64,20 @@ def test_every_input_form_merges_into_a_model_directory_that_loads(tmp_path, arc
     assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_inputs_in_different_forms_merge_together(tmp_path, low_memory):
+    forms = ["index", "safetensors", "bin-index", "dir"]
+    inputs = [save_in_form(tiny_model("llama", i, torch.bfloat16), tmp_path / f"client{i}", form,
+                           byte_tokenizer() if i == 0 else None) for i, form in enumerate(forms)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)  # the configs agree, whichever form saved them
+        out = fedsoup.merge_files(inputs, tmp_path / "out", low_memory=low_memory)
+    states = [fio.load_state_dict(path) for path in inputs]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert transformers.AutoTokenizer.from_pretrained(out)("hi")["input_ids"] == byte_tokenizer()("hi")["input_ids"]
+    assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
 def test_llama_soup_is_correctly_rounded(tmp_path, dtype, low_memory):
