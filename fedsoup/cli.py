@@ -158,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # only flags given override the config file
         description="Merge checkpoints (.safetensors, sharded safetensors directories or *.index.json, "
                     ".pt/.pth/.bin/.ckpt loaded with torch.load(weights_only=True), .npz, Hugging Face model "
-                    "directories, PEFT LoRA adapter directories) with fedsoup.merge; the same as fedsoup.merge_files in Python. "
+                    "directories or their weights or index files, PEFT LoRA adapter directories) with fedsoup.merge; the same as fedsoup.merge_files in Python. "
                     "Settings: --config file < flags.",
         epilog="examples:\n"
+               "  fedsoup merge client*/ -o merged/              # transformers models in, a model directory out\n"
                "  fedsoup merge clients/*.safetensors -o merged.safetensors --optimizer adam --lr 1e-3 \\\n"
                "      --epochs 15 --batch-size 2 --shuffle\n"
                "  fedsoup merge runs/*/model.pt -o soup/ --metrics metrics.csv --weights num_examples \\\n"
