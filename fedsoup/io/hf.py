@@ -5,7 +5,7 @@ weights sit in, whichever form the user named (directory, index, weights file). 
 any tensor is read, :func:`check_model_inputs` refuses what cannot be merged: models
 beside PEFT adapters, models of different ``model_type``, quantized models. A merge into
 a directory then gives a directory that ``AutoModel.from_pretrained`` loads: the first
-input's configuration, generation config and tokenizer files, and the Python files of a
+model directory's configuration, generation config and tokenizer files, and the Python files of a
 model saved with custom code (:func:`custom_code_files`), are carried over
 (:func:`model_directory_files`), the config's dtype set to the dtype the weights are
 written in. When the inputs' ``config.json`` differ beyond bookkeeping fields, a
@@ -152,10 +152,10 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
     Returns ``{file name: bytes}`` (empty when no input has a ``config.json`` beside it; the
     first input may be a bare weights file, a previous soup, and the others model
     directories). That input's files (:data:`CARRIED_FILES`, :func:`custom_code_files`) are
-    kept byte for byte, except
-    ``config.json`` whose ``dtype`` (or ``torch_dtype``) is set to ``weights_dtype`` when it is
-    one transformers builds models in (:data:`MODEL_DTYPES`; FP8 weights keep the config's dtype,
-    the one ``from_pretrained`` casts them to, as it did for the inputs).
+    kept byte for byte, except ``config.json`` whose ``dtype`` (or ``torch_dtype``) is set to
+    ``weights_dtype`` when it is one transformers builds models in (:data:`MODEL_DTYPES`; FP8
+    weights keep the config's dtype, the one ``from_pretrained`` casts them to, as it did for
+    the inputs).
     """
     first = first_model(inputs)
     if first is None:
