@@ -1066,3 +1066,24 @@ def test_merge_takes_dtype_with_the_lora_option(gpt2_adapters):
     assert merged.keys() == exact.state_dict.keys()
     for key, value in exact.state_dict.items():
         assert value.dtype == torch.bfloat16 and torch.equal(merged[key], value), key
+
+
+def test_the_svd_factors_are_rounded_once_from_float64(tmp_path):
+    """The truncated SVD is computed in float64 and its factors are rounded once from there into
+    the dtype written, not through float32 (torch's cast): the same merge of float64 copies of
+    the adapters (the stacked factors are exact here: ω_i s_i = 1) writes those float64 values."""
+    from fedsoup.lora.driver import merge_adapter_files
+    from fedsoup.rounding import round_to
+    generator = torch.Generator().manual_seed(9)
+    pairs = [(torch.randn(8, 4096, generator=generator).to(torch.bfloat16),
+              torch.randn(4096, 8, generator=generator).to(torch.bfloat16)) for _ in range(2)]
+    narrow = [_adapter_of(tmp_path / f"bf16-{i}", a, b, alpha=16) for i, (a, b) in enumerate(pairs)]  # s = 2, ω = ½
+    wide = [_adapter_of(tmp_path / f"f64-{i}", a.double(), b.double(), alpha=16) for i, (a, b) in enumerate(pairs)]
+    merge_adapter_files(narrow, tmp_path / "out", mode="products", rank=14, dtype=torch.float16)
+    merge_adapter_files(wide, tmp_path / "reference", mode="products", rank=14)
+    written, reference = read(tmp_path / "out")[1], read(tmp_path / "reference")[1]
+    twice = 0
+    for key in (_Q + "lora_A.weight", _Q + "lora_B.weight"):
+        _assert_same_bits(written[key], round_to(reference[key], torch.float16))
+        twice += int((_bits(reference[key].float().half()) != _bits(written[key])).sum())
+    assert twice > 0  # (rounding through float32 differs somewhere here)

@@ -103,9 +103,10 @@ def _as_output(adapters: Sequence[Adapter], factors: Mapping[str, tuple[torch.Te
     """``{path: (B, A)}`` with ``B A`` the update (scale included) → PEFT tensors and config.
 
     Each ``B`` is divided by the output config's scale for its rank, so ``PeftModel``
-    computes ``s · B A`` = the update: in float64, held as the merge's float32 result (float64
-    for float64 adapters or ``dtype``), as every merged tensor is. ``A`` and that quotient are
-    then rounded once into ``dtype`` (default: the first adapter's dtype of each factor).
+    computes ``s · B A`` = the update: in float64, held in the factors' own compute dtype (the
+    soup of products' stacked factors: float32 as any merge result, float64 for float64
+    adapters or ``dtype``; an SVD's: float64). ``A`` and that quotient are then rounded once
+    into ``dtype`` (default: the first adapter's dtype of each factor).
     """
     template = adapters[0]
     ranks = {module_name(path): a.shape[0] for path, (b, a) in factors.items()}
@@ -114,7 +115,7 @@ def _as_output(adapters: Sequence[Adapter], factors: Mapping[str, tuple[torch.Te
     pairs = {}
     for path, (b, a) in factors.items():
         dtype_a, dtype_b = dtype or template.pairs[path].A.dtype, dtype or template.pairs[path].B.dtype
-        work = compute_dtype([t for adapter in adapters for t in (adapter.pairs[path].A, adapter.pairs[path].B)], dtype)
+        work = compute_dtype([a, b], dtype)
         scale = _output_scale(settings, path, a.shape[0])
         pairs[path] = (rounded_into(path + LORA_A_SUFFIX, a.to(work), dtype_a),
                        rounded_into(path + LORA_B_SUFFIX, (b.double() / scale).to(work), dtype_b))
