@@ -204,8 +204,10 @@ class SafetensorsCheckpoint(Checkpoint):
     nothing (pages come from the page cache as the merge touches them), writing to it never
     reaches the file, and its pages are unmapped when it is freed, so a tensor-by-tensor
     merge holds about one tensor per input. :meth:`load_all` maps the file's data once and
-    gives views of that one mapping (one file descriptor and map area per file). Reading each tensor into fresh memory instead (``pread``)
-    took 1.1 s of a 1.4 s soup of three 500 MB files (benchmarks/bench_language_models.py).
+    gives views of that one mapping (one file descriptor and map area per file). Reading
+    each tensor into fresh memory instead (``pread``) took 1.1 s of a 1.4 s soup of three
+    500 MB files (benchmarks/bench_language_models.py); it is done only where no mapping
+    can be made.
     A file truncated by another process *while* it is merged ends the process (SIGBUS), as
     with any mapped file (``torch.load(mmap=True)``, safetensors' own default); outputs are
     atomic, so nothing half-written is left.
