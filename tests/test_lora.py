@@ -818,8 +818,9 @@ def test_a_float64_base_merged_into_and_written_as_bf16_is_rounded_once(tmp_path
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn])
-@pytest.mark.parametrize("base", [False, True])
-def test_a_dtype_the_merge_overflows_is_refused_and_nothing_is_written(tmp_path, dtype, base):
+@pytest.mark.parametrize("base,mode", [(False, "factors"), (False, "products"), (True, "products"),
+                                       (True, "factors")])
+def test_a_dtype_the_merge_overflows_is_refused_and_nothing_is_written(tmp_path, dtype, base, mode):
     """1e5 is finite in the merge and Inf (NaN in float8_e4m3fn) in `dtype`: an adapter or model
     holding it would load and be useless, so the merge refuses, naming the option."""
     from safetensors.torch import save_file
@@ -834,8 +835,7 @@ def test_a_dtype_the_merge_overflows_is_refused_and_nothing_is_written(tmp_path,
         save_file({"layer.q.weight": torch.full((3, 4), 1e5, dtype=torch.float64)},
                   str(tmp_path / "base" / "model.safetensors"))
     with pytest.raises(OptionError) as caught:
-        merge_adapter_files(inputs, tmp_path / "out", mode="factors" if not base else "products",
-                            base=tmp_path / "base" if base else None, dtype=dtype)
+        merge_adapter_files(inputs, tmp_path / "out", mode=mode, base=tmp_path / "base" if base else None, dtype=dtype)
     assert (caught.value.option, caught.value.value) == ("dtype", str(dtype).removeprefix("torch."))
     assert not (tmp_path / "out").exists()
 
@@ -1087,3 +1087,16 @@ def test_the_svd_factors_are_rounded_once_from_float64(tmp_path):
         _assert_same_bits(written[key], round_to(reference[key], torch.float16))
         twice += int((_bits(reference[key].float().half()) != _bits(written[key])).sum())
     assert twice > 0  # (rounding through float32 differs somewhere here)
+
+
+@pytest.mark.parametrize("options", [None, MergeOptions(optimizer="adam", lr=1e-3)], ids=["soup", "adam"])
+def test_a_module_to_save_the_dtype_cannot_hold_is_refused(tmp_path, options):
+    """A full tensor rounded into `dtype` after AME over products (or by the soup) is checked too."""
+    from fedsoup.lora.driver import merge_adapter_files
+    head = torch.full((4, 6), 1e5)
+    directories = [_adapter_of(tmp_path / f"in{i}", torch.ones(1, 6), torch.ones(3, 1), alpha=1, extra=head + i)
+                   for i in range(2)]
+    with pytest.raises(OptionError) as caught:
+        merge_adapter_files(directories, tmp_path / "out", mode="products", options=options, dtype=torch.float16)
+    assert (caught.value.option, caught.value.value) == ("dtype", "float16")
+    assert not (tmp_path / "out").exists()
