@@ -1100,3 +1100,34 @@ def test_a_module_to_save_the_dtype_cannot_hold_is_refused(tmp_path, options):
         merge_adapter_files(directories, tmp_path / "out", mode="products", options=options, dtype=torch.float16)
     assert (caught.value.option, caught.value.value) == ("dtype", "float16")
     assert not (tmp_path / "out").exists()
+
+
+def test_modules_to_save_into_base_tensors_of_two_dtypes_are_each_rounded_once_into_theirs(tmp_path):
+    """Two modules_to_save tensors of bf16 adapters replacing an fp16 and a float32 base tensor:
+    each is the exact mean rounded once into its base tensor's dtype (none through bf16)."""
+    from safetensors.torch import load_file, save_file
+
+    from fedsoup.lora.driver import merge_adapter_files
+    from tests.hf_helpers import correctly_rounded_mean
+    heads, norms = _narrow_pair(torch.bfloat16, (4, 6), seed=10), _narrow_pair(torch.bfloat16, (6,), seed=11)
+    directories = []
+    for i in range(2):
+        directory = tmp_path / f"in{i}"
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q"],
+             "modules_to_save": ["head", "norm"]}))
+        save_file({_Q + "lora_A.weight": torch.ones(1, 6, dtype=torch.bfloat16),
+                   _Q + "lora_B.weight": torch.zeros(3, 1, dtype=torch.bfloat16),
+                   "base_model.model.layer.head.weight": heads[i], "base_model.model.layer.norm.weight": norms[i]},
+                  str(directory / "adapter_model.safetensors"))
+        directories.append(directory)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"layer.q.weight": torch.zeros(3, 6), "layer.head.weight": torch.zeros(4, 6, dtype=torch.float16),
+               "layer.norm.weight": torch.zeros(6)}, str(base / "model.safetensors"))
+    merge_adapter_files(directories, tmp_path / "out", mode="products", base=base)
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    _assert_same_bits(written["layer.head.weight"], correctly_rounded_mean(list(heads), dtype=torch.float16))
+    assert torch.equal(written["layer.norm.weight"], correctly_rounded_mean(list(norms), dtype=torch.float32))

@@ -80,8 +80,8 @@ def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor
     computed in float32 (float64 for float64 weights or ``dtype``) and rounded once into
     ``dtype`` (a ``torch.dtype`` or a name such as ``"bf16"``), default each base tensor's
     dtype; the ``modules_to_save`` tensors are merged straight into it (the exact mean of bf16
-    tensors rounded once into an fp16 base; where the base tensors they replace differ in
-    dtype, merged in their own and then rounded into each base tensor's). A value
+    tensors rounded once into an fp16 base, each into the dtype of the base tensor it
+    replaces). A value
     it cannot hold is refused (:class:`~fedsoup.errors.OptionError`, ``option="dtype"``). Keys
     of ``base`` the adapter does not touch are returned as they are.
     """
@@ -90,11 +90,9 @@ def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor
     check_adapters(adapters, names)
     transposed = _transposed(adapters, base, names)
     full_keys = _full_keys(adapters, base, names)
-    # one dtype for all the full tensors' merge: the one asked for, or the base's when they share one
-    full_dtypes = {dtype or base[key].dtype for key in full_keys.values()}
-    full_dtype = full_dtypes.pop() if len(full_dtypes) == 1 else None
+    full_dtypes = {key: dtype or base[base_key].dtype for key, base_key in full_keys.items()}  # as written
     deltas, full, errors = measured_deltas(adapters, mode=mode, options=options, weights=weights,
-                                           full_dtype=full_dtype)
+                                           full_dtype=full_dtypes)
     result = dict(base)
     for path, delta in deltas.items():
         key = _base_key(path, base)

@@ -122,14 +122,19 @@ def _as_output(adapters: Sequence[Adapter], factors: Mapping[str, tuple[torch.Te
     return join_adapter(pairs, full), config, {path: a.shape[0] for path, (b, a) in factors.items()}
 
 
+# The dtype merged tensors are rounded into: one for all, or one per key (a key not in it: its own dtype).
+Target = torch.dtype | Mapping[str, torch.dtype] | None
+
+
 def _run_merge(models: Sequence[Mapping[str, torch.Tensor]], options: MergeOptions,
-               weights: Sequence[float] | None, dtype: torch.dtype | None = None, *,
+               weights: Sequence[float] | None, dtype: Target = None, *,
                intermediates: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """``fedsoup.merge(models, options, weights=..., dtype=dtype)`` on tensors (factors, updates, full tensors).
 
-    Every floating tensor is rounded once into ``dtype`` (``None``: its own dtype), but the
-    ``intermediates`` (what a dense ``ΔW`` is formed from), which are the merge's float32/float64
-    result, never rounded into a narrower dtype (:func:`_merge_keeping_intermediates`).
+    Every floating tensor is rounded once into ``dtype`` (one per key, or ``None``: its own
+    dtype), but the ``intermediates`` (what a dense ``ΔW`` is formed from), which are the
+    merge's float32/float64 result, never rounded into a narrower dtype
+    (:func:`_merge_per_key_dtype`).
 
     The options were validated when built; only their LoRA fields are cleared here (these
     tensors are no adapters), which validates a copy once per call, not per tensor.
@@ -137,42 +142,44 @@ def _run_merge(models: Sequence[Mapping[str, torch.Tensor]], options: MergeOptio
     inner = options if options.lora is None and options.lora_rank is None else \
         dataclasses.replace(options, lora=None, lora_rank=None)
     models, weights = list(models), None if weights is None else list(weights)
-    if not intermediates:
+    if not intermediates and not isinstance(dtype, Mapping):
         return merge(models, inner, weights=weights, dtype=dtype)
-    return _merge_keeping_intermediates(models, inner, weights, dtype, intermediates)
+    targets = {key: dtype.get(key) if isinstance(dtype, Mapping) else dtype for key in models[0]}
+    return _merge_per_key_dtype(models, inner, weights, targets, intermediates)
 
 
-def _merge_keeping_intermediates(models: list[Mapping[str, torch.Tensor]], options: MergeOptions, weights,
-                                 dtype: torch.dtype | None, intermediates: frozenset[str]) -> dict[str, torch.Tensor]:
-    """:func:`_run_merge` with intermediates. Each floating tensor has a compute dtype (float32,
-    float64 for float64 inputs or ``dtype``). The soup is per tensor, so the intermediates are
-    merged by a call of their own into their compute dtype (bf16 factors: their exact mean
-    rounded once into float32), the others into ``dtype``. Any other merge runs once over every
-    tensor (its ball guard and projection are the whole model's), on the tensors to round
-    widened to their compute dtype (exact), whose float32/float64 results are then rounded
-    once into ``dtype``."""
-    wide = {key: compute_dtype([m[key] for m in models], None if key in intermediates else dtype)
+def _merge_per_key_dtype(models: list[Mapping[str, torch.Tensor]], options: MergeOptions, weights,
+                         targets: Mapping[str, torch.dtype | None], intermediates: frozenset[str],
+                         ) -> dict[str, torch.Tensor]:
+    """:func:`_run_merge` with a dtype per key (``targets``) or intermediates. Each floating
+    tensor has a compute dtype (float32, float64 for float64 inputs or target). The soup is per
+    tensor, so each group of keys of one target is merged by a call of its own, the
+    intermediates into their compute dtype (bf16 factors: their exact mean rounded once into
+    float32). Any other merge runs once over every tensor (its ball guard and projection are
+    the whole model's), on the tensors to round widened to their compute dtype (exact), whose
+    float32/float64 results are then rounded once into their target."""
+    wide = {key: compute_dtype([m[key] for m in models], None if key in intermediates else targets[key])
             for key, tensor in models[0].items() if tensor.is_floating_point()}
     if reduces_to_soup(options):
         groups: dict[torch.dtype | None, list[str]] = {}
         for key in models[0]:
-            groups.setdefault(wide[key] if key in intermediates else dtype, []).append(key)
+            groups.setdefault(wide[key] if key in intermediates else targets[key], []).append(key)
         merged: dict[str, torch.Tensor] = {}
         for target, keys in groups.items():
             merged.update(merge([{key: m[key] for key in keys} for m in models], options, weights=weights,
                                 dtype=target))
         return {key: merged[key] for key in models[0]}
-    rounded = [key for key in wide if key not in intermediates] if dtype is not None else []
+    rounded = [key for key in wide if key not in intermediates and targets[key] is not None]
     widened = intermediates.union(rounded)
     merged = merge([{key: t.to(wide[key]) if key in widened else t for key, t in m.items()} for m in models],
                    options, weights=weights)
     for key in rounded:
-        merged[key] = rounded_into(key, merged[key], dtype)
+        merged[key] = rounded_into(key, merged[key], targets[key])
     return merged
 
 
 def _merged_factors(adapters: Sequence[Adapter], options: MergeOptions, weights, names=None, *,
-                    dtype: torch.dtype | None = None, intermediate: bool = False) -> dict[str, torch.Tensor]:
+                    dtype: Target = None, intermediate: bool = False) -> dict[str, torch.Tensor]:
     """The ``factors`` merge: AME (by default the soup) over ``A_i`` and ``(s_i/s) B_i``, and the full tensors,
     rounded once into ``dtype``; with ``intermediate``, the factors are left in float32/float64 (a ``ΔW`` is
     formed from them)."""
@@ -182,12 +189,11 @@ def _merged_factors(adapters: Sequence[Adapter], options: MergeOptions, weights,
                       intermediates=factor_keys if intermediate else frozenset())
 
 
-def _merged_full(adapters: Sequence[Adapter], options: MergeOptions, weights,
-                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def _merged_full(adapters: Sequence[Adapter], options: MergeOptions, weights, dtype: Target = None) -> dict[str, torch.Tensor]:
     return _run_merge([a.full for a in adapters], options, weights, dtype) if adapters[0].full else {}
 
 
-def _ame_over_products(adapters: Sequence[Adapter], options: MergeOptions, weights, dtype: torch.dtype | None = None):
+def _ame_over_products(adapters: Sequence[Adapter], options: MergeOptions, weights, dtype: Target = None):
     """AME over the dense updates ``ΔW_i = s_i B_i A_i`` (float32/float64 intermediates) and the full
     tensors (rounded once into ``dtype``): a dense ``ΔW`` per module, and the full tensors."""
     merged = _run_merge([dense_deltas(a.pairs, a.full) for a in adapters], options, weights, dtype,
@@ -209,12 +215,12 @@ def merged_deltas(adapters: Sequence[Adapter], *, mode: str = "products", option
 
 
 def measured_deltas(adapters: Sequence[Adapter], *, mode: str, options: MergeOptions | None,
-                    weights: Sequence[float] | None, measure: bool = True, full_dtype: torch.dtype | None = None,
+                    weights: Sequence[float] | None, measure: bool = True, full_dtype: Target = None,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float | None]]:
     """:func:`merged_deltas` and, with ``measure``, the factor/product error per module (else ``{}``):
     the soup of products measures each module on the stack it forms ``ΔW`` from (one stack a module).
     Each ``ΔW`` is formed in float32/float64 from unrounded merged factors or updates; the full
-    tensors are rounded once into ``full_dtype`` (default: their own)."""
+    tensors are rounded once into ``full_dtype`` (one for all or one per key; default: their own)."""
     options = resolved_options(options)
     check_lora_options(mode, None)
     if mode == "products" and reduces_to_soup(options):
