@@ -150,29 +150,38 @@ class StateError(ValueError):
     """A saved state that cannot be restored: not a FedSoup state, another optimizer's, or
     arrays that do not match the model they are restored into.
 
+    The message names the key by what it is (``what``, given by whoever raises it): an
+    ``"entry"`` of a state (``format``, ``optimizer``, ``opt/hook``: the default, true of
+    anything in a state), an ``"array"`` of a model, or a ``"tensor"`` of a checkpoint file.
+
     Attributes:
         reason: what is wrong, without the location.
         path: the file (or checkpoint directory), or ``None`` for an in-memory state dict.
         key: the tensor or entry at fault, or ``None``.
     """
 
-    def __init__(self, reason: str, *, path: str | None = None, key: str | None = None) -> None:
+    def __init__(self, reason: str, *, path: str | None = None, key: str | None = None, what: str = "entry") -> None:
         self.reason = reason
         self.path = None if path is None else str(path)
         self.key = key
-        where = [part for part in (self.path, None if key is None else f"tensor {key!r}") if part is not None]
+        self._what = what
+        where = [part for part in (self.path, None if key is None else f"{what} {key!r}") if part is not None]
         super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
 
     def at(self, path: str) -> StateError:
         """A copy located at ``path`` (where it was unknown)."""
-        return StateError(self.reason, path=path if self.path is None else self.path, key=self.key)
+        return StateError(self.reason, path=path if self.path is None else self.path, key=self.key, what=self._what)
+
+    def because(self, reason: str) -> StateError:
+        """A copy with another ``reason``, at the same place."""
+        return StateError(reason, path=self.path, key=self.key, what=self._what)
 
     def __reduce__(self):
-        return _rebuild_state_error, (self.reason, self.path, self.key)
+        return _rebuild_state_error, (self.reason, self.path, self.key, self._what)
 
 
-def _rebuild_state_error(reason, path, key) -> StateError:
-    return StateError(reason, path=path, key=key)
+def _rebuild_state_error(reason, path, key, what="entry") -> StateError:
+    return StateError(reason, path=path, key=key, what=what)
 
 
 class OutputExistsError(FileExistsError):
@@ -258,7 +267,7 @@ class CheckpointError(StateError):
     """
 
     def __init__(self, path: str | os.PathLike[str], reason: str, *, tensor: str | None = None) -> None:
-        super().__init__(reason, path=os.fspath(path), key=tensor)
+        super().__init__(reason, path=os.fspath(path), key=tensor, what="tensor")
 
     @property
     def tensor(self) -> str | None:
@@ -266,6 +275,9 @@ class CheckpointError(StateError):
 
     def at(self, path: str) -> CheckpointError:
         return CheckpointError(self.path or path, self.reason, tensor=self.key)
+
+    def because(self, reason: str) -> CheckpointError:
+        return CheckpointError(self.path, reason, tensor=self.key)
 
     def __reduce__(self):
         return _rebuild_checkpoint_error, (self.path, self.reason, self.key)

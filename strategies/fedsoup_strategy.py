@@ -353,7 +353,7 @@ class FedSoup(FedAvg):
         try:
             self.server_stew.load_state_dict(state.stew or {"optimizer": self.server_stew.name, "state": None})
         except StateError as error:
-            raise StateError(f"FedSoup state: {error.reason}", path=error.path, key=error.key) from None
+            raise error.because(f"FedSoup state: {error.reason}") from None
         self._round = state.round
         self.client_soup.seed = state.seed
         self._current = state.global_model

@@ -145,5 +145,6 @@ class ServerStew:
                 "the global model's floating arrays changed since the ServerStew was created "
                 f"(first difference: array {changed[0][0]!r})",
                 key=changed[0][0],
+                what="array",
             )
 

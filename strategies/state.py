@@ -87,7 +87,9 @@ class RunState:
             # factors '<path>.lora_A.weight'/'.lora_B.weight' are in the global model.
             missing = [k for k in stew.get("keys", []) if k not in global_ and k + LORA_A_SUFFIX not in global_]
             if missing:
-                raise StateError(f"FedSoup state: stew array {missing[0]!r} is not in the global model", key=missing[0])
+                raise StateError(
+                    f"FedSoup state: stew array {missing[0]!r} is not in the global model", key=missing[0], what="array"
+                )
         return cls(
             round=round_,
             seed=int(state.get("rng", {}).get("seed", 0)),

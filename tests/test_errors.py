@@ -82,8 +82,59 @@ def test_a_per_call_numpy_integer_seed_is_the_same_seed():
 
 
 def test_state_error_names_file_and_tensor_and_survives_pickle():
-    error = StateError("checksum mismatch", path="ckpt/model.safetensors", key="fc.weight")
+    error = StateError("checksum mismatch", path="ckpt/model.safetensors", key="fc.weight", what="tensor")
     assert str(error) == "ckpt/model.safetensors, tensor 'fc.weight': checksum mismatch"
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.reason, copy.path, copy.key) == (error.reason, error.path, error.key)
     assert isinstance(copy, ValueError) and fedsoup.StateError is StateError
+
+
+def _state_errors() -> list[tuple[str, StateError]]:
+    """A StateError from each place that raises one, with the word its key deserves."""
+    from fedsoup.state import flatten_state, unflatten_state
+    from strategies import ServerStew
+    from strategies.state import STATE_FORMAT, RunState
+
+    def raised(call) -> StateError:
+        with pytest.raises(StateError) as info:
+            call()
+        return info.value
+
+    stew = ServerStew("sgd", lr=0.5)
+    stew.step({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+    stewed = {"format": STATE_FORMAT, "round": 1,
+              "stew": {"keys": ["head"], "state": {}}}
+    return [
+        ("entry 'format'", raised(lambda: RunState.from_dict({"round": 1}))),
+        ("entry 'round'", raised(lambda: RunState.from_dict({**stewed, "round": -1, "stew": None}))),
+        ("entry 'global'", raised(lambda: RunState.from_dict(stewed))),
+        ("array 'head'", raised(lambda: RunState.from_dict({**stewed, "global": {"w": torch.zeros(2)}}))),
+        ("entry 'optimizer'", raised(lambda: ServerStew("adam", lr=0.1).load_state_dict(stew.state_dict()))),
+        ("entry 'keys'", raised(lambda: ServerStew("sgd", lr=0.5).load_state_dict(
+            {**stew.state_dict(), "keys": None}))),
+        ("array 'head'", raised(lambda: stew.step({"w": torch.zeros(2), "head": torch.zeros(1)},
+                                                  {"w": torch.zeros(2), "head": torch.zeros(1)}))),
+        ("entry 'opt/hook'", raised(lambda: flatten_state({"opt": {"hook": object()}}))),
+        ("entry 'a'", raised(lambda: flatten_state({"a": np.array([object()])}))),
+        ("tensor 'w'", raised(lambda: unflatten_state({}, {"__tensor__": "w"}, source="ckpt.safetensors"))),
+    ]
+
+
+def test_a_state_error_words_its_key_by_what_it_is():
+    """Before: every key printed as "tensor 'format'", "tensor 'optimizer'"... though only
+    a checkpoint's tensors are tensors; entries of a state and arrays of a model say so."""
+    for word, error in _state_errors():
+        assert f"{word}:" in str(error), (word, str(error))
+        assert "tensor '" not in str(error) or word.startswith("tensor"), str(error)
+        assert str(pickle.loads(pickle.dumps(error))) == str(error)
+        assert f"{word}:" in str(error.at("state.json")) and type(error.at("state.json")) is type(error)
+
+
+def test_a_strategy_state_error_keeps_the_word_when_restored_into_a_fedsoup():
+    from strategies import FedSoup
+
+    first = FedSoup(stew={"optimizer": "fedadam", "lr": 0.1})
+    with pytest.raises(StateError) as info:
+        FedSoup(stew={"optimizer": "sgd", "lr": 0.5}).load_state_dict(
+            {**first.state_dict(), "stew": {"optimizer": "fedadam", "state": None}})
+    assert info.value.key == "optimizer" and "entry 'optimizer': FedSoup state: " in str(info.value)
