@@ -7,6 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -313,6 +314,52 @@ def test_merge_input_error_from_merge_in_memory():
     with pytest.raises(MergeInputError) as info:
         fedsoup.merge(models, optimizer="adam", lr=0.1)
     assert (info.value.ingredient, info.value.key, info.value.path) == (1, "layer.0.weight", None)
+
+
+def _empty_input(folder: Path, form: str) -> str:
+    """A checkpoint of ``form`` that holds no tensors; its path as given to a merge."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if form == "safetensors":
+        save_file({}, folder / "empty.safetensors")
+        return str(folder / "empty.safetensors")
+    if form == "npz":
+        np.savez(folder / "empty.npz")
+        return str(folder / "empty.npz")
+    if form == "pt":
+        torch.save({}, folder / "empty.pt")
+        return str(folder / "empty.pt")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    return str(folder / "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("form", ["safetensors", "npz", "sharded", "pt"])
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_an_input_with_no_tensors_is_refused_naming_it_and_nothing_is_written(tmp_path, capsys, form, low_memory):
+    """Before: two safetensors (or .npz, or sharded) inputs of no tensors merged into an empty
+    output, exit 0; an empty .pt was refused. Now every format is refused alike."""
+    empty = [_empty_input(tmp_path / f"in{i}", form) for i in range(2)]
+    good = write_files(make_models(1), tmp_path / "good")
+    for inputs, culprit in ((empty, empty[0]), ([*good, empty[1]], empty[1])):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        with pytest.raises(MergeInputError) as info:
+            fedsoup.merge_files(inputs, tmp_path / "out.safetensors", low_memory=low_memory)
+        assert (info.value.path, info.value.key, info.value.reason) == (culprit, None, "holds no tensors")
+        flags = ["--low-memory"] if low_memory else []
+        assert cli.main(["merge", *inputs, "-o", str(tmp_path / "out.safetensors"), *flags]) == 2
+        assert f"fedsoup: error: {culprit}: holds no tensors" in capsys.readouterr().err
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("form", ["safetensors", "npz", "sharded", "pt"])
+def test_inspect_describes_an_input_with_no_tensors_and_says_it_cannot_be_merged(tmp_path, capsys, form):
+    """``inspect`` is there to tell what a file holds: an empty one is described (0 tensors),
+    not refused, and listed among what keeps the inputs from being merged."""
+    empty = _empty_input(tmp_path / "in", form)
+    report = fedsoup.inspect_files([empty])
+    assert [(c["file"], c["tensors"]) for c in report["checkpoints"]] == [(empty, 0)]
+    assert report["refusals"] == [f"{empty}: holds no tensors"] and report["mergeable"] is False
+    assert cli.main(["inspect", empty]) == 1
+    assert f"not mergeable: {empty}: holds no tensors" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- dtypes

@@ -11,7 +11,7 @@ from fedsoup.io.quantized import DEQUANTIZE_HINT, quantized_layout
 from fedsoup.io.readers import Checkpoint
 from fedsoup.structure import check_structure, structure_differences
 
-__all__ = ["check_compatible", "check_unquantized", "check_integers_agree", "COUNTERS", "differences", "check_finite"]
+__all__ = ["check_compatible", "check_unquantized", "check_has_tensors", "check_integers_agree", "COUNTERS", "differences", "check_finite"]
 
 # Integer tensors that count something and may differ across inputs (the output keeps the
 # first input's, in visiting order): BatchNorm's batch counter, an averaged model's count.
@@ -40,6 +40,18 @@ def check_compatible(checkpoints: Sequence[Checkpoint], reference: Checkpoint | 
         if checkpoint is not reference:
             check_structure(reference.infos, checkpoint.infos, ingredient=index, path=checkpoint.name,
                             reference_name=reference.name)
+
+
+def check_has_tensors(checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse a checkpoint that holds no tensors (any format), naming it.
+
+    Its merge would be a file of no tensors that loads into no model; with other inputs it
+    would be reported tensor by tensor as missing everything. Readers open such files
+    (``fedsoup inspect`` describes them); a merge of models refuses them here.
+    """
+    for index, checkpoint in enumerate(checkpoints):
+        if not checkpoint.infos:
+            raise MergeInputError("holds no tensors", ingredient=index, path=checkpoint.name)
 
 
 def check_unquantized(checkpoints: Sequence[Checkpoint]) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from fedsoup.atomic import atomic_write_text
 from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
-from fedsoup.io.checks import check_compatible, check_unquantized
+from fedsoup.io.checks import check_compatible, check_has_tensors, check_unquantized
 from fedsoup.io.formats import TensorInfo, dtype_str
 from fedsoup.io.hf import check_model_inputs, first_model, model_directory_files, uncarried_files
 from fedsoup.io.layout import OutputLayout
@@ -244,6 +244,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
 
     with _recorded() as caught, contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
+        check_has_tensors(checkpoints)
         check_compatible(checkpoints)
         check_unquantized(checkpoints)
         call = {  # what this merge merges: the per-input numbers, resolved against the inputs

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsoup.errors import MergeInputError
-from fedsoup.io.checks import check_unquantized, differences
+from fedsoup.io.checks import check_has_tensors, check_unquantized, differences
 from fedsoup.io.formats import dtype_str
 from fedsoup.io.hf import check_model_inputs
 from fedsoup.io.resolve import expand_inputs, open_checkpoint, resolve_input
@@ -45,10 +45,11 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         except MergeInputError as error:
             refusals.append(" ".join(str(error).split()))
             refused_by_configs = True
-        try:
-            check_unquantized(checkpoints)
-        except MergeInputError as error:
-            refusals.append(" ".join(str(error).split()))
+        for check in (check_has_tensors, check_unquantized):
+            try:
+                check(checkpoints)
+            except MergeInputError as error:
+                refusals.append(" ".join(str(error).split()))
         for checkpoint in checkpoints:
             reports.append({
                 "file": checkpoint.name,
