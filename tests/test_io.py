@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import fedsoup
 from fedsoup import io as fio
 from fedsoup.errors import MergeInputError, OptionError, OutputExistsError
 from fedsoup.io import TensorInfo
@@ -275,6 +276,27 @@ def test_named_pipes_among_a_strangers_files_are_never_opened(tmp_path, no_hang)
     with pytest.raises(MergeInputError, match="not a regular file") as info:
         open_weights_file(folder / "x.safetensors.index.json", "x")
     assert info.value.path == "x"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_given_as_an_input_is_not_a_regular_file(tmp_path, no_hang, capsys):
+    """Before: "no such file or directory" for a pipe that is there (resolve_input took
+    whatever is neither a file nor a directory for missing)."""
+    from fedsoup import cli
+    from fedsoup.io.resolve import resolve_input
+
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)
+    save_file(make_state(), tmp_path / "good.safetensors")
+    for call in (lambda: resolve_input(pipe, name="p"), lambda: fio.open_checkpoint(pipe, name="p")):
+        with pytest.raises(MergeInputError) as info:
+            call()
+        assert (info.value.path, info.value.reason) == ("p", "not a regular file (a pipe, socket or device)")
+    with pytest.raises(MergeInputError, match="not a regular file"):
+        fedsoup.merge_files([tmp_path / "good.safetensors", pipe], tmp_path / "out.safetensors")
+    assert cli.main(["merge", str(tmp_path / "good.safetensors"), str(pipe), "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert f"{pipe}: not a regular file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.safetensors", "pipe.safetensors"]
 
 
 @pytest.mark.parametrize(

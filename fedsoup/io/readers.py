@@ -49,6 +49,7 @@ __all__ = [
     "NpzCheckpoint",
     "ShardedCheckpoint",
     "open_weights_file",
+    "refuse_special_file",
     "unwrap_state_dict",
 ]
 
@@ -112,11 +113,18 @@ class Checkpoint:
         return f"{type(self).__name__}({self.name!r}, {len(self.infos)} tensors)"
 
 
+def refuse_special_file(path: Path, name: str) -> None:
+    """A path that is there but neither a regular file nor a directory (a named pipe, a
+    socket, ``/dev/null``) is refused as such, never opened (opening a named pipe blocks)
+    and never reported as missing."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise MergeInputError("not a regular file (a pipe, socket or device)", path=name)
+
+
 def _check_readable(path: Path, name: str) -> None:
     """A file that is there but cannot be opened (mode 0600 of another user) is reported as
     such: safetensors and torch say "No such file or directory" for it."""
-    if path.exists() and not path.is_file() and not path.is_dir():  # opening a named pipe blocks
-        raise MergeInputError("not a regular file (a pipe, socket or device)", path=name)
+    refuse_special_file(path, name)
     try:
         with open(path, "rb"):
             pass

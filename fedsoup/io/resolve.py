@@ -27,7 +27,7 @@ import torch
 
 from fedsoup.errors import MergeInputError
 from fedsoup.io.formats import INDEX_SUFFIX, NUMPY_SUFFIX, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
-from fedsoup.io.readers import Checkpoint, open_weights_file
+from fedsoup.io.readers import Checkpoint, open_weights_file, refuse_special_file
 
 __all__ = [
     "ResolvedInput", "resolve_input", "open_checkpoint", "load_state_dict", "expand_inputs",
@@ -82,7 +82,8 @@ def resolve_input(path: str | os.PathLike[str], *, name: str | None = None) -> R
     - a directory: its weights by Hugging Face's names (the index before a single file,
       safetensors before ``.bin``), else its one checkpoint file;
     - a missing ``model.safetensors`` whose ``model.safetensors.index.json`` exists: the index;
-    - one shard of a sharded checkpoint is refused (merging it would merge part of a model).
+    - one shard of a sharded checkpoint is refused (merging it would merge part of a model);
+    - a named pipe, socket or device is refused as not a regular file (not as missing).
     """
     path = Path(path)
     name = name or str(path)
@@ -92,6 +93,7 @@ def resolve_input(path: str | os.PathLike[str], *, name: str | None = None) -> R
         weights = path
         _refuse_single_shard(path, name)
     else:
+        refuse_special_file(path, name)
         sharded = path.with_name(path.name + INDEX_SUFFIX)
         if path.suffix == SAFETENSORS_SUFFIX and sharded.is_file():
             weights = sharded
