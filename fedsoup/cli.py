@@ -317,6 +317,38 @@ def _messages(quiet: bool):
         logger.setLevel(previous_level)
 
 
+@contextlib.contextmanager
+def _open_file_limit_raised():
+    """The soft limit on open files (``RLIMIT_NOFILE``) raised to the hard limit while a
+    command runs, then put back.
+
+    A merge holds each input open (its tensors are mapped from it): past the soft limit,
+    1024 on most Linux systems while the hard one is far higher, ``fedsoup merge`` of a
+    thousand clients would fail with "too many open files" where the user may open more.
+    Only the command line does this: the library leaves its caller's process as it is.
+    A no-op where the limit cannot be read or raised (no ``resource`` module on Windows; a
+    hard limit the system refuses, as macOS does ``RLIM_INFINITY``).
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, AttributeError, OSError, ValueError):
+        yield
+        return
+    raised = False
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            raised = True
+    try:
+        yield
+    finally:
+        if raised:
+            with contextlib.suppress(OSError, ValueError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsoup`` console script; returns the exit status."""
     args = parse_args(argv)  # usage errors exit with status 2
@@ -325,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `kill` unwinds like Ctrl-C, so temporary files are removed and nothing partial is left.
         previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with _messages(args.quiet):
+        with _messages(args.quiet), _open_file_limit_raised():
             return args.handler(args)
     except BAD_INPUT as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)

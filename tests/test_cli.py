@@ -387,6 +387,46 @@ def test_console_entry_points_exit_codes(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+RAISED_LIMIT_SCRIPT = """
+import resource, sys
+import fedsoup
+from fedsoup import cli
+inputs, output = sys.argv[1:-1], sys.argv[-1]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+try:  # the library leaves the process's limit alone
+    fedsoup.merge_files(inputs, output + ".library.safetensors")
+    print("library: merged")
+except fedsoup.MergeInputError as error:
+    print("library:", error.reason)
+print("cli:", cli.main(["merge", *inputs, "-o", output, "-q"]))
+print("after:", resource.getrlimit(resource.RLIMIT_NOFILE) == (64, hard))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX resource limits")
+def test_the_command_line_merges_more_inputs_than_the_soft_open_file_limit(tmp_path):
+    """Before: each input holds a file open, and past the soft RLIMIT_NOFILE (1024 on most
+    systems) the merge failed ('too many open files'). The command line raises the soft limit
+    to the hard one while it runs (and puts it back); the library does not touch it."""
+    resource = pytest.importorskip("resource")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 256:
+        pytest.skip("the hard open-file limit is too low to raise the soft one past 100 inputs")
+    inputs = []
+    for i in range(100):
+        save_file({"w": torch.full((3,), float(i))}, tmp_path / f"m{i:03d}.safetensors")
+        inputs.append(str(tmp_path / f"m{i:03d}.safetensors"))
+    out = tmp_path / "out.safetensors"
+    result = subprocess.run([sys.executable, "-c", RAISED_LIMIT_SCRIPT, *inputs, str(out)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if line.startswith(("library:", "cli:", "after:"))]
+    assert said == ["library: cannot be read: too many open files", "cli: 0", "after: True"]
+    expected = fedsoup.merge([{"w": torch.full((3,), float(i))} for i in range(100)])["w"]
+    assert torch.equal(load_file(out)["w"], expected)
+
+
 def test_metrics_json_rows_matched_by_run_folder(tmp_path, capsys):
     models = make_models(3)
     inputs = []
