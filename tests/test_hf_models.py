@@ -92,6 +92,30 @@ def test_llama_soup_is_correctly_rounded(tmp_path, dtype, low_memory):
     assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
 
 
+@pytest.mark.slow
+def test_the_rounding_paragraph_of_docs_cli_gives_what_the_old_float32_soup_left_off(tmp_path):
+    """docs/cli.md's figures for the soup before exact rounding, recomputed by re-running the
+    old code (benchmarks/old_soup_rounding.py). Before: the paragraph said 69 (bf16) and 56
+    (fp16); the old code leaves 80 and 68 here (torch fuses its add_(alpha=) on a CPU with FMA)."""
+    from benchmarks.old_soup_rounding import old_weighted_sum, products_rounded_first, tally
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the figures are of torch's x86 kernels, whose add_(alpha=) fuses multiply and add")
+    counts = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        _, inputs = save_clients(tmp_path / str(dtype), "llama", "dir", dtype=dtype, tokenizer=False)
+        states = [fio.load_state_dict(path) for path in inputs]
+        counts[dtype] = [tally(states, formula, dtype) for formula in (old_weighted_sum, products_rounded_first)]
+    (elements, bf16_off, bf16_unit, bf16_tie, bf16_zero), (_, bf16_first, *_) = counts[torch.bfloat16]
+    (_, fp16_off, fp16_unit, fp16_tie, _), (_, fp16_first, *_) = counts[torch.float16]
+    assert bf16_unit == bf16_tie and bf16_unit + bf16_zero == bf16_off and fp16_unit == fp16_tie == fp16_off
+    paragraph = " ".join((Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text().split())
+    for said in (f"left {bf16_off} of the {elements:,} elements", f"in bf16 ({bf16_unit} one unit off",
+                 f"and {bf16_zero} whose exact mean is 0", f"and {fp16_off} in fp16",
+                 f"gives {bf16_first} and {fp16_first}"):
+        assert said in paragraph, said
+
+
 def test_weights_files_given_and_a_single_file_output_warns_what_is_not_carried(tmp_path):
     _, inputs = save_clients(tmp_path, "gpt2", "safetensors")
     with pytest.warns(MergeWarning, match=r"single weights file: config.json, generation_config.json, tokenizer.json"
