@@ -3,12 +3,14 @@
 Order of work, as for any file merge: the output is checked first (an existing one is
 kept unless ``force``), then every adapter is read and checked, then merged, and only a
 complete result is written, atomically. Adapters are small (a few MB to a few hundred
-MB), so they are read whole.
+MB), so they are read whole; a base model (several GB) is read one tensor at a time, each
+written as it is merged (:func:`fedsoup.lora.into_base.base_producer`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +24,9 @@ from fedsoup.io.layout import HF_WEIGHTS_NAME
 from fedsoup.io.readers import open_weights_file
 from fedsoup.io.resolve import ResolvedInput
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME
-from fedsoup.lora.files import ADAPTER_WEIGHTS_NAMES, base_model_input, load_adapter, write_adapter, write_model
-from fedsoup.lora.into_base import merge_into_base
-from fedsoup.lora.modes import merge_adapters
+from fedsoup.lora.files import ADAPTER_WEIGHTS_NAMES, base_model_input, load_adapter, stream_model, write_adapter
+from fedsoup.lora.into_base import base_producer
+from fedsoup.lora.modes import dense_update_refusal, merge_adapters
 from fedsoup.lora.report import LoraReport
 from fedsoup.options import MergeOptions
 
@@ -41,6 +43,7 @@ class AdapterFilesReport:
     lora: LoraReport
     tensors: int
     parameters: int
+    low_memory: bool = True  # the merge held about the adapters (plus one base tensor at a time)
 
 
 def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
@@ -58,7 +61,8 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
                         mode: str = "products", rank: int | None = None, base: str | os.PathLike[str] | None = None,
                         options: MergeOptions | None = None, weights: Sequence[float] | None = None,
                         force: bool = False, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9,
-                        metadata: dict[str, str] | None = None) -> AdapterFilesReport:
+                        metadata: dict[str, str] | None = None, low_memory: bool | None = None,
+                        ) -> AdapterFilesReport:
     """Merge PEFT adapters (directories or their weights files) and write the result.
 
     Without ``base``: an adapter directory at ``output`` (``adapter_config.json`` and
@@ -70,6 +74,12 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
     base tensors the adapters do not touch, by the writer; default: the adapters', the base's).
     ``metadata`` goes into the weights file, with the LoRA report under ``fedsoup.lora``.
     An input already resolved (:func:`fedsoup.io.resolve.resolve_input`) is not resolved again.
+
+    Memory: the adapters, read whole, and with ``base`` one base tensor and one ``ΔW`` at a time
+    (the base is read and written tensor by tensor, whatever ``low_memory``), but AME over
+    products (``products`` with a non-soup optimizer), which merges every adapter's dense update
+    at once: ``low_memory=True`` refuses it (:class:`~fedsoup.errors.OptionError`,
+    ``option="low_memory"``) rather than hold more than it promises.
     """
     output = Path(output)
     names = [item.name if isinstance(item, ResolvedInput) else os.fspath(item) for item in inputs]
@@ -84,6 +94,11 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
     if base is not None and rank is not None:
         raise OptionError("lora_rank", rank, "option 'lora_rank' does not apply to a merge into the base model "
                           "(the whole merged update is added to the base weights)")
+    held_dense = dense_update_refusal(mode, options)
+    if low_memory and held_dense is not None:
+        raise OptionError("low_memory", True, f"--low-memory holds the adapters and one base tensor at a time, "
+                          f"which this merge cannot: {held_dense}; merge without --low-memory, or with the "
+                          "soup (or --lora factors)")
     _refuse_existing(output, (ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES) if base is None
                      else ("config.json", HF_WEIGHTS_NAME, HF_WEIGHTS_NAME + ".index.json"), force)
     base_input = None if base is None else base_model_input(base)
@@ -95,15 +110,18 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
         state_dict, report = merged.state_dict, merged.report
         record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
         files = write_adapter(output, state_dict, merged.config, force=force, metadata=record, dtype=dtype)
+        shapes = [tuple(tensor.shape) for tensor in state_dict.values()]
     else:
-        # Open until written: the base's tensors are mapped, read as they are merged and written,
-        # and a base written to in place meanwhile is refused before the output is renamed.
+        # Open until written: each base tensor is mapped alone (Checkpoint.get), merged and
+        # written before the next is read, and unmapped once written; a base written to in
+        # place meanwhile is refused before the output is renamed.
         with open_weights_file(base_input.weights, base_input.name) as checkpoint:
-            state_dict, report = merge_into_base(adapters, checkpoint.load_all(), mode=mode, options=options,
-                                                 weights=weights, names=names, dtype=dtype)
+            produce, report = base_producer(adapters, checkpoint.infos, checkpoint.get, mode=mode, options=options,
+                                            weights=weights, names=names, dtype=dtype)
             record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
-            files = write_model(output, state_dict, base_input, force=force, metadata=record,
-                                max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=checkpoint.check_unchanged)
-    return AdapterFilesReport(output, files, names, report, len(state_dict),
-                              sum(tensor.numel() for tensor in state_dict.values()))
+            files = stream_model(output, checkpoint.infos, produce, base_input, force=force, metadata=record,
+                                 max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=checkpoint.check_unchanged)
+            shapes = [info.shape for info in checkpoint.infos.values()]
+    return AdapterFilesReport(output, files, names, report, len(shapes), sum(math.prod(shape) for shape in shapes),
+                              low_memory=held_dense is None)
 

@@ -34,6 +34,7 @@ __all__ = [
     "write_adapter",
     "base_model_input",
     "write_model",
+    "stream_model",
 ]
 
 ADAPTER_WEIGHTS_NAMES = ADAPTER_WEIGHTS  # what fedsoup.io.resolve recognises, written first-named
@@ -80,23 +81,23 @@ def load_adapter(path: str | os.PathLike[str] | ResolvedInput, *, ingredient: in
     return split_adapter(state_dict, settings, ingredient=ingredient, path=name)
 
 
-def _infos(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, TensorInfo]:
-    """The tensors as written: floating ones in ``dtype`` when given, the others as they are."""
-    return {key: TensorInfo(tuple(t.shape), dtype if dtype is not None and t.is_floating_point() else t.dtype)
-            for key, t in state_dict.items()}
+def _infos(tensors: Mapping[str, torch.Tensor | TensorInfo], dtype: torch.dtype | None) -> dict[str, TensorInfo]:
+    """The tensors (or their infos) as written: floating ones in ``dtype`` when given, the others as they are."""
+    return {key: TensorInfo(tuple(t.shape), dtype if dtype is not None and t.dtype.is_floating_point else t.dtype)
+            for key, t in tensors.items()}
 
 
-def _producer(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> Callable[[str], torch.Tensor]:
+def _producer(read: Callable[[str], torch.Tensor], dtype: torch.dtype | None) -> Callable[[str], torch.Tensor]:
     """What the writer writes for each key: the tensor, or (``dtype``) the tensor rounded once
     into ``dtype`` (:func:`fedsoup.lora.checks.rounded_into`: a merged tensor is already in it,
     a base tensor the adapters do not touch is rounded here), refused with
     :class:`~fedsoup.errors.OptionError` (``option="dtype"``) where a finite value overflows
     it: nothing is written then (the writer is atomic)."""
     if dtype is None:
-        return lambda key: state_dict[key]
+        return read
 
     def produce(key: str) -> torch.Tensor:
-        tensor = state_dict[key]
+        tensor = read(key)
         return rounded_into(key, tensor, dtype) if tensor.is_floating_point() else tensor
 
     return produce
@@ -116,7 +117,7 @@ def write_adapter(output: str | os.PathLike[str], state_dict: Mapping[str, torch
     if folder.exists() and not folder.is_dir():
         raise MergeInputError("the output of an adapter merge is a directory, and this is a file", path=str(output))
     return write_checkpoint(
-        folder / ADAPTER_WEIGHTS_NAMES[0], _infos(state_dict, dtype), _producer(state_dict, dtype),
+        folder / ADAPTER_WEIGHTS_NAMES[0], _infos(state_dict, dtype), _producer(state_dict.__getitem__, dtype),
         metadata=metadata, force=force, extra_files={ADAPTER_CONFIG_NAME: config_bytes(config)},
     )
 
@@ -138,12 +139,23 @@ def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.T
     tokenizer (``base``: a path, or :func:`base_model_input`'s answer). ``dtype``: the
     floating tensors are written in it, each rounded once (default: as they are).
     ``before_rename``: :func:`fedsoup.io.writer.write_checkpoint`'s."""
-    infos = _infos(state_dict, dtype)
-    float_dtypes = {info.dtype for info in infos.values() if info.is_floating}
+    return stream_model(output, state_dict, state_dict.__getitem__, base, force=force, metadata=metadata,
+                        max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=before_rename)
+
+
+def stream_model(output: str | os.PathLike[str], infos: Mapping[str, TensorInfo | torch.Tensor],
+                 produce: Callable[[str], torch.Tensor], base: str | os.PathLike[str] | ResolvedInput, *,
+                 force: bool = False, metadata: Mapping[str, str] | None = None, max_shard_bytes: int = 5 * 10**9,
+                 dtype: torch.dtype | None = None, before_rename: Callable[[], None] | None = None) -> list[Path]:
+    """:func:`write_model` tensor by tensor: ``produce(key)`` is called once per key of ``infos``
+    (the shapes and dtypes it returns), in that order, and each tensor written before the next is
+    produced (:func:`fedsoup.io.writer.write_checkpoint`), so memory holds one tensor at a time."""
+    written = _infos(infos, dtype)
+    float_dtypes = {info.dtype for info in written.values() if info.is_floating}
     base_input = base if isinstance(base, ResolvedInput) else base_model_input(base)
     # config.json names the dtype written (a --dtype cast included), as a plain model merge's does.
     extra = model_directory_files([base_input], float_dtypes.pop() if len(float_dtypes) == 1 else None)
     return write_checkpoint(
-        os.path.join(os.fspath(output), ""), infos, _producer(state_dict, dtype), metadata=metadata, force=force,
+        os.path.join(os.fspath(output), ""), written, _producer(produce, dtype), metadata=metadata, force=force,
         extra_files=extra, max_shard_bytes=max_shard_bytes, before_rename=before_rename,
     )

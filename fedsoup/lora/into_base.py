@@ -1,24 +1,29 @@
 """LoRA adapters merged into their base model: ``W + ΔW`` per adapted module (``W + ΔWᵀ`` for
 GPT-2's Conv1D), with ``ΔW`` the merged update of :func:`fedsoup.lora.modes.merged_deltas`
 (docs/design.md §2.6).
+
+Tensor by tensor (:func:`base_producer`): a base of several GB is read one tensor at a time and
+each result handed to the writer as it is formed, as mergekit does, so a merge holds about the
+adapters plus one base tensor and one ``ΔW``; :func:`merge_into_base` is the same on a dict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fedsoup.errors import MergeInputError
 from fedsoup.inputs import compute_dtype, output_dtype
+from fedsoup.io.formats import TensorInfo
 from fedsoup.lora.checks import check_adapters, check_lora_options, culprit, rounded_into
-from fedsoup.lora.modes import measured_deltas, resolved_options
+from fedsoup.lora.modes import delta_makers, resolved_options
 from fedsoup.lora.pairs import LORA_A_SUFFIX, Adapter, module_name
 from fedsoup.lora.report import LoraReport
 from fedsoup.options import MergeOptions
 
-__all__ = ["merge_into_base"]
+__all__ = ["merge_into_base", "base_producer"]
 
 
 def _base_key(path: str, base: Mapping[str, Any], suffix: str = ".weight") -> str | None:
@@ -84,6 +89,29 @@ def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor
     replaces). A value
     it cannot hold is refused (:class:`~fedsoup.errors.OptionError`, ``option="dtype"``). Keys
     of ``base`` the adapter does not touch are returned as they are.
+    :func:`base_producer` gives the same tensors one at a time (a base read lazily).
+    """
+    infos = {key: TensorInfo(tuple(tensor.shape), tensor.dtype) for key, tensor in base.items()}
+    produce, report = base_producer(adapters, infos, base.__getitem__, mode=mode, options=options, weights=weights,
+                                    names=names, dtype=dtype)
+    return {key: produce(key) for key in base}, report
+
+
+def base_producer(adapters: Sequence[Adapter], base: Mapping[str, TensorInfo], read: Callable[[str], torch.Tensor],
+                  *, mode: str = "products", options: MergeOptions | None = None,
+                  weights: Sequence[float] | None = None, names: Sequence[str] | None = None,
+                  dtype: torch.dtype | str | None = None) -> tuple[Callable[[str], torch.Tensor], LoraReport]:
+    """:func:`merge_into_base` tensor by tensor, for a writer (:func:`fedsoup.io.writer.write_checkpoint`).
+
+    ``base``: the base's tensor infos (shapes and dtypes, from its header); ``read(key)`` reads one
+    base tensor (:meth:`fedsoup.io.readers.Checkpoint.get`). Everything is checked, and the
+    factor/product errors measured, here, before anything is read from the base; the merged
+    factors (or stacks) and ``modules_to_save`` tensors are held (about the adapters' size).
+    ``produce(key)`` then reads that one base tensor (none for a tensor ``modules_to_save``
+    replaces), forms that module's ``ΔW`` and returns ``W + ΔW`` rounded once, so that a writer
+    calling it key by key holds one base tensor and one ``ΔW`` at a time: the bytes of
+    :func:`merge_into_base` (the same operations per tensor). AME over products merges every
+    dense ``ΔW_i`` up front (:func:`fedsoup.lora.modes.dense_update_refusal`).
     """
     options, dtype = resolved_options(options), output_dtype(dtype)
     check_lora_options(mode, None)
@@ -91,17 +119,21 @@ def merge_into_base(adapters: Sequence[Adapter], base: Mapping[str, torch.Tensor
     transposed = _transposed(adapters, base, names)
     full_keys = _full_keys(adapters, base, names)
     full_dtypes = {key: dtype or base[base_key].dtype for key, base_key in full_keys.items()}  # as written
-    deltas, full, errors = measured_deltas(adapters, mode=mode, options=options, weights=weights,
-                                           full_dtype=full_dtypes)
-    result = dict(base)
-    for path, delta in deltas.items():
-        key = _base_key(path, base)
-        weight = base[key]
+    makers, full, errors = delta_makers(adapters, mode=mode, options=options, weights=weights, full_dtype=full_dtypes)
+    updated = {_base_key(path, base): path for path in makers}
+    replaced = {base_key: key for key, base_key in full_keys.items()}
+
+    def produce(key: str) -> torch.Tensor:
+        if key in replaced:
+            return rounded_into(key, full[replaced[key]], dtype or base[key].dtype)
+        weight = read(key)
+        path = updated.get(key)
+        if path is None:
+            return weight
         work = compute_dtype([weight], dtype)
+        delta = makers[path]()
         update = delta.T if transposed[path] else delta
-        result[key] = rounded_into(key, weight.to(work) + update.to(work), dtype or weight.dtype)
-    for key, tensor in full.items():
-        base_key = full_keys[key]
-        result[base_key] = rounded_into(base_key, tensor, dtype or base[base_key].dtype)
+        return rounded_into(key, weight.to(work) + update.to(work), dtype or weight.dtype)
+
     ranks = {path: pair.rank for path, pair in adapters[0].pairs.items()}
-    return result, LoraReport(mode, "base", None, errors, {}, ranks)
+    return produce, LoraReport(mode, "base", None, errors, {}, ranks)

@@ -36,7 +36,8 @@ is an intermediate, kept in float32/float64 and never rounded into the adapters'
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ from fedsoup.lora.pairs import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     Adapter,
+    LoraPair,
     dense_deltas,
     join_adapter,
     module_name,
@@ -221,28 +223,60 @@ def measured_deltas(adapters: Sequence[Adapter], *, mode: str, options: MergeOpt
     the soup of products measures each module on the stack it forms ``ΔW`` from (one stack a module).
     Each ``ΔW`` is formed in float32/float64 from unrounded merged factors or updates; the full
     tensors are rounded once into ``full_dtype`` (one for all or one per key; default: their own)."""
+    makers, full, errors = delta_makers(adapters, mode=mode, options=options, weights=weights, measure=measure,
+                                        full_dtype=full_dtype)
+    return {path: make() for path, make in makers.items()}, full, errors
+
+
+def dense_update_refusal(mode: str, options: MergeOptions | None) -> str | None:
+    """Why this merge holds more than about the adapters (``low_memory`` refused), or ``None``:
+    AME over products merges every adapter's dense ``ΔW_i`` of every module at once."""
+    if mode == "products" and not reduces_to_soup(resolved_options(options)):
+        return ("AME over products (an optimizer other than the soup) merges the dense update s·B·A of "
+                "every adapter and module at once")
+    return None
+
+
+def delta_makers(adapters: Sequence[Adapter], *, mode: str, options: MergeOptions | None,
+                 weights: Sequence[float] | None, measure: bool = True, full_dtype: Target = None,
+                 ) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, torch.Tensor], dict[str, float | None]]:
+    """:func:`measured_deltas` with each module's ``ΔW`` formed only when its maker is called
+    (``{path: make}``), so that a merge into the base holds one dense ``ΔW`` at a time: the soup
+    of products forms ``B_cat A_cat`` from the module's stack (built again: it is about the
+    adapters' size, the errors were measured on it up front), ``factors`` forms ``s·B·A`` from the
+    merged factors (merged up front, float32/float64). AME over products (:func:`dense_update_refusal`)
+    merges every dense ``ΔW_i`` at once; its makers hand out the merged ``ΔW``."""
     options = resolved_options(options)
     check_lora_options(mode, None)
     if mode == "products" and reduces_to_soup(options):
         omega = normalised_weights(weights, len(adapters))
-        deltas, errors = {}, {}
+        makers, errors = {}, {}
         for path in adapters[0].pairs:
             pairs = [a.pairs[path] for a in adapters]
-            stack = stacked(pairs, omega)
-            deltas[path] = stack.scaled_B() @ stack.A
+            makers[path] = functools.partial(_soup_of_products, pairs, omega)
             if measure:
-                errors[path] = factor_product_error(pairs, omega, stack=stack)
-        return deltas, _merged_full(adapters, options, weights, full_dtype), errors
+                errors[path] = factor_product_error(pairs, omega, stack=stacked(pairs, omega))
+        return makers, _merged_full(adapters, options, weights, full_dtype), errors
     errors = factor_product_errors(adapters, normalised_weights(weights, len(adapters))) if measure else {}
     if mode == "factors":
         merged = _merged_factors(adapters, options, weights, dtype=full_dtype, intermediate=True)
-        deltas = {}
-        for path, pair in adapters[0].pairs.items():
-            a = merged[path + LORA_A_SUFFIX].double()
-            b = merged[path + LORA_B_SUFFIX].double()
-            deltas[path] = pair.scale * (b @ a)
-        return deltas, {key: merged[key] for key in adapters[0].full}, errors
-    return *_ame_over_products(adapters, options, weights, full_dtype), errors
+        makers = {path: functools.partial(_product, pair.scale, merged[path + LORA_B_SUFFIX],
+                                          merged[path + LORA_A_SUFFIX])
+                  for path, pair in adapters[0].pairs.items()}
+        return makers, {key: merged[key] for key in adapters[0].full}, errors
+    deltas, full = _ame_over_products(adapters, options, weights, full_dtype)
+    return {path: functools.partial(deltas.__getitem__, path) for path in deltas}, full, errors
+
+
+def _soup_of_products(pairs: Sequence[LoraPair], omega: Sequence[float]) -> torch.Tensor:
+    """One module's exact soup of products ``B_cat A_cat`` (:func:`fedsoup.lora.measure.stacked`)."""
+    stack = stacked(pairs, omega)
+    return stack.scaled_B() @ stack.A
+
+
+def _product(scale: float, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``s·B·A`` of merged factors, in float64."""
+    return scale * (b.double() @ a.double())
 
 
 def merge_adapters(adapters: Sequence[Adapter], *, mode: str = "products", rank: int | None = None,

@@ -236,7 +236,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
                               "PEFT adapters are merged without per-input scores or a pivot checkpoint")
         weights = per_input_values("weights", weights, names, metrics) if weights is not None else None
         return _merge_adapter_inputs(resolved, output, options, weights, base=base, force=force, dtype=out_dtype,
-                                     max_shard_bytes=max_shard_bytes, started=started)
+                                     max_shard_bytes=max_shard_bytes, started=started, low_memory=low_memory)
     for name, value in (("lora", options.lora), ("lora_rank", options.lora_rank), ("base", base)):
         if value is not None:
             raise OptionError(name, value, f"option {name!r} applies to PEFT adapter inputs (adapter_config.json "
@@ -319,20 +319,23 @@ def _check_unchanged(checkpoints: Sequence[Checkpoint | None]) -> None:
 
 
 def _merge_adapter_inputs(resolved: Sequence[ResolvedInput], output, options: MergeOptions, weights, *, base,
-                          force: bool, dtype: torch.dtype | None, max_shard_bytes: int, started: float) -> MergeReport:
+                          force: bool, dtype: torch.dtype | None, max_shard_bytes: int, started: float,
+                          low_memory: bool | None = None) -> MergeReport:
     """PEFT adapters, merged by :mod:`fedsoup.lora` (``options.lora``, default
-    :data:`DEFAULT_ADAPTER_MODE`) into an adapter directory, or into ``base``'s model directory."""
+    :data:`DEFAULT_ADAPTER_MODE`) into an adapter directory, or into ``base``'s model directory
+    (streamed tensor by tensor; ``low_memory=True`` refuses a merge that holds the dense updates)."""
     names = [item.name for item in resolved]
     mode = options.lora or DEFAULT_ADAPTER_MODE
     metadata = {"fedsoup.version": _version(), "fedsoup.inputs": json.dumps(names),
                 "fedsoup.merge": json.dumps({**options.describe(), "lora": mode, "weights": weights}, sort_keys=True)}
     written = merge_adapter_files(resolved, output, mode=mode, rank=options.lora_rank, base=base, options=options,
                                   weights=weights, force=force, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                                  metadata=metadata)
+                                  metadata=metadata, low_memory=low_memory)
     return MergeReport(f"lora-{written.lora.how}", options.optimizer_class.__name__, options.epochs,
                        planned_steps(options, len(names)),
                        output=Path(output), files=written.files, inputs=names, tensors=written.tensors,
-                       parameters=written.parameters, seconds=time.perf_counter() - started, lora=written.lora)
+                       parameters=written.parameters, seconds=time.perf_counter() - started, lora=written.lora,
+                       low_memory=written.low_memory)
 
 
 @contextlib.contextmanager
