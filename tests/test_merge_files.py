@@ -245,16 +245,16 @@ def test_a_base_model_modified_in_place_during_an_adapter_merge_is_an_error(tmp_
         save_file({"base_model.model.h.q.lora_A.weight": torch.randn(2, 4, generator=g),
                    "base_model.model.h.q.lora_B.weight": torch.randn(6, 2, generator=g)},
                   adapters[-1] / "adapter_model.safetensors")
-    merge_into_base = driver.merge_into_base
+    base_producer = driver.base_producer  # (the merge, tensor by tensor)
 
     def merge_then_rewrite(*args, **kwargs):
         time.sleep(0.05)  # past the file system's clock tick
         with open(tmp_path / "base" / "model.safetensors", "r+b") as file:  # wte.weight's last bytes
             file.seek(-4 * 4, os.SEEK_END)
             file.write(torch.full((4,), 7.0).numpy().tobytes())
-        return merge_into_base(*args, **kwargs)
+        return base_producer(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "merge_into_base", merge_then_rewrite)
+    monkeypatch.setattr(driver, "base_producer", merge_then_rewrite)
     with pytest.raises(MergeInputError, match="changed while it was being merged") as info:
         fedsoup.merge_files(adapters, tmp_path / "out", base=tmp_path / "base")
     assert info.value.path == str(tmp_path / "base")
