@@ -48,12 +48,11 @@ from fedsoup.inputs import compute_dtype, normalised_weights, output_dtype
 from fedsoup.lora.checks import check_adapters, check_equal_ranks, check_lora_options, rounded_into, tensors_of
 from fedsoup.lora.config import LoraSettings, output_adapter_config, parse_adapter_config
 from fedsoup.lora.linalg import balanced_factors, captured_energy, factored_svd, randomized_svd
-from fedsoup.lora.measure import factor_product_error, factor_product_errors, stacked
+from fedsoup.lora.measure import Stack, factor_product_error, factor_product_errors, stacked
 from fedsoup.lora.pairs import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     Adapter,
-    LoraPair,
     dense_deltas,
     join_adapter,
     module_name,
@@ -242,8 +241,8 @@ def delta_makers(adapters: Sequence[Adapter], *, mode: str, options: MergeOption
                  ) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, torch.Tensor], dict[str, float | None]]:
     """:func:`measured_deltas` with each module's ``ΔW`` formed only when its maker is called
     (``{path: make}``), so that a merge into the base holds one dense ``ΔW`` at a time: the soup
-    of products forms ``B_cat A_cat`` from the module's stack (built again: it is about the
-    adapters' size, the errors were measured on it up front), ``factors`` forms ``s·B·A`` from the
+    of products forms ``B_cat A_cat`` from the module's stack (the one its error is measured on,
+    built up front), ``factors`` forms ``s·B·A`` from the
     merged factors (merged up front, float32/float64). AME over products (:func:`dense_update_refusal`)
     merges every dense ``ΔW_i`` at once; its makers hand out the merged ``ΔW``."""
     options = resolved_options(options)
@@ -253,9 +252,10 @@ def delta_makers(adapters: Sequence[Adapter], *, mode: str, options: MergeOption
         makers, errors = {}, {}
         for path in adapters[0].pairs:
             pairs = [a.pairs[path] for a in adapters]
-            makers[path] = functools.partial(_soup_of_products, pairs, omega)
+            stack = stacked(pairs, omega)  # (the stacks together: about the adapters' size)
+            makers[path] = functools.partial(_soup_of_products, stack)
             if measure:
-                errors[path] = factor_product_error(pairs, omega, stack=stacked(pairs, omega))
+                errors[path] = factor_product_error(pairs, omega, stack=stack)
         return makers, _merged_full(adapters, options, weights, full_dtype), errors
     errors = factor_product_errors(adapters, normalised_weights(weights, len(adapters))) if measure else {}
     if mode == "factors":
@@ -268,9 +268,8 @@ def delta_makers(adapters: Sequence[Adapter], *, mode: str, options: MergeOption
     return {path: functools.partial(deltas.__getitem__, path) for path in deltas}, full, errors
 
 
-def _soup_of_products(pairs: Sequence[LoraPair], omega: Sequence[float]) -> torch.Tensor:
-    """One module's exact soup of products ``B_cat A_cat`` (:func:`fedsoup.lora.measure.stacked`)."""
-    stack = stacked(pairs, omega)
+def _soup_of_products(stack: Stack) -> torch.Tensor:
+    """One module's exact soup of products ``B_cat A_cat`` from its :class:`~fedsoup.lora.measure.Stack`."""
     return stack.scaled_B() @ stack.A
 
 
