@@ -350,6 +350,28 @@ def test_an_input_with_no_tensors_is_refused_naming_it_and_nothing_is_written(tm
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
+@pytest.mark.parametrize("weights_file", ["adapter_model.safetensors", "adapter_model.bin"])
+def test_an_adapter_with_no_tensors_is_refused_as_holding_no_lora_factors(tmp_path, weights_file):
+    """Adapters are read by their own reader, which opens an empty file (the refusal of an
+    empty .bin was in its reader, with the words of a model's); the adapter merge says what
+    an adapter lacks, whatever its weights file."""
+    pytest.importorskip("peft")
+    from tests.lora_helpers import make_adapter
+
+    adapter = make_adapter(tmp_path / "adapter", seed=0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    if weights_file.endswith(".bin"):
+        torch.save({}, empty / weights_file)
+    else:
+        save_file({}, empty / weights_file)
+    with pytest.raises(MergeInputError) as info:
+        fedsoup.merge_files([adapter, empty], tmp_path / "out")
+    assert info.value.path == str(empty) and info.value.reason.startswith("holds no LoRA factors")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("form", ["safetensors", "npz", "sharded", "pt"])
 def test_inspect_describes_an_input_with_no_tensors_and_says_it_cannot_be_merged(tmp_path, capsys, form):
     """``inspect`` is there to tell what a file holds: an empty one is described (0 tensors),
