@@ -404,6 +404,7 @@ print("after:", resource.getrlimit(resource.RLIMIT_NOFILE) == (64, hard))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX resource limits")
 def test_the_command_line_merges_more_inputs_than_the_soft_open_file_limit(tmp_path):
     """Before: each input holds a file open, and past the soft RLIMIT_NOFILE (1024 on most
