@@ -10,16 +10,16 @@ PEFT's documented format (``adapter_config.json`` + ``adapter_model.safetensors`
 - :mod:`fedsoup.lora.checks`: refusals (adapters that do not fit together, mode, rank).
 - :mod:`fedsoup.lora.measure`: the stacked factors of a soup of products; the factor/product error ``e_m``.
 - :mod:`fedsoup.lora.modes`: the ``factors`` and ``products`` merges.
-- :mod:`fedsoup.lora.into_base`: the merged update added to the base model's weights.
+- :mod:`fedsoup.lora.into_base`: the merged update added to the base model's weights, tensor by tensor.
 - :mod:`fedsoup.lora.report`: :class:`AdapterMerge` and :class:`LoraReport`.
 - :mod:`fedsoup.lora.files`: adapter directories read and written.
 - :mod:`fedsoup.lora.driver`: ``merge_files`` on adapters (files in, a directory out).
 """
 
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME, LoraSettings, parse_adapter_config
-from fedsoup.lora.files import load_adapter, read_adapter, write_adapter, write_model
+from fedsoup.lora.files import load_adapter, read_adapter, stream_model, write_adapter, write_model
 from fedsoup.lora.checks import check_adapters, check_lora_options
-from fedsoup.lora.into_base import merge_into_base
+from fedsoup.lora.into_base import base_producer, merge_into_base
 from fedsoup.lora.measure import factor_product_errors
 from fedsoup.lora.modes import LORA_MODES, merge_adapter_state_dicts, merge_adapters, merged_deltas
 from fedsoup.lora.pairs import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, LoraPair, dense_deltas, join_adapter, split_adapter
@@ -35,6 +35,7 @@ __all__ = [
     "LoraPair",
     "LoraReport",
     "LoraSettings",
+    "base_producer",
     "check_adapters",
     "check_lora_options",
     "dense_deltas",
@@ -43,6 +44,7 @@ __all__ = [
     "read_adapter",
     "write_adapter",
     "write_model",
+    "stream_model",
     "join_adapter",
     "merge_adapter_state_dicts",
     "merge_adapters",
