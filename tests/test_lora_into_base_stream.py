@@ -30,6 +30,14 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_sharded(tmp_path_factory, llama):
+    root = tmp_path_factory.mktemp("llama_sharded")
+    llama_base().save_pretrained(str(root / "base"), max_shard_size="20KB")
+    assert (root / "base" / "model.safetensors.index.json").is_file()
+    return root / "base", llama[1]
+
+
+@pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2_stream")
     gpt2_base().save_pretrained(str(root / "base"))
@@ -79,12 +87,12 @@ def counted(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["products", "factors"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_the_base_is_read_one_tensor_at_a_time(family, mode, llama, gpt2, counted, tmp_path):
-    base, adapters = llama if family == "llama" else gpt2
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llama-sharded"])
+def test_the_base_is_read_one_tensor_at_a_time(family, mode, llama, gpt2, llama_sharded, counted, tmp_path):
+    base, adapters = {"llama": llama, "gpt2": gpt2, "llama-sharded": llama_sharded}[family]
     merge_adapter_files(adapters, tmp_path / "out", mode=mode, base=base, max_shard_bytes=100_000)
     [checkpoint] = counted
-    replaced = {"lm_head.weight"} if family == "llama" else set()  # (modules_to_save: the base's is not read)
+    replaced = {"lm_head.weight"} if family.startswith("llama") else set()  # (modules_to_save: the base's is not read)
     assert sorted(checkpoint.read) == sorted(set(checkpoint.infos) - replaced)  # each base tensor read once
     assert checkpoint.most == 1, f"{checkpoint.most} of {len(checkpoint.infos)} base tensors held at once"
 
@@ -127,3 +135,16 @@ def test_low_memory_is_refused_for_ame_over_products_and_nothing_is_written(with
                             low_memory=True, **({"base": str(base)} if with_base else {}))
     assert info.value.option == "low_memory" and "dense" in str(info.value)
     assert not Path(tmp_path / "out").exists()
+
+
+def test_the_command_line_says_low_memory_and_refuses_it_for_ame_over_products(llama, tmp_path, capsys):
+    from fedsoup import cli
+
+    base, adapters = llama
+    code = cli.main(["merge", *map(str, adapters), "--base", str(base), "-o", str(tmp_path / "soup"), "--low-memory"])
+    assert code == 0 and "(low-memory," in capsys.readouterr().out
+    code = cli.main(["merge", *map(str, adapters), "--base", str(base), "-o", str(tmp_path / "ame"), "--low-memory",
+                     "--optimizer", "adam"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--low-memory" in err and "AME over products" in err
+    assert not (tmp_path / "ame").exists()
