@@ -16,7 +16,7 @@ that baseline. Runs alternate between the tools so that the shared machine's noi
 on all of them alike; ratios are to the torch loop of the same dtype, in the same run.
 
     .venv/bin/python benchmarks/bench_language_models.py              # ~2.2 GB of temporary files
-    .venv/bin/python benchmarks/bench_language_models.py --repeats 3  # best of three per row
+    .venv/bin/python benchmarks/bench_language_models.py --repeats 9  # median of nine per row
 
 The "numba started" rows run the soup in a process whose compiled kernels have already
 started (a server, a notebook, a second merge): numba's one-time start, 0.3-0.45 s here,
@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,9 @@ def child(mode: str, inputs: list[str], output: str, dtype: str) -> None:
 def measure(mode: str, inputs: list[Path], output: Path, dtype: str) -> dict:
     if output.exists():
         shutil.rmtree(output)
+    # The previous run's 0.25-0.5 GB of dirty pages would otherwise be written back during
+    # this run (whichever tool it is): every run starts with nothing waiting to be written.
+    os.sync()
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--dtype", dtype, "--output",
                str(output), *map(str, inputs)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -135,7 +139,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per row (the best is shown)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per row (their median, and the best, are shown)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("inputs", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,7 +150,7 @@ def main() -> None:
     if shutil.which("mergekit-yaml"):
         modes.append("mergekit")
     print(f"{N_MODELS} GPT-2-small-shaped models (124 M parameters); one fresh process per run; "
-          f"best of {args.repeats}; ratios to the torch loop of the same dtype")
+          f"median of {args.repeats} (this machine's runs of one command vary by 2x); ratios of medians to the torch loop of the same dtype")
     with tempfile.TemporaryDirectory(prefix="fedsoup-bench-lm-") as tmp:
         folder = Path(tmp)
         for dtype in args.dtypes.split(","):
@@ -155,19 +159,19 @@ def main() -> None:
             for _ in range(args.repeats):
                 for mode in modes:  # interleaved: the machine's noise falls on every tool alike
                     results[mode].append(measure(mode, inputs, folder / f"out-{dtype}-{mode}", dtype))
-            base = min(r["seconds"] for r in results["torch"])
+            base = statistics.median(r["seconds"] for r in results["torch"])
             print(f"\n{dtype}: one model is {model_bytes / 1e6:.0f} MB")
-            print(f"{'run':<42}{'seconds':>9}{'x torch':>9}{'peak above baseline':>22}{'x one model':>13}")
+            print(f"{'run':<42}{'median s':>9}{'x torch':>9}{'best s':>8}{'peak above baseline':>22}{'x one model':>13}")
             for mode in modes:
-                best = min(results[mode], key=lambda r: r["seconds"])
+                seconds = [r["seconds"] for r in results[mode]]
                 peak = min(r["peak_above_baseline"] for r in results[mode])
                 label = {"torch": "torch load/avg/save", "soup-mem": "fedsoup soup",
                          "soup-low": "fedsoup soup --low-memory", "adam-mem": "fedsoup AME-Adam",
                          "soup-mem-warm": "fedsoup soup, numba started",
                          "soup-low-warm": "fedsoup soup --low-memory, numba started",
                          "adam-low": "fedsoup AME-Adam --low-memory", "mergekit": "mergekit linear"}[mode]
-                print(f"{label:<42}{best['seconds']:>9.2f}{best['seconds'] / base:>9.2f}"
-                      f"{peak / 1e6:>19.0f} MB{peak / model_bytes:>13.2f}")
+                print(f"{label:<42}{statistics.median(seconds):>9.2f}{statistics.median(seconds) / base:>9.2f}"
+                      f"{min(seconds):>8.2f}{peak / 1e6:>19.0f} MB{peak / model_bytes:>13.2f}")
             for path in folder.glob(f"{dtype}-client*"):
                 shutil.rmtree(path)
 
