@@ -12,8 +12,9 @@ Three random models with GPT-2 small's shapes (124 M parameters, `GPT2Config()`,
 
 Every run is a fresh process: it imports what it needs, notes its resident memory
 (`VmRSS`), runs, and reports its wall time and its peak resident memory (`VmHWM`) above
-that baseline. Runs alternate between the tools so that the shared machine's noise falls
-on all of them alike; ratios are to the torch loop of the same dtype, in the same run.
+that baseline. Runs alternate between the tools, in a new order every round, so that the shared
+machine's noise falls on all of them alike; each row is the median of its runs, and
+ratios are to the torch loop's median of the same dtype, in the same run.
 
     .venv/bin/python benchmarks/bench_language_models.py              # ~2.2 GB of temporary files
     .venv/bin/python benchmarks/bench_language_models.py --repeats 9  # median of nine per row
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -156,8 +158,12 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             inputs, model_bytes = make_models(folder, dtype)
             results: dict[str, list[dict]] = {mode: [] for mode in modes}
-            for _ in range(args.repeats):
-                for mode in modes:  # interleaved: the machine's noise falls on every tool alike
+            for repeat in range(args.repeats):
+                # Interleaved, in a new order every round: a run right after one that freed gigabytes
+                # allocates faster (the kernel has free pages at hand), so no tool keeps one place.
+                order = list(modes)
+                random.Random(repeat).shuffle(order)
+                for mode in order:
                     results[mode].append(measure(mode, inputs, folder / f"out-{dtype}-{mode}", dtype))
             base = statistics.median(r["seconds"] for r in results["torch"])
             print(f"\n{dtype}: one model is {model_bytes / 1e6:.0f} MB")
