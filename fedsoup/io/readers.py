@@ -171,7 +171,7 @@ def _data_offsets(file, name: str) -> dict[str, tuple[int, int, str, tuple[int, 
                     raise MergeInputError(f"not a readable safetensors file (bytes {begin}..{end} are outside "
                                           f"the data)", key=key, path=name)
                 offsets[key] = (data_start + begin, data_start + end, str(entry["dtype"]),
-                                tuple(int(size) for size in entry["shape"]))
+                                tuple(int(dim) for dim in entry["shape"]))
     except (struct.error, ValueError, TypeError, KeyError, AttributeError) as error:
         if isinstance(error, MergeInputError):  # (a ValueError)
             raise
