@@ -12,11 +12,18 @@ Three random models with GPT-2 small's shapes (124 M parameters, `GPT2Config()`,
 
 Every run is a fresh process: it imports what it needs, notes its resident memory
 (`VmRSS`), runs, and reports its wall time and its peak resident memory (`VmHWM`) above
-that baseline. Runs alternate between the tools, in a new order every round, so that the shared
+that baseline. Every run starts from the same memory state: no dirty pages waiting to be
+written, and `--settle` seconds (default 12) after the previous run's output was removed.
+On a virtual machine that reports free pages to its host (Linux's free page reporting,
+on here), pages freed a moment ago are cheap to reuse, and ones freed seconds ago cost a
+fault in the host each: writing a new 500 MB file takes 0.13 s right after another was
+deleted and 1.1-1.5 s once the freed pages have been handed back. Without the settling,
+whichever run started sooner after the previous one's deletion (a child whose imports
+are shorter, as the torch loop's are) wrote its output at the cheap rate. Runs alternate between the tools, in a new order every round, so that the shared
 machine's noise falls on all of them alike; each row is the median of its runs, and
 ratios are to the torch loop's median of the same dtype, in the same run.
 
-    .venv/bin/python benchmarks/bench_language_models.py              # ~2.2 GB of temporary files
+    .venv/bin/python benchmarks/bench_language_models.py              # ~2.2 GB of temporary files, ~20 min
     .venv/bin/python benchmarks/bench_language_models.py --repeats 9  # median of nine per row
 
 The "numba started" rows run the soup in a process whose compiled kernels have already
@@ -96,12 +103,14 @@ def child(mode: str, inputs: list[str], output: str, dtype: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_above_baseline": _memory("VmHWM") - baseline, "baseline": baseline}))
 
 
-def measure(mode: str, inputs: list[Path], output: Path, dtype: str) -> dict:
+def measure(mode: str, inputs: list[Path], output: Path, dtype: str, settle: float) -> dict:
     if output.exists():
         shutil.rmtree(output)
     # The previous run's 0.25-0.5 GB of dirty pages would otherwise be written back during
-    # this run (whichever tool it is): every run starts with nothing waiting to be written.
+    # this run (whichever tool it is): every run starts with nothing waiting to be written,
+    # and with the pages freed by the previous run handed back to the host (module docstring).
     os.sync()
+    time.sleep(settle)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--dtype", dtype, "--output",
                str(output), *map(str, inputs)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -143,6 +152,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5, help="runs per row (their median, and the best, are shown)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--settle", type=float, default=12.0,
+                        help="seconds between removing the previous output and the next run (0: no settling)")
     parser.add_argument("inputs", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -152,7 +163,8 @@ def main() -> None:
     if shutil.which("mergekit-yaml"):
         modes.append("mergekit")
     print(f"{N_MODELS} GPT-2-small-shaped models (124 M parameters); one fresh process per run; "
-          f"median of {args.repeats} (this machine's runs of one command vary by 2x); ratios of medians to the torch loop of the same dtype")
+          f"median of {args.repeats}, each started {args.settle:g} s after the previous output was removed; "
+          f"ratios of medians to the torch loop of the same dtype")
     with tempfile.TemporaryDirectory(prefix="fedsoup-bench-lm-") as tmp:
         folder = Path(tmp)
         for dtype in args.dtypes.split(","):
@@ -164,7 +176,7 @@ def main() -> None:
                 order = list(modes)
                 random.Random(repeat).shuffle(order)
                 for mode in order:
-                    results[mode].append(measure(mode, inputs, folder / f"out-{dtype}-{mode}", dtype))
+                    results[mode].append(measure(mode, inputs, folder / f"out-{dtype}-{mode}", dtype, args.settle))
             base = statistics.median(r["seconds"] for r in results["torch"])
             print(f"\n{dtype}: one model is {model_bytes / 1e6:.0f} MB")
             print(f"{'run':<42}{'median s':>9}{'x torch':>9}{'best s':>8}{'peak above baseline':>22}{'x one model':>13}")
