@@ -60,7 +60,10 @@ def save_in_form(model, folder: Path, form: str, tokenizer=None) -> str:
 
     Forms: ``dir``, ``safetensors`` (the weights file), ``sharded`` (directory of shards),
     ``index`` (the safetensors index), ``bin`` (``pytorch_model.bin``), ``bin-index``
-    (sharded ``.bin`` with ``pytorch_model.bin.index.json``).
+    (sharded ``.bin`` with ``pytorch_model.bin.index.json``), ``bin-tied`` (``pytorch_model.bin``
+    holding the tied copies too, GPT-2's ``lm_head.weight`` beside ``transformer.wte.weight``,
+    sharing its storage: ``torch.save(model.state_dict())``, as transformers 4.x's
+    ``save_pretrained(safe_serialization=False)`` and most training scripts wrote it).
     """
     folder = Path(folder)
     if form in ("dir", "safetensors"):
@@ -68,15 +71,15 @@ def save_in_form(model, folder: Path, form: str, tokenizer=None) -> str:
     elif form in ("sharded", "index"):
         model.save_pretrained(folder, max_shard_size="20KB")
         assert (folder / "model.safetensors.index.json").is_file()
-    elif form in ("bin", "bin-index"):
+    elif form in ("bin", "bin-index", "bin-tied"):
         # transformers 5 no longer writes .bin: torch.save in its layout, as 4.x did.
         folder.mkdir(parents=True)
         model.config.architectures = [type(model).__name__]  # as save_pretrained records it
         model.config.save_pretrained(folder)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(folder)
-        state = state_dict_as_saved(model)
-        if form == "bin":
+        state = state_dict_as_saved(model) if form != "bin-tied" else model.state_dict()
+        if form in ("bin", "bin-tied"):
             torch.save(state, folder / "pytorch_model.bin")
         else:
             keys = list(state)
@@ -95,7 +98,7 @@ def save_in_form(model, folder: Path, form: str, tokenizer=None) -> str:
     return str({
         "dir": folder, "sharded": folder, "safetensors": folder / "model.safetensors",
         "index": folder / "model.safetensors.index.json", "bin": folder / "pytorch_model.bin",
-        "bin-index": folder / "pytorch_model.bin.index.json",
+        "bin-tied": folder / "pytorch_model.bin", "bin-index": folder / "pytorch_model.bin.index.json",
     }[form])
 
 

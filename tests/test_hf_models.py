@@ -444,3 +444,102 @@ def test_the_custom_code_a_config_names_is_carried(tmp_path, capsys, modules_cac
                                           r"configuration_tiny_custom.py, layers_tiny_custom.py, "
                                           r"modeling_tiny_custom.py of .*client0 are not carried"):
         fedsoup.merge_files(inputs, tmp_path / "soup.safetensors")
+
+
+# ------------------------------------------------------------------------- tied embeddings
+
+TIED, TIE = "lm_head.weight", "transformer.wte.weight"  # GPT-2's output layer is its input embedding
+
+
+def _gpt2_inputs(tmp_path: Path, forms, dtype=torch.bfloat16) -> list[str]:
+    """GPT-2 models (``tie_word_embeddings``, the default) saved in ``forms``; the first with a tokenizer."""
+    return [save_in_form(tiny_model("gpt2", i, dtype), tmp_path / f"client{i}", form,
+                         byte_tokenizer() if i == 0 else None) for i, form in enumerate(forms)]
+
+
+def _without_tied_copy(path: str) -> dict[str, torch.Tensor]:
+    state = fio.load_state_dict(path)
+    state.pop(TIED, None)
+    return state
+
+
+@pytest.mark.parametrize("forms", [("bin-tied", "safetensors", "bin-tied"), ("safetensors", "bin-tied", "dir")],
+                         ids=["bin-first", "safetensors-first"])
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_a_bin_holding_the_tied_lm_head_merges_with_safetensors_that_leave_it_out(tmp_path, forms, low_memory):
+    """save_pretrained leaves GPT-2's lm_head.weight (which is transformer.wte.weight) out of
+    safetensors; torch.save(model.state_dict()) holds it. The merge leaves the tied copy out, as
+    save_pretrained does, and from_pretrained ties it back. (Refused before: "missing".)"""
+    inputs = _gpt2_inputs(tmp_path, forms)
+    holding = fio.load_state_dict(inputs[forms.index("bin-tied")])
+    assert torch.equal(holding[TIED], holding[TIE])  # the .bin holds the tied copy
+    assert TIED not in fio.load_state_dict(inputs[forms.index("safetensors")])  # safetensors leave it out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        out = fedsoup.merge_files(inputs, tmp_path / "out", low_memory=low_memory)
+    states = [_without_tied_copy(path) for path in inputs]
+    assert fio.load_state_dict(out).keys() == states[0].keys()  # as save_pretrained writes it
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.lm_head.weight.data_ptr() == merged.transformer.wte.weight.data_ptr()  # tied back
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
+
+
+def test_cli_merges_a_tied_bin_with_safetensors_into_a_model_directory(tmp_path, capsys):
+    inputs = _gpt2_inputs(tmp_path, ("bin-tied", "safetensors"))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["merge", *inputs, "-o", f"{out}/"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and inputs[0] in err[0] and f"'{TIED}'" in err[0] and f"'{TIE}'" in err[0], err
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    states = [_without_tied_copy(path) for path in inputs]
+    assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
+    report = fedsoup.inspect_files(inputs)
+    assert report["differences"] == [] and report["mergeable"] is True
+
+
+@pytest.mark.parametrize("crafted", ["value", "zero-sign", "dtype"])
+@pytest.mark.parametrize("position", [0, 1])
+def test_a_tied_copy_claimed_with_other_bytes_is_refused(tmp_path, capsys, crafted, position):
+    """A file may hold lm_head.weight with values of its own: that is no tie, and leaving it out
+    would silently drop them. Refused, naming the tensor and the file; equality is bitwise
+    (-0.0 is not 0.0, which torch.equal calls equal)."""
+    model = tiny_model("gpt2", 0, torch.bfloat16)
+    folder = tmp_path / "crafted"
+    save_in_form(model, folder, "bin-tied")
+    state = {key: value.clone() for key, value in model.state_dict().items()}  # no longer sharing storage
+    if crafted == "value":
+        state[TIED][3, 5] += 1
+    elif crafted == "zero-sign":
+        state[TIE][3, 5], state[TIED][3, 5] = 0.0, -0.0
+        assert torch.equal(state[TIE], state[TIED])
+    else:
+        state[TIED] = state[TIED].float()
+    torch.save(state, folder / "pytorch_model.bin")
+    honest = save_in_form(tiny_model("gpt2", 1, torch.bfloat16), tmp_path / "honest", "safetensors")
+    inputs = [honest]
+    inputs.insert(position, str(folder / "pytorch_model.bin"))
+    with pytest.raises(MergeInputError) as caught:
+        fedsoup.merge_files(inputs, tmp_path / "out")
+    assert caught.value.key == TIED and inputs[position] in str(caught.value)
+    if crafted != "dtype":  # (a dtype its tie does not have: no tie by the headers, refused as before)
+        assert caught.value.path == inputs[position] and caught.value.ingredient == position
+        assert re.search(rf"not in \S*honest\S*, and no tied copy: it is not bitwise equal \(dtype, shape and "
+                         rf"bytes\) to '{re.escape(TIE)}', so", str(caught.value))
+    assert not (tmp_path / "out").exists()
+    _cli_refuses(inputs, tmp_path / "out", capsys, rf"tensor '{re.escape(TIED)}'")
+    report = fedsoup.inspect_files(inputs)
+    assert report["mergeable"] is False and any(TIED in line for line in report["differences"] + report["refusals"])
+
+
+def test_a_tied_copy_is_not_left_out_when_the_first_config_unties_the_embeddings(tmp_path, capsys):
+    """With tie_word_embeddings false, from_pretrained ties nothing back: a left-out lm_head.weight
+    would be a random layer in the merged model."""
+    inputs = _gpt2_inputs(tmp_path, ("bin-tied", "safetensors"))
+    config_path = tmp_path / "client0" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "tie_word_embeddings": False}))
+    with pytest.raises(MergeInputError) as caught:
+        fedsoup.merge_files(inputs, tmp_path / "out")
+    assert caught.value.key == TIED
+    _cli_refuses(inputs, tmp_path / "out", capsys, rf"tensor '{re.escape(TIED)}'")

@@ -374,6 +374,98 @@ def test_check_compatible_names_file_and_tensor():
     fio.check_compatible([a, _checkpoint("c.pt", {"n": torch.tensor(2), "w": torch.ones(2, 3)})])
 
 
+class _Reading(fio.InMemoryCheckpoint):
+    """An input that records which tensors are read."""
+
+    def __init__(self, name, state, read):
+        super().__init__(name, state)
+        self._log = read
+
+    def _read(self, key):
+        self._log.append((self.name, key))
+        return super()._read(key)
+
+
+def _tie_inputs(read, **held):
+    """Inputs a.bin, b.st, ...: each name maps to its extra tensors beside the shared ones."""
+    generator = torch.Generator().manual_seed(0)
+    shared = {name: torch.randn(4, 3, generator=generator) for name in ("wte", "square")}
+    shared["ln"] = torch.randn(3, generator=generator)
+    inputs = []
+    for name, extra in held.items():
+        state = {key: value.clone() for key, value in shared.items()}
+        state.update({key: make(state) for key, make in extra.items()})
+        inputs.append(_Reading(name, state, read))
+    return inputs
+
+
+def _copy_of(key, change=None):
+    def make(state):
+        copy = state[key].clone()
+        if change is not None:
+            change(state, copy)
+        return copy
+    return make
+
+
+def _flip_zero(state, copy):
+    state["wte"][1, 2], copy[1, 2] = 0.0, -0.0  # equal for torch.equal, not bitwise
+
+
+@pytest.mark.parametrize(("held", "allowed", "expected"), [
+    # the tied copy of a tensor all inputs hold: left out of the inputs holding it
+    ({"a": {"head": _copy_of("wte")}, "b": {}}, True, {0: {"head": "wte"}}),
+    ({"a": {}, "b": {"head": _copy_of("wte")}, "c": {"head": _copy_of("wte")}}, True,
+     {1: {"head": "wte"}, 2: {"head": "wte"}}),
+    # a config saying tie_word_embeddings: false: nothing left out (check_compatible refuses, as before)
+    ({"a": {"head": _copy_of("wte")}, "b": {}}, False, {}),
+    # no tensor of its dtype and shape that all inputs hold: no tie by the headers, left to check_compatible
+    ({"a": {"head": lambda state: state["wte"].double()}, "b": {}}, True, {}),
+    ({"a": {"head": _copy_of("wte"), "extra": _copy_of("wte")}, "b": {}}, True, {0: {"head": "wte", "extra": "wte"}}),
+    ({"a": {"bias": _copy_of("ln")}, "b": {"bias": lambda state: torch.zeros(4)}, "c": {}}, True, {}),
+])
+def test_tied_copies_are_the_bitwise_copies_of_a_tensor_every_input_holds(held, allowed, expected):
+    read = []
+    inputs = _tie_inputs(read, **{f"{name}.pt": extra for name, extra in held.items()})
+    assert fio.tied_copies(inputs, ties_allowed=allowed) == expected
+    # only the tensors whose headers could make a tie are read: a copy, and the tensors of its
+    # input with its dtype and shape (never "ln" for a (4, 3) copy); nothing when ties are off
+    for name, key in read:
+        infos = next(checkpoint.infos for checkpoint in inputs if checkpoint.name == name)
+        copies = [k for k in infos if not all(k in checkpoint.infos for checkpoint in inputs)]
+        assert key in copies or any(infos[key] == infos[copy] for copy in copies), (name, key)
+    assert all((inputs[index].name, key) in read for index, copies in expected.items() for key in copies)
+    if not allowed:
+        assert read == []
+
+
+@pytest.mark.parametrize(("held", "culprit", "reason"), [
+    ({"a": {"head": _copy_of("wte")}, "b": {}, "c": {"head": _copy_of("wte", lambda s, c: c.__setitem__((0, 0), 7.0))}},
+     "c.pt", r"not bitwise equal \(dtype, shape and bytes\) to 'wte' \(as in a\.pt\)"),
+    ({"a": {"head": _copy_of("wte", _flip_zero)}, "b": {}}, "a.pt",
+     r"not bitwise equal \(dtype, shape and bytes\) to 'wte' or 'square',"),
+    ({"a": {"head": _copy_of("wte")}, "b": {}, "c": {"head": _copy_of("square")}}, "c.pt",
+     r"not bitwise equal \(dtype, shape and bytes\) to 'wte' \(as in a\.pt\)"),
+])
+def test_a_claimed_tie_that_is_not_one_is_refused_naming_the_tensor_and_the_input(held, culprit, reason):
+    inputs = _tie_inputs([], **{f"{name}.pt": extra for name, extra in held.items()})
+    with pytest.raises(MergeInputError, match=reason) as caught:
+        fio.tied_copies(inputs)
+    names = [checkpoint.name for checkpoint in inputs]
+    assert (caught.value.key, caught.value.path, caught.value.ingredient) == ("head", culprit, names.index(culprit))
+
+
+def test_a_tied_copy_left_out_is_neither_listed_nor_read():
+    read = []
+    holding, leaving = _tie_inputs(read, **{"a.pt": {"head": _copy_of("wte")}, "b.pt": {}})
+    view = fio.without_tensors(holding, {"head"})
+    assert view.keys() == ["wte", "square", "ln"] and view.name == "a.pt" and view.nbytes == leaving.nbytes
+    assert view.load_all().keys() == leaving.load_all().keys()
+    with pytest.raises(MergeInputError, match="no such tensor"):
+        view.get("head")
+    fio.check_compatible([view, leaving])
+
+
 def test_check_finite_names_file_and_tensor():
     with pytest.raises(MergeInputError, match=r"a\.pt, tensor 'w': contains NaN"):
         fio.check_finite(torch.tensor([1.0, float("nan")]), "a.pt", "w")
