@@ -6,7 +6,8 @@
   (``torch.load(weights_only=True)`` only), ``.npz``.
 - :mod:`~fedsoup.io.resolve`: what an input path means (directory, index, weights file) and
   the Hugging Face directory beside it; :func:`open_checkpoint`.
-- :mod:`~fedsoup.io.checks`: structure checks across opened checkpoints, from headers.
+- :mod:`~fedsoup.io.checks`: structure checks across opened checkpoints, from headers, and
+  the tied copies (GPT-2's ``lm_head.weight``) some inputs hold and others leave out.
 - :mod:`~fedsoup.io.layout`: the output's file names (single file, shards + index, directory).
 - :mod:`~fedsoup.io.writer`: the streaming, atomic writer :func:`write_checkpoint`.
 - :mod:`~fedsoup.io.hf`: Hugging Face model directories (config and tokenizer carried over).
@@ -14,7 +15,7 @@
 (The training-state checkpoints of the Flower strategy are :mod:`fedsoup.state`.)
 """
 
-from fedsoup.io.checks import check_compatible, check_finite, differences
+from fedsoup.io.checks import check_compatible, check_finite, differences, tied_copies
 from fedsoup.io.formats import DTYPE_NAMES, SAFETENSORS_SUFFIX, TORCH_SUFFIXES, TensorInfo
 from fedsoup.io.hf import is_model_directory, model_directory_files
 from fedsoup.io.layout import OutputLayout, output_exists
@@ -26,6 +27,7 @@ from fedsoup.io.readers import (
     SafetensorsCheckpoint,
     ShardedCheckpoint,
     unwrap_state_dict,
+    without_tensors,
 )
 from fedsoup.io.resolve import ResolvedInput, expand_inputs, load_state_dict, open_checkpoint, resolve_input
 from fedsoup.io.writer import parse_size, plan_shards, write_checkpoint
@@ -45,6 +47,8 @@ __all__ = [
     "expand_inputs",
     "check_compatible",
     "differences",
+    "tied_copies",
+    "without_tensors",
     "check_finite",
     "read_npy_header",
     "npy_view",

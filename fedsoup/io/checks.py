@@ -11,7 +11,8 @@ from fedsoup.io.quantized import DEQUANTIZE_HINT, quantized_layout
 from fedsoup.io.readers import Checkpoint
 from fedsoup.structure import check_structure, structure_differences
 
-__all__ = ["check_compatible", "check_unquantized", "check_has_tensors", "check_integers_agree", "COUNTERS", "differences", "check_finite"]
+__all__ = ["check_compatible", "check_unquantized", "check_has_tensors", "check_integers_agree", "COUNTERS", "differences",
+           "check_finite", "tied_copies", "same_bytes"]
 
 # Integer tensors that count something and may differ across inputs (the output keeps the
 # first input's, in visiting order): BatchNorm's batch counter, an averaged model's count.
@@ -40,6 +41,83 @@ def check_compatible(checkpoints: Sequence[Checkpoint], reference: Checkpoint | 
         if checkpoint is not reference:
             check_structure(reference.infos, checkpoint.infos, ingredient=index, path=checkpoint.name,
                             reference_name=reference.name)
+
+
+def tied_copies(checkpoints: Sequence[Checkpoint], ties_allowed: bool = True) -> dict[int, dict[str, str]]:
+    """The tied copies to leave out of the inputs: ``{input position: {tensor: the tensor it is a copy of}}``.
+
+    A tied weight is one tensor under two names: GPT-2's ``lm_head.weight`` is its
+    ``transformer.wte.weight`` (``tie_word_embeddings``). ``save_pretrained`` writes it once
+    (safetensors hold no aliases); ``torch.save(model.state_dict())``, the ``.bin`` of
+    transformers 4.x and of training scripts, writes both names. A tensor that some inputs
+    hold and others do not is left out of those holding it only when, in every one of them,
+    it is bitwise equal (:func:`same_bytes`: dtype, shape and bytes) to one same other tensor
+    that every input holds, and ``ties_allowed`` (the first model's ``config.json`` does not
+    say ``tie_word_embeddings: false``: :func:`fedsoup.io.hf.ties_word_embeddings`). The
+    merge then writes it as ``save_pretrained`` does, once, and ``from_pretrained`` ties it back.
+
+    Headers decide what is read: a tensor is compared only with the tensors of its input of
+    its dtype and shape that every input holds, one pair at a time (a ``--low-memory`` merge
+    stays within two tensors per input here), the smallest such tensors first. A tensor whose
+    header matches none is left for :func:`check_compatible` to refuse, as any tensor some
+    inputs lack. One whose header matches but whose bytes copy none of those tensors (a
+    file claiming ``lm_head.weight`` with values of its own; a model with more layers) is
+    refused here, at the first found: leaving it out would drop its values silently.
+
+    Raises :class:`~fedsoup.errors.MergeInputError` with ``key`` (the tensor), ``path`` and
+    ``ingredient`` (the input whose bytes are no copy).
+    """
+    if not ties_allowed or not checkpoints:
+        return {}
+    everywhere = [key for key in checkpoints[0].infos if all(key in other.infos for other in checkpoints)]
+    possible = []  # (tensor, the inputs holding it, the tensors its headers say it may be a copy of)
+    for key in _held_by_some(checkpoints):
+        holders = [index for index, checkpoint in enumerate(checkpoints) if key in checkpoint.infos]
+        candidates = [tie for tie in everywhere
+                      if all(checkpoints[index].infos[tie] == checkpoints[index].infos[key] for index in holders)]
+        if candidates:
+            possible.append((key, holders, candidates))
+    left_out: dict[int, dict[str, str]] = {}
+    for key, holders, candidates in sorted(possible, key=lambda entry: checkpoints[entry[1][0]].infos[entry[0]].nbytes):
+        tie = _tie_of(key, checkpoints, holders, candidates)
+        for index in holders:
+            left_out.setdefault(index, {})[key] = tie
+    return left_out
+
+
+def _held_by_some(checkpoints: Sequence[Checkpoint]) -> list[str]:
+    """The tensors some inputs hold and others do not, in the order the inputs list them."""
+    held = [key for checkpoint in checkpoints for key in checkpoint.infos]
+    return [key for key in dict.fromkeys(held) if not all(key in checkpoint.infos for checkpoint in checkpoints)]
+
+
+def _tie_of(key: str, checkpoints: Sequence[Checkpoint], holders: Sequence[int], candidates: Sequence[str]) -> str:
+    """The first of ``candidates`` that ``key`` is a bitwise copy of in every input of ``holders``."""
+    for position, index in enumerate(holders):
+        checkpoint = checkpoints[index]
+        copy = checkpoint.get(key)
+        matching = [tie for tie in candidates if same_bytes(copy, checkpoint.get(tie))]
+        if not matching:
+            absent = next(other.name for other in checkpoints if key not in other.infos)
+            named = (" or ".join(repr(tie) for tie in candidates) if len(candidates) <= 3 else
+                     f"any of the {len(candidates)} tensors of its dtype and shape that every input holds")
+            where = f" (as in {checkpoints[holders[0]].name})" if position else ""
+            raise MergeInputError(
+                f"not in {absent}, and no tied copy: it is not bitwise equal (dtype, shape and bytes) to "
+                f"{named}{where}, so leaving it out would lose its values (only a tied copy, such as GPT-2's "
+                f"lm_head.weight beside transformer.wte.weight, may be left out)",
+                ingredient=index, key=key, path=checkpoint.name,
+            )
+        candidates = matching
+    return candidates[0]
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: the same dtype, shape and bytes (``torch.equal`` calls ``-0.0`` and
+    ``0.0`` equal, and NaN unequal to itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def check_has_tensors(checkpoints: Sequence[Checkpoint]) -> None:

@@ -32,6 +32,7 @@ from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
 __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
     "model_directory_files", "uncarried_files", "custom_code_files", "first_model", "config_bytes",
+    "ties_word_embeddings",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -135,6 +136,23 @@ def check_model_inputs(inputs: Sequence[ResolvedInput]) -> None:
                 f"architectures cannot be merged",
                 ingredient=index, path=item.name,
             )
+
+
+def ties_word_embeddings(inputs: Sequence[ResolvedInput]) -> bool:
+    """Whether ``from_pretrained`` ties the merged model's tied weights back, so that their
+    copies may be left out (:func:`fedsoup.io.checks.tied_copies`).
+
+    ``False`` when the first model's ``config.json`` gives ``tie_word_embeddings`` as anything
+    but ``true``, at its top level or in a sub-configuration (``text_config``): that model's
+    output layer is its own tensor, and leaving it out would load it as random weights.
+    ``True`` otherwise (transformers' default), also when no input has a ``config.json``.
+    """
+    first = first_model(inputs)
+    if first is None:
+        return True
+    config = read_config(first.config_path)
+    configs = [config, *(value for value in config.values() if isinstance(value, dict))]
+    return all(part.get("tie_word_embeddings", True) is True for part in configs)
 
 
 def _dtype_key(config: dict) -> list[str]:

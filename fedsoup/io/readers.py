@@ -51,6 +51,7 @@ __all__ = [
     "open_weights_file",
     "refuse_special_file",
     "unwrap_state_dict",
+    "without_tensors",
 ]
 
 
@@ -111,6 +112,35 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self.infos)} tensors)"
+
+
+class _WithoutTensors(Checkpoint):
+    """A checkpoint with some of its tensors left out, read through it (:func:`without_tensors`)."""
+
+    def __init__(self, checkpoint: Checkpoint, left_out: set[str] | dict[str, str]):
+        self._whole = checkpoint
+        self.format = checkpoint.format
+        infos = {key: info for key, info in checkpoint.infos.items() if key not in left_out}
+        super().__init__(checkpoint.name, infos, checkpoint.metadata)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._whole.get(key)
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        loaded = self._whole.load_all()  # (one mapping of the file: the tensors left out cost nothing)
+        return {key: loaded[key] for key in self.infos}
+
+    def check_unchanged(self) -> None:
+        self._whole.check_unchanged()
+
+    def close(self) -> None:
+        self._whole.close()
+
+
+def without_tensors(checkpoint: Checkpoint, left_out: set[str] | dict[str, str]) -> Checkpoint:
+    """``checkpoint`` as if it did not hold the tensors named in ``left_out`` (the tied copies of
+    :func:`fedsoup.io.checks.tied_copies`): neither listed nor read. Closing it closes ``checkpoint``."""
+    return _WithoutTensors(checkpoint, left_out) if left_out else checkpoint
 
 
 def refuse_special_file(path: Path, name: str) -> None:

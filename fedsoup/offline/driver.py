@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import time
 import warnings
@@ -23,11 +24,11 @@ import torch
 
 from fedsoup.atomic import atomic_write_text
 from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
-from fedsoup.io.checks import check_compatible, check_has_tensors, check_unquantized
+from fedsoup.io.checks import check_compatible, check_has_tensors, check_unquantized, tied_copies
 from fedsoup.io.formats import TensorInfo, dtype_str
-from fedsoup.io.hf import check_model_inputs, first_model, model_directory_files, uncarried_files
+from fedsoup.io.hf import check_model_inputs, first_model, model_directory_files, ties_word_embeddings, uncarried_files
 from fedsoup.io.layout import OutputLayout
-from fedsoup.io.readers import Checkpoint, open_weights_file
+from fedsoup.io.readers import Checkpoint, open_weights_file, without_tensors
 from fedsoup.io.resolve import ADAPTER, ResolvedInput, expand_inputs, open_checkpoint, resolve_input
 from fedsoup.lora.driver import merge_adapter_files
 from fedsoup.plan import planned_steps
@@ -40,6 +41,8 @@ from fedsoup.report import MergeReport
 from fedsoup.structure import check_structure
 
 __all__ = ["merge_files", "run_merge_files", "MergeReport", "DEFAULT_SHARD_SIZE", "report_sidecar"]
+
+log = logging.getLogger("fedsoup")
 
 DEFAULT_SHARD_SIZE = "5GB"  # as Hugging Face's save_pretrained
 # PEFT adapter inputs are merged as their products s·B·A, exactly (rank Σ r_i), unless told
@@ -245,6 +248,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     with _recorded() as caught, contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
         check_has_tensors(checkpoints)
+        checkpoints = _leave_out_tied_copies(checkpoints, ties_word_embeddings(resolved))
         check_compatible(checkpoints)
         check_unquantized(checkpoints)
         call = {  # what this merge merges: the per-input numbers, resolved against the inputs
@@ -308,6 +312,17 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         parameters=sum(info.numel for info in infos.values()), seconds=time.perf_counter() - started,
         low_memory=low,
     )
+
+
+def _leave_out_tied_copies(checkpoints: Sequence[Checkpoint], ties_allowed: bool) -> list[Checkpoint]:
+    """The inputs without the tied copies some hold and others leave out
+    (:func:`~fedsoup.io.checks.tied_copies`), a note naming each one left out."""
+    left_out = tied_copies(checkpoints, ties_allowed)
+    for index, copies in left_out.items():
+        listed = ", ".join(f"{key!r} (a copy of {tie!r})" for key, tie in copies.items())
+        log.info("%s: left out %s: tied weights, written once as save_pretrained writes them; from_pretrained "
+                 "ties them back", checkpoints[index].name, listed)
+    return [without_tensors(checkpoint, left_out.get(index, {})) for index, checkpoint in enumerate(checkpoints)]
 
 
 def _check_unchanged(checkpoints: Sequence[Checkpoint | None]) -> None:

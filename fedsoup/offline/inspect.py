@@ -8,16 +8,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsoup.errors import MergeInputError
-from fedsoup.io.checks import check_has_tensors, check_unquantized, differences
+from fedsoup.io.checks import check_has_tensors, check_unquantized, differences, tied_copies
 from fedsoup.io.formats import dtype_str
-from fedsoup.io.hf import check_model_inputs
+from fedsoup.io.hf import check_model_inputs, ties_word_embeddings
+from fedsoup.io.readers import Checkpoint, without_tensors
 from fedsoup.io.resolve import expand_inputs, open_checkpoint, resolve_input
 
 __all__ = ["inspect_files"]
 
 
 def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """Describe checkpoints from their headers (no tensor data is read for safetensors and ``.npz``).
+    """Describe checkpoints from their headers (no tensor data is read for safetensors and ``.npz``,
+    but a tensor some inputs hold and others do not and the tensors it may be a tied copy of,
+    :func:`~fedsoup.io.checks.tied_copies`).
 
     Returns ``{"checkpoints": [{"file", "format", "tensors", "parameters", "bytes",
     "metadata", "keys": {key: {"dtype", "shape"}}}, ...], "differences": [line, ...],
@@ -61,7 +64,22 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                 "keys": {key: {"dtype": dtype_str(info.dtype), "shape": list(info.shape)}
                          for key, info in checkpoint.infos.items()},
             })
-        mismatches = [] if refused_by_configs else [
-            line for other in checkpoints[1:] for line in differences(checkpoints[0], other)]
+        mismatches = []
+        if not refused_by_configs:
+            mismatches, refused = _differences(checkpoints, names)
+            refusals += refused
     return {"checkpoints": reports, "differences": mismatches, "refusals": refusals,
             "mergeable": not mismatches and not refusals}
+
+
+def _differences(checkpoints: Sequence[Checkpoint], names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Every tensor that keeps an input from being merged with the first, and the refusal of a
+    tied copy that is no copy: the tied copies ``merge_files`` leaves out are no difference."""
+    try:
+        left_out = tied_copies(checkpoints, ties_word_embeddings([resolve_input(item) for item in names]))
+    except MergeInputError as error:
+        left_out, refused = {}, [" ".join(str(error).split())]
+    else:
+        refused = []
+    checkpoints = [without_tensors(checkpoint, left_out.get(i, {})) for i, checkpoint in enumerate(checkpoints)]
+    return [line for other in checkpoints[1:] for line in differences(checkpoints[0], other)], refused
