@@ -134,6 +134,9 @@ def run_inspect(args: argparse.Namespace) -> int:
                 print(f"  {key:<{width}}  {info['dtype']:<9} {shape:<20} {math.prod(info['shape']):>14,}")
         for key, value in checkpoint["metadata"].items():
             print(f"  metadata {key} = {value}")
+    for copy in report["tied_copies"]:
+        print(f"{copy['file']}: tensor {copy['tensor']!r} is a tied copy of {copy['copy_of']!r}: a merge leaves it "
+              f"out, as save_pretrained does (from_pretrained ties it back)")
     for refusal in report["refusals"]:
         print(f"not mergeable: {refusal}")
     if mismatches:

@@ -497,6 +497,12 @@ def test_cli_merges_a_tied_bin_with_safetensors_into_a_model_directory(tmp_path,
     assert torch.equal(logits(merged, IDS), logits(reference_model(out, states), IDS))
     report = fedsoup.inspect_files(inputs)
     assert report["differences"] == [] and report["mergeable"] is True
+    assert report["tied_copies"] == [{"file": inputs[0], "tensor": TIED, "copy_of": TIE}]
+    assert cli.main(["inspect", "--summary", *inputs]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{inputs[0]}: tensor '{TIED}' is a tied copy of '{TIE}': a merge leaves it out, as save_pretrained does " \
+           f"(from_pretrained ties it back)" in lines, lines
+    assert lines[-1] == "mergeable: 2 checkpoints with the same tensor names and shapes"
 
 
 @pytest.mark.parametrize("crafted", ["value", "zero-sign", "dtype"])

@@ -24,8 +24,10 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
 
     Returns ``{"checkpoints": [{"file", "format", "tensors", "parameters", "bytes",
     "metadata", "keys": {key: {"dtype", "shape"}}}, ...], "differences": [line, ...],
-    "refusals": [line, ...], "mergeable": bool}``, where ``differences`` lists every
-    tensor that keeps an input from being merged with the first, ``refusals`` what else
+    "refusals": [line, ...], "tied_copies": [{"file", "tensor", "copy_of"}, ...],
+    "mergeable": bool}``, where ``differences`` lists every tensor that keeps an input
+    from being merged with the first, ``tied_copies`` the tensors a merge leaves out as tied
+    copies (GPT-2's ``lm_head.weight`` in a ``.bin`` beside safetensors), ``refusals`` what else
     :func:`~fedsoup.merge_files` would refuse (a model mixed with an adapter, differing
     ``model_type``, a quantized layout), and ``mergeable`` is true when both are empty.
     When the configuration files alone refuse the inputs (a model beside an adapter, other
@@ -64,22 +66,25 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                 "keys": {key: {"dtype": dtype_str(info.dtype), "shape": list(info.shape)}
                          for key, info in checkpoint.infos.items()},
             })
-        mismatches = []
+        mismatches, left_out = [], {}
         if not refused_by_configs:
-            mismatches, refused = _differences(checkpoints, names)
+            mismatches, refused, left_out = _differences(checkpoints, names)
             refusals += refused
-    return {"checkpoints": reports, "differences": mismatches, "refusals": refusals,
+    tied = [{"file": checkpoints[index].name, "tensor": key, "copy_of": tie}
+            for index, copies in left_out.items() for key, tie in copies.items()]
+    return {"checkpoints": reports, "differences": mismatches, "refusals": refusals, "tied_copies": tied,
             "mergeable": not mismatches and not refusals}
 
 
-def _differences(checkpoints: Sequence[Checkpoint], names: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Every tensor that keeps an input from being merged with the first, and the refusal of a
-    tied copy that is no copy: the tied copies ``merge_files`` leaves out are no difference."""
+def _differences(checkpoints: Sequence[Checkpoint], names: Sequence[str]
+                 ) -> tuple[list[str], list[str], dict[int, dict[str, str]]]:
+    """Every tensor that keeps an input from being merged with the first, the refusal of a tied
+    copy that is no copy, and the tied copies ``merge_files`` leaves out (no difference)."""
     try:
         left_out = tied_copies(checkpoints, ties_word_embeddings([resolve_input(item) for item in names]))
     except MergeInputError as error:
         left_out, refused = {}, [" ".join(str(error).split())]
     else:
         refused = []
-    checkpoints = [without_tensors(checkpoint, left_out.get(i, {})) for i, checkpoint in enumerate(checkpoints)]
-    return [line for other in checkpoints[1:] for line in differences(checkpoints[0], other)], refused
+    views = [without_tensors(checkpoint, left_out.get(i, {})) for i, checkpoint in enumerate(checkpoints)]
+    return [line for other in views[1:] for line in differences(views[0], other)], refused, left_out
