@@ -549,3 +549,21 @@ def test_a_tied_copy_is_not_left_out_when_the_first_config_unties_the_embeddings
         fedsoup.merge_files(inputs, tmp_path / "out")
     assert caught.value.key == TIED
     _cli_refuses(inputs, tmp_path / "out", capsys, rf"tensor '{re.escape(TIED)}'")
+
+
+@pytest.mark.parametrize("holding", ["pivot", "inputs"])
+def test_a_pivot_file_and_inputs_merge_when_one_side_holds_the_tied_copy(tmp_path, holding):
+    """A pivot checkpoint saved as a .bin (with lm_head.weight) beside safetensors inputs, or
+    the other way round, merges as if both were saved by save_pretrained (it was refused: "not in")."""
+    forms = {"pivot": ("bin-tied", "safetensors"), "inputs": ("safetensors", "bin-tied")}[holding]
+    pivot_model = tiny_model("gpt2", 7)
+    pivots = {form: save_in_form(pivot_model, tmp_path / f"pivot-{form}", form) for form in set(forms)}
+    models = [tiny_model("gpt2", i) for i in range(2)]
+    inputs = {form: [save_in_form(model, tmp_path / f"{form}{i}", form) for i, model in enumerate(models)]
+              for form in set(forms)}
+    options = dict(optimizer="sgd", lr=0.5, momentum=0.9, epochs=2)
+    out = fedsoup.merge_files(inputs[forms[1]], tmp_path / "out", pivot=pivots[forms[0]], **options)
+    expected = fedsoup.merge_files(inputs["safetensors"], tmp_path / "expected", pivot=pivots["safetensors"], **options)
+    written, wanted = fio.load_state_dict(out), fio.load_state_dict(expected)
+    assert TIED not in written and written.keys() == wanted.keys()
+    assert all(torch.equal(written[key], wanted[key]) for key in wanted)
