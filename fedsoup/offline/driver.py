@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fedsoup.atomic import atomic_write_text
-from fedsoup.errors import MergeWarning, OptionError, OutputExistsError
+from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExistsError
 from fedsoup.io.checks import check_compatible, check_has_tensors, check_unquantized, tied_copies
 from fedsoup.io.formats import TensorInfo, dtype_str
 from fedsoup.io.hf import check_model_inputs, first_model, model_directory_files, ties_word_embeddings, uncarried_files
@@ -248,7 +248,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     with _recorded() as caught, contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
         check_has_tensors(checkpoints)
-        checkpoints = _leave_out_tied_copies(checkpoints, ties_word_embeddings(resolved))
+        ties_allowed = ties_word_embeddings(resolved)
+        checkpoints = _leave_out_tied_copies(checkpoints, ties_allowed)
         check_compatible(checkpoints)
         check_unquantized(checkpoints)
         call = {  # what this merge merges: the per-input numbers, resolved against the inputs
@@ -260,6 +261,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         pivot = None
         if pivot_path is not None:
             pivot = stack.enter_context(open_checkpoint(pivot_path))
+            checkpoints, pivot = _pivot_without_tied_copies(checkpoints, pivot, ties_allowed)
             check_structure(checkpoints[0].infos, pivot.infos, path=pivot.name, reference_name=checkpoints[0].name)
         low = choose_low_memory(low_memory, options, checkpoints)
         infos = _output_infos(checkpoints, _first_visited(call["order_by"], options.descending, len(names)), out_dtype)
@@ -323,6 +325,20 @@ def _leave_out_tied_copies(checkpoints: Sequence[Checkpoint], ties_allowed: bool
         log.info("%s: left out %s: tied weights, written once as save_pretrained writes them; from_pretrained "
                  "ties them back", checkpoints[index].name, listed)
     return [without_tensors(checkpoint, left_out.get(index, {})) for index, checkpoint in enumerate(checkpoints)]
+
+
+def _pivot_without_tied_copies(checkpoints: Sequence[Checkpoint], pivot: Checkpoint, ties_allowed: bool
+                               ) -> tuple[list[Checkpoint], Checkpoint]:
+    """The inputs and a pivot file without the tied copies one side holds and the other leaves
+    out (a pivot saved as a ``.bin`` beside safetensors inputs, or the other way round): the
+    pivot is one more file for :func:`~fedsoup.io.checks.tied_copies`, but no ingredient."""
+    try:
+        *inputs, pivot = _leave_out_tied_copies([*checkpoints, pivot], ties_allowed)
+    except MergeInputError as error:
+        if error.ingredient != len(checkpoints):
+            raise
+        raise MergeInputError(error.reason, key=error.key, path=error.path) from None
+    return inputs, pivot
 
 
 def _check_unchanged(checkpoints: Sequence[Checkpoint | None]) -> None:
