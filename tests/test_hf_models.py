@@ -6,6 +6,7 @@ Tiny GPT-2 and Llama models are built from configs with random weights (no hub).
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -198,6 +199,97 @@ def test_resolve_input_maps_every_form_to_its_model_directory(tmp_path):
     bare = tmp_path / "bare.safetensors"
     fio.write_checkpoint(bare, {"w": fio.TensorInfo((2,), torch.float32)}, {"w": torch.ones(2)}.__getitem__)
     assert fio.resolve_input(bare).kind == "weights" and fio.resolve_input(bare).directory is None
+
+
+# ------------------------------------------------------------------------- named chat templates
+
+CHAT_TEMPLATES = {
+    "default": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+    "tool_use": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}[tools]",
+}
+MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+
+def _templated_clients(tmp_path: Path) -> list[str]:
+    """Two tiny GPT-2 directories, the first with a tokenizer holding a default and a named chat
+    template (transformers saves the named one as additional_chat_templates/tool_use.jinja)."""
+    _, inputs = save_clients(tmp_path, "gpt2", "dir", n=2, tokenizer=False)
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = dict(CHAT_TEMPLATES)
+    tokenizer.save_pretrained(inputs[0])
+    assert (Path(inputs[0]) / "additional_chat_templates" / "tool_use.jinja").is_file()  # the layout carried
+    assert transformers.AutoTokenizer.from_pretrained(inputs[0]).chat_template == CHAT_TEMPLATES
+    return inputs
+
+
+def _assert_templates_load(out: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == CHAT_TEMPLATES
+    assert tokenizer.apply_chat_template(MESSAGES, chat_template="tool_use", tokenize=False) \
+        == "<user>hi</user><assistant>yo</assistant>[tools]"
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=False) == "user: hi\nassistant: yo\n"
+
+
+def test_named_chat_templates_are_carried(tmp_path, capsys):
+    """Before: only the default template (chat_template.jinja) reached the output; the tokenizer
+    loaded from it had lost "tool_use" (its chat_template a str, not the input's dict)."""
+    inputs = _templated_clients(tmp_path)
+    template = Path(inputs[0]) / "additional_chat_templates" / "tool_use.jinja"
+    for low_memory in (False, True):
+        out = fedsoup.merge_files(inputs, tmp_path / f"out-{low_memory}", low_memory=low_memory)
+        assert sorted(p.name for p in (out / "additional_chat_templates").iterdir()) == ["tool_use.jinja"]
+        assert (out / "additional_chat_templates" / "tool_use.jinja").read_bytes() == template.read_bytes()
+        _assert_templates_load(out)
+    capsys.readouterr()
+    assert cli.main(["merge", *inputs, "-o", str(tmp_path / "cli") + "/", "-q"]) == 0
+    _assert_templates_load(tmp_path / "cli")
+    with pytest.warns(MergeWarning, match=r"single weights file: config.json, .*chat_template.jinja, "
+                                          r"additional_chat_templates/tool_use.jinja of \S*client0 are not carried"):
+        fedsoup.merge_files(inputs, tmp_path / "soup.safetensors")
+
+
+def test_named_chat_templates_are_carried_into_a_base_model(tmp_path):
+    """A LoRA merge into the base writes the base's files: its named templates too."""
+    from tests.lora_helpers import gpt2_base, make_adapter
+
+    base = tmp_path / "base"
+    gpt2_base().save_pretrained(str(base))
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = dict(CHAT_TEMPLATES)
+    tokenizer.save_pretrained(base)
+    adapters = [str(make_adapter(tmp_path / f"a{i}", "gpt2", seed=i)) for i in range(2)]
+    out = fedsoup.merge_files(adapters, tmp_path / "merged", base=str(base))
+    assert (out / "additional_chat_templates" / "tool_use.jinja").read_bytes() \
+        == (base / "additional_chat_templates" / "tool_use.jinja").read_bytes()
+    _assert_templates_load(out)
+
+
+def test_only_regular_template_files_of_the_templates_folder_itself_are_carried(tmp_path):
+    """As for tokenizer.json: a link to a regular file is followed (a Hugging Face cache snapshot
+    links every file to its blob), anything else (a folder, a dangling link, a FIFO, a file not
+    named *.jinja) is skipped; and a templates folder that is itself a link is not listed."""
+    inputs = _templated_clients(tmp_path)
+    folder = Path(inputs[0]) / "additional_chat_templates"
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    blob.write_text("{{ messages | length }} messages")
+    (folder / "linked.jinja").symlink_to(blob)
+    (folder / "dangling.jinja").symlink_to(tmp_path / "nowhere")
+    (folder / "sub.jinja").mkdir()
+    os.mkfifo(folder / "pipe.jinja")  # opened, it would block the merge forever
+    (folder / "notes.txt").write_text("not a template")
+    out = fedsoup.merge_files(inputs, tmp_path / "out")
+    assert sorted(p.name for p in (out / "additional_chat_templates").iterdir()) == ["linked.jinja", "tool_use.jinja"]
+    assert not (out / "additional_chat_templates" / "linked.jinja").is_symlink()
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == {**CHAT_TEMPLATES,
+                                                                             "linked": blob.read_text()}
+
+    elsewhere = tmp_path / "elsewhere"
+    folder.rename(elsewhere)
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    out = fedsoup.merge_files(inputs, tmp_path / "out-linked-folder")
+    assert not (out / "additional_chat_templates").exists()
+    assert (out / "chat_template.jinja").is_file()
 
 
 # ------------------------------------------------------------------------- refused inputs

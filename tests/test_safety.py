@@ -396,16 +396,108 @@ def test_injected_enospc_is_a_typed_error_naming_the_output(tmp_path, capsys, mo
     assert list(out.iterdir()) == []
 
 
-def test_files_written_beside_the_weights_are_names_not_paths(tmp_path):
+def test_files_written_beside_the_weights_are_names_or_one_folder_deep(tmp_path):
     from fedsoup import io as fio
     from fedsoup.errors import OptionError
 
     infos = {"w": fio.TensorInfo((2,), torch.float32)}
-    for name in ("../escape.json", "sub/config.json", ".."):
+    refused = ("../escape.json", "..", ".", "", "/abs.json", "a/b/c.json", "sub/../x.json", "sub//x.json",
+               "./x.json", "sub/", "sub/.", "sub/..", "/sub/x.json")
+    for name in refused:
         with pytest.raises(OptionError) as info:
             fio.write_checkpoint(tmp_path / "out" / "", infos, lambda key: torch.ones(2), extra_files={name: b"{}"})
-        assert info.value.value == name
+        assert info.value.option == "extra_files" and info.value.value == name
+    with pytest.raises(OptionError) as info:  # the report written after the output: a name
+        fio.write_checkpoint(tmp_path / "out" / "", infos, lambda key: torch.ones(2), sidecars=["sub/r.json"])
+    assert info.value.option == "sidecars"
     assert list(tmp_path.iterdir()) == []
+
+
+def _write_with_template(out: Path, **options) -> list[Path]:
+    from fedsoup import io as fio
+
+    return fio.write_checkpoint(out / "", {"w": fio.TensorInfo((2,), torch.float32)}, lambda key: torch.ones(2),
+                                extra_files={"config.json": b"{}", "templates/tool_use.jinja": b"new"}, **options)
+
+
+def test_a_file_one_folder_deep_is_written_with_the_output_and_checked_like_the_others(tmp_path):
+    from fedsoup.errors import OutputExistsError
+
+    out = tmp_path / "out"
+    written = _write_with_template(out)
+    assert out / "templates" / "tool_use.jinja" in written and written[-1] == out / "model.safetensors"
+    assert (out / "templates" / "tool_use.jinja").read_bytes() == b"new"
+
+    fresh = tmp_path / "fresh"  # only the file in the subfolder is there: the output exists
+    (fresh / "templates").mkdir(parents=True)
+    (fresh / "templates" / "tool_use.jinja").write_bytes(b"old")
+    (fresh / "templates" / "mine.jinja").write_bytes(b"mine")
+    with pytest.raises(OutputExistsError):
+        _write_with_template(fresh)
+    assert sorted(p.name for p in fresh.iterdir()) == ["templates"]
+    assert (fresh / "templates" / "tool_use.jinja").read_bytes() == b"old"
+    _write_with_template(fresh, force=True)
+    assert (fresh / "templates" / "tool_use.jinja").read_bytes() == b"new"
+    assert (fresh / "templates" / "mine.jinja").read_bytes() == b"mine"  # not fedsoup's
+
+
+def test_an_error_leaves_no_file_and_no_subfolder_the_write_created(tmp_path, monkeypatch):
+    def refuse():
+        raise RuntimeError("an input changed")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        _write_with_template(out, before_rename=refuse)
+    assert list(tmp_path.iterdir()) == []
+
+    out.mkdir()  # the output folder is there, its subfolder is not: the subfolder goes
+    with pytest.raises(RuntimeError):
+        _write_with_template(out, before_rename=refuse)
+    assert list(out.iterdir()) == []
+
+    (out / "templates").mkdir()  # a subfolder that was there stays, with what it holds
+    (out / "templates" / "mine.jinja").write_bytes(b"mine")
+    with pytest.raises(RuntimeError):
+        _write_with_template(out, before_rename=refuse)
+    assert [p.name for p in out.iterdir()] == ["templates"] and os.listdir(out / "templates") == ["mine.jinja"]
+    shutil.rmtree(out / "templates")
+
+    # Interrupted between the renames (the template renamed, the weights not): it goes, and its folder.
+    real_replace = os.replace
+
+    def replace(source, destination):
+        if Path(destination).name == "model.safetensors":
+            raise KeyboardInterrupt
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _write_with_template(out)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("obstacle", ["symlink", "file", "symlink-to-file"])
+def test_a_link_or_a_file_where_the_subfolder_goes_is_refused_even_with_force(tmp_path, obstacle):
+    from fedsoup.errors import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tool_use.jinja").write_bytes(b"not mine")
+    if obstacle == "symlink":  # writing through it would write outside the output folder
+        (out / "templates").symlink_to(elsewhere, target_is_directory=True)
+    elif obstacle == "file":
+        (out / "templates").write_bytes(b"someone's file")
+    else:
+        (out / "templates").symlink_to(elsewhere / "tool_use.jinja")
+    before = sorted((str(p.relative_to(tmp_path)), p.is_symlink()) for p in tmp_path.rglob("*"))
+    for force in (False, True):
+        with pytest.raises(OutputError) as info:
+            _write_with_template(out, force=force)
+        assert info.value.path == str(out / "templates") and "in the way" in info.value.reason
+        assert sorted((str(p.relative_to(tmp_path)), p.is_symlink()) for p in tmp_path.rglob("*")) == before
+    assert (elsewhere / "tool_use.jinja").read_bytes() == b"not mine"
 
 
 def test_a_pt_output_is_the_same_bytes_every_run(tmp_path):
