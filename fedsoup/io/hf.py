@@ -5,9 +5,11 @@ weights sit in, whichever form the user named (directory, index, weights file). 
 any tensor is read, :func:`check_model_inputs` refuses what cannot be merged: models
 beside PEFT adapters, models of different ``model_type``, quantized models. A merge into
 a directory then gives a directory that ``AutoModel.from_pretrained`` loads: the first
-model directory's configuration, generation config and tokenizer files, and the Python files of a
-model saved with custom code (:func:`custom_code_files`), are carried over
-(:func:`model_directory_files`), the config's dtype set to the dtype the weights are
+model directory's configuration, generation config and tokenizer files (its named chat
+templates too, :func:`chat_template_files`), and the Python files of a model saved with
+custom code (:func:`custom_code_files`), are carried over (:func:`model_directory_files`;
+regular files only, a link to one followed as a Hugging Face cache snapshot links every
+file to its blob), the config's dtype set to the dtype the weights are
 written in. When the inputs' ``config.json`` differ beyond bookkeeping fields, a
 :class:`~fedsoup.errors.MergeWarning` names the first input that differs and the fields.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,8 +34,8 @@ from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
 
 __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
-    "model_directory_files", "uncarried_files", "custom_code_files", "first_model", "config_bytes",
-    "ties_word_embeddings",
+    "model_directory_files", "uncarried_files", "carried_names", "chat_template_files", "custom_code_files",
+    "first_model", "config_bytes", "CHAT_TEMPLATE_DIR", "ties_word_embeddings",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -57,6 +60,11 @@ CARRIED_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+# Where save_pretrained writes a tokenizer's or processor's *named* chat templates, one
+# ``<name>.jinja`` each (the default one is chat_template.jinja); from_pretrained reads every
+# ``*.jinja`` there back as ``chat_template[<name>]`` (transformers' utils.hub.CHAT_TEMPLATE_DIR).
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+_TEMPLATE_SUFFIX = ".jinja"
 # The JSON files whose ``auto_map`` may name classes defined in Python files beside them
 # (models saved with custom code, loaded with ``trust_remote_code=True``).
 _AUTO_MAP_FILES = (CONFIG_NAME, "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
@@ -167,9 +175,10 @@ def _dtype_key(config: dict) -> list[str]:
 def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.dtype | None) -> dict[str, bytes]:
     """The files to write beside the merged weights: those of the first input in a model directory.
 
-    Returns ``{file name: bytes}`` (empty when no input has a ``config.json`` beside it; the
-    first input may be a bare weights file, a previous soup, and the others model
-    directories). That input's files (:data:`CARRIED_FILES`, :func:`custom_code_files`) are
+    Returns ``{name: bytes}``, names relative to the output folder, one folder deep for the
+    named chat templates (``additional_chat_templates/tool_use.jinja``) (empty when no input
+    has a ``config.json`` beside it; the first input may be a bare weights file, a previous
+    soup, and the others model directories). That input's files (:func:`carried_names`) are
     kept byte for byte, except ``config.json`` whose ``dtype`` (or ``torch_dtype``) is set to
     ``weights_dtype`` when it is one transformers builds models in (:data:`MODEL_DTYPES`; FP8
     weights keep the config's dtype, the one ``from_pretrained`` casts them to, as it did for
@@ -192,13 +201,10 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
             )
             break
     files = {}
-    for name in (*CARRIED_FILES, *custom_code_files(first.directory)):
-        path = first.directory / name
-        if path.is_file():
-            try:
-                files[name] = path.read_bytes()
-            except OSError as error:
-                raise MergeInputError(f"cannot read ({one_line(error)})", path=str(path)) from None
+    for name in carried_names(first.directory):
+        data = _regular_file_bytes(first.directory / name)
+        if data is not None:  # (replaced by something else since it was listed: skipped, as it would have been)
+            files[name] = data
     keys = _dtype_key(config)
     if weights_dtype in MODEL_DTYPES and any(config.get(key) != dtype_str(weights_dtype) for key in keys):
         for key in keys:
@@ -217,7 +223,65 @@ def uncarried_files(first: ResolvedInput | None) -> list[str]:
     when the output is a single file, which cannot carry them)."""
     if first is None or first.kind != MODEL:
         return []
-    return [name for name in CARRIED_FILES if (first.directory / name).is_file()] + custom_code_files(first.directory)
+    return carried_names(first.directory)
+
+
+def carried_names(directory: Path) -> list[str]:
+    """What a directory output carries from the model ``directory``, as names relative to it:
+    the :data:`CARRIED_FILES` there, its named chat templates (:func:`chat_template_files`),
+    then its custom code (:func:`custom_code_files`).
+
+    Regular files only: a link to one is followed, as ``from_pretrained`` follows it (a Hugging
+    Face cache snapshot links every file to its blob, outside the snapshot's folder), and
+    anything else by a carried name (a folder, a FIFO, a dangling link) is skipped.
+    """
+    return ([name for name in CARRIED_FILES if (directory / name).is_file()]
+            + chat_template_files(directory) + custom_code_files(directory))
+
+
+def chat_template_files(directory: Path) -> list[str]:
+    """The named chat templates of the model ``directory``: ``additional_chat_templates/<name>.jinja``
+    (:data:`CHAT_TEMPLATE_DIR`), sorted, as ``save_pretrained`` writes a tokenizer whose
+    ``chat_template`` is a dict and ``from_pretrained`` reads it back.
+
+    The regular ``*.jinja`` files (a link to one followed, as :func:`carried_names`'s) of that
+    folder itself: a link to a folder is not listed (nothing is carried from another folder),
+    nor is anything deeper or otherwise named. Raises :class:`~fedsoup.errors.MergeInputError`
+    when the folder cannot be listed (as a carried file that cannot be read).
+    """
+    folder = directory / CHAT_TEMPLATE_DIR
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return []
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise MergeInputError(f"cannot read ({one_line(error)})", path=str(folder)) from None
+    return sorted(f"{CHAT_TEMPLATE_DIR}/{name}" for name in names
+                  if name.endswith(_TEMPLATE_SUFFIX) and (folder / name).is_file())
+
+
+def _regular_file_bytes(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file (a link to one followed), else ``None``.
+
+    Checked on the open file, so that something swapped in since it was listed (a FIFO,
+    which a plain read would wait on forever) is never read. An unreadable file is a
+    :class:`~fedsoup.errors.MergeInputError` naming it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise MergeInputError(f"cannot read ({one_line(error)})", path=str(path)) from None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None
+            return handle.read()
+    except OSError as error:
+        raise MergeInputError(f"cannot read ({one_line(error)})", path=str(path)) from None
 
 
 def custom_code_files(directory: Path) -> list[str]:

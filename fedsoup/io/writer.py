@@ -11,8 +11,10 @@ outright leaves temporary files the next write of the same output removes
 Overwriting (``force``) replaces only what fedsoup itself writes for that output: the
 weights file, its index, the shard files of the same stem
 (``<stem>-NNNNN-of-NNNNN.safetensors``) and the files it writes beside them (a model
-directory's ``config.json``...). Only regular files: links, folders and every other name
-(whatever an old index lists) are left alone, and all of it is decided before anything
+directory's ``config.json``..., or one folder deep, its
+``additional_chat_templates/<name>.jinja``). Only regular files: links, folders and every
+other name (whatever an old index lists) are left alone, a link or file where such a
+folder goes is refused (never written through), and all of it is decided before anything
 is written. OS errors of the write are :class:`~fedsoup.errors.OutputError` naming the
 output file.
 """
@@ -222,6 +224,7 @@ class _OutputPlan:
     shards: list[list[str]] | None  # tensor names per safetensors shard; None for .pt
     files: list[Path]  # what is written, renamed in this order, the commit point last
     stale: list[Path]  # fedsoup's own files of this output that the new one does not replace
+    subfolders: list[Path]  # the folders inside the output folder that extra files go in
 
 
 def _own_shard_pattern(layout: OutputLayout) -> re.Pattern[str]:
@@ -236,6 +239,29 @@ def _is_regular_file(path: Path) -> bool:
         return False
 
 
+def _is_real_folder(path: Path) -> bool:
+    """A folder, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _check_relative_name(option: str, name: str, *, depth: int) -> None:
+    """Refuse a name that is not ``depth`` or fewer plain components (``config.json``,
+    ``additional_chat_templates/tool_use.jinja``): nothing is written or removed outside
+    the output folder."""
+    parts = name.replace(os.sep, "/").split("/") if isinstance(name, str) else [""]
+    if not 1 <= len(parts) <= depth or any(part in ("", ".", "..") for part in parts):
+        what = "a file name" if depth == 1 else f"a file name or a relative path of at most {depth} plain components"
+        raise OptionError(option, name, f"{option} entry {name!r}: {what}")
+
+
+def _subfolders(folder: Path, extra_files: Mapping[str, bytes]) -> list[Path]:
+    """The folders inside ``folder`` that the extra files one folder deep go in, in order."""
+    return list(dict.fromkeys((folder / name).parent for name in extra_files if "/" in name))
+
+
 def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shard_bytes: int,
                  extra_files: Mapping[str, bytes], sidecars: Sequence[str], force: bool) -> _OutputPlan:
     """Decide, before anything is written, what goes where and what an overwrite removes.
@@ -245,10 +271,16 @@ def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shar
     file goes, even with ``force``.
     """
     folder = layout.main.parent
-    for option, names in (("extra_files", extra_files), ("sidecars", sidecars)):
-        for name in names:  # names, never paths: nothing is written or removed outside the output folder
-            if not name or name in (".", "..") or "/" in name or os.sep in name:
-                raise OptionError(option, name, f"{option} entry {name!r}: a file name, not a path")
+    for name in extra_files:
+        _check_relative_name("extra_files", name, depth=2)
+    for name in sidecars:
+        _check_relative_name("sidecars", name, depth=1)
+    subfolders = _subfolders(folder, extra_files)
+    for path in subfolders:  # checked first: a file's own check would look through a link here
+        if os.path.lexists(path) and not _is_real_folder(path):
+            kind = "a symbolic link" if path.is_symlink() else "a file" if _is_regular_file(path) else "not a folder"
+            raise OutputError(path, reason=f"{kind} is in the way (fedsoup writes into a folder there, never "
+                                           f"through a link or over a file)")
     shards = None if layout.kind == "torch" else plan_shards(infos, max_shard_bytes)
     if shards is None or len(shards) == 1:
         weights = [layout.main]
@@ -267,7 +299,7 @@ def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shar
             raise OutputError(path, reason=f"{kind} is in the way (fedsoup replaces only files it writes)")
     if not force and (stale or any(os.path.lexists(path) for path in files)):
         raise OutputExistsError(str(layout.target))
-    return _OutputPlan(shards, files, stale)
+    return _OutputPlan(shards, files, stale, subfolders)
 
 
 def _unlink_regular(path: Path) -> bool:
@@ -321,7 +353,10 @@ def write_checkpoint(
     ``infos``, cast to ``infos[key].dtype``, so a lazy ``produce`` keeps memory at one
     tensor. Safetensors output is sharded as ``<stem>-0000i-of-0000n.safetensors`` with
     ``<name>.index.json`` when the total exceeds ``max_shard_bytes``. ``extra_files``
-    (file name -> bytes, e.g. a model directory's ``config.json``) go beside the weights.
+    (file name -> bytes, e.g. a model directory's ``config.json``) go beside the weights; a
+    name may be one folder deep (``additional_chat_templates/tool_use.jinja``: plain
+    components, no ``..``), the folder created if missing (and removed again on error), never
+    written through a link or over a file.
     ``sidecars`` names files the caller writes beside this output afterwards (the report
     of a tensor-by-tensor merge): part of the output for ``force`` (an old one is removed
     with the old output) and for the existence check. ``before_rename`` is called once every
@@ -341,14 +376,15 @@ def write_checkpoint(
     folder = layout.main.parent
     plan = _plan_output(layout, infos, max_shard_bytes, extra_files, tuple(sidecars), force)
     on_tensor = on_tensor or (lambda key, info: None)
-    created = _missing_folders(folder)
+    created = _missing_folders(folder) + [path for path in plan.subfolders if not os.path.lexists(path)]
     fresh = [path for path in plan.files if not os.path.lexists(path)]
     renaming = False
     try:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise OutputError(folder, error) from None
+        for made in [folder, *plan.subfolders]:
+            try:
+                made.mkdir(parents=made == folder, exist_ok=True)
+            except OSError as error:
+                raise OutputError(made, error) from None
         with contextlib.ExitStack() as stack:
             # Entered first, renamed last: readers never see an index before its shards,
             # nor a directory's weights before its config.
