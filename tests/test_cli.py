@@ -349,6 +349,103 @@ def test_quiet_prints_only_the_summary(tmp_path, capsys):
     assert code == 0 and err == "" and out.count("\n") == 1
 
 
+# --------------------------------------------------------------------------- pipes and devices as files
+
+# Runs each command line of argv[1] (JSON) in one process, printing [exit status, stdout, stderr]
+# as it goes: a command that blocks times the process out, the first one not printed.
+COMMANDS_SCRIPT = """
+import contextlib, io, json, sys
+from fedsoup import cli
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    print(json.dumps([code, out.getvalue(), err.getvalue()]), flush=True)
+"""
+PIPE_TIMEOUT = 120  # s, for every command together: a blocked open fails the test, never hangs the suite
+
+
+def _special_file_commands(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (a command line naming a pipe or device where a file goes, that pipe or device)."""
+    inputs = write(make_models(2), tmp_path / "in")
+    work = tmp_path / "work"
+    work.mkdir()
+    merge = ["merge", *inputs, "-o", str(work / "out.safetensors"), "-q"]
+    pipe = {name: str(work / name) for name in ("c.toml", "m.csv", "score.py", "pivot.safetensors", "o.safetensors",
+                                                "o.pt.fedsoup.json")}
+    for path in pipe.values():
+        os.mkfifo(path)
+    device = work / "dev.csv"  # a device under a metrics file's name
+    device.symlink_to(os.devnull)
+    return {
+        "config pipe": (["merge", "--config", pipe["c.toml"]], pipe["c.toml"]),
+        "config device": ([*merge, "--config", os.devnull], os.devnull),
+        "metrics pipe": ([*merge, "--metrics", pipe["m.csv"], "--weights", "n"], pipe["m.csv"]),
+        "metrics device": ([*merge, "--metrics", str(device), "--order-by", "acc"], str(device)),
+        "evaluate pipe": ([*merge, "--greedy", "--evaluate", pipe["score.py"] + ":score"], pipe["score.py"]),
+        "optimizer pipe": ([*merge, "--optimizer", pipe["score.py"] + ":Optimizer"], pipe["score.py"]),
+        "pivot pipe": ([*merge, "--pivot", pipe["pivot.safetensors"]], pipe["pivot.safetensors"]),
+        "inspect pipe": (["inspect", inputs[0], pipe["pivot.safetensors"]], pipe["pivot.safetensors"]),
+        "output pipe": (["merge", *inputs, "-o", pipe["o.safetensors"], "-q"], pipe["o.safetensors"]),
+        "output pipe, force": (["merge", *inputs, "-o", pipe["o.safetensors"], "-q", "-f"], pipe["o.safetensors"]),
+        "report beside a .pt": (["merge", *inputs, "-o", str(work / "o.pt"), "-q"], pipe["o.pt.fedsoup.json"]),
+    }
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_or_device_where_any_option_names_a_file_exits_2_at_once_writing_nothing(tmp_path):
+    """Before: --config and --metrics naming a named pipe blocked forever opening it, and a
+    device (/dev/null) was read as an empty config ("unknown config format") or metrics file
+    ("no rows"); a file.py:NAME of --evaluate or --optimizer that is a pipe "does not exist".
+    Now each is refused as inputs are: one line, `<path>: not a regular file`, exit 2, nothing
+    written. Inputs, --pivot, ``inspect`` and the output (a pipe in the way) were refused already;
+    the report written beside a .pt output was not (the pipe was replaced by it, exit 0)."""
+    commands = _special_file_commands(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argvs = [[str(word) for word in argv] for argv, _ in commands.values()]
+    try:
+        result = subprocess.run([sys.executable, "-c", COMMANDS_SCRIPT, json.dumps(argvs)], capture_output=True,
+                                text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=PIPE_TIMEOUT)
+    except subprocess.TimeoutExpired as expired:
+        done = expired.stdout or b""  # (bytes, whatever text=)
+        count = len((done.decode() if isinstance(done, bytes) else done).splitlines())
+        pytest.fail(f"{list(commands)[count]!r} blocked for {PIPE_TIMEOUT} s: {' '.join(argvs[count])}")
+    assert result.returncode == 0, result.stderr
+    said = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(said) == len(commands), result.stdout
+    for (name, (_, culprit)), (code, out, err) in zip(commands.items(), said):
+        lines = err.strip().splitlines()
+        assert code == 2 and out == "" and len(lines) == 1, (name, code, out, err)
+        assert lines[0].startswith("fedsoup: error: ") and f"{culprit}: " in lines[0], (name, err)
+        assert "not a regular file" in lines[0], (name, err)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_the_library_refuses_a_pipe_as_config_metrics_or_imported_file_naming_it(tmp_path, no_hang):
+    """What the command line's refusals are made of: typed errors carrying the path (and the option)."""
+    from fedsoup.offline import load_config, load_metrics
+    from fedsoup.offline.tables import import_object
+
+    inputs = write(make_models(2), tmp_path / "in")
+    for name in ("c.toml", "m.csv", "score.py"):
+        os.mkfifo(tmp_path / name)
+    with pytest.raises(fedsoup.MergeInputError) as info:
+        load_config(tmp_path / "c.toml")
+    assert (info.value.path, info.value.reason) == (str(tmp_path / "c.toml"), "not a regular file (a pipe, socket or device)")
+    with pytest.raises(fedsoup.MergeInputError) as info:
+        load_metrics(tmp_path / "m.csv", inputs)
+    assert info.value.path == str(tmp_path / "m.csv") and info.value.reason.startswith("not a regular file")
+    with pytest.raises(fedsoup.MergeInputError) as info:
+        fedsoup.merge_files(inputs, tmp_path / "out.safetensors", metrics=tmp_path / "m.csv", weights="n")
+    assert info.value.path == str(tmp_path / "m.csv") and info.value.reason.startswith("not a regular file")
+    spec = f"{tmp_path / 'score.py'}:score"
+    with pytest.raises(fedsoup.OptionError, match="not a regular file") as info:
+        import_object(spec, "evaluate")
+    assert (info.value.option, info.value.value) == ("evaluate", spec)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 # --------------------------------------------------------------------------- inspect
 
 

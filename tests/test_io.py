@@ -244,23 +244,6 @@ def test_an_index_whose_shard_is_an_index_is_refused(tmp_path, shard):
     assert info.value.path == str(tmp_path / "model.safetensors.index.json")
 
 
-@pytest.fixture
-def no_hang():
-    """Fail a test that blocks (opening a named pipe waits for a writer) instead of hanging the run."""
-    import signal
-
-    def timeout(*_):
-        raise TimeoutError("blocked for 5 s")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(5)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_named_pipes_among_a_strangers_files_are_never_opened(tmp_path, no_hang):
     from fedsoup.io.readers import open_weights_file

@@ -267,8 +267,8 @@ def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shar
     """Decide, before anything is written, what goes where and what an overwrite removes.
 
     Raises :class:`OutputExistsError` when any of it exists and ``force`` is off, and
-    :class:`OutputError` when something fedsoup does not write (a folder, a link) is where a
-    file goes, even with ``force``.
+    :class:`OutputError` when something fedsoup does not write (a folder, a link, a named
+    pipe) is where a file or a sidecar goes, even with ``force``.
     """
     folder = layout.main.parent
     for name in extra_files:
@@ -293,7 +293,7 @@ def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shar
         with contextlib.suppress(OSError):
             own += sorted(folder / name for name in os.listdir(folder) if pattern.match(name))
     stale = [path for path in dict.fromkeys(own) if path not in files and _is_regular_file(path)]
-    for path in files:
+    for path in [*files, *(folder / name for name in sidecars)]:  # a sidecar replaced later: refused now
         if os.path.lexists(path) and not _is_regular_file(path):
             kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
             raise OutputError(path, reason=f"{kind} is in the way (fedsoup replaces only files it writes)")

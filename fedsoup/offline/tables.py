@@ -25,6 +25,7 @@ from typing import Any
 
 from fedsoup.errors import MergeInputError, OptionError
 from fedsoup.io.formats import one_line
+from fedsoup.io.readers import refuse_special_file
 
 __all__ = ["FILE_SETTINGS", "load_config", "load_metrics", "per_input_values", "import_object", "normalise_key"]
 
@@ -41,6 +42,9 @@ def normalise_key(key: Any) -> str:
 
 
 def _read_text(path: Path, what: str) -> str:
+    """The file's text; a named pipe or device is refused unopened (opening a pipe blocks,
+    reading ``/dev/zero`` never ends), as an input is."""
+    refuse_special_file(path, str(path))
     try:
         return path.read_text(encoding="utf-8")
     except OSError as error:
@@ -237,6 +241,10 @@ def import_object(spec: str, option: str) -> Any:
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
+            try:
+                refuse_special_file(file, str(file))
+            except MergeInputError as error:  # an option's value, not an input: refused as the option
+                raise OptionError(option, spec, f"{option} {spec!r}: {error}") from None
             if not file.is_file():
                 raise OptionError(option, spec, f"{option} {spec!r}: {file} does not exist")
             loader_spec = importlib.util.spec_from_file_location(file.stem, file)
