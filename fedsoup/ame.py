@@ -71,7 +71,8 @@ def soup(models: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights=None
     otherwise averaged in float32 (float64 if an input or ``dtype`` is float64) and rounded
     once. Non-floating tensors are copied from ingredient 0.
     Raises :class:`~fedsoup.errors.MergeInputError` naming the ingredient and key on
-    mismatched keys or shapes, negative weights or NaN/Inf values.
+    mismatched keys or shapes, negative weights or NaN/Inf values, and the ingredient of a
+    state dict holding no tensors.
     """
     state_dicts = as_state_dicts(models)
     check_structures(state_dicts)
@@ -176,7 +177,9 @@ def merge(
 
     Raises:
         fedsoup.MergeInputError: (a ``ValueError``) with ``ingredient`` and ``key`` for
-            mismatched keys, shapes or kinds, NaN/Inf values, negative weights, NaN scores.
+            mismatched keys, shapes or kinds, NaN/Inf values, negative weights, NaN scores,
+            and with ``ingredient`` for a state dict holding no tensors (``merge_files``
+            refuses a file of none alike; integer tensors alone are merged, copied).
         fedsoup.UnknownOptionError: (a ``TypeError``) an option that is neither a merge
             option nor an argument of the optimizer, with the closest valid name.
         fedsoup.OptionError: (a ``ValueError``) a bad option value.

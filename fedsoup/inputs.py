@@ -23,6 +23,7 @@ from fedsoup.structure import check_structure
 
 __all__ = [
     "StateDict",
+    "NO_TENSORS",
     "as_state_dicts",
     "check_structures",
     "normalised_weights",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 StateDict = dict[str, torch.Tensor]
+# The reason an ingredient (a state dict, a file) of no tensors is refused: its merge is no model.
+NO_TENSORS = "holds no tensors"
 
 
 def as_tensor(value, index: int | None, key: str) -> torch.Tensor:
@@ -66,6 +69,8 @@ def as_state_dicts(models) -> list[StateDict]:
                 f"expected a mapping of tensors (e.g. model.state_dict()), got {type(model).__name__}",
                 ingredient=index,
             )
+        if not model:  # a model of nothing, as merge_files refuses a file of no tensors
+            raise MergeInputError(NO_TENSORS, ingredient=index)
         state_dicts.append({str(k): as_tensor(v, index, str(k)) for k, v in model.items()})
     return state_dicts
 

@@ -406,6 +406,32 @@ def test_empty_and_non_mapping_inputs():
         fedsoup.merge(make_models(1)[0])
 
 
+@pytest.mark.parametrize("options", [{}, {"optimizer": "adam", "lr": 0.1, "epochs": 2}], ids=["soup", "adam"])
+def test_a_state_dict_holding_no_tensors_is_refused_naming_it(options):
+    """Before: ``merge([{}, {}])`` and ``soup([{}, {}])`` returned ``{}``, a model of nothing,
+    where ``merge_files`` refuses a file of no tensors in every format; and ``{}`` beside a
+    model was reported as missing its first tensor. Now refused alike, naming the ingredient
+    (a server leaves such a reply out)."""
+    good = make_models(1)[0]
+    for models, culprit in (([{}, {}], 0), ([good, {}], 1), ([{}, good, good], 0)):
+        for merge in (fedsoup.merge, fedsoup.soup):
+            with pytest.raises(fedsoup.MergeInputError) as info:
+                merge(models, **options) if merge is fedsoup.merge else merge(models)
+            assert (info.value.ingredient, info.value.key, info.value.reason) == (culprit, None, "holds no tensors")
+
+
+def test_state_dicts_of_integer_tensors_only_give_the_first_visited_ones():
+    """Nothing is averaged, yet they are models (buffers, counters): as any non-floating
+    tensor, each comes from the first ingredient in visiting order, as ``merge_files``
+    writes them (tests/test_merge_files.py), not refused as holding no tensors."""
+    models = [{"position_ids": torch.arange(4), "bn.num_batches_tracked": torch.tensor(10 + i)} for i in range(3)]
+    for options in ({}, {"optimizer": "adam", "lr": 0.1, "epochs": 2}):
+        merged = fedsoup.merge(models, order_by=[0.1, 0.9, 0.5], **options)
+        assert sorted(merged) == ["bn.num_batches_tracked", "position_ids"]
+        assert torch.equal(merged["position_ids"], torch.arange(4)) and merged["bn.num_batches_tracked"].item() == 11
+    assert fedsoup.soup(models)["bn.num_batches_tracked"].item() == 10
+
+
 def test_divergence_is_reported_as_such():
     models = make_models(3, with_int=False)
     with pytest.raises(ValueError, match="merge diverged: tensor"):

@@ -350,6 +350,16 @@ def test_an_input_with_no_tensors_is_refused_naming_it_and_nothing_is_written(tm
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_files_of_integer_tensors_only_merge_as_the_library_merges_them(tmp_path, low_memory):
+    """Not "no tensors": integer tensors are tensors. The file merge writes what
+    ``fedsoup.merge`` returns for them, the first visited input's (tests/test_merge.py)."""
+    models = [{"position_ids": torch.arange(4), "bn.num_batches_tracked": torch.tensor(10 + i)} for i in range(3)]
+    inputs = write_files(models, tmp_path / "in")
+    out = fedsoup.merge_files(inputs, tmp_path / "out.safetensors", order_by=[0.1, 0.9, 0.5], low_memory=low_memory)
+    assert_same(load_file(out), fedsoup.merge(models, order_by=[0.1, 0.9, 0.5]))
+
+
 @pytest.mark.parametrize("weights_file", ["adapter_model.safetensors", "adapter_model.bin"])
 def test_an_adapter_with_no_tensors_is_refused_as_holding_no_lora_factors(tmp_path, weights_file):
     """Adapters are read by their own reader, which opens an empty file (the refusal of an

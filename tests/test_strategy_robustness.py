@@ -202,6 +202,18 @@ def test_all_replies_bad_keeps_the_global_model(caplog):
         np.testing.assert_array_equal(strategy.state_dict()["global"][key].numpy(), value)
 
 
+def test_replies_of_no_arrays_leave_the_global_model_unchanged(caplog):
+    """Before: with no model sent (the reference then is what most replies hold), replies of
+    empty ArrayRecords were merged by ``fedsoup.soup([{}, {}])`` into ``{}``, a global model of
+    nothing, "2 replies merged". ``fedsoup.merge``/``soup`` now refuse a state dict holding no
+    tensors, naming its ingredient, so each such reply is left out and the model is kept."""
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = aggregate(FedSoup(), {3: with_arrays({}), 5: with_arrays({})}, configure=False)
+    assert arrays is None and metrics[METRIC_CLIENTS_USED] == 0 and metrics[METRIC_CLIENTS_LEFT_OUT] == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("left out reply from node" in w and w.endswith("holds no tensors") for w in warnings) == 2
+
+
 def test_no_replies_at_all():
     strategy = FedSoup()
     arrays, metrics = strategy.aggregate_train(1, [])

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fedsoup.errors import MergeInputError
+from fedsoup.inputs import NO_TENSORS
 from fedsoup.io.quantized import DEQUANTIZE_HINT, quantized_layout
 from fedsoup.io.readers import Checkpoint
 from fedsoup.structure import check_structure, structure_differences
@@ -129,7 +130,7 @@ def check_has_tensors(checkpoints: Sequence[Checkpoint]) -> None:
     """
     for index, checkpoint in enumerate(checkpoints):
         if not checkpoint.infos:
-            raise MergeInputError("holds no tensors", ingredient=index, path=checkpoint.name)
+            raise MergeInputError(NO_TENSORS, ingredient=index, path=checkpoint.name)
 
 
 def check_unquantized(checkpoints: Sequence[Checkpoint]) -> None:
