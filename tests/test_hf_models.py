@@ -5,6 +5,7 @@ Tiny GPT-2 and Llama models are built from configs with random weights (no hub).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -265,16 +266,16 @@ def test_named_chat_templates_are_carried_into_a_base_model(tmp_path):
 
 
 def test_only_regular_template_files_of_the_templates_folder_itself_are_carried(tmp_path):
-    """As for tokenizer.json: a link to a regular file is followed (a Hugging Face cache snapshot
-    links every file to its blob), anything else (a folder, a dangling link, a FIFO, a file not
-    named *.jinja) is skipped; and a templates folder that is itself a link is not listed."""
+    """As for tokenizer.json: a link to a regular file inside the model directory is followed
+    (links elsewhere are refused: test_every_link_that_is_not_to_a_regular_file_inside_is_refused),
+    anything else (a folder, a FIFO, a file not named *.jinja) is skipped; and a templates folder
+    that is itself a link is not listed."""
     inputs = _templated_clients(tmp_path)
     folder = Path(inputs[0]) / "additional_chat_templates"
-    blob = tmp_path / "blobs" / "0123abcd"
+    blob = Path(inputs[0]) / "blobs" / "0123abcd"
     blob.parent.mkdir()
     blob.write_text("{{ messages | length }} messages")
     (folder / "linked.jinja").symlink_to(blob)
-    (folder / "dangling.jinja").symlink_to(tmp_path / "nowhere")
     (folder / "sub.jinja").mkdir()
     os.mkfifo(folder / "pipe.jinja")  # opened, it would block the merge forever
     (folder / "notes.txt").write_text("not a template")
@@ -659,3 +660,220 @@ def test_a_pivot_file_and_inputs_merge_when_one_side_holds_the_tied_copy(tmp_pat
     written, wanted = fio.load_state_dict(out), fio.load_state_dict(expected)
     assert TIED not in written and written.keys() == wanted.keys()
     assert all(torch.equal(written[key], wanted[key]) for key in wanted)
+
+
+# ------------------------------------------------------------------------- links among the carried files
+# A model directory from a stranger (an archive can hold links) with tokenizer.json -> ~/.ssh/id_rsa
+# must not make the merge copy the user's secret into the model they then publish. A carried file
+# that is a link is followed only to a regular file inside the input's model directory, or, for a
+# Hugging Face cache snapshot (models--org--name/snapshots/<rev>/), inside models--org--name/.
+
+SECRET = b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA not for publishing\n"
+
+
+def _rich_clients(tmp_path: Path) -> list[str]:
+    """Two tiny GPT-2 directories, the first carrying one file of every kind: config, generation
+    config, tokenizer (with a named chat template) and the custom code its config's auto_map names."""
+    inputs = _templated_clients(tmp_path)
+    first = Path(inputs[0])
+    (first / "configuration_tiny_custom.py").write_text(CUSTOM_CONFIG)
+    (first / "modeling_tiny_custom.py").write_text(CUSTOM_MODEL)
+    (first / "layers_tiny_custom.py").write_text("SCALE = 1.0\n")
+    for folder in map(Path, inputs):  # (the same config: no warning that they differ)
+        config = json.loads((folder / "config.json").read_text())
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_tiny_custom.TinyCustomModel"}
+        (folder / "config.json").write_text(json.dumps(config))
+    return inputs
+
+
+def _secret_for(tmp_path: Path, name: str) -> Path:
+    """A file of the user's, outside every input: an SSH key; for config.json a JSON file the merge
+    would read as a config (a copy of the model's own with a token added), so that nothing before
+    the carrying refuses it."""
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    if name == "config.json":
+        config = json.loads((tmp_path / "client0" / "config.json").read_text())
+        secret.write_text(json.dumps({**config, "hf_token": SECRET.decode()}))
+    else:
+        secret.write_bytes(SECRET)
+    return secret
+
+
+def _copies_of(tmp_path: Path, secret: Path) -> list[Path]:
+    """Every regular file under ``tmp_path`` but ``secret`` holding its bytes (links not counted)."""
+    data = secret.read_bytes()
+    return [p for p in tmp_path.rglob("*") if p != secret and not p.is_symlink() and p.is_file()
+            and p.read_bytes() == data]
+
+
+def _assert_refused(call, link: Path, out: Path, secret: Path, tmp_path: Path) -> MergeInputError:
+    with pytest.raises(MergeInputError) as caught:
+        call()
+    assert caught.value.path == str(link), caught.value
+    assert "copy the file into the directory" in str(caught.value) and "\n" not in str(caught.value)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    assert not _copies_of(tmp_path, secret)
+    return caught.value
+
+
+CARRIED_KINDS = ["tokenizer.json", "config.json", "generation_config.json", "special_tokens_map.json",
+                 "additional_chat_templates/tool_use.jinja", "modeling_tiny_custom.py"]
+
+
+@pytest.mark.parametrize("name", CARRIED_KINDS)
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_a_carried_file_linking_outside_the_model_directory_is_refused(tmp_path, name, low_memory):
+    """Before: the link was followed and the secret written into the merged model, exit 0."""
+    inputs = _rich_clients(tmp_path)
+    link = Path(inputs[0]) / name
+    assert link.is_file()  # (the layout has it)
+    secret = _secret_for(tmp_path, name)
+    link.unlink()
+    link.symlink_to(secret)
+    out = tmp_path / "out"
+    error = _assert_refused(lambda: fedsoup.merge_files(inputs, out, low_memory=low_memory), link, out, secret, tmp_path)
+    assert str(secret) in str(error) and "outside the model directory" in str(error)
+
+
+@pytest.mark.parametrize("target", ["relative-outside", "into-another-model", "through-an-inside-link", "dangling",
+                                    "a-folder-inside", "a-pipe-inside", "a-loop"])
+def test_every_link_that_is_not_to_a_regular_file_inside_is_refused(tmp_path, target, no_hang):
+    """Before: the three first were followed (the secret carried), the others skipped silently."""
+    inputs = _rich_clients(tmp_path)
+    folder = Path(inputs[0])
+    secret = _secret_for(tmp_path, "tokenizer.json")
+    link = folder / "tokenizer.json"
+    link.unlink()
+    if target == "relative-outside":
+        link.symlink_to(Path("..") / "home" / ".ssh" / "id_rsa")
+    elif target == "into-another-model":  # client1 is the user's own model, not this one's
+        secret = secret.rename(Path(inputs[1]) / "tokenizer.json")
+        link.symlink_to(Path("..") / "client1" / "tokenizer.json")
+    elif target == "through-an-inside-link":
+        (folder / "inside").symlink_to(secret)
+        link.symlink_to("inside")
+    elif target == "dangling":
+        link.symlink_to("nowhere.json")
+    elif target == "a-folder-inside":
+        (folder / "sub").mkdir()
+        link.symlink_to("sub")
+    elif target == "a-pipe-inside":
+        os.mkfifo(folder / "pipe")  # opened, it would block the merge forever
+        link.symlink_to("pipe")
+    else:
+        link.symlink_to("tokenizer.json")
+    out = tmp_path / "out"
+    _assert_refused(lambda: fedsoup.merge_files(inputs, out), link, out, secret, tmp_path)
+
+
+def test_the_cli_refuses_a_link_outside_with_one_line_exit_2_writing_nothing(tmp_path, capsys):
+    inputs = _rich_clients(tmp_path)
+    secret = _secret_for(tmp_path, "tokenizer.json")
+    link = Path(inputs[0]) / "tokenizer.json"
+    link.unlink()
+    link.symlink_to(secret)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for mode in ("--in-memory", "--low-memory"):
+        assert cli.main(["merge", *inputs, "-o", f"{out}/", mode]) == 2, mode
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fedsoup: error: {link}: links to ") and not captured.out, err
+        assert "copy the file into the directory" in err[0]
+        assert not out.exists() and not _copies_of(tmp_path, secret)
+    # A single weights file carries nothing: the link is not read, and the merge goes on (warning).
+    assert cli.main(["merge", *inputs, "-o", str(tmp_path / "soup.safetensors"), "-q"]) == 0
+    assert not _copies_of(tmp_path, secret)
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_a_base_model_whose_tokenizer_links_outside_is_refused(tmp_path, low_memory):
+    """A LoRA merge into the base carries the base's files: the same rule."""
+    from tests.lora_helpers import gpt2_base, make_adapter
+
+    base = tmp_path / "base"
+    gpt2_base().save_pretrained(str(base))
+    byte_tokenizer().save_pretrained(base)
+    secret = _secret_for(tmp_path, "tokenizer.json")
+    link = base / "tokenizer.json"
+    link.unlink()
+    link.symlink_to(secret)
+    adapters = [str(make_adapter(tmp_path / f"a{i}", "gpt2", seed=i)) for i in range(2)]
+    out = tmp_path / "out"
+    _assert_refused(lambda: fedsoup.merge_files(adapters, out, base=str(base), low_memory=low_memory),
+                    link, out, secret, tmp_path)
+
+
+def _as_hub_cache(folder: Path, cache: Path, repo: str = "models--org--tiny", revision: str = "0a1b2c3d") -> Path:
+    """``folder`` laid out as huggingface_hub's cache: each file's bytes in
+    ``<repo>/blobs/<sha256>``, and ``<repo>/snapshots/<revision>/<name>`` a relative link to it
+    (``../../blobs/<hash>``, one ``..`` more per subfolder). Returns the snapshot folder."""
+    blobs = cache / repo / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    snapshot = cache / repo / "snapshots" / revision
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (cache / repo / "refs").mkdir(exist_ok=True)
+    (cache / repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
+def test_a_hugging_face_cache_snapshot_merges_and_its_files_are_carried(tmp_path, low_memory):
+    inputs = _templated_clients(tmp_path)
+    snapshot = _as_hub_cache(Path(inputs[0]), tmp_path / "hub")
+    assert (snapshot / "tokenizer.json").is_symlink() and (snapshot / "additional_chat_templates" / "tool_use.jinja").is_symlink()
+    out = fedsoup.merge_files([str(snapshot), inputs[1]], tmp_path / "out", low_memory=low_memory)
+    carried = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.suffix != ".safetensors")
+    assert carried == sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*")
+                             if p.is_file() and p.suffix != ".safetensors")
+    for name in carried:
+        assert not (out / name).is_symlink()
+        if name != "config.json":  # (its dtype is set to the weights')
+            assert (out / name).read_bytes() == (Path(inputs[0]) / name).read_bytes(), name
+    _assert_templates_load(out)
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
+
+
+def test_a_cache_snapshot_linking_outside_its_repo_folder_is_refused(tmp_path):
+    """Inside the cache, but in another repository's blobs (or anywhere else): refused."""
+    inputs = _templated_clients(tmp_path)
+    snapshot = _as_hub_cache(Path(inputs[0]), tmp_path / "hub")
+    other = tmp_path / "hub" / "models--someone--else" / "blobs" / "feedbeef"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(SECRET)
+    link = snapshot / "tokenizer.json"
+    link.unlink()
+    link.symlink_to(Path("..") / ".." / ".." / "models--someone--else" / "blobs" / "feedbeef")
+    out = tmp_path / "out"
+    error = _assert_refused(lambda: fedsoup.merge_files([str(snapshot), inputs[1]], out), link, out, other, tmp_path)
+    assert "models--org--tiny" in str(error)
+
+
+def test_a_link_to_a_file_inside_the_model_directory_is_carried(tmp_path):
+    """Links inside the directory (one through ``..`` and back in; the directory itself named
+    through a link) are followed; the output holds the bytes, not links."""
+    inputs = _templated_clients(tmp_path)
+    folder = Path(inputs[0])
+    originals = folder / "originals"
+    originals.mkdir()
+    for name, target in (("tokenizer.json", "originals/tokenizer.json"),
+                         ("chat_template.jinja", "../client0/originals/chat_template.jinja"),
+                         ("additional_chat_templates/tool_use.jinja", "../originals/tool_use.jinja")):
+        (folder / name).rename(originals / Path(name).name)
+        (folder / name).symlink_to(target)
+        assert (folder / name).is_file(), name
+    named = tmp_path / "named-through-a-link"
+    named.symlink_to(folder, target_is_directory=True)
+    for given in (str(folder), str(named)):
+        out = fedsoup.merge_files([given, inputs[1]], tmp_path / f"out-{Path(given).name}")
+        for name in ("tokenizer.json", "chat_template.jinja", "additional_chat_templates/tool_use.jinja"):
+            assert not (out / name).is_symlink() and (out / name).read_bytes() == (originals / Path(name).name).read_bytes()
+        assert not (out / "originals").exists()
+        _assert_templates_load(out)
