@@ -7,15 +7,20 @@ beside PEFT adapters, models of different ``model_type``, quantized models. A me
 a directory then gives a directory that ``AutoModel.from_pretrained`` loads: the first
 model directory's configuration, generation config and tokenizer files (its named chat
 templates too, :func:`chat_template_files`), and the Python files of a model saved with
-custom code (:func:`custom_code_files`), are carried over (:func:`model_directory_files`;
-regular files only, a link to one followed as a Hugging Face cache snapshot links every
-file to its blob), the config's dtype set to the dtype the weights are
-written in. When the inputs' ``config.json`` differ beyond bookkeeping fields, a
-:class:`~fedsoup.errors.MergeWarning` names the first input that differs and the fields.
+custom code (:func:`custom_code_files`), are carried over byte for byte
+(:func:`model_directory_files`), the config's dtype set to the dtype the weights are
+written in. A carried file that is a symbolic link is followed only to a regular file inside
+the model directory, or inside the ``models--org--name`` folder of a Hugging Face cache
+snapshot, whose files all link to its blobs (:func:`link_root`); any other link is refused,
+so that a directory from a stranger (``tokenizer.json -> ~/.ssh/id_rsa``) cannot make the
+merge copy the user's files into the model they publish. When the inputs' ``config.json``
+differ beyond bookkeeping fields, a :class:`~fedsoup.errors.MergeWarning` names the first
+input that differs and the fields.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -35,7 +40,7 @@ from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
 __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
     "model_directory_files", "uncarried_files", "carried_names", "chat_template_files", "custom_code_files",
-    "first_model", "config_bytes", "CHAT_TEMPLATE_DIR", "ties_word_embeddings",
+    "first_model", "config_bytes", "CHAT_TEMPLATE_DIR", "ties_word_embeddings", "link_root",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -74,6 +79,11 @@ _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+)\
 # in another dtype (FP8 without scales) are cast to the config's dtype when loaded, so a
 # config is only told the weights' dtype when it is one of these.
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# huggingface_hub's cache: a model repository's files in models--org--name/blobs/<hash>, and
+# models--org--name/snapshots/<revision>/<name> a relative link to each (../../blobs/<hash>).
+_CACHE_SNAPSHOTS = "snapshots"
+_CACHE_MODEL_PREFIX = "models--"
+_LINK_ADVICE = "copy the file into the directory in place of the link"
 # Config fields that say where or with what a model was saved, not what it is.
 _BOOKKEEPING = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype"})
 
@@ -183,10 +193,21 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
     ``weights_dtype`` when it is one transformers builds models in (:data:`MODEL_DTYPES`; FP8
     weights keep the config's dtype, the one ``from_pretrained`` casts them to, as it did for
     the inputs).
+
+    Raises :class:`~fedsoup.errors.MergeInputError` (``path``: the link) for a carried file that
+    is a link anywhere but to a regular file inside the model directory (:func:`link_root`),
+    before anything is written. The weights are not among these files: they are parsed, never
+    copied, and read wherever their links lead (a cache snapshot's, in its blobs).
     """
     first = first_model(inputs)
     if first is None:
         return {}
+    root = link_root(first.directory)
+    files = {}
+    for name in carried_names(first.directory):
+        data = _carried_bytes(first.directory / name, root)
+        if data is not None:  # (replaced by something else since it was listed: skipped, as it would have been)
+            files[name] = data
     config = read_config(first.config_path)
     for other in inputs:
         if other.kind != MODEL or other is first:
@@ -200,11 +221,6 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
                 MergeWarning, stacklevel=4,  # at the caller of merge_files
             )
             break
-    files = {}
-    for name in carried_names(first.directory):
-        data = _regular_file_bytes(first.directory / name)
-        if data is not None:  # (replaced by something else since it was listed: skipped, as it would have been)
-            files[name] = data
     keys = _dtype_key(config)
     if weights_dtype in MODEL_DTYPES and any(config.get(key) != dtype_str(weights_dtype) for key in keys):
         for key in keys:
@@ -231,11 +247,11 @@ def carried_names(directory: Path) -> list[str]:
     the :data:`CARRIED_FILES` there, its named chat templates (:func:`chat_template_files`),
     then its custom code (:func:`custom_code_files`).
 
-    Regular files only: a link to one is followed, as ``from_pretrained`` follows it (a Hugging
-    Face cache snapshot links every file to its blob, outside the snapshot's folder), and
-    anything else by a carried name (a folder, a FIFO, a dangling link) is skipped.
+    Regular files and links: a link is listed wherever it leads, and refused when read
+    (:func:`model_directory_files`) unless it leads to a regular file inside the model directory
+    (:func:`link_root`); anything else by a carried name (a folder, a FIFO) is skipped.
     """
-    return ([name for name in CARRIED_FILES if (directory / name).is_file()]
+    return ([name for name in CARRIED_FILES if _listed(directory / name)]
             + chat_template_files(directory) + custom_code_files(directory))
 
 
@@ -244,8 +260,8 @@ def chat_template_files(directory: Path) -> list[str]:
     (:data:`CHAT_TEMPLATE_DIR`), sorted, as ``save_pretrained`` writes a tokenizer whose
     ``chat_template`` is a dict and ``from_pretrained`` reads it back.
 
-    The regular ``*.jinja`` files (a link to one followed, as :func:`carried_names`'s) of that
-    folder itself: a link to a folder is not listed (nothing is carried from another folder),
+    The regular ``*.jinja`` files and links (as :func:`carried_names`'s) of that folder itself:
+    the folder being a link to a folder, it is not listed (nothing is carried from another folder),
     nor is anything deeper or otherwise named. Raises :class:`~fedsoup.errors.MergeInputError`
     when the folder cannot be listed (as a carried file that cannot be read).
     """
@@ -259,29 +275,78 @@ def chat_template_files(directory: Path) -> list[str]:
     except OSError as error:
         raise MergeInputError(f"cannot read ({one_line(error)})", path=str(folder)) from None
     return sorted(f"{CHAT_TEMPLATE_DIR}/{name}" for name in names
-                  if name.endswith(_TEMPLATE_SUFFIX) and (folder / name).is_file())
+                  if name.endswith(_TEMPLATE_SUFFIX) and _listed(folder / name))
+
+
+def link_root(directory: Path) -> Path:
+    """The folder the links among the carried files of the model ``directory`` may lead into:
+    the directory itself, its links resolved; for a Hugging Face cache snapshot
+    (``.../models--org--name/snapshots/<revision>/``, every file a link to
+    ``../../blobs/<hash>``), the cache's folder of that repository, ``models--org--name``."""
+    real = Path(os.path.realpath(directory))
+    if real.parent.name == _CACHE_SNAPSHOTS and real.parent.parent.name.startswith(_CACHE_MODEL_PREFIX):
+        return real.parent.parent
+    return real
+
+
+def _listed(path: Path) -> bool:
+    """Whether a carried name is listed: a regular file, or a link (to be judged when read)."""
+    return path.is_symlink() or path.is_file()
+
+
+def _carried_bytes(path: Path, root: Path) -> bytes | None:
+    """The bytes of the carried file ``path``: a regular file, or a link whose fully resolved
+    target is a regular file inside ``root`` (:func:`link_root`).
+
+    ``None`` when ``path`` is gone or neither a file nor a link (a folder, a FIFO: skipped).
+    A link anywhere else, dangling, or to a folder, pipe or device, is a
+    :class:`~fedsoup.errors.MergeInputError` naming the link (``path``), as is an unreadable file.
+    """
+    if not path.is_symlink():
+        return _regular_file_bytes(path)
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(root):
+        where = "the Hugging Face cache folder" if root.name.startswith(_CACHE_MODEL_PREFIX) else "the model directory"
+        raise MergeInputError(f"links to {str(target)!r}, outside {where} {root} (a carried file's link is "
+                              f"followed only inside it, so that no other file of yours reaches the merged "
+                              f"model): {_LINK_ADVICE}", path=str(path))
+    try:
+        data = _regular_file_bytes(target)
+    except MergeInputError as error:
+        raise error.at(path=str(path)) from None
+    if data is None:
+        what = ("which does not exist" if not os.path.lexists(target) else "a loop of links" if target.is_symlink()
+                else "which is not a regular file")
+        raise MergeInputError(f"links to {str(target)!r}, {what}: {_LINK_ADVICE}", path=str(path))
+    return data
 
 
 def _regular_file_bytes(path: Path) -> bytes | None:
-    """The bytes of ``path`` if it is a regular file (a link to one followed), else ``None``.
+    """The bytes of ``path`` if it is a regular file (not a link), else ``None``.
 
     Checked on the open file, so that something swapped in since it was listed (a FIFO,
-    which a plain read would wait on forever) is never read. An unreadable file is a
+    which a plain read would wait on forever; a link) is never read. An unreadable file is a
     :class:`~fedsoup.errors.MergeInputError` naming it.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as error:
+        if error.errno == errno.ELOOP:  # a link (O_NOFOLLOW)
+            return None
         raise MergeInputError(f"cannot read ({one_line(error)})", path=str(path)) from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (before a file object: a folder has none)
+            return None
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                return None
+            fd = None  # the handle's now
             return handle.read()
     except OSError as error:
         raise MergeInputError(f"cannot read ({one_line(error)})", path=str(path)) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def custom_code_files(directory: Path) -> list[str]:
@@ -292,13 +357,15 @@ def custom_code_files(directory: Path) -> list[str]:
     ``"org/repo--modeling_x.XModel"``, code of another repository), and the modules they import
     relatively (``from .configuration_x import XConfig``), as ``save_pretrained`` copies them.
     Other Python files (a training script beside the model) are not the model's. Sorted names.
+    A file that is a link is read (for its names) only where it would be carried
+    (:func:`link_root`); it is listed all the same, to be refused when carried.
     """
+    root = link_root(directory)
     pending = []
     for config_name in _AUTO_MAP_FILES:
-        path = directory / config_name
         try:
-            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (OSError, UnicodeDecodeError, ValueError):
+            config = json.loads(_carried_bytes(directory / config_name, root) or b"{}")
+        except (MergeInputError, UnicodeDecodeError, ValueError):
             continue  # carried as it is (or refused when read as the config): transformers reads it as it can
         auto_map = config.get("auto_map") if isinstance(config, dict) else None
         for value in auto_map.values() if isinstance(auto_map, dict) else ():
@@ -309,12 +376,12 @@ def custom_code_files(directory: Path) -> list[str]:
     found: list[str] = []
     while pending:
         name = pending.pop()
-        if name in found or not (directory / name).is_file():
+        if name in found or not _listed(directory / name):
             continue
         found.append(name)
         try:
-            source = (directory / name).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            source = (_carried_bytes(directory / name, root) or b"").decode("utf-8")
+        except (MergeInputError, UnicodeDecodeError):
             continue  # carried byte for byte; its own imports are for transformers to report
         pending += [(module or bare) + ".py" for module, bare in _RELATIVE_IMPORT.findall(source)]
     return sorted(found)
