@@ -827,10 +827,18 @@ def _as_hub_cache(folder: Path, cache: Path, repo: str = "models--org--tiny", re
 
 @pytest.mark.parametrize("low_memory", [False, True], ids=["in-memory", "low-memory"])
 def test_a_hugging_face_cache_snapshot_merges_and_its_files_are_carried(tmp_path, low_memory):
+    import huggingface_hub
+
     inputs = _templated_clients(tmp_path)
     snapshot = _as_hub_cache(Path(inputs[0]), tmp_path / "hub")
     assert (snapshot / "tokenizer.json").is_symlink()
     assert (snapshot / "additional_chat_templates" / "tool_use.jinja").is_symlink()
+    # The layout is the hub's own: huggingface_hub lists it, transformers loads the repo id from it.
+    assert [repo.repo_id for repo in huggingface_hub.scan_cache_dir(tmp_path / "hub").repos] == ["org/tiny"]
+    assert transformers.AutoConfig.from_pretrained("org/tiny", cache_dir=tmp_path / "hub",
+                                                   local_files_only=True).model_type == "gpt2"
+    assert fedsoup.merge_files([str(snapshot / "model.safetensors"), inputs[1]], tmp_path / "from-weights-file",
+                               low_memory=low_memory).joinpath("tokenizer.json").is_file()
     out = fedsoup.merge_files([str(snapshot), inputs[1]], tmp_path / "out", low_memory=low_memory)
     carried = sorted(str(p.relative_to(out)) for p in out.rglob("*")
                      if p.is_file() and p.suffix != ".safetensors" and not p.name.endswith(".fedsoup.json"))
