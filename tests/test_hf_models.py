@@ -662,6 +662,46 @@ def test_a_pivot_file_and_inputs_merge_when_one_side_holds_the_tied_copy(tmp_pat
     assert all(torch.equal(written[key], wanted[key]) for key in wanted)
 
 
+def _depth_upscaled_gpt2(folder: Path, seed: int) -> str:
+    """A 3-layer GPT-2 made from a 2-layer one by depth up-scaling (SOLAR-style, mergekit's
+    passthrough): its third layer is its second layer again, the same storage in the state
+    dict ``torch.save`` writes (a ``pytorch_model.bin`` beside a ``config.json`` of n_layer 3;
+    ``lm_head.weight`` is held too, as ``model.state_dict()`` has it)."""
+    model = tiny_model("gpt2", seed)
+    model.transformer.h.append(model.transformer.h[1])  # one module twice: its tensors under both names
+    model.config.n_layer = 3
+    state = model.state_dict()
+    shared = [key for key in state if key.startswith("transformer.h.2.")]
+    assert shared and all(state[key].data_ptr() == state[key.replace(".h.2.", ".h.1.")].data_ptr() for key in shared)
+    folder.mkdir(parents=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    torch.save(state, folder / "pytorch_model.bin")
+    return str(folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("upscaled_first", [True, False], ids=["upscaled-first", "upscaled-second"])
+def test_a_depth_upscaled_model_is_refused_not_cut_to_the_smaller_one(tmp_path, capsys, upscaled_first):
+    """The third layer of a depth up-scaled model is a bitwise copy of its second, but no tied
+    weight: from_pretrained ties embeddings only. Leaving it out wrote 2 layers of weights
+    under a config of 3, which from_pretrained loads with a random third layer (a logged
+    warning, exit 0). Only a copy of an embedding (2-D, vocab_size rows) may be left out."""
+    upscaled = _depth_upscaled_gpt2(tmp_path / "upscaled", 0)
+    small = save_in_form(tiny_model("gpt2", 1), tmp_path / "small", "safetensors")
+    inputs = [upscaled, small] if upscaled_first else [small, upscaled]
+    for low_memory in (False, True):
+        with pytest.raises(MergeInputError) as caught:
+            fedsoup.merge_files(inputs, tmp_path / "out", low_memory=low_memory)
+        assert caught.value.key.startswith("transformer.h.2."), caught.value
+        assert caught.value.path in inputs and caught.value.path in str(caught.value)
+        assert caught.value.ingredient == inputs.index(caught.value.path)
+        assert not (tmp_path / "out").exists()
+    _cli_refuses(inputs, tmp_path / "out", capsys, r"tensor 'transformer\.h\.2\.")
+    report = fedsoup.inspect_files(inputs)
+    assert report["mergeable"] is False and report["tied_copies"] == [{"file": upscaled, "tensor": TIED, "copy_of": TIE}]
+    assert any("transformer.h.2." in line for line in report["differences"])
+
+
 # ------------------------------------------------------------------------- links among the carried files
 # A model directory from a stranger (an archive can hold links) with tokenizer.json -> ~/.ssh/id_rsa
 # must not make the merge copy the user's secret into the model they then publish. A carried file
