@@ -702,6 +702,23 @@ def test_a_depth_upscaled_model_is_refused_not_cut_to_the_smaller_one(tmp_path, 
     assert any("transformer.h.2." in line for line in report["differences"])
 
 
+def test_a_tied_copy_with_no_config_beside_any_input_is_refused_saying_how_to_merge_it(tmp_path, capsys):
+    """Without a config.json nothing says that lm_head.weight is a tied embedding (a copy of
+    another tensor may be a layer of a depth up-scaled model): nothing is left out, and the
+    refusal says that the config beside the weights lets the merge go through."""
+    inputs = _gpt2_inputs(tmp_path, ("bin-tied", "safetensors"))
+    for path in inputs:
+        (Path(path).parent / "config.json").unlink()
+    with pytest.raises(MergeInputError, match=rf"not in \S*client1\S*; it is a bitwise copy of '{re.escape(TIE)}', "
+                                              rf"but with no config\.json beside the inputs") as caught:
+        fedsoup.merge_files(inputs, tmp_path / "out")
+    assert (caught.value.key, caught.value.path, caught.value.ingredient) == (TIED, inputs[0], 0)
+    _cli_refuses(inputs, tmp_path / "out", capsys, r"put the model's config\.json beside the weights files$")
+    report = fedsoup.inspect_files(inputs)
+    assert report["mergeable"] is False and report["tied_copies"] == []
+    assert any("no config.json beside the inputs" in line for line in report["refusals"])
+
+
 # ------------------------------------------------------------------------- links among the carried files
 # A model directory from a stranger (an archive can hold links) with tokenizer.json -> ~/.ssh/id_rsa
 # must not make the merge copy the user's secret into the model they then publish. A carried file

@@ -395,22 +395,26 @@ def _flip_zero(state, copy):
     state["wte"][1, 2], copy[1, 2] = 0.0, -0.0  # equal for torch.equal, not bitwise
 
 
-@pytest.mark.parametrize(("held", "allowed", "expected"), [
+VOCAB = frozenset({4})  # the config's vocab_size: "wte" and "square" are (4, 3)
+
+
+@pytest.mark.parametrize(("held", "rows", "expected"), [
     # the tied copy of a tensor all inputs hold: left out of the inputs holding it
-    ({"a": {"head": _copy_of("wte")}, "b": {}}, True, {0: {"head": "wte"}}),
-    ({"a": {}, "b": {"head": _copy_of("wte")}, "c": {"head": _copy_of("wte")}}, True,
+    ({"a": {"head": _copy_of("wte")}, "b": {}}, VOCAB, {0: {"head": "wte"}}),
+    ({"a": {}, "b": {"head": _copy_of("wte")}, "c": {"head": _copy_of("wte")}}, VOCAB,
      {1: {"head": "wte"}, 2: {"head": "wte"}}),
-    # a config saying tie_word_embeddings: false: nothing left out (check_compatible refuses, as before)
-    ({"a": {"head": _copy_of("wte")}, "b": {}}, False, {}),
+    ({"a": {"head": _copy_of("wte")}, "b": {}}, frozenset({4, 9}), {0: {"head": "wte"}}),  # vocab_size of a sub-config
+    # a config saying tie_word_embeddings: false, or no vocab_size: nothing left out (check_compatible refuses)
+    ({"a": {"head": _copy_of("wte")}, "b": {}}, frozenset(), {}),
     # no tensor of its dtype and shape that all inputs hold: no tie by the headers, left to check_compatible
-    ({"a": {"head": lambda state: state["wte"].double()}, "b": {}}, True, {}),
-    ({"a": {"head": _copy_of("wte"), "extra": _copy_of("wte")}, "b": {}}, True, {0: {"head": "wte", "extra": "wte"}}),
-    ({"a": {"bias": _copy_of("ln")}, "b": {"bias": lambda state: torch.zeros(4)}, "c": {}}, True, {}),
+    ({"a": {"head": lambda state: state["wte"].double()}, "b": {}}, VOCAB, {}),
+    ({"a": {"head": _copy_of("wte"), "extra": _copy_of("wte")}, "b": {}}, VOCAB, {0: {"head": "wte", "extra": "wte"}}),
+    ({"a": {"bias": _copy_of("ln")}, "b": {"bias": lambda state: torch.zeros(4)}, "c": {}}, VOCAB, {}),
 ])
-def test_tied_copies_are_the_bitwise_copies_of_a_tensor_every_input_holds(held, allowed, expected):
+def test_tied_copies_are_the_bitwise_copies_of_a_tensor_every_input_holds(held, rows, expected):
     read = []
     inputs = _tie_inputs(read, **{f"{name}.pt": extra for name, extra in held.items()})
-    assert fio.tied_copies(inputs, ties_allowed=allowed) == expected
+    assert fio.tied_copies(inputs, rows) == expected
     # only the tensors whose headers could make a tie are read: a copy, and the tensors of its
     # input with its dtype and shape (never "ln" for a (4, 3) copy); nothing when ties are off
     for name, key in read:
@@ -418,8 +422,37 @@ def test_tied_copies_are_the_bitwise_copies_of_a_tensor_every_input_holds(held, 
         copies = [k for k in infos if not all(k in checkpoint.infos for checkpoint in inputs)]
         assert key in copies or any(infos[key] == infos[copy] for copy in copies), (name, key)
     assert all((inputs[index].name, key) in read for index, copies in expected.items() for key in copies)
-    if not allowed:
+    if not rows:
         assert read == []
+
+
+@pytest.mark.parametrize(("held", "rows"), [
+    ({"a": {"layer.2": _copy_of("square")}, "b": {}}, frozenset({3})),  # 4 rows: no embedding of vocab_size 3
+    ({"a": {"layer.2": _copy_of("square")}, "b": {}}, frozenset({12})),
+    ({"a": {"norm.2": _copy_of("ln")}, "b": {}}, frozenset({3})),  # 1-D: no embedding
+    ({"a": {"norm.2": _copy_of("ln")}, "b": {}}, None),
+])
+def test_only_an_embedding_is_a_tie_a_copied_layer_is_left_to_be_refused(held, rows):
+    """A depth up-scaled model's extra layers are byte copies of shared ones, but from_pretrained
+    ties only word embeddings (2-D, vocab_size rows): another copy is kept, and check_compatible
+    refuses it as any tensor some inputs lack, naming it. Not a tensor is read to tell."""
+    read = []
+    inputs = _tie_inputs(read, **{f"{name}.pt": extra for name, extra in held.items()})
+    assert fio.tied_copies(inputs, rows) == {} and read == []
+    with pytest.raises(MergeInputError, match="missing") as caught:
+        fio.check_compatible(inputs)
+    assert caught.value.key == next(iter(held["a"]))
+
+
+def test_with_no_config_a_copy_is_refused_saying_a_config_would_let_it_merge():
+    """No config.json beside any input: nothing says the copy is a tied embedding (nor what
+    vocab_size is), so nothing is left out; the refusal says how to merge it."""
+    inputs = _tie_inputs([], **{"a.pt": {}, "b.pt": {"head": _copy_of("wte")}})
+    with pytest.raises(MergeInputError, match=r"^b\.pt, tensor 'head': not in a\.pt; it is a bitwise copy of 'wte', but "
+                                              r"with no config\.json beside the inputs .* put the model's config\.json "
+                                              r"beside the weights files$") as caught:
+        fio.tied_copies(inputs, None)
+    assert (caught.value.key, caught.value.path, caught.value.ingredient) == ("head", "b.pt", 1)
 
 
 @pytest.mark.parametrize(("held", "culprit", "reason"), [
@@ -430,10 +463,11 @@ def test_tied_copies_are_the_bitwise_copies_of_a_tensor_every_input_holds(held, 
     ({"a": {"head": _copy_of("wte")}, "b": {}, "c": {"head": _copy_of("square")}}, "c.pt",
      r"not bitwise equal \(dtype, shape and bytes\) to 'wte' \(as in a\.pt\)"),
 ])
-def test_a_claimed_tie_that_is_not_one_is_refused_naming_the_tensor_and_the_input(held, culprit, reason):
+@pytest.mark.parametrize("rows", [VOCAB, None], ids=["config", "no-config"])
+def test_a_claimed_tie_that_is_not_one_is_refused_naming_the_tensor_and_the_input(held, culprit, reason, rows):
     inputs = _tie_inputs([], **{f"{name}.pt": extra for name, extra in held.items()})
     with pytest.raises(MergeInputError, match=reason) as caught:
-        fio.tied_copies(inputs)
+        fio.tied_copies(inputs, rows)
     names = [checkpoint.name for checkpoint in inputs]
     assert (caught.value.key, caught.value.path, caught.value.ingredient) == ("head", culprit, names.index(culprit))
 

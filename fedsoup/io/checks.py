@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -44,7 +44,8 @@ def check_compatible(checkpoints: Sequence[Checkpoint], reference: Checkpoint | 
                             reference_name=reference.name)
 
 
-def tied_copies(checkpoints: Sequence[Checkpoint], ties_allowed: bool = True) -> dict[int, dict[str, str]]:
+def tied_copies(checkpoints: Sequence[Checkpoint], embedding_rows: Collection[int] | None
+                ) -> dict[int, dict[str, str]]:
     """The tied copies to leave out of the inputs: ``{input position: {tensor: the tensor it is a copy of}}``.
 
     A tied weight is one tensor under two names: GPT-2's ``lm_head.weight`` is its
@@ -53,27 +54,41 @@ def tied_copies(checkpoints: Sequence[Checkpoint], ties_allowed: bool = True) ->
     transformers 4.x and of training scripts, writes both names. A tensor that some inputs
     hold and others do not is left out of those holding it only when, in every one of them,
     it is bitwise equal (:func:`same_bytes`: dtype, shape and bytes) to one same other tensor
-    that every input holds, and ``ties_allowed`` (the first model's ``config.json`` does not
-    say ``tie_word_embeddings: false``: :func:`fedsoup.io.hf.ties_word_embeddings`). The
+    that every input holds, and that tensor is a word embedding: 2-D, with one of
+    ``embedding_rows`` rows (the ``vocab_size`` of the first model's ``config.json``, when
+    that model ties its word embeddings: :func:`fedsoup.io.hf.tied_embedding_rows`). The
     merge then writes it as ``save_pretrained`` does, once, and ``from_pretrained`` ties it back.
+
+    ``from_pretrained`` ties word embeddings and nothing else, so only they are ties: the
+    extra layers of a depth up-scaled model (its layer 24 a byte copy of layer 16) are
+    tensors of their own, which a merge with the smaller model must refuse, not drop under the
+    first model's config (a config of 32 layers over 24 layers of weights loads with 8 random
+    layers and only a logged warning). They are left for :func:`check_compatible` to refuse,
+    as any tensor some inputs lack, as are all of them when ``embedding_rows`` is empty (the
+    embeddings are untied, or the config gives no ``vocab_size``). With ``embedding_rows``
+    ``None`` (no input has a ``config.json``) nothing is left out either, but a 2-D copy is
+    refused here, saying that a ``config.json`` beside the inputs would let it merge.
 
     Headers decide what is read: a tensor is compared only with the tensors of its input of
     its dtype and shape that every input holds, one pair at a time (a ``--low-memory`` merge
     stays within two tensors per input here), the smallest such tensors first. A tensor whose
-    header matches none is left for :func:`check_compatible` to refuse, as any tensor some
-    inputs lack. One whose header matches but whose bytes copy none of those tensors (a
-    file claiming ``lm_head.weight`` with values of its own; a model with more layers) is
-    refused here, at the first found: leaving it out would drop its values silently.
+    header matches none is left for :func:`check_compatible` to refuse. One whose header
+    matches but whose bytes copy none of those tensors (a file claiming ``lm_head.weight``
+    with values of its own) is refused here, at the first found: leaving it out would drop
+    its values silently.
 
     Raises :class:`~fedsoup.errors.MergeInputError` with ``key`` (the tensor), ``path`` and
-    ``ingredient`` (the input whose bytes are no copy).
+    ``ingredient`` (the input whose bytes are no copy, or the first holding a copy that no
+    config allows to leave out).
     """
-    if not ties_allowed or not checkpoints:
+    if not checkpoints or (embedding_rows is not None and not embedding_rows):
         return {}
     everywhere = [key for key in checkpoints[0].infos if all(key in other.infos for other in checkpoints)]
     possible = []  # (tensor, the inputs holding it, the tensors its headers say it may be a copy of)
     for key in _held_by_some(checkpoints):
         holders = [index for index, checkpoint in enumerate(checkpoints) if key in checkpoint.infos]
+        if not all(_embedding_shaped(checkpoints[index].infos[key].shape, embedding_rows) for index in holders):
+            continue
         candidates = [tie for tie in everywhere
                       if all(checkpoints[index].infos[tie] == checkpoints[index].infos[key] for index in holders)]
         if candidates:
@@ -81,9 +96,23 @@ def tied_copies(checkpoints: Sequence[Checkpoint], ties_allowed: bool = True) ->
     left_out: dict[int, dict[str, str]] = {}
     for key, holders, candidates in sorted(possible, key=lambda entry: checkpoints[entry[1][0]].infos[entry[0]].nbytes):
         tie = _tie_of(key, checkpoints, holders, candidates)
+        if embedding_rows is None:
+            absent = next(other.name for other in checkpoints if key not in other.infos)
+            raise MergeInputError(
+                f"not in {absent}; it is a bitwise copy of {tie!r}, but with no config.json beside the inputs "
+                f"nothing says it is a tied word embedding (tie_word_embeddings, vocab_size), the only copy a "
+                f"merge may leave out: if it is one, merge the model directories or put the model's config.json "
+                f"beside the weights files",
+                ingredient=holders[0], key=key, path=checkpoints[holders[0]].name,
+            )
         for index in holders:
             left_out.setdefault(index, {})[key] = tie
     return left_out
+
+
+def _embedding_shaped(shape: Sequence[int], embedding_rows: Collection[int] | None) -> bool:
+    """A word embedding's shape: (rows, width), rows one of ``embedding_rows`` (any when ``None``)."""
+    return len(shape) == 2 and (embedding_rows is None or shape[0] in embedding_rows)
 
 
 def _held_by_some(checkpoints: Sequence[Checkpoint]) -> list[str]:

@@ -41,6 +41,7 @@ __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
     "model_directory_files", "uncarried_files", "carried_names", "chat_template_files", "custom_code_files",
     "first_model", "config_bytes", "CHAT_TEMPLATE_DIR", "ties_word_embeddings", "link_root",
+    "tied_embedding_rows",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -122,6 +123,16 @@ def check_model_inputs(inputs: Sequence[ResolvedInput]) -> None:
     - models whose ``config.json`` declares another ``model_type`` than the first model's;
     - a ``config.json`` that declares quantization (:mod:`fedsoup.io.quantized`).
 
+    No other field is compared for a refusal: every field that shapes tensors is refused by
+    the tensors themselves (:func:`fedsoup.io.checks.check_compatible`): another layer count
+    (``num_hidden_layers``, ``n_layer``) gives other tensor names, since only a copy of a
+    word embedding may be left out (:func:`tied_embedding_rows`; a depth up-scaled model's
+    extra layers are kept, and refused), and another ``hidden_size``, ``intermediate_size``,
+    ``vocab_size``, key/value width or learned position count gives other shapes. Fields no
+    tensor shows (``num_attention_heads`` at the same width, ``rope_theta``, ``layer_norm_eps``)
+    cannot be told from the weights: a directory output carries the first config and warns,
+    naming the fields (:func:`model_directory_files`).
+
     Raises :class:`~fedsoup.errors.MergeInputError` with ``path`` (the input) and
     ``ingredient`` (its position).
     """
@@ -156,9 +167,15 @@ def check_model_inputs(inputs: Sequence[ResolvedInput]) -> None:
             )
 
 
+def _config_parts(config: dict) -> list[dict]:
+    """A ``config.json`` and its sub-configurations (``text_config``, ...): where transformers
+    reads a field of a composite model (a vision-language model keeps its language model's
+    ``vocab_size`` and ``tie_word_embeddings`` in ``text_config``)."""
+    return [config, *(value for value in config.values() if isinstance(value, dict))]
+
+
 def ties_word_embeddings(inputs: Sequence[ResolvedInput]) -> bool:
-    """Whether ``from_pretrained`` ties the merged model's tied weights back, so that their
-    copies may be left out (:func:`fedsoup.io.checks.tied_copies`).
+    """Whether ``from_pretrained`` ties the merged model's word embeddings back.
 
     ``False`` when the first model's ``config.json`` gives ``tie_word_embeddings`` as anything
     but ``true``, at its top level or in a sub-configuration (``text_config``): that model's
@@ -168,9 +185,27 @@ def ties_word_embeddings(inputs: Sequence[ResolvedInput]) -> bool:
     first = first_model(inputs)
     if first is None:
         return True
-    config = read_config(first.config_path)
-    configs = [config, *(value for value in config.values() if isinstance(value, dict))]
-    return all(part.get("tie_word_embeddings", True) is True for part in configs)
+    return all(part.get("tie_word_embeddings", True) is True for part in _config_parts(read_config(first.config_path)))
+
+
+def tied_embedding_rows(inputs: Sequence[ResolvedInput]) -> frozenset[int] | None:
+    """The row counts a tied word embedding may have, for :func:`fedsoup.io.checks.tied_copies`:
+    the ``vocab_size`` values of the first model's ``config.json`` (top level and sub-configs,
+    as :func:`ties_word_embeddings` reads it), when that model ties its word embeddings.
+
+    ``from_pretrained`` ties embeddings and nothing else: a copy of any other tensor (the extra
+    layers of a depth up-scaled model are byte copies of shared ones) is a tensor of its own,
+    loaded at random when left out. Empty when the model unties its embeddings or its config
+    gives no ``vocab_size`` (nothing may be left out); ``None`` when no input has a
+    ``config.json`` (nothing is known: nothing may be left out, and a refusal says so).
+    """
+    first = first_model(inputs)
+    if first is None:
+        return None
+    if not ties_word_embeddings(inputs):
+        return frozenset()
+    sizes = (part.get("vocab_size") for part in _config_parts(read_config(first.config_path)))
+    return frozenset(size for size in sizes if isinstance(size, int) and not isinstance(size, bool) and size > 0)
 
 
 def _dtype_key(config: dict) -> list[str]:

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from fedsoup.atomic import atomic_write_text
 from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExistsError
 from fedsoup.io.checks import check_compatible, check_has_tensors, check_unquantized, tied_copies
 from fedsoup.io.formats import TensorInfo, dtype_str
-from fedsoup.io.hf import check_model_inputs, first_model, model_directory_files, ties_word_embeddings, uncarried_files
+from fedsoup.io.hf import check_model_inputs, first_model, model_directory_files, tied_embedding_rows, uncarried_files
 from fedsoup.io.layout import OutputLayout
 from fedsoup.io.readers import Checkpoint, open_weights_file, without_tensors
 from fedsoup.io.resolve import ADAPTER, ResolvedInput, expand_inputs, open_checkpoint, resolve_input
@@ -248,8 +248,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     with _recorded() as caught, contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
         check_has_tensors(checkpoints)
-        ties_allowed = ties_word_embeddings(resolved)
-        checkpoints = _leave_out_tied_copies(checkpoints, ties_allowed)
+        embedding_rows = tied_embedding_rows(resolved)
+        checkpoints, notes = _leave_out_tied_copies(checkpoints, embedding_rows)
         check_compatible(checkpoints)
         check_unquantized(checkpoints)
         call = {  # what this merge merges: the per-input numbers, resolved against the inputs
@@ -261,8 +261,11 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         pivot = None
         if pivot_path is not None:
             pivot = stack.enter_context(open_checkpoint(pivot_path))
-            checkpoints, pivot = _pivot_without_tied_copies(checkpoints, pivot, ties_allowed)
+            checkpoints, pivot, pivot_notes = _pivot_without_tied_copies(checkpoints, pivot, embedding_rows)
             check_structure(checkpoints[0].infos, pivot.infos, path=pivot.name, reference_name=checkpoints[0].name)
+            notes += pivot_notes
+        for note in notes:  # once the files passed the checks: a refused merge prints its refusal alone
+            log.info("%s", note)
         low = choose_low_memory(low_memory, options, checkpoints)
         infos = _output_infos(checkpoints, _first_visited(call["order_by"], options.descending, len(names)), out_dtype)
         float_dtypes = {info.dtype for info in infos.values() if info.is_floating}
@@ -316,29 +319,31 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     )
 
 
-def _leave_out_tied_copies(checkpoints: Sequence[Checkpoint], ties_allowed: bool) -> list[Checkpoint]:
+def _leave_out_tied_copies(checkpoints: Sequence[Checkpoint], embedding_rows: Collection[int] | None
+                           ) -> tuple[list[Checkpoint], list[str]]:
     """The inputs without the tied copies some hold and others leave out
-    (:func:`~fedsoup.io.checks.tied_copies`), a note naming each one left out."""
-    left_out = tied_copies(checkpoints, ties_allowed)
-    for index, copies in left_out.items():
-        listed = ", ".join(f"{key!r} (a copy of {tie!r})" for key, tie in copies.items())
-        log.info("%s: left out %s: tied weights, written once as save_pretrained writes them; from_pretrained "
-                 "ties them back", checkpoints[index].name, listed)
-    return [without_tensors(checkpoint, left_out.get(index, {})) for index, checkpoint in enumerate(checkpoints)]
+    (:func:`~fedsoup.io.checks.tied_copies`), and a note naming each one left out."""
+    left_out = tied_copies(checkpoints, embedding_rows)
+    notes = [f"{checkpoints[index].name}: left out "
+             f"{', '.join(f'{key!r} (a copy of {tie!r})' for key, tie in copies.items())}: tied weights, written "
+             f"once as save_pretrained writes them; from_pretrained ties them back"
+             for index, copies in left_out.items()]
+    return [without_tensors(checkpoint, left_out.get(index, {})) for index, checkpoint in enumerate(checkpoints)], notes
 
 
-def _pivot_without_tied_copies(checkpoints: Sequence[Checkpoint], pivot: Checkpoint, ties_allowed: bool
-                               ) -> tuple[list[Checkpoint], Checkpoint]:
+def _pivot_without_tied_copies(checkpoints: Sequence[Checkpoint], pivot: Checkpoint,
+                               embedding_rows: Collection[int] | None
+                               ) -> tuple[list[Checkpoint], Checkpoint, list[str]]:
     """The inputs and a pivot file without the tied copies one side holds and the other leaves
     out (a pivot saved as a ``.bin`` beside safetensors inputs, or the other way round): the
     pivot is one more file for :func:`~fedsoup.io.checks.tied_copies`, but no ingredient."""
     try:
-        *inputs, pivot = _leave_out_tied_copies([*checkpoints, pivot], ties_allowed)
+        (*inputs, pivot), notes = _leave_out_tied_copies([*checkpoints, pivot], embedding_rows)
     except MergeInputError as error:
         if error.ingredient != len(checkpoints):
             raise
         raise MergeInputError(error.reason, key=error.key, path=error.path) from None
-    return inputs, pivot
+    return inputs, pivot, notes
 
 
 def _check_unchanged(checkpoints: Sequence[Checkpoint | None]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from fedsoup.errors import MergeInputError
 from fedsoup.io.checks import check_has_tensors, check_unquantized, differences, tied_copies
 from fedsoup.io.formats import dtype_str
-from fedsoup.io.hf import check_model_inputs, ties_word_embeddings
+from fedsoup.io.hf import check_model_inputs, tied_embedding_rows
 from fedsoup.io.readers import Checkpoint, without_tensors
 from fedsoup.io.resolve import expand_inputs, open_checkpoint, resolve_input
 
@@ -81,7 +81,7 @@ def _differences(checkpoints: Sequence[Checkpoint], names: Sequence[str]
     """Every tensor that keeps an input from being merged with the first, the refusal of a tied
     copy that is no copy, and the tied copies ``merge_files`` leaves out (no difference)."""
     try:
-        left_out = tied_copies(checkpoints, ties_word_embeddings([resolve_input(item) for item in names]))
+        left_out = tied_copies(checkpoints, tied_embedding_rows([resolve_input(item) for item in names]))
     except MergeInputError as error:
         left_out, refused = {}, [" ".join(str(error).split())]
     else:
