@@ -720,3 +720,28 @@ def test_npy_header_fast_path_leaves_anything_unusual_to_numpy(header):
     text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
     stream = io.BytesIO(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text)
     assert _plain_header(stream) is None and stream.tell() == 0
+
+
+@pytest.mark.parametrize(("configs", "rows"), [
+    ([{"model_type": "gpt2", "vocab_size": 256}, {"model_type": "gpt2", "vocab_size": 999}], {256}),  # the first's
+    ([None, {"model_type": "gpt2", "vocab_size": 256}], {256}),  # the first input *with* a config
+    ([{"model_type": "llava", "text_config": {"vocab_size": 300}, "vision_config": {"hidden_size": 8}}], {300}),
+    ([{"model_type": "x", "vocab_size": 5, "text_config": {"vocab_size": 300}}], {5, 300}),
+    ([{"model_type": "gpt2", "vocab_size": 256, "tie_word_embeddings": False}], set()),  # untied
+    ([{"model_type": "x", "vocab_size": 256, "text_config": {"tie_word_embeddings": False}}], set()),
+    ([{"model_type": "x", "vocab_size": True}], set()),  # no usable vocab_size: nothing tied
+    ([{"model_type": "x"}], set()),
+    ([None, None], None),  # no config beside any input: nothing known
+])
+def test_tied_embedding_rows_are_the_first_model_configs_vocab_sizes_when_it_ties_them(tmp_path, configs, rows):
+    from fedsoup.io.hf import tied_embedding_rows
+    from fedsoup.io.resolve import resolve_input
+    inputs = []
+    for index, config in enumerate(configs):
+        folder = tmp_path / f"m{index}"
+        folder.mkdir()
+        save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(config))
+        inputs.append(resolve_input(folder / "model.safetensors"))
+    assert tied_embedding_rows(inputs) == (None if rows is None else frozenset(rows))
