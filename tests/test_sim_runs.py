@@ -65,3 +65,41 @@ def test_comparison_counts_every_round_of_every_strategy(tmp_path, monkeypatch):
             "--out", str(tmp_path)]
     assert compare_main(args) == 0
     assert len(steps) == 2 * 2 * 2  # strategies × seeds × rounds
+
+
+class _Records(__import__("logging").Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records = []
+
+    def emit(self, record) -> None:
+        self.records.append(record)
+
+
+def _flower_records(argv):
+    import logging
+
+    records = _Records()
+    flower = logging.getLogger("flwr")
+    level = flower.level
+    flower.addHandler(records)
+    try:
+        assert compare_main(argv) == 0
+    finally:
+        flower.removeHandler(records)
+    assert flower.level == level  # the command leaves Flower's logger as it found it
+    return [r.getMessage() for r in records.records if r.levelno >= logging.INFO]
+
+
+def test_flower_per_round_logs_are_off_by_default_and_on_with_verbose(tmp_path, capsys):
+    """`make demo` printed ~1,500 Flower INFO/WARNING lines (per-round metric dumps, "fraction_evaluate
+    is set to 0.0" once per strategy) before the table: by default a comparison shows one line per
+    strategy and the table; --verbose gives Flower's logs back."""
+    default = _flower_records([*TINY, "--out", str(tmp_path / "default")])
+    assert default == [], default[:5]
+    printed = capsys.readouterr().out
+    assert "fedavg: 1 round in " in printed and "final test accuracy" in printed
+    verbose = _flower_records([*TINY, "--verbose", "--out", str(tmp_path / "verbose")])
+    assert any("[ROUND 1/1]" in m for m in verbose) and any("fraction_evaluate" in m for m in verbose)
+    quiet = _flower_records([*TINY, "--quiet", "--out", str(tmp_path / "quiet")])
+    assert quiet == [] and "final test accuracy" not in capsys.readouterr().out
