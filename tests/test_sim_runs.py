@@ -79,8 +79,9 @@ class _Records(__import__("logging").Handler):
 def _flower_records(argv):
     import logging
 
+    from flwr.common.logger import FLOWER_LOGGER as flower  # importing flwr sets its level: import it first
+
     records = _Records()
-    flower = logging.getLogger("flwr")
     level = flower.level
     flower.addHandler(records)
     try:
@@ -101,5 +102,6 @@ def test_flower_per_round_logs_are_off_by_default_and_on_with_verbose(tmp_path, 
     assert "fedavg: 1 round in " in printed and "final test accuracy" in printed
     verbose = _flower_records([*TINY, "--verbose", "--out", str(tmp_path / "verbose")])
     assert any("[ROUND 1/1]" in m for m in verbose) and any("fraction_evaluate" in m for m in verbose)
+    capsys.readouterr()
     quiet = _flower_records([*TINY, "--quiet", "--out", str(tmp_path / "quiet")])
     assert quiet == [] and "final test accuracy" not in capsys.readouterr().out

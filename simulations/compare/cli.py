@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import sys
 import time
@@ -15,8 +15,8 @@ from fedsoup.atomic import atomic_write_text
 from simulations.compare.presets import PRESETS
 from simulations.compare.report import describe, seeds_table, write_outputs
 from simulations.compare.run import (
-    Comparison, OnRound, RoundProgress, StrategyRun, check_server_only, parse_assignments, parse_strategy,
-    run_comparison, run_comparison_inprocess,
+    Comparison, OnRound, OnStrategy, RoundProgress, StrategyRun, check_server_only, flower_logs, parse_assignments,
+    parse_strategy, run_comparison, run_comparison_inprocess,
 )
 from simulations.compare.sweeps import SweepPoint, parse_sweep, sweep_pairs, write_sweep_outputs
 from simulations.config import SimConfig
@@ -49,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "after the other (same numbers, for quick sweeps). Default: the preset's, else ray")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs Ray may use (default: all); each client takes one")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bar and no Flower INFO lines; tables and paths are still printed")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress (bar and one line per strategy); tables and paths are still printed")
+    shown.add_argument("-v", "--verbose", action="store_true",
+                       help="also Flower's own logs: per-round sampling and metrics, final dumps "
+                            "(default: Flower's warnings and errors only)")
     return p
 
 
@@ -96,28 +100,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.quiet:
-        # Importing flwr sets its logger to DEBUG: import it first, so that the level set here stays.
-        from flwr.common.logger import FLOWER_LOGGER
-
-        FLOWER_LOGGER.setLevel(logging.WARNING)
     sweep = (sweep[0], tuple(str(v) for v in sweep[1])) if sweep else None
     seeds = list(args.seeds or preset.get("seeds") or [None])
     out = fresh_run_dir(args.out or Path("results") / f"compare-{args.preset or 'custom'}")
     print(f"writing to {out}", flush=True)
-    options = {"backend": args.backend or preset.get("backend", "ray"),
-               "ray_config": {"init_args": {"num_cpus": args.num_cpus}} if args.num_cpus else None}
     progress = RoundProgress(_total_rounds(base, runs, sweep, seeds), quiet=args.quiet)
+    options = {"backend": args.backend or preset.get("backend", "ray"),
+               "ray_config": {"init_args": {"num_cpus": args.num_cpus}} if args.num_cpus else None,
+               "on_round": progress.step, "on_strategy": progress.strategy_done}
     start = time.perf_counter()
-    try:
+    with flower_logs(args.verbose), contextlib.closing(progress):
         if sweep:
-            written = run_sweep(base, runs, seeds, out, sweep, preset.get("pairs"), on_round=progress.step, **options)
+            written = run_sweep(base, runs, seeds, out, sweep, preset.get("pairs"), **options)
         else:
-            run_seeds(base, runs, seeds, out, on_round=progress.step, **options)
+            run_seeds(base, runs, seeds, out, **options)
             plot = "perplexity.png" if SimConfig.from_run_config(base).task == "lm" else "accuracy.png"
             written = "table.md and seed-*/" if len(seeds) > 1 else f"table.md, results.json, results.csv, {plot}"
-    finally:
-        progress.close()
     link_latest(out)
     print(f"wrote {out}/{written} ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -150,7 +148,7 @@ def sweep_setting(base: Mapping[str, Any], key: str, values: Sequence[str], seed
 
 def run_seeds(base: Mapping[str, Any], runs: Sequence[StrategyRun], seeds: Sequence[int | None], out: Path,
               *, backend: str, ray_config: Mapping[str, Any] | None = None,
-              on_round: OnRound | None = None) -> list[list[StrategyRun]]:
+              on_round: OnRound | None = None, on_strategy: OnStrategy | None = None) -> list[list[StrategyRun]]:
     """The comparison once per seed (``None``: the config's seed); outputs per seed and a mean ± std table."""
     per_seed: list[list[StrategyRun]] = []
     for seed in seeds:
@@ -158,9 +156,10 @@ def run_seeds(base: Mapping[str, Any], runs: Sequence[StrategyRun], seeds: Seque
         runs_s = [StrategyRun(r.label, dict(r.overrides)) for r in runs]
         comparison: Comparison
         if backend == "ray":
-            comparison = run_comparison(base_s, runs_s, backend_config=ray_config, on_round=on_round)
+            comparison = run_comparison(base_s, runs_s, backend_config=ray_config, on_round=on_round,
+                                        on_strategy=on_strategy)
         else:
-            comparison = run_comparison_inprocess(base_s, runs_s, on_round=on_round)
+            comparison = run_comparison_inprocess(base_s, runs_s, on_round=on_round, on_strategy=on_strategy)
         out_s = out if len(seeds) == 1 else out / f"seed-{seed}"
         table = write_outputs(out_s, base_s, comparison)
         print(f"\n{describe(SimConfig.from_run_config(base_s))}\n\n{table}", flush=True)
