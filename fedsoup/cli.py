@@ -137,6 +137,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     for copy in report["tied_copies"]:
         print(f"{copy['file']}: tensor {copy['tensor']!r} is a tied copy of {copy['copy_of']!r}: a merge leaves it "
               f"out, as save_pretrained does (from_pretrained ties it back)")
+    for warning in report["warnings"]:  # what a merge would warn about: it still runs
+        print(f"warning: {warning}")
     for refusal in report["refusals"]:
         print(f"not mergeable: {refusal}")
     if mismatches:

@@ -8,12 +8,13 @@ import torch
 
 from fedsoup.errors import MergeInputError
 from fedsoup.inputs import NO_TENSORS
+from fedsoup.io.formats import dtype_str
 from fedsoup.io.quantized import DEQUANTIZE_HINT, quantized_layout
 from fedsoup.io.readers import Checkpoint
 from fedsoup.structure import check_structure, structure_differences
 
 __all__ = ["check_compatible", "check_unquantized", "check_has_tensors", "check_integers_agree", "COUNTERS", "differences",
-           "check_finite", "tied_copies", "same_bytes"]
+           "check_finite", "tied_copies", "same_bytes", "mixed_float_dtypes"]
 
 # Integer tensors that count something and may differ across inputs (the output keeps the
 # first input's, in visiting order): BatchNorm's batch counter, an averaged model's count.
@@ -42,6 +43,30 @@ def check_compatible(checkpoints: Sequence[Checkpoint], reference: Checkpoint | 
         if checkpoint is not reference:
             check_structure(reference.infos, checkpoint.infos, ingredient=index, path=checkpoint.name,
                             reference_name=reference.name)
+
+
+def mixed_float_dtypes(checkpoints: Sequence[Checkpoint], first: int = 0) -> list[str]:
+    """The warning a merge with no output dtype gives when some tensor comes in different float
+    dtypes (a bf16 and an fp32 checkpoint): at most one, naming the first such tensor, the
+    dtypes and the inputs holding them, and the dtype written, that of input ``first`` (the
+    first in visiting order). Over checkpoints that passed :func:`check_compatible`."""
+    mixed = []
+    for key, info in checkpoints[0].infos.items():
+        if info.is_floating:
+            dtypes: dict[torch.dtype, str] = {}  # each dtype with the first input that has it
+            for checkpoint in checkpoints:
+                dtypes.setdefault(checkpoint.infos[key].dtype, checkpoint.name)
+            if len(dtypes) > 1:
+                mixed.append((key, dtypes))
+    if not mixed:
+        return []
+    key, dtypes = mixed[0]
+    chosen = checkpoints[first].infos[key].dtype
+    listed = ", ".join(f"{dtype_str(dtype)} in {name}" for dtype, name in dtypes.items())
+    more = f" (and {len(mixed) - 1} more tensors)" if len(mixed) > 1 else ""
+    return [f"the inputs' float dtypes differ: tensor {key!r} is {listed}{more}; writing {dtype_str(chosen)}, "
+            f"the dtype of {checkpoints[first].name} (the first input in visiting order); pass dtype= (--dtype) "
+            f"to choose"]
 
 
 def tied_copies(checkpoints: Sequence[Checkpoint], embedding_rows: Collection[int] | None

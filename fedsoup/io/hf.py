@@ -15,7 +15,10 @@ snapshot, whose files all link to its blobs (:func:`link_root`); any other link 
 so that a directory from a stranger (``tokenizer.json -> ~/.ssh/id_rsa``) cannot make the
 merge copy the user's files into the model they publish. When the inputs' ``config.json``
 differ beyond bookkeeping fields, a :class:`~fedsoup.errors.MergeWarning` names the first
-input that differs and the fields.
+input that differs and the fields (:func:`config_differences`), and when their tokenizers map
+ids to other tokens, another names the input and its vocabulary files
+(:func:`tokenizer_differences`); a refusal of other tensor names or shapes between models of
+other configs names the fields (:func:`with_config_cause`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
     "model_directory_files", "uncarried_files", "carried_names", "chat_template_files", "custom_code_files",
     "first_model", "config_bytes", "CHAT_TEMPLATE_DIR", "ties_word_embeddings", "link_root",
-    "tied_embedding_rows",
+    "tied_embedding_rows", "VOCABULARY_FILES", "config_differences", "tokenizer_differences",
+    "differing_config_fields", "with_config_cause",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -85,6 +89,13 @@ MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CACHE_SNAPSHOTS = "snapshots"
 _CACHE_MODEL_PREFIX = "models--"
 _LINK_ADVICE = "copy the file into the directory in place of the link"
+# The files that define a tokenizer's token <-> id mapping (:func:`tokenizer_differences`):
+# JSON files compared parsed (only the named fields of tokenizer.json: its vocabulary and merges,
+# and the added tokens; formatting and the other fields change with the transformers version
+# that saved it), the others byte for byte.
+_VOCABULARY_JSON = {"tokenizer.json": ("model", "added_tokens"), "added_tokens.json": None}
+VOCABULARY_FILES = ("tokenizer.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 # Config fields that say where or with what a model was saved, not what it is.
 _BOOKKEEPING = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype"})
 
@@ -243,25 +254,127 @@ def model_directory_files(inputs: Sequence[ResolvedInput], weights_dtype: torch.
         data = _carried_bytes(first.directory / name, root)
         if data is not None:  # (replaced by something else since it was listed: skipped, as it would have been)
             files[name] = data
+    for message in config_differences(inputs):
+        warnings.warn(message, MergeWarning, stacklevel=4)  # at the caller of merge_files
     config = read_config(first.config_path)
-    for other in inputs:
-        if other.kind != MODEL or other is first:
-            continue
-        fields = _differing_fields(config, read_config(other.config_path))
-        if fields:
-            shown = ", ".join(fields[:5]) + (f" and {len(fields) - 5} more" if len(fields) > 5 else "")
-            warnings.warn(
-                f"{other.config_path} differs from {first.config_path} ({shown}); "
-                f"the output carries the configuration of {first.name}",
-                MergeWarning, stacklevel=4,  # at the caller of merge_files
-            )
-            break
     keys = _dtype_key(config)
     if weights_dtype in MODEL_DTYPES and any(config.get(key) != dtype_str(weights_dtype) for key in keys):
         for key in keys:
             config[key] = dtype_str(weights_dtype)
         files[CONFIG_NAME] = config_bytes(config)
     return files
+
+
+def differing_config_fields(first: ResolvedInput, other: ResolvedInput) -> list[str]:
+    """The ``config.json`` fields in which two model inputs differ, sorted, bookkeeping fields
+    (``_name_or_path``, ``transformers_version``, the dtype) left out; empty unless both are
+    inputs in a model directory."""
+    if first.kind != MODEL or other.kind != MODEL:
+        return []
+    return _differing_fields(read_config(first.config_path), read_config(other.config_path))
+
+
+def _shown(names: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def config_differences(inputs: Sequence[ResolvedInput]) -> list[str]:
+    """The warning a merge of ``inputs`` into a directory gives when their ``config.json`` differ
+    (:func:`model_directory_files`; ``fedsoup inspect`` reports it too): at most one, naming the
+    first model input whose config differs from the first model's, and its fields. Fields no
+    tensor shows (``n_head`` at the same width, ``rope_theta``) cannot be told from the weights,
+    so the output carries the first config and the user must check."""
+    first = first_model(inputs)
+    for other in inputs:
+        if first is None or other.kind != MODEL or other is first:
+            continue
+        fields = differing_config_fields(first, other)
+        if fields:
+            return [f"{other.config_path} differs from {first.config_path} ({_shown(fields)}); "
+                    f"the output carries the configuration of {first.name}"]
+    return []
+
+
+def with_config_cause(error: MergeInputError, inputs: Sequence[ResolvedInput]) -> MergeInputError:
+    """``error``, a refusal of input ``error.ingredient`` against the first input (another tensor
+    name or shape, :func:`fedsoup.io.checks.check_compatible`), with the ``config.json`` fields
+    in which the two differ added to its reason (``... (their config.json differ in n_layer)``):
+    the cause a user can act on, when the tensors only show its effect. ``error`` itself when
+    either is no model input or their configs agree; its attributes are kept."""
+    if error.ingredient is None or not 0 < error.ingredient < len(inputs):
+        return error
+    fields = differing_config_fields(inputs[0], inputs[error.ingredient])
+    if not fields:
+        return error
+    return MergeInputError(f"{error.reason} (their config.json differ in {_shown(fields)})",
+                           ingredient=error.ingredient, key=error.key, path=error.path, field=error.field)
+
+
+def _vocabulary(item: ResolvedInput) -> dict[str, Any]:
+    """What defines the token <-> id mapping of a model input's tokenizer, by file name
+    (:data:`VOCABULARY_FILES`): ``tokenizer.json``'s ``model`` (vocabulary, merges) and
+    ``added_tokens`` parsed as JSON, ``added_tokens.json`` parsed, the others' bytes.
+
+    Files are read as carried files are (:func:`_carried_bytes`); one that would be refused
+    when carried (a link leading out of the model) is not compared: it is not read here, and a
+    merge into a directory refuses it where it is carried.
+    """
+    root = link_root(item.directory)
+    found: dict[str, Any] = {}
+    for name in VOCABULARY_FILES:
+        try:
+            data = _carried_bytes(item.directory / name, root)
+        except MergeInputError:
+            continue
+        if data is None:
+            continue
+        if name in _VOCABULARY_JSON:
+            try:
+                parsed = json.loads(data)
+            except (UnicodeDecodeError, ValueError):
+                parsed = data  # not JSON: compared byte for byte
+            fields = _VOCABULARY_JSON[name]
+            if fields and isinstance(parsed, dict):
+                parsed = {field: parsed.get(field) for field in fields}
+            data = parsed
+        found[name] = data
+    return found
+
+
+def tokenizer_differences(inputs: Sequence[ResolvedInput]) -> list[str]:
+    """The warning a merge of ``inputs`` gives when their tokenizers map ids to other tokens: at
+    most one, naming the first model input whose vocabulary files differ from the first model's
+    and those files (and how many other inputs differ).
+
+    Row ``i`` of a word embedding stands for token ``i`` of the model's tokenizer: averaging
+    models whose tokenizers differ (same size, other vocabularies) averages the rows of
+    different tokens, and the output carries the first model's tokenizer. Only what defines
+    the mapping is compared (:func:`_vocabulary`), not formatting: the same tokenizer saved by
+    two transformers versions (other whitespace, key order, padding or truncation settings)
+    gives no warning. A file is compared where both inputs have it; an input without
+    tokenizer files is not compared. Given for every merge of models (the embeddings are
+    averaged whatever the output), and by ``fedsoup inspect``.
+    """
+    first = first_model(inputs)
+    if first is None:
+        return []
+    reference = _vocabulary(first)
+    differing = []
+    for other in inputs:
+        if not reference or other.kind != MODEL or other is first:
+            continue
+        theirs = _vocabulary(other)
+        names = [name for name in reference if name in theirs and theirs[name] != reference[name]]
+        if names:
+            differing.append((other, names))
+    if not differing:
+        return []
+    other, names = differing[0]
+    more = f" (and {len(differing) - 1} more inputs)" if len(differing) > 1 else ""
+    files = ", ".join(str(other.directory / name) for name in names)
+    return [f"the tokenizer of {other.name} differs from that of {first.name}{more} ({files} against "
+            f"{first.directory}'s): the same token id stands for other tokens, so the merge averages the embedding "
+            f"rows of different tokens; a directory output carries the tokenizer of {first.name}"]
 
 
 def first_model(inputs: Sequence[ResolvedInput]) -> ResolvedInput | None:

@@ -24,9 +24,11 @@ import torch
 
 from fedsoup.atomic import atomic_write_text
 from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExistsError
-from fedsoup.io.checks import check_compatible, check_has_tensors, check_unquantized, tied_copies
+from fedsoup.io.checks import (check_compatible, check_has_tensors, check_unquantized, mixed_float_dtypes,
+                               tied_copies)
 from fedsoup.io.formats import TensorInfo, dtype_str
-from fedsoup.io.hf import check_model_inputs, first_model, model_directory_files, tied_embedding_rows, uncarried_files
+from fedsoup.io.hf import (check_model_inputs, first_model, model_directory_files, tied_embedding_rows,
+                           tokenizer_differences, uncarried_files, with_config_cause)
 from fedsoup.io.layout import OutputLayout
 from fedsoup.io.readers import Checkpoint, open_weights_file, without_tensors
 from fedsoup.io.resolve import ADAPTER, ResolvedInput, expand_inputs, open_checkpoint, resolve_input
@@ -164,25 +166,14 @@ def _output_infos(checkpoints: Sequence[Checkpoint], first: int, dtype: torch.dt
 
 def _warn_mixed_dtypes(checkpoints: Sequence[Checkpoint], first: int) -> None:
     """One warning when some tensor comes in different float dtypes (a bf16 and an fp32 checkpoint)."""
-    mixed = []
-    for key, info in checkpoints[0].infos.items():
-        if info.is_floating:
-            dtypes: dict[torch.dtype, str] = {}  # each dtype with the first input that has it
-            for checkpoint in checkpoints:
-                dtypes.setdefault(checkpoint.infos[key].dtype, checkpoint.name)
-            if len(dtypes) > 1:
-                mixed.append((key, dtypes))
-    if not mixed:
-        return
-    key, dtypes = mixed[0]
-    chosen = checkpoints[first].infos[key].dtype
-    listed = ", ".join(f"{dtype_str(dtype)} in {name}" for dtype, name in dtypes.items())
-    more = f" (and {len(mixed) - 1} more tensors)" if len(mixed) > 1 else ""
-    warnings.warn(
-        f"the inputs' float dtypes differ: tensor {key!r} is {listed}{more}; writing {dtype_str(chosen)}, "
-        f"the dtype of {checkpoints[first].name} (the first input in visiting order); pass dtype= (--dtype) to choose",
-        MergeWarning, stacklevel=5,  # at the caller of merge_files
-    )
+    for message in mixed_float_dtypes(checkpoints, first):
+        warnings.warn(message, MergeWarning, stacklevel=5)  # at the caller of merge_files
+
+
+def _warn_tokenizers(resolved: Sequence[ResolvedInput]) -> None:
+    """One warning when the model inputs' tokenizers map ids to other tokens (:func:`tokenizer_differences`)."""
+    for message in tokenizer_differences(resolved):
+        warnings.warn(message, MergeWarning, stacklevel=4)  # at the caller of merge_files
 
 
 def _warn_not_carried(resolved: Sequence[ResolvedInput], output) -> None:
@@ -250,7 +241,10 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         check_has_tensors(checkpoints)
         embedding_rows = tied_embedding_rows(resolved)
         checkpoints, notes = _leave_out_tied_copies(checkpoints, embedding_rows)
-        check_compatible(checkpoints)
+        try:
+            check_compatible(checkpoints)
+        except MergeInputError as error:  # other tensors: say so from the configs too, when they differ
+            raise with_config_cause(error, resolved) from None
         check_unquantized(checkpoints)
         call = {  # what this merge merges: the per-input numbers, resolved against the inputs
             "weights": per_input_values("weights", weights, names, metrics) if weights is not None else None,
@@ -274,6 +268,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
             extra_files = model_directory_files(resolved, float_dtypes.pop() if len(float_dtypes) == 1 else None)
         elif copy_config:
             _warn_not_carried(resolved, output)
+        _warn_tokenizers(resolved)
         metadata = {
             "fedsoup.version": _version(),
             "fedsoup.inputs": json.dumps(names),
