@@ -72,7 +72,7 @@ def test_inspect_exit_status(tmp_path, capsys):
     assert "mergeable: 2 checkpoints" in capsys.readouterr().out
     assert cli.main(["inspect", *other]) == 1
     out = capsys.readouterr().out
-    assert "not mergeable: 1 differences" in out and "tensor 'w'" in out
+    assert "not mergeable: 1 difference with" in out and "tensor 'w'" in out
     assert cli.main(["inspect", "--json", *other]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["mergeable"] is False and report["differences"]
@@ -103,3 +103,63 @@ def test_merge_with_nothing_given_asks_for_the_inputs_first(capsys):
     assert cli.main(["merge"]) == 2
     err = capsys.readouterr().err
     assert "no inputs" in err and err.count("\n") == 1
+
+
+def test_misspelt_flag_prints_the_short_usage_and_the_suggestion(tmp_path, capsys):
+    """As git does: one usage line and the suggestion, not the 15-line list of every flag before it."""
+    err = usage_error(capsys, "merge", *checkpoints(tmp_path), "-o", tmp_path / "o.safetensors", "--dtpye", "fp16")
+    lines = err.strip().splitlines()
+    assert len(lines) <= 3, err
+    assert lines[0].startswith("usage: fedsoup merge") and "--help" in err
+    assert lines[-1] == "fedsoup merge: error: unknown flag '--dtpye'; did you mean '--dtype'?"
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--help"])
+    assert "--dtype DTYPE" in capsys.readouterr().out  # --help still lists every flag
+
+
+def summary(capsys, *argv) -> str:
+    assert cli.main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_soup_summary_says_what_happened_not_epochs_and_steps(tmp_path, capsys):
+    inputs = checkpoints(tmp_path)
+    for mode in ("--in-memory", "--low-memory"):
+        line = summary(capsys, "merge", *inputs, "-o", tmp_path / "o.safetensors", "-f", mode)
+        assert line.endswith(f"({mode[2:]}; soup: the weighted mean)"), line
+        assert "epoch" not in line and "steps" not in line
+    line = summary(capsys, "merge", *inputs, "-o", tmp_path / "o.safetensors", "-f", "--optimizer", "adam",
+                   "--epochs", "2")
+    assert "(in-memory, 2 epochs; fused path, Adam, 4 steps, lr " in line, line
+
+
+def test_counts_are_singular_for_one(tmp_path, capsys):
+    save_file({"w": torch.randn(3, 2)}, tmp_path / "one.safetensors")
+    line = summary(capsys, "merge", tmp_path / "one.safetensors", "-o", tmp_path / "o.safetensors")
+    assert "merged 1 input into " in line and ": 1 tensor, 6 parameters, " in line, line
+
+
+def test_adam_summary_names_the_tensors_identical_in_every_input(tmp_path, capsys):
+    """Their scale-aware lr is 0 (their pseudogradient is 0): the range is over the tensors that differ."""
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": torch.randn(3, 2), "v": torch.randn(4) * 10, "same": torch.ones(5), "same2": torch.ones(2)},
+                  paths[-1])
+    line = summary(capsys, "merge", *paths, "-o", tmp_path / "o.safetensors", "--optimizer", "adam")
+    assert "lr 0.." not in line, line
+    assert "per tensor (scale-aware default; 0 on 2 tensors identical in every input)" in line, line
+
+
+def test_report_lr_wording():
+    from fedsoup.report import MergeReport
+
+    def shown(lr, default=True):
+        return MergeReport("fused", "Adam", 1, 2, lr=lr, lr_default=default).describe()
+
+    assert shown({"a": 1e-3, "b": 1e-3}) == "fused path, Adam, 2 steps, lr 0.001 (scale-aware default)"
+    assert shown({"a": 0.0, "b": 1e-3}) == ("fused path, Adam, 2 steps, lr 0.001 (scale-aware default; "
+                                            "0 on 1 tensor identical in every input)")
+    assert shown({"a": 0.0, "b": 0.0}) == "fused path, Adam, 2 steps, lr 0 (scale-aware default: every input identical)"
+    assert shown({"a": 0.1, "b": 0.2}, default=False) == "fused path, Adam, 2 steps, lr 0.1..0.2 per tensor"
+    assert MergeReport("soup", "SGD", 1, 0, lr={"a": 1.0}).describe() == "soup: the weighted mean"
