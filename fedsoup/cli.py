@@ -34,6 +34,7 @@ from fedsoup.errors import (MergeInputError, MergeWarning, OptionError, OutputEr
 from fedsoup.offline import DEFAULT_SHARD_SIZE, inspect_files, load_config, run_merge_files
 from fedsoup.offline.producers import human_bytes
 from fedsoup.offline.tables import import_object
+from fedsoup.report import counted
 
 PROG = "fedsoup"
 # Optimizer arguments with flags of their own (any other: --opt KEY=VALUE).
@@ -106,11 +107,13 @@ def run_merge(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     inputs, output = settings.pop("inputs", []), settings.pop("output", None)
     report = run_merge_files(inputs, output, progress=not args.quiet, **settings)
+    mode = "low-memory" if report.low_memory else "in-memory"
+    if report.path != "soup":  # the soup is no epoch of steps
+        mode += f", {counted(report.epochs, 'epoch')}"
     print(
-        f"{PROG}: merged {len(report.inputs)} inputs into {report.output}: {report.tensors} tensors, "
-        f"{report.parameters:,} parameters, {report.seconds:.1f} s "
-        f"({'low-memory' if report.low_memory else 'in-memory'}, {report.epochs} epoch{'s' if report.epochs != 1 else ''}; "
-        f"{report.describe()})"
+        f"{PROG}: merged {counted(len(report.inputs), 'input')} into {report.output}: "
+        f"{counted(report.tensors, 'tensor')}, {counted(report.parameters, 'parameter')}, {report.seconds:.1f} s "
+        f"({mode}; {report.describe()})"
     )
     if report.lora is not None:
         print(f"{PROG}: {report.lora.summary()}")
@@ -125,7 +128,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         return 0 if report["mergeable"] else 1
     checkpoints, mismatches = report["checkpoints"], report["differences"]
     for checkpoint in checkpoints:
-        print(f"{checkpoint['file']}: {checkpoint['tensors']} tensors, {checkpoint['parameters']:,} parameters, "
+        print(f"{checkpoint['file']}: {counted(checkpoint['tensors'], 'tensor')}, "
+              f"{counted(checkpoint['parameters'], 'parameter')}, "
               f"{human_bytes(checkpoint['bytes'])} ({checkpoint['format']})")
         if not args.summary:
             width = max((len(key) for key in checkpoint["keys"]), default=0)
@@ -142,7 +146,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     for refusal in report["refusals"]:
         print(f"not mergeable: {refusal}")
     if mismatches:
-        print(f"not mergeable: {len(mismatches)} differences with {checkpoints[0]['file']}")
+        print(f"not mergeable: {counted(len(mismatches), 'difference')} with {checkpoints[0]['file']}")
         limit = None if args.all else 20
         for line in mismatches[:limit]:
             print(f"  {line}")
@@ -160,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser(
         "merge", help="merge checkpoint files into one", formatter_class=argparse.RawDescriptionHelpFormatter,
+        # One line, as git's: argparse's own lists all 30 flags (15 lines) above every usage error.
+        usage="%(prog)s [options] INPUT... -o PATH",
         argument_default=argparse.SUPPRESS,  # only flags given override the config file
         description="Merge checkpoints (.safetensors, sharded safetensors directories or *.index.json, "
                     ".pt/.pth/.bin/.ckpt loaded with torch.load(weights_only=True), .npz, Hugging Face model "

@@ -23,7 +23,12 @@ from fedsoup.ball import BallCheck
 if TYPE_CHECKING:
     from fedsoup.lora.report import LoraReport
 
-__all__ = ["MergeReport"]
+__all__ = ["MergeReport", "counted"]
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``count`` and ``noun`` in agreement: ``1 input``, ``2 inputs``, ``1,024 tensors``, ``0 differences``."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
 
 @dataclass(frozen=True)
@@ -99,16 +104,31 @@ class MergeReport:
         return figures
 
     def describe(self) -> str:
-        """One line: path, learning rate(s), steps, the ball."""
-        parts = [f"{self.path} path", f"{self.optimizer}, {self.steps} step{'s' if self.steps != 1 else ''}"]
-        if self.lr_range is not None:
-            low, high = self.lr_range
-            shown = f"lr {low:.3g}" if f"{low:.3g}" == f"{high:.3g}" else f"lr {low:.3g}..{high:.3g} per tensor"
-            parts.append(shown + (" (scale-aware default)" if self.lr_default else ""))
+        """One line: path, learning rate(s), steps, the ball; for the soup identity, what it is."""
+        if self.path == "soup":  # one weighted mean, not an optimizer's epoch of steps
+            return "soup: the weighted mean"
+        parts = [f"{self.path} path", f"{self.optimizer}, {counted(self.steps, 'step')}"]
+        if self.lr:
+            parts.append(self._describe_lr())
         if self.ball is not None:
             parts.append(f"{self.distance:.4g} from the soup, ball radius {self.radius:.4g}"
                          + (" (OUTSIDE)" if self.outside_ball else ""))
         return ", ".join(parts)
+
+    def _describe_lr(self) -> str:
+        """``lr 0.001``, ``lr 1e-05..0.001 per tensor``; a scale-aware default's zeros apart: they are
+        the tensors identical in every input (``ρ_t = 0``, nothing to move; fedsoup.defaults)."""
+        values = list(self.lr.values())
+        identical = sum(1 for value in values if value == 0) if self.lr_default else 0
+        moved = [value for value in values if value != 0] if identical else values
+        if not moved:
+            return "lr 0 (scale-aware default: every input identical)"
+        low, high = min(moved), max(moved)
+        text = f"lr {low:.3g}" if f"{low:.3g}" == f"{high:.3g}" else f"lr {low:.3g}..{high:.3g} per tensor"
+        notes = ["scale-aware default"] if self.lr_default else []
+        if identical:
+            notes.append(f"0 on {counted(identical, 'tensor')} identical in every input")
+        return text + (f" ({'; '.join(notes)})" if notes else "")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly record (the output's ``fedsoup.report`` metadata or sidecar file)."""

@@ -110,7 +110,7 @@ def test_misspelt_flag_prints_the_short_usage_and_the_suggestion(tmp_path, capsy
     err = usage_error(capsys, "merge", *checkpoints(tmp_path), "-o", tmp_path / "o.safetensors", "--dtpye", "fp16")
     lines = err.strip().splitlines()
     assert len(lines) <= 3, err
-    assert lines[0].startswith("usage: fedsoup merge") and "--help" in err
+    assert lines[0] == "usage: fedsoup merge [options] INPUT... -o PATH"
     assert lines[-1] == "fedsoup merge: error: unknown flag '--dtpye'; did you mean '--dtype'?"
     with pytest.raises(SystemExit):
         cli.main(["merge", "--help"])
