@@ -56,10 +56,10 @@ def tokenizers_(tmp_path_factory):
     return trained_tokenizer(Path(argparse.__file__)), trained_tokenizer(Path(typing.__file__))
 
 
-def _merge_warnings(inputs, out: Path) -> list[str]:
+def _merge_warnings(inputs, out: Path, low_memory: bool = False) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fedsoup.merge_files(inputs, out)
+        fedsoup.merge_files(inputs, out, low_memory=low_memory)
     return [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
 
 
@@ -74,6 +74,8 @@ def test_models_with_different_tokenizers_merge_with_a_warning_naming_the_input_
     found = [message for message in _merge_warnings(inputs, tmp_path / "mix") if "tokenizer" in message]
     assert len(found) == 1, found
     assert f"{inputs[2]}/tokenizer.json" in found[0] and inputs[0] in found[0] and "client1" not in found[0]
+    assert [m for m in _merge_warnings(inputs, tmp_path / "mix-low", low_memory=True) if "tokenizer" in m] == found
+    assert found[0] in _merge_warnings(inputs, tmp_path / "mix.safetensors")  # for any output
     assert cli.main(["merge", *inputs, "-o", str(tmp_path / "mix2"), "--quiet"]) == 0
     assert cli.main(["merge", *inputs, "-o", str(tmp_path / "mix3")]) == 0
     err = capsys.readouterr().err
@@ -129,11 +131,12 @@ def test_a_refusal_between_models_of_other_configs_names_the_differing_fields(tm
     """A 3-layer model (its own third layer) beside a 2-layer one: refused for a tensor 'not in
     client0', and now also naming n_layer, the cause."""
     inputs = [save(gpt2(0), tmp_path / "client0"), save(gpt2(1, n_layer=3), tmp_path / "deeper")]
-    with pytest.raises(MergeInputError) as caught:
-        fedsoup.merge_files(inputs, tmp_path / "out")
-    error = caught.value
-    assert error.key.startswith("transformer.h.2.") and error.path == inputs[1] and error.ingredient == 1
-    assert "not in" in str(error) and "(their config.json differ in n_layer)" in str(error), str(error)
+    for low_memory in (False, True):
+        with pytest.raises(MergeInputError) as caught:
+            fedsoup.merge_files(inputs, tmp_path / "out", low_memory=low_memory)
+        error = caught.value
+        assert error.key.startswith("transformer.h.2.") and error.path == inputs[1] and error.ingredient == 1
+        assert "not in" in str(error) and "(their config.json differ in n_layer)" in str(error), str(error)
     assert not (tmp_path / "out").exists()
     capsys.readouterr()  # (save_pretrained's progress)
     assert cli.main(["merge", *inputs, "-o", str(tmp_path / "out")]) == 2
@@ -146,3 +149,22 @@ def test_a_refusal_between_models_of_other_configs_names_the_differing_fields(tm
     with pytest.raises(MergeInputError) as caught:
         fedsoup.merge_files([inputs[0], same], tmp_path / "out")
     assert "config.json differ" not in str(caught.value)
+
+
+def test_a_vocabulary_file_linking_out_of_its_model_is_not_read(tmp_path):
+    """Vocabulary files are read as carried files are: a link leading out of an input's model
+    (not carried from it) is neither followed nor a refusal, and compares as absent."""
+    inputs = [save(gpt2(0), tmp_path / "a"), save(gpt2(1), tmp_path / "b")]
+    (tmp_path / "a" / "vocab.txt").write_bytes(b"hello\nworld\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not a vocabulary\n")
+    (tmp_path / "b" / "vocab.txt").symlink_to(secret)
+    assert _merge_warnings(inputs, tmp_path / "out") == []
+    assert fedsoup.inspect_files(inputs)["warnings"] == []
+
+
+def test_inspect_names_the_config_field_behind_tensor_differences(tmp_path):
+    inputs = [save(gpt2(0), tmp_path / "client0"), save(gpt2(1, n_layer=3), tmp_path / "deeper")]
+    report = fedsoup.inspect_files(inputs)
+    assert report["mergeable"] is False and any("transformer.h.2." in line for line in report["differences"])
+    assert len(report["warnings"]) == 1 and "(n_layer)" in report["warnings"][0], report["warnings"]
