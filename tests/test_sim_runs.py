@@ -105,3 +105,13 @@ def test_flower_per_round_logs_are_off_by_default_and_on_with_verbose(tmp_path, 
     capsys.readouterr()
     quiet = _flower_records([*TINY, "--quiet", "--out", str(tmp_path / "quiet")])
     assert quiet == [] and "final test accuracy" not in capsys.readouterr().out
+
+
+def test_setting_line_counts_agree_with_their_nouns():
+    from simulations.compare.report import describe
+    from simulations.config import SimConfig
+
+    one = describe(SimConfig.from_run_config({"num-partitions": 1, "local-epochs": 1}))
+    assert "1 client," in one and "1 local epoch," in one, one
+    two = describe(SimConfig.from_run_config({"num-partitions": 2, "local-epochs": 2}))
+    assert "2 clients," in two and "2 local epochs," in two, two
