@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsoup.report import counted
 from simulations.compare.run import Comparison, StrategyRun
 from simulations.config import SimConfig
 from simulations.figures import save_png
@@ -34,10 +35,10 @@ def is_lm(runs: Sequence[StrategyRun]) -> bool:
 def describe_lm(cfg: SimConfig, corpus: dict[str, str] | None = None) -> str:
     from simulations.lm_corpus import CLIENT_GROUPS
 
-    text = (f"stdlib LM, {cfg.num_partitions} clients ({', '.join(CLIENT_GROUPS[:cfg.num_partitions])}), "
+    text = (f"stdlib LM, {counted(cfg.num_partitions, 'client')} ({', '.join(CLIENT_GROUPS[:cfg.num_partitions])}), "
             f"byte-level Llama {cfg.lm_layers}×{cfg.lm_hidden} (base: {cfg.lm_base_steps} steps on the public group), "
-            f"LoRA r={cfg.lora_r} α={cfg.lora_alpha:g}, {cfg.lm_local_steps} local AdamW steps lr {cfg.lr:g}, "
-            f"{cfg.num_server_rounds} rounds")
+            f"LoRA r={cfg.lora_r} α={cfg.lora_alpha:g}, {counted(cfg.lm_local_steps, 'local AdamW step')} lr {cfg.lr:g}, "
+            f"{counted(cfg.num_server_rounds, 'round')}")
     if corpus:
         text += f", Python {corpus['python']}, corpus sha256 {corpus['corpus-sha256'][:12]}"
     return text + f", seed {cfg.seed}"

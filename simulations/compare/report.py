@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsoup.atomic import atomic_write_text
+from fedsoup.report import counted
 from simulations.compare.run import Comparison, StrategyRun
 from simulations.config import SimConfig
 from simulations.figures import save_png
@@ -93,8 +94,8 @@ def describe(cfg: SimConfig) -> str:
         part += f" {cfg.ood_fraction:.0%} OOD"
     elif part == "dirichlet":
         part += f" α={cfg.dirichlet_alpha}"
-    text = (f"{cfg.dataset}, {cfg.num_partitions} clients, {part}, "
-            f"{cfg.local_epochs} local epochs, seed {cfg.seed}")
+    text = (f"{cfg.dataset}, {counted(cfg.num_partitions, 'client')}, {part}, "
+            f"{counted(cfg.local_epochs, 'local epoch')}, seed {cfg.seed}")
     if cfg.attack != "none" and cfg.attack_fraction > 0:
         text += f", {cfg.attack} x{cfg.attack_scale:g} from {cfg.attack_fraction:.0%} of clients"
     return text

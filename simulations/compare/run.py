@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedsoup.report import counted
 from simulations.compare.presets import CLIENT_KEYS
 from simulations.config import SimConfig
 
@@ -90,7 +91,7 @@ class RoundProgress:
 def strategy_line(run: StrategyRun) -> str:
     """A finished strategy in one line: its rounds, their time and its final test metric."""
     rounds = [r for r in run.rows if r.get("round", 1) > 0]
-    text = f"{run.label}: {len(rounds)} round{'' if len(rounds) == 1 else 's'} in {run.seconds:.1f} s"
+    text = f"{run.label}: {counted(len(rounds), 'round')} in {run.seconds:.1f} s"
     last = run.rows[-1] if run.rows else {}
     for key, name, fmt in (("test-accuracy", "test accuracy", ".4f"), ("test-perplexity", "test perplexity", ".3f")):
         if key in last:
