@@ -30,7 +30,7 @@ from fedsoup.io.readers import (
     without_tensors,
 )
 from fedsoup.io.resolve import ResolvedInput, expand_inputs, load_state_dict, open_checkpoint, resolve_input
-from fedsoup.io.writer import parse_size, plan_shards, write_checkpoint
+from fedsoup.io.writer import check_keeps_inputs, parse_size, plan_shards, write_checkpoint
 
 __all__ = [
     "TensorInfo",
@@ -55,6 +55,7 @@ __all__ = [
     "OutputLayout",
     "output_exists",
     "write_checkpoint",
+    "check_keeps_inputs",
     "plan_shards",
     "parse_size",
     "is_model_directory",

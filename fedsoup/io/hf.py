@@ -38,14 +38,14 @@ import torch
 from fedsoup.errors import MergeInputError, MergeWarning
 from fedsoup.io.formats import dtype_str, one_line
 from fedsoup.io.quantized import DEQUANTIZE_HINT, declared_quantization
-from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput
+from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput, index_shards
 
 __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
     "model_directory_files", "uncarried_files", "carried_names", "chat_template_files", "custom_code_files",
     "first_model", "config_bytes", "CHAT_TEMPLATE_DIR", "ties_word_embeddings", "link_root",
     "tied_embedding_rows", "VOCABULARY_FILES", "config_differences", "tokenizer_differences",
-    "differing_config_fields", "with_config_cause",
+    "differing_config_fields", "with_config_cause", "files_read",
 ]
 
 CONFIG_NAME = MODEL_CONFIG
@@ -375,6 +375,22 @@ def tokenizer_differences(inputs: Sequence[ResolvedInput]) -> list[str]:
     return [f"the tokenizer of {other.name} differs from that of {first.name}{more} ({files} against "
             f"{first.directory}'s): the same token id stands for other tokens, so the merge averages the embedding "
             f"rows of different tokens; a directory output carries the tokenizer of {first.name}"]
+
+
+def files_read(inputs: Sequence[ResolvedInput]) -> list[Path]:
+    """What a merge of ``inputs`` reads, and so must never write (docs/design.md §4): each
+    input's weights (an index and the shards it lists), and in a model or adapter directory its
+    configuration, the files a directory output carries from it (:func:`carried_names`) and the
+    directory itself (a model directory output there would replace that model)."""
+    paths: list[Path] = []
+    for item in inputs:
+        paths += [item.weights, *index_shards(item.weights)]
+        if item.directory is not None:
+            paths.append(item.config_path)
+            if item.kind == MODEL:
+                paths += [item.directory / name for name in carried_names(item.directory)]
+            paths.append(item.directory)
+    return list(dict.fromkeys(paths))
 
 
 def first_model(inputs: Sequence[ResolvedInput]) -> ResolvedInput | None:

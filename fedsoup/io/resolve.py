@@ -30,7 +30,7 @@ from fedsoup.io.formats import INDEX_SUFFIX, NUMPY_SUFFIX, SAFETENSORS_SUFFIX, T
 from fedsoup.io.readers import Checkpoint, open_weights_file, refuse_special_file
 
 __all__ = [
-    "ResolvedInput", "resolve_input", "open_checkpoint", "load_state_dict", "expand_inputs",
+    "ResolvedInput", "resolve_input", "open_checkpoint", "load_state_dict", "expand_inputs", "index_shards",
     "MODEL_CONFIG", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "MODEL", "ADAPTER", "WEIGHTS",
 ]
 
@@ -145,6 +145,21 @@ def _refuse_single_shard(path: Path, name: str) -> None:
                 f"is one shard of {index}; give the index file or its directory to merge the whole model",
                 path=name,
             )
+
+
+def index_shards(weights: Path) -> list[Path]:
+    """The shard files an index (``*.index.json``) lists beside it, for what a merge must keep
+    (:func:`fedsoup.io.hf.files_read`); empty for a weights file, or an index that cannot be
+    read (refused when opened) or names a shard outside its folder (refused when opened)."""
+    if not weights.name.endswith(INDEX_SUFFIX) or not weights.is_file():
+        return []
+    try:
+        weight_map = json.loads(weights.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return []
+    names = weight_map.values() if isinstance(weight_map, dict) else ()
+    return [weights.parent / name for name in dict.fromkeys(names)
+            if isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts]
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, name: str | None = None) -> Checkpoint:

@@ -15,8 +15,10 @@ directory's ``config.json``..., or one folder deep, its
 ``additional_chat_templates/<name>.jinja``). Only regular files: links, folders and every
 other name (whatever an old index lists) are left alone, a link or file where such a
 folder goes is refused (never written through), and all of it is decided before anything
-is written. OS errors of the write are :class:`~fedsoup.errors.OutputError` naming the
-output file.
+is written. Never a file of the merge's own inputs (``inputs_to_keep``, compared by device
+and inode, so through links and hard links): one of them among the files a write would
+replace or remove is refused, even with ``force`` (:func:`check_keeps_inputs`). OS errors of
+the write are :class:`~fedsoup.errors.OutputError` naming the output file.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ from fedsoup.io.formats import DTYPE_CODES, SAFETENSORS_SUFFIX, TensorInfo, dtyp
 from fedsoup.io.layout import OutputLayout
 from fedsoup.rounding import round_to
 
-__all__ = ["write_checkpoint", "write_safetensors", "plan_shards", "parse_size"]
+__all__ = ["write_checkpoint", "write_safetensors", "plan_shards", "parse_size", "check_keeps_inputs"]
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -262,13 +264,77 @@ def _subfolders(folder: Path, extra_files: Mapping[str, bytes]) -> list[Path]:
     return list(dict.fromkeys((folder / name).parent for name in extra_files if "/" in name))
 
 
+def _own_files(layout: OutputLayout, sidecars: Sequence[str]) -> list[Path]:
+    """fedsoup's own files of this output, whatever it writes this time: the weights file, its
+    index, the sidecars, and the shard files of the same stem now in the folder."""
+    folder = layout.main.parent
+    own = [layout.main, layout.index, *(folder / name for name in sidecars)]
+    if layout.kind == "safetensors":
+        pattern = _own_shard_pattern(layout)
+        with contextlib.suppress(OSError):
+            own += sorted(folder / name for name in os.listdir(folder) if pattern.match(name))
+    return list(dict.fromkeys(own))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what ``path`` is (links followed), or ``None`` when nothing is there."""
+    try:
+        found = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _refuse_inputs(layout: OutputLayout, replaced: Sequence[Path], inputs_to_keep: Sequence[Path]) -> None:
+    """Raise :class:`OutputError` (``path``: the output file) when a file in ``replaced`` is one of
+    ``inputs_to_keep`` (the same file: device and inode), or when the output is a model
+    directory that is a folder in ``inputs_to_keep`` (an input's model directory)."""
+    kept: dict[tuple[int, int], Path] = {}
+    for path in inputs_to_keep:
+        identity = _identity(Path(path))
+        if identity is not None:
+            kept.setdefault(identity, Path(path))
+    if not kept:
+        return
+    advice = "fedsoup never overwrites its inputs, even with --force; write the merge elsewhere"
+    for path in replaced:
+        identity = _identity(path)
+        if identity in kept and not kept[identity].is_dir():
+            raise OutputError(path, reason=f"is an input of this merge ({kept[identity]}): {advice}")
+    folder = _identity(layout.main.parent) if layout.is_directory else None
+    if folder in kept:
+        raise OutputError(layout.main, reason=f"is an input of this merge (the model directory {kept[folder]}): "
+                                              f"a model directory written there would replace that model; "
+                                              f"{advice}")
+
+
+def check_keeps_inputs(output: str | os.PathLike[str], inputs_to_keep: Sequence[str | os.PathLike[str]], *,
+                       extra_files: Iterable[str] = (), sidecars: Sequence[str] = ()) -> None:
+    """Refuse, before a merge reads anything, an output whose write would replace or remove one
+    of ``inputs_to_keep``: what :func:`write_checkpoint` (given the same ``inputs_to_keep``)
+    refuses once it knows the shards, checked on every file it may replace or remove whatever
+    their number (the weights file, its index, the shards of the same stem, the ``sidecars``
+    and the ``extra_files`` written beside them). A folder in ``inputs_to_keep`` is an input's
+    model directory: a directory output there is refused too.
+
+    Raises:
+        OutputError: ``path`` is the output file that is an input, ``reason`` names the input.
+    """
+    layout = OutputLayout.of(output)
+    folder = layout.main.parent
+    replaced = [*_own_files(layout, tuple(sidecars)), *(folder / name for name in extra_files)]
+    _refuse_inputs(layout, replaced, [Path(path) for path in inputs_to_keep])
+
+
 def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shard_bytes: int,
-                 extra_files: Mapping[str, bytes], sidecars: Sequence[str], force: bool) -> _OutputPlan:
+                 extra_files: Mapping[str, bytes], sidecars: Sequence[str], force: bool,
+                 inputs_to_keep: Sequence[Path] = ()) -> _OutputPlan:
     """Decide, before anything is written, what goes where and what an overwrite removes.
 
     Raises :class:`OutputExistsError` when any of it exists and ``force`` is off, and
     :class:`OutputError` when something fedsoup does not write (a folder, a link, a named
-    pipe) is where a file or a sidecar goes, even with ``force``.
+    pipe) is where a file or a sidecar goes, or when a file it would replace or remove is
+    one of ``inputs_to_keep``, even with ``force``.
     """
     folder = layout.main.parent
     for name in extra_files:
@@ -286,13 +352,10 @@ def _plan_output(layout: OutputLayout, infos: Mapping[str, TensorInfo], max_shar
         weights = [layout.main]
     else:
         weights = [*(layout.shard_path(i, len(shards)) for i in range(1, len(shards) + 1)), layout.index]
-    files = [*(folder / name for name in extra_files), *weights]
-    own = [layout.main, layout.index, *(folder / name for name in sidecars)]
-    if layout.kind == "safetensors":
-        pattern = _own_shard_pattern(layout)
-        with contextlib.suppress(OSError):
-            own += sorted(folder / name for name in os.listdir(folder) if pattern.match(name))
-    stale = [path for path in dict.fromkeys(own) if path not in files and _is_regular_file(path)]
+    extras = [folder / name for name in extra_files]
+    files = [*extras, *weights]
+    stale = [path for path in _own_files(layout, sidecars) if path not in files and _is_regular_file(path)]
+    _refuse_inputs(layout, [*weights, *stale, *(folder / name for name in sidecars), *extras], inputs_to_keep)
     for path in [*files, *(folder / name for name in sidecars)]:  # a sidecar replaced later: refused now
         if os.path.lexists(path) and not _is_regular_file(path):
             kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
@@ -346,6 +409,7 @@ def write_checkpoint(
     extra_files: Mapping[str, bytes] | None = None,
     sidecars: Sequence[str] = (),
     before_rename: Callable[[], None] | None = None,
+    inputs_to_keep: Sequence[str | os.PathLike[str]] = (),
 ) -> list[Path]:
     """Write the tensors ``produce(key)`` for every key of ``infos``, atomically; return the files.
 
@@ -361,20 +425,25 @@ def write_checkpoint(
     of a tensor-by-tensor merge): part of the output for ``force`` (an old one is removed
     with the old output) and for the existence check. ``before_rename`` is called once every
     file is written, before the first rename: what it raises leaves no new file and the old
-    output as it was. Every file is written under a temporary name and renamed only after all were
+    output as it was. ``inputs_to_keep``: the files the caller read to produce this output (and
+    the model directories they are in): a write that would replace or remove one of them is
+    refused, even with ``force`` (compared by device and inode, so through links).
+    Every file is written under a temporary name and renamed only after all were
     written, the weights' commit point (index, or single file) last; on any error nothing
     is left behind (not even the folders it created).
 
     Raises:
         OutputExistsError: a file of this output exists and ``force`` is off.
         OutputError: the output cannot be written (permission, full disk, a folder or link
-            where a file goes), naming the file; checked before writing where possible.
+            where a file goes, one of ``inputs_to_keep``), naming the file; checked before
+            writing where possible.
     """
     layout = OutputLayout.of(output)
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     extra_files = dict(extra_files or {})
     folder = layout.main.parent
-    plan = _plan_output(layout, infos, max_shard_bytes, extra_files, tuple(sidecars), force)
+    plan = _plan_output(layout, infos, max_shard_bytes, extra_files, tuple(sidecars), force,
+                        [Path(path) for path in inputs_to_keep])
     on_tensor = on_tensor or (lambda key, info: None)
     created = _missing_folders(folder) + [path for path in plan.subfolders if not os.path.lexists(path)]
     fresh = [path for path in plan.files if not os.path.lexists(path)]

@@ -9,6 +9,7 @@ written as it is merged (:func:`fedsoup.lora.into_base.base_producer`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,9 @@ from fedsoup.errors import MergeInputError, OptionError, OutputExistsError
 from fedsoup.io.formats import TORCH_SUFFIXES
 from fedsoup.io.layout import HF_WEIGHTS_NAME
 from fedsoup.io.readers import open_weights_file
-from fedsoup.io.resolve import ResolvedInput
+from fedsoup.io.hf import carried_names, files_read
+from fedsoup.io.resolve import ResolvedInput, resolve_input
+from fedsoup.io.writer import check_keeps_inputs
 from fedsoup.lora.config import ADAPTER_CONFIG_NAME
 from fedsoup.lora.files import ADAPTER_WEIGHTS_NAMES, base_model_input, load_adapter, stream_model, write_adapter
 from fedsoup.lora.into_base import base_producer
@@ -51,6 +54,18 @@ def _refuse_existing(output: Path, names: Sequence[str], force: bool) -> None:
         return
     if any((output / name).exists() for name in names):
         raise OutputExistsError(str(output))
+
+
+def _files_to_keep(inputs: Sequence[str | os.PathLike[str] | ResolvedInput], base: ResolvedInput | None
+                   ) -> list[Path]:
+    """Every file the merge reads (:func:`fedsoup.io.hf.files_read`: the adapters' and the
+    base's), never written or removed, even with ``force``. An adapter that does not resolve is
+    left to be refused where it is read (naming its position)."""
+    resolved = [] if base is None else [base]
+    for item in inputs:
+        with contextlib.suppress(MergeInputError):
+            resolved.append(item if isinstance(item, ResolvedInput) else resolve_input(item))
+    return files_read(resolved)
 
 
 # Output names that say "a file": an adapter merge refuses them rather than make a folder of that name.
@@ -102,6 +117,11 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
     _refuse_existing(output, (ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES) if base is None
                      else ("config.json", HF_WEIGHTS_NAME, HF_WEIGHTS_NAME + ".index.json"), force)
     base_input = None if base is None else base_model_input(base)
+    inputs_to_keep = _files_to_keep(inputs, base_input)
+    if base_input is None:
+        check_keeps_inputs(output / ADAPTER_WEIGHTS_NAMES[0], inputs_to_keep, extra_files=[ADAPTER_CONFIG_NAME])
+    else:
+        check_keeps_inputs(os.path.join(output, ""), inputs_to_keep, extra_files=carried_names(base_input.directory))
     adapters = [load_adapter(item, ingredient=index) for index, item in enumerate(inputs)]
     record = dict(metadata or {})
     if base_input is None:
@@ -109,7 +129,8 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
                                 dtype=dtype)
         state_dict, report = merged.state_dict, merged.report
         record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
-        files = write_adapter(output, state_dict, merged.config, force=force, metadata=record, dtype=dtype)
+        files = write_adapter(output, state_dict, merged.config, force=force, metadata=record, dtype=dtype,
+                              inputs_to_keep=inputs_to_keep)
         shapes = [tuple(tensor.shape) for tensor in state_dict.values()]
     else:
         # Open until written: each base tensor is mapped alone (Checkpoint.get), merged and
@@ -120,7 +141,8 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
                                             weights=weights, names=names, dtype=dtype)
             record["fedsoup.lora"] = json.dumps(report.describe(), sort_keys=True)
             files = stream_model(output, checkpoint.infos, produce, base_input, force=force, metadata=record,
-                                 max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=checkpoint.check_unchanged)
+                                 max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=checkpoint.check_unchanged,
+                                 inputs_to_keep=inputs_to_keep)
             shapes = [info.shape for info in checkpoint.infos.values()]
     return AdapterFilesReport(output, files, names, report, len(shapes), sum(math.prod(shape) for shape in shapes),
                               low_memory=held_dense is None)

@@ -12,7 +12,7 @@ output is a model directory with the base's ``config.json`` and tokenizer files.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -105,13 +105,15 @@ def _producer(read: Callable[[str], torch.Tensor], dtype: torch.dtype | None) ->
 
 def write_adapter(output: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor], config: Mapping,
                   *, force: bool = False, metadata: Mapping[str, str] | None = None,
-                  dtype: torch.dtype | None = None) -> list[Path]:
+                  dtype: torch.dtype | None = None, inputs_to_keep: Sequence[Path] = ()) -> list[Path]:
     """Write an adapter directory: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Atomic as a whole (:func:`fedsoup.io.writer.write_checkpoint`); an existing adapter
     there raises :class:`~fedsoup.errors.OutputExistsError` unless ``force``. ``dtype``: the
     floating tensors are written in it, each rounded once (a value it cannot hold is refused:
     :class:`~fedsoup.errors.OptionError`, ``option="dtype"``; default: as they are).
+    ``inputs_to_keep``: the files the merge read, never replaced, even with ``force``
+    (:func:`fedsoup.io.writer.write_checkpoint`'s).
     """
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
@@ -119,6 +121,7 @@ def write_adapter(output: str | os.PathLike[str], state_dict: Mapping[str, torch
     return write_checkpoint(
         folder / ADAPTER_WEIGHTS_NAMES[0], _infos(state_dict, dtype), _producer(state_dict.__getitem__, dtype),
         metadata=metadata, force=force, extra_files={ADAPTER_CONFIG_NAME: config_bytes(config)},
+        inputs_to_keep=inputs_to_keep,
     )
 
 
@@ -134,19 +137,22 @@ def base_model_input(base: str | os.PathLike[str]) -> ResolvedInput:
 def write_model(output: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
                 base: str | os.PathLike[str] | ResolvedInput, *, force: bool = False,
                 metadata: Mapping[str, str] | None = None, max_shard_bytes: int = 5 * 10**9,
-                dtype: torch.dtype | None = None, before_rename: Callable[[], None] | None = None) -> list[Path]:
+                dtype: torch.dtype | None = None, before_rename: Callable[[], None] | None = None,
+                inputs_to_keep: Sequence[Path] = ()) -> list[Path]:
     """Write a model directory: the weights under Hugging Face's names, ``base``'s config and
     tokenizer (``base``: a path, or :func:`base_model_input`'s answer). ``dtype``: the
     floating tensors are written in it, each rounded once (default: as they are).
-    ``before_rename``: :func:`fedsoup.io.writer.write_checkpoint`'s."""
+    ``before_rename``, ``inputs_to_keep``: :func:`fedsoup.io.writer.write_checkpoint`'s."""
     return stream_model(output, state_dict, state_dict.__getitem__, base, force=force, metadata=metadata,
-                        max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=before_rename)
+                        max_shard_bytes=max_shard_bytes, dtype=dtype, before_rename=before_rename,
+                        inputs_to_keep=inputs_to_keep)
 
 
 def stream_model(output: str | os.PathLike[str], infos: Mapping[str, TensorInfo | torch.Tensor],
                  produce: Callable[[str], torch.Tensor], base: str | os.PathLike[str] | ResolvedInput, *,
                  force: bool = False, metadata: Mapping[str, str] | None = None, max_shard_bytes: int = 5 * 10**9,
-                 dtype: torch.dtype | None = None, before_rename: Callable[[], None] | None = None) -> list[Path]:
+                 dtype: torch.dtype | None = None, before_rename: Callable[[], None] | None = None,
+                 inputs_to_keep: Sequence[Path] = ()) -> list[Path]:
     """:func:`write_model` tensor by tensor: ``produce(key)`` is called once per key of ``infos``
     (the shapes and dtypes it returns), in that order, and each tensor written before the next is
     produced (:func:`fedsoup.io.writer.write_checkpoint`), so memory holds one tensor at a time."""
@@ -158,4 +164,5 @@ def stream_model(output: str | os.PathLike[str], infos: Mapping[str, TensorInfo 
     return write_checkpoint(
         os.path.join(os.fspath(output), ""), written, _producer(produce, dtype), metadata=metadata, force=force,
         extra_files=extra, max_shard_bytes=max_shard_bytes, before_rename=before_rename,
+        inputs_to_keep=inputs_to_keep,
     )

@@ -27,14 +27,16 @@ from fedsoup.errors import MergeInputError, MergeWarning, OptionError, OutputExi
 from fedsoup.io.checks import (check_compatible, check_has_tensors, check_unquantized, mixed_float_dtypes,
                                tied_copies)
 from fedsoup.io.formats import TensorInfo, dtype_str
-from fedsoup.io.hf import (check_model_inputs, first_model, model_directory_files, tied_embedding_rows,
-                           tokenizer_differences, uncarried_files, with_config_cause)
+from fedsoup.io.hf import (
+    carried_names, check_model_inputs, files_read, first_model, model_directory_files, tied_embedding_rows,
+    tokenizer_differences, uncarried_files, with_config_cause,
+)
 from fedsoup.io.layout import OutputLayout
 from fedsoup.io.readers import Checkpoint, open_weights_file, without_tensors
 from fedsoup.io.resolve import ADAPTER, ResolvedInput, expand_inputs, open_checkpoint, resolve_input
 from fedsoup.lora.driver import merge_adapter_files
 from fedsoup.plan import planned_steps
-from fedsoup.io.writer import parse_size, write_checkpoint
+from fedsoup.io.writer import check_keeps_inputs, parse_size, write_checkpoint
 from fedsoup.inputs import output_dtype, per_ingredient
 from fedsoup.offline.producers import LowMemoryProducer, Progress, choose_low_memory, in_memory_producer
 from fedsoup.offline.tables import FILE_SETTINGS, per_input_values
@@ -176,17 +178,35 @@ def _warn_tokenizers(resolved: Sequence[ResolvedInput]) -> None:
         warnings.warn(message, MergeWarning, stacklevel=4)  # at the caller of merge_files
 
 
-def _warn_not_carried(resolved: Sequence[ResolvedInput], output) -> None:
-    """A single-file output cannot carry the model directory's files: say which, and how to get them."""
+def _warn_not_carried(resolved: Sequence[ResolvedInput], layout: OutputLayout, output) -> None:
+    """An output that carries none of the model directory's files (a single weights file, or a
+    directory written with ``copy_config=False``): say which, and how to get them."""
     first = first_model(resolved)
     files = uncarried_files(first)
-    if first is not None and files:
-        warnings.warn(
-            f"the output {output} is a single weights file: {', '.join(files)} of {first.directory} "
-            f"are not carried, and from_pretrained needs them; give a directory as the output "
-            f"(-o {Path(output).with_suffix('')}/) to write a model directory that loads",
-            MergeWarning, stacklevel=4,  # at the caller of merge_files
-        )
+    if first is None or not files:
+        return
+    if layout.is_directory:  # asked for (--no-copy-config): told, not refused
+        how = (f"the output {output} is a model directory written with copy_config=False (--no-copy-config): "
+               f"{', '.join(files)} of {first.directory} are not carried, and from_pretrained needs them; "
+               f"merge without --no-copy-config to carry them, or copy them in")
+    else:
+        how = (f"the output {output} is a single weights file: {', '.join(files)} of {first.directory} "
+               f"are not carried, and from_pretrained needs them; give a directory as the output "
+               f"(-o {Path(output).with_suffix('')}/) to write a model directory that loads")
+    warnings.warn(how, MergeWarning, stacklevel=4)  # at the caller of merge_files
+
+
+def _files_to_keep(resolved: Sequence[ResolvedInput], pivot_path: str | None, metrics: str | None) -> list[Path]:
+    """Every file this merge reads (:func:`~fedsoup.io.hf.files_read`), the pivot's and the
+    metrics file included: none of them is ever written or removed (docs/design.md §4). A
+    pivot that does not resolve is left to be refused where it is opened."""
+    kept = files_read(resolved)
+    if pivot_path is not None:
+        with contextlib.suppress(MergeInputError):
+            kept += files_read([resolve_input(pivot_path)])
+    if metrics is not None:
+        kept.append(Path(metrics))
+    return kept
 
 
 def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=None, device=None, dtype=None,
@@ -235,6 +255,12 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         if value is not None:
             raise OptionError(name, value, f"option {name!r} applies to PEFT adapter inputs (adapter_config.json "
                               f"beside adapter_model.*), and {names[0]} is not one")
+    # Before any weights are read: no file of the output may be one of the inputs', even with force
+    # (an adapter merge checks its own output, in merge_adapter_files).
+    inputs_to_keep = _files_to_keep(resolved, pivot_path, metrics)
+    first = first_model(resolved)
+    carried = carried_names(first.directory) if copy_config and layout.is_directory and first is not None else []
+    check_keeps_inputs(output, inputs_to_keep, extra_files=carried, sidecars=[report_sidecar(layout).name])
 
     with _recorded() as caught, contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
@@ -266,8 +292,8 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         extra_files = {}
         if copy_config and layout.is_directory:
             extra_files = model_directory_files(resolved, float_dtypes.pop() if len(float_dtypes) == 1 else None)
-        elif copy_config:
-            _warn_not_carried(resolved, output)
+        else:
+            _warn_not_carried(resolved, layout, output)
         _warn_tokenizers(resolved)
         metadata = {
             "fedsoup.version": _version(),
@@ -292,7 +318,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
         try:
             files = write_checkpoint(output, infos, produce, metadata=metadata, max_shard_bytes=max_shard_bytes,
                                      force=force, on_tensor=bar.update, extra_files=extra_files,
-                                     sidecars=[report_sidecar(layout).name],
+                                     sidecars=[report_sidecar(layout).name], inputs_to_keep=inputs_to_keep,
                                      before_rename=lambda: _check_unchanged([*checkpoints, pivot]))
         finally:
             bar.close()
