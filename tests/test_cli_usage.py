@@ -163,3 +163,20 @@ def test_report_lr_wording():
     assert shown({"a": 0.0, "b": 0.0}) == "fused path, Adam, 2 steps, lr 0 (scale-aware default: every input identical)"
     assert shown({"a": 0.1, "b": 0.2}, default=False) == "fused path, Adam, 2 steps, lr 0.1..0.2 per tensor"
     assert MergeReport("soup", "SGD", 1, 0, lr={"a": 1.0}).describe() == "soup: the weighted mean"
+
+
+def test_count_mismatch_messages_agree_with_their_nouns(tmp_path, capsys):
+    """`--weights 3` for two inputs read "weights: 1 values for 2 inputs"."""
+    import fedsoup
+    from fedsoup.errors import OptionError
+
+    inputs = checkpoints(tmp_path)
+    assert cli.main(["merge", *inputs, "-o", str(tmp_path / "o.safetensors"), "--weights", "3"]) == 2
+    assert "weights: 1 value for 2 inputs" in capsys.readouterr().err
+    models = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
+    with pytest.raises(OptionError, match="weights has 1 entry for 2 ingredients"):
+        fedsoup.merge(models, weights=[1.0])
+    with pytest.raises(OptionError, match="order_by has 1 score for 2 ingredients"):
+        fedsoup.merge(models, order_by=[1.0])
+    with pytest.raises(OptionError, match="out of range for 1 ingredient$"):
+        fedsoup.merge(models[:1], pivot=3)
