@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedsoup.errors import MergeInputError, OptionError
+from fedsoup.report import counted
 from fedsoup.structure import check_structure
 
 __all__ = [
@@ -116,7 +117,7 @@ def normalised_weights(weights, n: int) -> list[float]:
         return [1.0 / n] * n
     values = per_ingredient("weights", weights)
     if len(values) != n:
-        raise OptionError("weights", weights, f"weights has {len(values)} entries for {n} ingredients")
+        raise OptionError("weights", weights, f"weights has {counted(len(values), 'entry', 'entries')} for {counted(n, 'ingredient')}")
     for index, value in enumerate(values):
         if not math.isfinite(value) or value < 0:
             raise MergeInputError(f"weight must be finite and >= 0, got {value}", ingredient=index)
@@ -131,7 +132,7 @@ def visiting_order(n: int, order_by, descending: bool) -> list[int]:
         return list(range(n))
     scores = per_ingredient("order_by", order_by)
     if len(scores) != n:
-        raise OptionError("order_by", order_by, f"order_by has {len(scores)} scores for {n} ingredients")
+        raise OptionError("order_by", order_by, f"order_by has {counted(len(scores), 'score')} for {counted(n, 'ingredient')}")
     for index, score in enumerate(scores):
         if math.isnan(score):
             raise MergeInputError("order_by score is NaN", ingredient=index)
@@ -152,7 +153,7 @@ def resolve_pivot(pivot, state_dicts: list[StateDict], order: list[int]) -> Stat
     if isinstance(pivot, (int, np.integer)):
         index = int(pivot)
         if not -len(state_dicts) <= index < len(state_dicts):
-            raise OptionError("pivot", pivot, f"pivot index {index} out of range for {len(state_dicts)} ingredients")
+            raise OptionError("pivot", pivot, f"pivot index {index} out of range for {counted(len(state_dicts), 'ingredient')}")
         return state_dicts[index]
     if isinstance(pivot, Mapping):
         explicit = {str(k): as_tensor(v, None, str(k)) for k, v in pivot.items()}

@@ -11,6 +11,7 @@ from fedsoup.inputs import NO_TENSORS
 from fedsoup.io.formats import dtype_str
 from fedsoup.io.quantized import DEQUANTIZE_HINT, quantized_layout
 from fedsoup.io.readers import Checkpoint
+from fedsoup.report import counted
 from fedsoup.structure import check_structure, structure_differences
 
 __all__ = ["check_compatible", "check_unquantized", "check_has_tensors", "check_integers_agree", "COUNTERS", "differences",
@@ -63,7 +64,7 @@ def mixed_float_dtypes(checkpoints: Sequence[Checkpoint], first: int = 0) -> lis
     key, dtypes = mixed[0]
     chosen = checkpoints[first].infos[key].dtype
     listed = ", ".join(f"{dtype_str(dtype)} in {name}" for dtype, name in dtypes.items())
-    more = f" (and {len(mixed) - 1} more tensors)" if len(mixed) > 1 else ""
+    more = f" (and {counted(len(mixed) - 1, 'more tensor')})" if len(mixed) > 1 else ""
     return [f"the inputs' float dtypes differ: tensor {key!r} is {listed}{more}; writing {dtype_str(chosen)}, "
             f"the dtype of {checkpoints[first].name} (the first input in visiting order); pass dtype= (--dtype) "
             f"to choose"]

@@ -39,6 +39,7 @@ from fedsoup.errors import MergeInputError, MergeWarning
 from fedsoup.io.formats import dtype_str, one_line
 from fedsoup.io.quantized import DEQUANTIZE_HINT, declared_quantization
 from fedsoup.io.resolve import ADAPTER, MODEL, MODEL_CONFIG, ResolvedInput, index_shards
+from fedsoup.report import counted
 
 __all__ = [
     "CONFIG_NAME", "CARRIED_FILES", "MODEL_DTYPES", "is_model_directory", "read_config", "check_model_inputs",
@@ -370,7 +371,7 @@ def tokenizer_differences(inputs: Sequence[ResolvedInput]) -> list[str]:
     if not differing:
         return []
     other, names = differing[0]
-    more = f" (and {len(differing) - 1} more inputs)" if len(differing) > 1 else ""
+    more = f" (and {counted(len(differing) - 1, 'more input')})" if len(differing) > 1 else ""
     files = ", ".join(str(other.directory / name) for name in names)
     return [f"the tokenizer of {other.name} differs from that of {first.name}{more} ({files} against "
             f"{first.directory}'s): the same token id stands for other tokens, so the merge averages the embedding "

@@ -40,6 +40,7 @@ from fedsoup.io.formats import (
     one_line,
 )
 from fedsoup.io.npy import read_npy_header
+from fedsoup.report import counted
 
 __all__ = [
     "Checkpoint",
@@ -502,7 +503,7 @@ class ShardedCheckpoint(Checkpoint):
         metadata = index.get("metadata") or {}
         super().__init__(name, infos, {k: str(v) for k, v in metadata.items()})
         kinds = sorted({shard.format for shard in self._shards.values()})
-        self.format = f"{len(self._shards)} {'/'.join(kinds)} shards" if kinds else "index of no shards"
+        self.format = counted(len(self._shards), f"{'/'.join(kinds)} shard") if kinds else "index of no shards"
 
     def _read(self, key: str) -> torch.Tensor:
         return self._shard_of[key].get(key)

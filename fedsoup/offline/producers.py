@@ -25,7 +25,7 @@ from fedsoup.io.formats import TensorInfo
 from fedsoup.io.readers import Checkpoint
 from fedsoup.optim import is_elementwise
 from fedsoup.options import MergeOptions
-from fedsoup.report import MergeReport
+from fedsoup.report import MergeReport, counted
 
 __all__ = ["Progress", "choose_low_memory", "low_memory_refusal", "in_memory_producer", "LowMemoryProducer"]
 
@@ -175,7 +175,7 @@ class LowMemoryProducer:
         joined = MergeReport.of_parts(self.reports)
         warning = None if joined.ball is None else ball_warning(
             joined.ball, lr_given=self.options.lr is not None,
-            describe=f" of {len(self.names)} inputs{self.describe}")
+            describe=f" of {counted(len(self.names), 'input')}{self.describe}")
         if warning is not None:
             log.warning(warning)
             joined = replace(joined, warnings=(*joined.warnings, warning))
@@ -255,7 +255,7 @@ def in_memory_producer(checkpoints: Sequence[Checkpoint], options: MergeOptions,
     if pivot is not None:
         call["pivot"] = {key: _read_pivot(pivot, key) for key in pivot.keys()}
     if progress and sys.stderr.isatty():  # a merge over the whole model at once: nothing to count
-        print(f"fedsoup: merging {len(models)} inputs as one model ({whole_model_only}) ...",
+        print(f"fedsoup: merging {counted(len(models), 'input')} as one model ({whole_model_only}) ...",
               file=sys.stderr, flush=True)
     merged, report = _merge(models, options, call, names)
     del models

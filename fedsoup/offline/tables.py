@@ -26,6 +26,7 @@ from typing import Any
 from fedsoup.errors import MergeInputError, OptionError
 from fedsoup.io.formats import one_line
 from fedsoup.io.readers import refuse_special_file
+from fedsoup.report import counted
 
 __all__ = ["FILE_SETTINGS", "load_config", "load_metrics", "per_input_values", "import_object", "normalise_key"]
 
@@ -160,7 +161,7 @@ def load_metrics(path: str | os.PathLike[str], inputs: Sequence[str]) -> list[di
     if id_column is None:
         if len(rows) != len(inputs):
             raise MergeInputError(
-                f"{len(rows)} rows for {len(inputs)} inputs, and no "
+                f"{counted(len(rows), 'row')} for {counted(len(inputs), 'input')}, and no "
                 f"{'/'.join(ID_COLUMNS[:4])} column to match them by name", path=name,
             )
         ordered = rows
@@ -227,7 +228,7 @@ def per_input_values(option: str, value: Any, inputs: Sequence[str], metrics: st
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise OptionError(option, value, f"{option}: expected one number per input, got {value!r}")
     if len(value) != len(inputs):
-        raise OptionError(option, value, f"{option}: {len(value)} values for {len(inputs)} inputs")
+        raise OptionError(option, value, f"{option}: {counted(len(value), 'value')} for {counted(len(inputs), 'input')}")
     return [float(v) for v in value]
 
 
