@@ -93,6 +93,7 @@ def test_a_weights_file_is_never_the_output_of_its_own_merge(tmp_path, capsys, s
     line = refused(capsys, "merge", a, b, "-o", a, "--force")
     assert line.startswith(f"fedsoup: error: {a}: cannot write: {INPUT_REASON} ({a})")
     refused(capsys, "merge", a, b, "-o", b, "--force", "--low-memory")
+    refused(capsys, "merge", a, b, "-o", a)  # without --force too: told it is an input, not to use --force
     assert tree_hashes(tmp_path) == before
 
 
@@ -192,6 +193,7 @@ def test_an_adapter_merge_never_writes_into_an_input_adapter_or_the_base(tmp_pat
     before = tree_hashes(tmp_path)
     line = refused(capsys, "merge", f"{a0}/", f"{a1}/", "-o", f"{a0}/", "--force")
     assert f"{a0}/adapter_model.safetensors: cannot write: {INPUT_REASON}" in line
+    refused(capsys, "merge", f"{a0}/", f"{a1}/", "-o", f"{a1}/")
     line = refused(capsys, "merge", f"{a0}/", f"{a1}/", "--base", f"{tmp_path / 'base'}/", "-o",
                    f"{tmp_path / 'base'}/", "--force")
     assert f"{tmp_path / 'base'}/model.safetensors: cannot write: {INPUT_REASON}" in line

@@ -1,7 +1,7 @@
 """Adapter files in, adapter (or model) directory out: what ``merge_files`` does with PEFT adapters.
 
-Order of work, as for any file merge: the output is checked first (an existing one is
-kept unless ``force``), then every adapter is read and checked, then merged, and only a
+Order of work, as for any file merge: the output is checked first (never a file of an
+adapter or of the base, even with ``force``; an existing one is kept unless ``force``), then every adapter is read and checked, then merged, and only a
 complete result is written, atomically. Adapters are small (a few MB to a few hundred
 MB), so they are read whole; a base model (several GB) is read one tensor at a time, each
 written as it is merged (:func:`fedsoup.lora.into_base.base_producer`).
@@ -114,14 +114,15 @@ def merge_adapter_files(inputs: Sequence[str | os.PathLike[str] | ResolvedInput]
         raise OptionError("low_memory", True, f"--low-memory holds the adapters and one base tensor at a time, "
                           f"which this merge cannot: {held_dense}; merge without --low-memory, or with the "
                           "soup (or --lora factors)")
-    _refuse_existing(output, (ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES) if base is None
-                     else ("config.json", HF_WEIGHTS_NAME, HF_WEIGHTS_NAME + ".index.json"), force)
     base_input = None if base is None else base_model_input(base)
+    # Before anything is read, and before "exists" (which would invite --force): never an input.
     inputs_to_keep = _files_to_keep(inputs, base_input)
     if base_input is None:
         check_keeps_inputs(output / ADAPTER_WEIGHTS_NAMES[0], inputs_to_keep, extra_files=[ADAPTER_CONFIG_NAME])
     else:
         check_keeps_inputs(os.path.join(output, ""), inputs_to_keep, extra_files=carried_names(base_input.directory))
+    _refuse_existing(output, (ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES) if base is None
+                     else ("config.json", HF_WEIGHTS_NAME, HF_WEIGHTS_NAME + ".index.json"), force)
     adapters = [load_adapter(item, ingredient=index) for index, item in enumerate(inputs)]
     record = dict(metadata or {})
     if base_input is None:

@@ -1,7 +1,8 @@
 """``fedsoup.merge_files``: everything ``fedsoup merge`` does, as one library call (docs/design.md §2, §4).
 
 Order of work, so that a mistake costs as little as possible: options are validated
-(nothing read yet), the output is checked (an existing one is kept unless ``force``),
+(nothing read yet), inputs are resolved (which files they are), the output is checked (never
+a file any input reads, even with ``force``; an existing one is kept unless ``force``),
 inputs are opened and checked against each other from their headers, and only then
 is tensor data read, merged and streamed to temporary files that are renamed into
 place when all are complete.
@@ -196,6 +197,12 @@ def _warn_not_carried(resolved: Sequence[ResolvedInput], layout: OutputLayout, o
     warnings.warn(how, MergeWarning, stacklevel=4)  # at the caller of merge_files
 
 
+def _refuse_existing_output(layout: OutputLayout, force: bool) -> None:
+    """An existing output (its weights, index or report sidecar) is kept unless ``force``."""
+    if (layout.existing() or report_sidecar(layout).is_file()) and not force:
+        raise OutputExistsError(str(layout.target))
+
+
 def _files_to_keep(resolved: Sequence[ResolvedInput], pivot_path: str | None, metrics: str | None) -> list[Path]:
     """Every file this merge reads (:func:`~fedsoup.io.hf.files_read`), the pivot's and the
     metrics file included: none of them is ever written or removed (docs/design.md §4). A
@@ -233,8 +240,6 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     if output is None or str(output) == "":
         raise OptionError("output", output, "no output: give -o OUTPUT (or 'output' in the config)")
     layout = OutputLayout.of(output)
-    if (layout.existing() or report_sidecar(layout).is_file()) and not force:
-        raise OutputExistsError(str(output))
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     names = expand_inputs(inputs)
@@ -245,6 +250,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     resolved = [resolve_input(item) for item in names]
     check_model_inputs(resolved)
     if any(item.kind == ADAPTER for item in resolved):  # (check_model_inputs refused a mix with models)
+        _refuse_existing_output(layout, force)
         if order_by is not None or pivot_path is not None:
             raise OptionError("order_by" if order_by is not None else "pivot", order_by or pivot_path,
                               "PEFT adapters are merged without per-input scores or a pivot checkpoint")
@@ -261,6 +267,7 @@ def run_merge_files(inputs, output, *, force=False, low_memory=None, shard_size=
     first = first_model(resolved)
     carried = carried_names(first.directory) if copy_config and layout.is_directory and first is not None else []
     check_keeps_inputs(output, inputs_to_keep, extra_files=carried, sidecars=[report_sidecar(layout).name])
+    _refuse_existing_output(layout, force)  # after: an input as the output is told as such, not as "use --force"
 
     with _recorded() as caught, contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_weights_file(item.weights, item.name)) for item in resolved]
