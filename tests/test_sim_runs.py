@@ -100,6 +100,8 @@ def test_flower_per_round_logs_are_off_by_default_and_on_with_verbose(tmp_path, 
     assert default == [], default[:5]
     printed = capsys.readouterr().out
     assert "fedavg: 1 round in " in printed and "final test accuracy" in printed
+    # before the silent set-up (a minute or two on Ray), what is coming
+    assert "running 1 strategy (1 round in all, inprocess backend; set-up first" in printed, printed
     verbose = _flower_records([*TINY, "--verbose", "--out", str(tmp_path / "verbose")])
     assert any("[ROUND 1/1]" in m for m in verbose) and any("fraction_evaluate" in m for m in verbose)
     capsys.readouterr()
