@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsoup.atomic import atomic_write_text
+from fedsoup.report import counted
 from simulations.compare.presets import PRESETS
 from simulations.compare.report import describe, seeds_table, write_outputs
 from simulations.compare.run import (
@@ -104,10 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(args.seeds or preset.get("seeds") or [None])
     out = fresh_run_dir(args.out or Path("results") / f"compare-{args.preset or 'custom'}")
     print(f"writing to {out}", flush=True)
-    progress = RoundProgress(_total_rounds(base, runs, sweep, seeds), quiet=args.quiet)
+    total = _total_rounds(base, runs, sweep, seeds)
+    progress = RoundProgress(total, quiet=args.quiet)
     options = {"backend": args.backend or preset.get("backend", "ray"),
                "ray_config": {"init_args": {"num_cpus": args.num_cpus}} if args.num_cpus else None,
                "on_round": progress.step, "on_strategy": progress.strategy_done}
+    if not args.quiet:
+        print(f"running {counted(len(runs), 'strategy', 'strategies')} ({counted(total, 'round')} in all, "
+              f"{options['backend']} backend; set-up first: starting the simulation, the clients loading their "
+              f"shards)", flush=True)
     start = time.perf_counter()
     with flower_logs(args.verbose), contextlib.closing(progress):
         if sweep:
