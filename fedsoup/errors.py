@@ -9,7 +9,8 @@
   the tensor or entry where known.
 - :class:`OutputExistsError` (a ``FileExistsError``): the output is there and ``force`` is off.
 - :class:`OutputError` (an ``OSError``): an output cannot be written (permission, full
-  disk, read-only file system, a folder or link in the way), naming the output file.
+  disk, read-only file system, a folder or link in the way, a file the merge reads, even
+  with ``force``), naming the output file.
 - :class:`CheckpointError` (a :class:`StateError`): a training checkpoint is damaged or
   incomplete (a checksum mismatch, tensor files without their ``state.json``).
 

@@ -87,7 +87,9 @@ def merge_files(
         output: ``.safetensors`` (sharded above ``shard_size``), ``.pt``, or a directory
             (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
             ``model.safetensors.index.json``).
-        force: overwrite an existing output (else :class:`~fedsoup.errors.OutputExistsError`).
+        force: overwrite an existing output (else :class:`~fedsoup.errors.OutputExistsError`);
+            never a file the merge reads (an input's weights, shards, index or carried files,
+            the pivot, the metrics file: :class:`~fedsoup.errors.OutputError`, even with force).
         low_memory: ``True`` merges tensor by tensor (peak memory ~N x the largest tensor;
             exact for element-wise optimizers, refused otherwise), ``False`` in memory,
             ``None`` tensor by tensor only when memory is short.
@@ -101,7 +103,8 @@ def merge_files(
             then name a column (``weights="num_examples"``).
         copy_config: with model directories (``config.json`` beside the weights) as
             inputs and a directory as output, carry the first input's configuration
-            and tokenizer files over, so the output loads with ``from_pretrained``.
+            and tokenizer files over, so the output loads with ``from_pretrained``
+            (``False``: a :class:`~fedsoup.errors.MergeWarning` names the files not carried).
         progress: a progress bar on stderr (when it is a terminal).
         **merge_options: the options of :func:`fedsoup.merge` and the optimizer's
             arguments (:class:`~fedsoup.options.MergeOptions`); ``pivot`` may also be
@@ -115,6 +118,9 @@ def merge_files(
     Raises:
         fedsoup.UnknownOptionError, fedsoup.OptionError: bad options, before any file is read.
         fedsoup.OutputExistsError: the output exists and ``force`` is off.
+        fedsoup.OutputError: the output would write or remove a file the merge reads, with
+            ``path`` (the output file; the input in ``reason``), even with ``force``; or
+            cannot be written (permission, full disk).
         fedsoup.MergeInputError: a bad input, with ``path`` (the file), ``key`` (the tensor)
             and ``ingredient`` (its position in the inputs).
     """
