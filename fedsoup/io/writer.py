@@ -1,8 +1,8 @@
 """The streaming, atomic checkpoint writer (safetensors, sharded above a size, or ``.pt``).
 
 The safetensors header is computed from the shapes up front, then each tensor's bytes
-are appended as soon as it is produced (by a writer thread, while the next tensor is
-produced), so writing never needs the whole model in memory. Every file goes to a temporary name (:func:`fedsoup.atomic.atomic_path`) and is
+are appended as soon as it is produced, so writing never needs the whole model in
+memory. Every file goes to a temporary name (:func:`fedsoup.atomic.atomic_path`) and is
 renamed only after all were written, the index (or the single weights file) last: a
 failed or interrupted write never leaves a partial checkpoint behind, and a writer killed
 outright leaves temporary files the next write of the same output removes
@@ -31,7 +31,6 @@ import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,22 +183,11 @@ def _write_safetensors_stream(
     if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian on disk
         raise RuntimeError("the streaming safetensors writer needs a little-endian machine")
     sink.write(_safetensors_header(infos, keys, metadata))
-    # Write-behind: one thread writes tensor k while this one produces tensor k + 1 (the
-    # merge's kernels and the write's system calls both release the GIL), so a merge takes
-    # about the longer of computing and writing, not their sum. At most one write is in
-    # flight: memory holds two produced tensors at most, and an error of either side
-    # surfaces here, in order, after the other side has stopped.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsoup-writer") as writer:
-        in_flight: Future | None = None
-        for key in keys:
-            data = _tensor_bytes(_produced(key, infos[key], produce))
-            if in_flight is not None:
-                in_flight.result()
-            in_flight = writer.submit(sink.write, data)
-            del data
-            on_tensor(key, infos[key])
-        if in_flight is not None:
-            in_flight.result()
+    for key in keys:
+        tensor = _produced(key, infos[key], produce)
+        sink.write(_tensor_bytes(tensor))
+        del tensor
+        on_tensor(key, infos[key])
 
 
 def write_safetensors(
