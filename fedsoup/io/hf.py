@@ -195,9 +195,11 @@ def ties_word_embeddings(inputs: Sequence[ResolvedInput]) -> bool:
     ``True`` otherwise (transformers' default), also when no input has a ``config.json``.
     """
     first = first_model(inputs)
-    if first is None:
-        return True
-    return all(part.get("tie_word_embeddings", True) is True for part in _config_parts(read_config(first.config_path)))
+    return first is None or _ties_word_embeddings(_config_parts(read_config(first.config_path)))
+
+
+def _ties_word_embeddings(parts: Sequence[dict]) -> bool:
+    return all(part.get("tie_word_embeddings", True) is True for part in parts)
 
 
 def tied_embedding_rows(inputs: Sequence[ResolvedInput]) -> frozenset[int] | None:
@@ -214,9 +216,10 @@ def tied_embedding_rows(inputs: Sequence[ResolvedInput]) -> frozenset[int] | Non
     first = first_model(inputs)
     if first is None:
         return None
-    if not ties_word_embeddings(inputs):
+    parts = _config_parts(read_config(first.config_path))  # read once for both questions
+    if not _ties_word_embeddings(parts):
         return frozenset()
-    sizes = (part.get("vocab_size") for part in _config_parts(read_config(first.config_path)))
+    sizes = (part.get("vocab_size") for part in parts)
     return frozenset(size for size in sizes if isinstance(size, int) and not isinstance(size, bool) and size > 0)
 
 

@@ -51,8 +51,9 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         checkpoints = [stack.enter_context(open_checkpoint(item)) for item in names]
         # the checks merge_files runs before it reads tensor data
         refused_by_configs = False
+        resolved = [resolve_input(item) for item in names]
         try:
-            check_model_inputs([resolve_input(item) for item in names])
+            check_model_inputs(resolved)
         except MergeInputError as error:
             refusals.append(" ".join(str(error).split()))
             refused_by_configs = True
@@ -74,7 +75,6 @@ def inspect_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
             })
         mismatches, left_out, warned = [], {}, []
         if not refused_by_configs:
-            resolved = [resolve_input(item) for item in names]
             mismatches, refused, left_out, views = _differences(checkpoints, resolved)
             refusals += refused
             if not mismatches and not refused:  # (the order merge_files gives them in)
